@@ -1,0 +1,1 @@
+"""broker: the Policy Enforcement Point between AI agents and their tools."""

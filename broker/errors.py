@@ -1,0 +1,160 @@
+"""The BrokerError family: every refusal the broker can give, with its HTTP status and stable code.
+
+Stages raise these; exactly one middleware (``broker.gateway.middleware``) renders them as JSON bodies and
+``WWW-Authenticate`` headers and hands them to audit. ``description`` is what the client sees (short, never
+echoing tokens or backend internals); ``reason`` is the precise cause that goes to the audit record and to
+``broker_auth_failures_total{reason}``. Never match on message text: match on the class or ``code``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class BrokerError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "server_error"
+    #: ``DPoP``/``Bearer`` when the error is an RFC 6750/9449 authentication challenge.
+    challenge: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        description: str,
+        *,
+        reason: str | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+        challenge_params: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(description)
+        self.description = description
+        #: machine-friendly, precise cause for audit and metrics, e.g. ``dpop_htu_mismatch``
+        self.reason = reason or self.code
+        self.headers = dict(headers or {})
+        #: extra members of the JSON error body (e.g. ``approval_id``)
+        self.extra = dict(extra or {})
+        #: extra ``WWW-Authenticate`` parameters (e.g. ``acr_values``)
+        self.challenge_params = dict(challenge_params or {})
+
+    def body(self, request_id: str) -> dict[str, Any]:
+        return {"error": self.code, "error_description": self.description, **self.extra, "request_id": request_id}
+
+
+class InvalidRequest(BrokerError):
+    status = 400
+    code = "invalid_request"
+
+
+class InvalidClient(BrokerError):
+    """No client certificate, or one that is not a valid X.509-SVID of the trust domain."""
+
+    status = 401
+    code = "invalid_client"
+
+
+class InvalidToken(BrokerError):
+    status = 401
+    code = "invalid_token"
+    challenge = "DPoP"
+
+
+class InvalidDpopProof(BrokerError):
+    status = 401
+    code = "invalid_dpop_proof"
+    challenge = "DPoP"
+
+
+class UseDpopNonce(BrokerError):
+    status = 401
+    code = "use_dpop_nonce"
+    challenge = "DPoP"
+
+
+class InsufficientUserAuthentication(BrokerError):
+    status = 401
+    code = "insufficient_user_authentication"
+    challenge = "DPoP"
+
+
+class AccessDenied(BrokerError):
+    status = 403
+    code = "access_denied"
+
+
+class ApprovalRequired(BrokerError):
+    status = 403
+    code = "approval_required"
+
+
+class InvalidTxnToken(BrokerError):
+    status = 403
+    code = "invalid_txn_token"
+
+
+class TxnTokenMismatch(BrokerError):
+    status = 403
+    code = "txn_token_mismatch"
+
+
+class UnknownTool(BrokerError):
+    status = 404
+    code = "unknown_tool"
+
+
+class NotFound(BrokerError):
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(BrokerError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(BrokerError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(BrokerError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class HeadersTooLarge(BrokerError):
+    status = 431
+    code = "request_header_fields_too_large"
+
+
+class RateLimited(BrokerError):
+    status = 429
+    code = "rate_limited"
+
+
+class UpstreamError(BrokerError):
+    status = 502
+    code = "upstream_error"
+
+
+class StateUnavailable(BrokerError):
+    """The state store (replay cache, single use, counters) did not answer: fail closed."""
+
+    status = 503
+    code = "state_unavailable"
+
+
+class AuditUnavailable(BrokerError):
+    """The audit record could not be written: the call is refused, never forwarded unaudited."""
+
+    status = 503
+    code = "audit_unavailable"
+
+
+class ShuttingDown(BrokerError):
+    status = 503
+    code = "shutting_down"
+
+
+class UpstreamTimeout(BrokerError):
+    status = 504
+    code = "upstream_timeout"
