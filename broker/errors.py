@@ -37,7 +37,12 @@ class BrokerError(Exception):
         self.challenge_params = dict(challenge_params or {})
 
     def body(self, request_id: str) -> dict[str, Any]:
-        return {"error": self.code, "error_description": self.description, **self.extra, "request_id": request_id}
+        return {
+            "error": self.code,
+            "error_description": self.description,
+            **self.extra,
+            "request_id": request_id,
+        }
 
 
 class InvalidRequest(BrokerError):

@@ -35,7 +35,12 @@ _CURVES: dict[str, tuple[ec.EllipticCurve, int, str, hashes.HashAlgorithm]] = {
 _CURVE_BY_NAME = {curve.name: crv for crv, (curve, _, _, _) in _CURVES.items()}
 
 # RFC 7638 §3.2: the required members of each key type, in lexicographic order.
-_THUMBPRINT_MEMBERS = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n"), "OKP": ("crv", "kty", "x"), "oct": ("k", "kty")}
+_THUMBPRINT_MEMBERS = {
+    "EC": ("crv", "kty", "x", "y"),
+    "RSA": ("e", "kty", "n"),
+    "OKP": ("crv", "kty", "x"),
+    "oct": ("k", "kty"),
+}
 #: members that make a JWK private (RFC 7517 §9.2, RFC 7518 §6); a DPoP ``jwk`` must carry none of them.
 PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
@@ -131,7 +136,11 @@ def public_jwk(key: PrivateKey | PublicKey) -> dict[str, str]:
     if isinstance(pub, ed25519.Ed25519PublicKey):
         from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-        return {"kty": "OKP", "crv": "Ed25519", "x": b64url_encode(pub.public_bytes(Encoding.Raw, PublicFormat.Raw))}
+        return {
+            "kty": "OKP",
+            "crv": "Ed25519",
+            "x": b64url_encode(pub.public_bytes(Encoding.Raw, PublicFormat.Raw)),
+        }
     nums_rsa = pub.public_numbers()
     return {"kty": "RSA", "n": _b64_from_int(nums_rsa.n), "e": _b64_from_int(nums_rsa.e)}
 
@@ -150,7 +159,13 @@ def private_key_from_jwk(jwk: Mapping[str, Any]) -> PrivateKey:
         assert isinstance(pub_rsa, rsa.RSAPublicKey)
         p, q, d = (_int_from_b64(jwk.get(m), m) for m in ("p", "q", "d"))
         return rsa.RSAPrivateNumbers(
-            p, q, d, rsa.rsa_crt_dmp1(d, p), rsa.rsa_crt_dmq1(d, q), rsa.rsa_crt_iqmp(p, q), pub_rsa.public_numbers()
+            p,
+            q,
+            d,
+            rsa.rsa_crt_dmp1(d, p),
+            rsa.rsa_crt_dmq1(d, q),
+            rsa.rsa_crt_iqmp(p, q),
+            pub_rsa.public_numbers(),
         ).private_key()
     raise JoseError("unsupported private jwk")
 
@@ -167,8 +182,12 @@ def private_jwk(key: PrivateKey) -> dict[str, str]:
     else:
         nums = key.private_numbers()
         jwk.update(
-            d=_b64_from_int(nums.d), p=_b64_from_int(nums.p), q=_b64_from_int(nums.q),
-            dp=_b64_from_int(nums.dmp1), dq=_b64_from_int(nums.dmq1), qi=_b64_from_int(nums.iqmp),
+            d=_b64_from_int(nums.d),
+            p=_b64_from_int(nums.p),
+            q=_b64_from_int(nums.q),
+            dp=_b64_from_int(nums.dmp1),
+            dq=_b64_from_int(nums.dmq1),
+            qi=_b64_from_int(nums.iqmp),
         )
     jwk["kid"] = jwk_thumbprint(jwk)
     jwk["alg"] = default_alg(key)
@@ -190,13 +209,23 @@ def generate_ec_jwk() -> dict[str, str]:
 
 
 def write_private_jwk(path: Path, jwk: Mapping[str, Any]) -> None:
-    """Write a private JWK with mode 0600 from the first byte (never world-readable, not even briefly)."""
+    """Write a private JWK readable by its owner only, with no window in which it is not.
+
+    A fresh 0600 file in the same folder is renamed over the target: an existing file with looser permissions
+    is never written into, and a symlink planted at the target is replaced, not followed.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(dict(jwk), fh, indent=2)
-        fh.write("\n")
-    os.chmod(path, 0o600)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(dict(jwk), fh, indent=2)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def raw_signature(key: PrivateKey, alg: str, signing_input: bytes) -> bytes:
@@ -240,7 +269,9 @@ def verify_signature(key: PublicKey, alg: str, signing_input: bytes, signature: 
         elif alg == "RS256":
             key.verify(signature, signing_input, padding.PKCS1v15(), hashes.SHA256())
         elif alg == "PS256":
-            key.verify(signature, signing_input, padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256())
+            key.verify(
+                signature, signing_input, padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256()
+            )
         else:
             return False
     except InvalidSignature:
@@ -280,7 +311,9 @@ class Signer:
     def public_jwk(self) -> dict[str, str]:
         return {**public_jwk(self.key), "kid": self.kid, "alg": self.alg, "use": "sig"}
 
-    def sign(self, claims: Mapping[str, Any], *, typ: str, extra_headers: Mapping[str, Any] | None = None) -> str:
+    def sign(
+        self, claims: Mapping[str, Any], *, typ: str, extra_headers: Mapping[str, Any] | None = None
+    ) -> str:
         header = {"alg": self.alg, "typ": typ, "kid": self.kid, **(extra_headers or {})}
         signing_input = b64url_encode(compact_json(header)) + "." + b64url_encode(compact_json(claims))
         signature = raw_signature(self.key, self.alg, signing_input.encode("ascii"))

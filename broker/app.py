@@ -1,0 +1,141 @@
+"""build_app(): the only wiring module — routes, the middleware, long-lived resources.
+
+Resources are owned by ``cleanup_ctx`` in the order they depend on each other: the audit log opens first and
+closes last (its final checkpoint is written after the last in-flight request finished), the upstream session
+closes before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from broker.audit.sink import AuditLog
+from broker.config.loader import LoadedConfig
+from broker.context import CTX
+from broker.gateway import tools
+from broker.gateway.forward import Forwarder, client_session, close_session
+from broker.gateway.middleware import broker_middleware
+from broker.jose import Signer
+from broker.observability import Metrics
+from broker.resources import AUDIT, DRAINING, FORWARDER, METRICS, RUNTIME, SESSION, SIGNER, RuntimeHolder
+from broker.runtime import build_runtime
+
+MAIN = web.AppKey("main_app", web.Application)
+PUBLIC_JWKS = web.AppKey("public_jwks", dict)
+
+
+def build_app(loaded: LoadedConfig, *, metrics: Metrics | None = None) -> web.Application:
+    """The agent-facing application for a loaded config. Raises ConfigError if the config does not compile."""
+    config = loaded.config
+    runtime = build_runtime(loaded)
+    app = web.Application(
+        middlewares=[broker_middleware], client_max_size=config.server.limits.max_body_bytes
+    )
+    app[RUNTIME] = RuntimeHolder(runtime)
+    app[METRICS] = metrics or Metrics()
+    app[METRICS].set_policy_version(loaded.policy_version)
+    app[METRICS].config_reloads.labels(result="success").inc()
+    app[SIGNER] = Signer.from_file(config.signing.key_file)
+    app[AUDIT] = AuditLog(
+        config.audit.file,
+        signer=app[SIGNER],
+        checkpoint_every=config.audit.checkpoint_every,
+        fsync=config.audit.fsync,
+    )
+    # current key first, then the previous ones still published until their tokens expire (rotation overlap)
+    app[PUBLIC_JWKS] = {
+        "keys": [
+            app[SIGNER].public_jwk(),
+            *(Signer.from_file(p).public_jwk() for p in config.signing.previous_key_files),
+        ]
+    }
+    app[DRAINING] = {"draining": False}
+    app.cleanup_ctx.append(_audit_log)
+    app.cleanup_ctx.append(_upstream_session)
+
+    app.router.add_post("/v1/tools/{name}", tools.invoke_tool)
+    app.router.add_get("/v1/tools", tools.list_tools)
+    app.router.add_get("/.well-known/jwks.json", jwks)
+    return app
+
+
+async def _audit_log(app: web.Application) -> AsyncIterator[None]:
+    audit = app[AUDIT]
+    audit.open()
+    app[AUDIT].append(_config_load_record(app))
+    yield
+    audit.close()  # final checkpoint: after every in-flight request has been answered
+
+
+def _config_load_record(app: web.Application) -> dict[str, object]:
+    runtime = app[RUNTIME].current
+    return {
+        "event": "config_load",
+        "decision": "allow",
+        "reason": "",
+        "request_id": None,
+        "subject": None,
+        "actor": None,
+        "tool": None,
+        "args_digest": None,
+        "txn": None,
+        "policy_version": runtime.policy_version,
+        "status": None,
+        "config_file": str(runtime.loaded.path),
+    }
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    session = client_session()
+    app[SESSION] = session
+    app[FORWARDER] = Forwarder(
+        session, app[METRICS], max_response_bytes=app[RUNTIME].current.limits.max_response_bytes
+    )
+    yield
+    await close_session(session)
+
+
+async def jwks(request: web.Request) -> web.StreamResponse:
+    """The broker's public keys (CONTRACT §5): backends verify txn tokens, agents verify grants."""
+    request[CTX].route = "metadata"
+    return web.json_response(request.app[PUBLIC_JWKS], headers={"Cache-Control": "public, max-age=300"})
+
+
+def build_admin_app(main: web.Application) -> web.Application:
+    """Plain-HTTP admin listener (loopback by default): health, readiness, metrics."""
+    admin = web.Application()
+    admin[MAIN] = main
+    admin.router.add_get("/healthz", healthz)
+    admin.router.add_get("/readyz", readyz)
+    admin.router.add_get("/metrics", metrics_endpoint)
+    return admin
+
+
+async def healthz(request: web.Request) -> web.StreamResponse:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.StreamResponse:
+    main = request.app[MAIN]
+    checks = {
+        "config": True,
+        "audit": main[AUDIT].healthy,
+        "draining": not main[DRAINING]["draining"],
+    }
+    ready = all(checks.values())
+    body = {
+        "status": "ready" if ready else "not_ready",
+        "checks": checks,
+        "policy_version": main[RUNTIME].current.policy_version,
+        "time": datetime.now(UTC).isoformat(),
+    }
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def metrics_endpoint(request: web.Request) -> web.StreamResponse:
+    output = generate_latest(request.app[MAIN][METRICS].registry)
+    return web.Response(body=output, headers={"Content-Type": CONTENT_TYPE_LATEST})

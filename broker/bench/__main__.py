@@ -1,0 +1,340 @@
+"""``python -m broker.bench``: whole-path throughput of the broker against a bare forwarder, in one run.
+
+Set-ups (each server in its own subprocess on 127.0.0.1, ephemeral ports):
+
+- ``backend``: the demo expense backend called directly (``POST /invoices``);
+- ``bare``: :mod:`broker.bench.bareproxy` in front of it (``POST /v1/tools/listInvoices``), the yardstick;
+- ``broker``: ``broker run -c config/examples/expense.yaml`` in front of it.
+
+Every set-up is loaded with ``{"department":"42"}`` by :func:`broker.bench.loadgen.run_load` over mTLS with an
+agent SVID. The table and ``--out`` JSON give rps, p50/p99 and each set-up's ratio to ``bare``. The load
+generator shares the cores with the servers, so only ratios within one run mean anything (PERF.md).
+
+A new set-up is one more :class:`Setup` in :func:`build_setups`: a name, a URL, a ``make_request`` (called per
+request: the place for fresh DPoP proofs) and a ``start`` context manager that brings its server up.
+A set-up whose server does not become ready is reported as failed; the others still run. Exit status 1 then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import platform
+import signal
+import socket
+import ssl
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from broker.bench.loadgen import MakeRequest, Result, client_ssl_context, run_load
+from broker.demo.expense import run_event_loop
+
+READY_TIMEOUT = 30.0  # seconds a server gets to answer its readiness probe
+STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
+LISTINVOICES_BODY = json.dumps({"department": "42"}).encode()
+
+
+class SetupFailed(Exception):
+    """A set-up's server did not come up; the message says why (exit status and the tail of its log)."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One row of the report: what to load, how to build each request, how to bring its server up."""
+
+    name: str
+    url: str
+    make_request: MakeRequest  #: called per request (fresh DPoP proofs go here)
+    start: Callable[[], AbstractAsyncContextManager[None]]  #: server up on enter, stopped on exit
+
+
+@dataclass(frozen=True)
+class BenchEnv:
+    certs: Path
+    work: Path  # scratch folder: DB, audit file, server logs
+    backend_url: str
+    broker_config: Path
+    probe_ssl: ssl.SSLContext  # presents the agent SVID; verifies servers against ca.pem
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (bind to port 0, read it, release it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def plain_json() -> tuple[dict[str, str], bytes]:
+    return {"Content-Type": "application/json"}, LISTINVOICES_BODY
+
+
+# --- subprocesses ---------------------------------------------------------------------------------------
+
+
+def _failure(name: str, what: str, log_path: Path, lines: int = 15) -> SetupFailed:
+    """``NAME WHAT: <last log line>`` on the first line (the table shows it), the log's tail below."""
+    try:
+        tail = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()][-lines:]
+    except OSError:
+        tail = []
+    last = tail[-1].strip() if tail else "no output"
+    return SetupFailed("\n".join([f"{name} {what}: {last}", *tail]))
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM the server's process group (it leads its own session), SIGKILL after STOP_TIMEOUT."""
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def server_process(
+    name: str,
+    argv: Sequence[str],
+    *,
+    env: BenchEnv,
+    ready: Callable[[], Awaitable[bool]],
+    extra_env: dict[str, str],
+) -> AsyncIterator[None]:
+    """Run a server subprocess from ``ready()`` being true to the end of the block (error, Ctrl-C too)."""
+    log_path = env.work / f"{name}.log"
+    with log_path.open("wb") as log:
+        # Own session: a terminal Ctrl-C reaches only the bench, which then stops the group itself.
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, **extra_env},
+            start_new_session=True,
+        )
+        try:
+            deadline = asyncio.get_running_loop().time() + READY_TIMEOUT
+            while not await ready():
+                if proc.returncode is not None:
+                    raise _failure(name, f"exited with status {proc.returncode}", log_path)
+                if asyncio.get_running_loop().time() > deadline:
+                    raise _failure(name, f"not ready after {READY_TIMEOUT:.0f}s", log_path)
+                await asyncio.sleep(0.05)  # polling a foreign process: there is nothing to wait on instead
+            yield
+        finally:
+            await _stop(proc)
+
+
+def probe(url: str, ssl_ctx: ssl.SSLContext | None) -> Callable[[], Awaitable[bool]]:
+    """A readiness check: ``GET url`` answers 200 (``ssl_ctx`` None for plain HTTP)."""
+
+    async def check() -> bool:
+        timeout = aiohttp.ClientTimeout(total=2)
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.get(url, ssl=ssl_ctx if ssl_ctx is not None else False) as response,
+            ):
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    return check
+
+
+def start_backend(env: BenchEnv) -> AbstractAsyncContextManager[None]:
+    argv = [sys.executable, "-m", "broker.demo.expense", "--listen", env.backend_url.removeprefix("https://")]
+    argv += ["--certs", str(env.certs), "--db", str(env.work / "expense.db")]
+    return server_process(
+        "backend", argv, env=env, ready=probe(env.backend_url + "/healthz", env.probe_ssl), extra_env={}
+    )
+
+
+def start_bare(env: BenchEnv, port: int) -> AbstractAsyncContextManager[None]:
+    argv = [sys.executable, "-m", "broker.bench.bareproxy", "--listen", f"127.0.0.1:{port}"]
+    argv += ["--certs", str(env.certs), "--route", f"listInvoices={env.backend_url}/invoices"]
+    ready = probe(f"https://127.0.0.1:{port}/healthz", env.probe_ssl)
+    return server_process("bare", argv, env=env, ready=ready, extra_env={})
+
+
+def start_broker(env: BenchEnv, port: int, admin_port: int) -> AbstractAsyncContextManager[None]:
+    overrides = {
+        "BROKER_CERTS": str(env.certs),
+        "BROKER_LISTEN": f"127.0.0.1:{port}",
+        "BROKER_PUBLIC_URL": f"https://127.0.0.1:{port}",
+        "BROKER_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
+        "EXPENSE_UPSTREAM": env.backend_url,
+        "BROKER_AUDIT_FILE": str(env.work / "audit.jsonl"),
+    }
+    argv = [sys.executable, "-m", "broker", "run", "-c", str(env.broker_config)]
+    ready = probe(f"http://127.0.0.1:{admin_port}/readyz", None)
+    return server_process("broker", argv, env=env, ready=ready, extra_env=overrides)
+
+
+def build_setups(env: BenchEnv) -> list[Setup]:
+    """All known set-ups, in report order. Ports are picked now, servers start only when a set-up runs."""
+    bare_port, broker_port, admin_port = free_port(), free_port(), free_port()
+    return [
+        Setup("backend", env.backend_url + "/invoices", plain_json, contextlib.nullcontext),
+        Setup(
+            "bare",
+            f"https://127.0.0.1:{bare_port}/v1/tools/listInvoices",
+            plain_json,
+            lambda: start_bare(env, bare_port),
+        ),
+        Setup(
+            "broker",
+            f"https://127.0.0.1:{broker_port}/v1/tools/listInvoices",
+            plain_json,
+            lambda: start_broker(env, broker_port, admin_port),
+        ),
+    ]
+
+
+# --- running and reporting ------------------------------------------------------------------------------
+
+
+async def run_bench(args: argparse.Namespace, certs: Path, work: Path) -> dict[str, Result | str]:
+    """Start the backend, then each selected set-up in turn; a result or a failure message per set-up."""
+    agents = certs / "agents"
+    probe_ssl = client_ssl_context(
+        certs / "ca.pem", agents / f"{args.agent}.pem", agents / f"{args.agent}-key.pem"
+    )
+    env = BenchEnv(certs, work, f"https://127.0.0.1:{free_port()}", args.broker_config, probe_ssl)
+    setups = build_setups(env)
+    if args.setups is not None:
+        known = [setup.name for setup in setups]
+        if unknown := [name for name in args.setups if name not in known]:
+            raise SetupFailed(f"unknown set-ups {unknown}; known: {known}")
+        setups = [setup for setup in setups if setup.name in args.setups]
+    outcomes: dict[str, Result | str] = {}
+    # SIGTERM stops the bench like Ctrl-C does: cancel, so every server_process block stops its server.
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    async with start_backend(env):
+        for setup in setups:
+            print(
+                f"running {setup.name} for {args.warmup:g}+{args.duration:g}s ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            try:
+                async with setup.start():
+                    outcomes[setup.name] = await run_load(
+                        setup.url,
+                        concurrency=args.concurrency,
+                        duration=args.duration,
+                        make_request=setup.make_request,
+                        ssl_ctx=probe_ssl,
+                        warmup=args.warmup,
+                    )
+            except SetupFailed as exc:
+                print(exc, file=sys.stderr)
+                outcomes[setup.name] = str(exc)
+    return outcomes
+
+
+def report(outcomes: dict[str, Result | str], args: argparse.Namespace) -> dict[str, Any]:
+    """Print the table and return the JSON document (``ratios`` only when ``bare`` ran)."""
+    bare = outcomes.get("bare")
+    bare_rps = bare.rps if isinstance(bare, Result) and bare.rps > 0 else None
+    doc: dict[str, Any] = {"setups": {}, "ratios": {}}
+    print(f"{'setup':<10} {'rps':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>8} {'vs bare':>8}")
+    for name, outcome in outcomes.items():
+        if isinstance(outcome, str):
+            doc["setups"][name] = {"failed": outcome}
+            print(f"{name:<10} FAILED: {outcome.splitlines()[0]}")
+            continue
+        doc["setups"][name] = outcome.as_json()
+        ratio = outcome.rps / bare_rps if bare_rps else None
+        if ratio is not None and name != "bare":
+            doc["ratios"][f"{name}/bare"] = round(ratio, 3)
+        shown = f"{ratio:.2f}" if ratio is not None else "-"
+        print(
+            f"{name:<10} {outcome.rps:>10.1f} {outcome.p50_ms:>9.2f} {outcome.p99_ms:>9.2f} "
+            f"{outcome.errors:>8} {shown:>8}"
+        )
+    doc["meta"] = {
+        "duration": args.duration,
+        "warmup": args.warmup,
+        "concurrency": args.concurrency,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    return doc
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    default_config = Path(__file__).resolve().parents[2] / "config" / "examples" / "expense.yaml"
+    parser = argparse.ArgumentParser(
+        prog="python -m broker.bench", description="Broker vs bare forwarder benchmark."
+    )
+    parser.add_argument(
+        "--duration", type=float, default=10.0, help="measured seconds per set-up (default %(default)s)"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=1.0, help="unmeasured seconds first (default %(default)s)"
+    )
+    parser.add_argument("--concurrency", type=int, default=32, help="connections (default %(default)s)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("var/bench.json"), help="JSON report (default %(default)s)"
+    )
+    parser.add_argument("--certs", type=Path, help="§10 PKI folder (default: generate one in a temp folder)")
+    parser.add_argument(
+        "--agent", default="expense-assistant", help="agent SVID to load with (default %(default)s)"
+    )
+    parser.add_argument("--setups", help="comma-separated names (default: all, i.e. backend,bare,broker)")
+    parser.add_argument(
+        "--broker-config", type=Path, default=default_config, help="config for the broker set-up"
+    )
+    args = parser.parse_args(argv)
+    if args.setups is not None:
+        args.setups = [name.strip() for name in args.setups.split(",") if name.strip()]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="broker-bench-") as tmp:
+        work = Path(tmp)
+        certs = args.certs
+        if certs is None:
+            from broker.devpki import generate  # only needed when no PKI was given
+
+            certs = work / "certs"
+            generate(certs)
+        try:
+            outcomes = run_event_loop(run_bench(args, certs.resolve(), work))
+        except SetupFailed as exc:  # unknown set-up name, or the backend did not start: nothing to compare
+            print(f"bench failed: {exc}", file=sys.stderr)
+            return 1
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            print("interrupted; servers stopped", file=sys.stderr)
+            return 130
+    doc = report(outcomes, args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 1 if any(isinstance(outcome, str) for outcome in outcomes.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

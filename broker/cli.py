@@ -1,0 +1,193 @@
+"""The ``broker`` command line (CONTRACT §1). Every command has ``--help``; exit 0 ok, 1 failed check, 2 usage."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from broker.config.loader import ConfigError, LoadedConfig, load_config
+from broker.observability import configure_logging
+
+DESCRIPTION = """\
+broker: the Policy Enforcement Point between AI agents and their tools.
+Agents call tools through it over mTLS (X.509-SVID) with DPoP-bound tokens; every decision is audited."""
+
+
+def _load(path: str) -> LoadedConfig:
+    loaded = load_config(path)
+    from broker.runtime import build_runtime
+
+    build_runtime(loaded)  # compile tools (schemas, TLS files) like `run` would
+    return loaded
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        loaded = _load(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    config = loaded.config
+    print(
+        f"ok: {args.config}: policy_version {loaded.policy_version}, {len(config.tools)} tools, "
+        f"{len(config.mcp_servers)} MCP servers, {len(config.policies)} policies"
+    )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from broker.server import serve
+
+    try:
+        loaded = _load(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    try:
+        import uvloop
+
+        runner: Callable[[Any], Any] = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
+        runner = asyncio.run
+    try:
+        runner(serve(loaded))
+    except OSError as exc:
+        print(f"broker: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from broker.devpki import generate
+
+    try:
+        paths = generate(
+            Path(args.out),
+            trust_domain=args.trust_domain,
+            agents=tuple(args.agent or ("expense-assistant", "travel-bot")),
+            humans=tuple(args.human or ("carol", "dave", "sam")),
+        )
+    except ValueError as exc:
+        print(f"broker certs: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {len(paths)} files to {args.out} (trust domain {args.trust_domain}); private keys are mode 0600"
+    )
+    return 0
+
+
+def _read_jwks(path: str) -> dict[str, Any]:
+    from broker.jose import public_jwk, public_key_from_jwk
+
+    data = json.loads(Path(path).read_text())
+    keys = data["keys"] if isinstance(data, dict) and "keys" in data else [data]
+    public = []
+    for jwk in keys:
+        members = {**public_jwk(public_key_from_jwk(jwk)), "kid": jwk.get("kid")}
+        if jwk.get("alg"):
+            members["alg"] = jwk["alg"]
+        public.append(members)
+    return {"keys": public}
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from broker.audit.verify import verify_log
+
+    jwks = None
+    if args.key:
+        try:
+            jwks = _read_jwks(args.key)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"broker audit verify: cannot read key {args.key}: {exc}", file=sys.stderr)
+            return 2
+    report = verify_log(Path(args.file), public_jwks=jwks)
+    print(report.summary() if hasattr(report, "summary") else report)
+    return 0 if report.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="broker", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("json", "console"),
+        default="json",
+        help="JSON lines for machines (default) or console for humans; logs go to stderr",
+    )
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="serve agents (main TLS listener + admin listener)",
+        description="Serve: the main listener (TLS, client certificates) and the admin listener "
+        "(/healthz, /readyz, /metrics). SIGTERM drains in-flight calls and writes the final "
+        "audit checkpoint.",
+    )
+    run.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config (see config/)")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser(
+        "check",
+        help="validate a config; exit 1 listing FILE:LINE: message per problem",
+        description="Load, validate and compile a config (schemas, TLS files) without serving.",
+    )
+    check.add_argument("-c", "--config", required=True, metavar="FILE")
+    check.set_defaults(func=cmd_check)
+
+    certs = sub.add_parser(
+        "certs",
+        help="write a development PKI (CA, broker, backend, agent SVIDs, keys)",
+        description="Development PKI in the CONTRACT §10 layout. Not for production: use SPIRE.",
+    )
+    certs.add_argument("--out", required=True, metavar="DIR")
+    certs.add_argument("--trust-domain", default="example.org")
+    certs.add_argument(
+        "--agent",
+        action="append",
+        metavar="NAME",
+        help="agent SVID to issue (repeatable; default expense-assistant, travel-bot)",
+    )
+    certs.add_argument(
+        "--human",
+        action="append",
+        metavar="NAME",
+        help="human DPoP key to write (repeatable; default carol, dave, sam)",
+    )
+    certs.set_defaults(func=cmd_certs)
+
+    audit = sub.add_parser("audit", help="audit log tools")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
+    verify = audit_sub.add_parser(
+        "verify",
+        help="check the hash chain, checkpoint signatures and head anchor",
+        description="Exit 0 if the log is intact, else 1 naming the first bad record.",
+    )
+    verify.add_argument("file", metavar="FILE")
+    verify.add_argument(
+        "--key",
+        metavar="JWKS",
+        help="the broker's public JWKS (or its signing JWK) to check checkpoint signatures",
+    )
+    verify.set_defaults(func=cmd_audit_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(fmt=args.log_format, level=args.log_level)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""The configuration schema (CONTRACT §2): strict pydantic models, one per section.
+
+Unknown keys and wrong types are errors (``extra="forbid"``, strict types); the loader maps each error back
+to ``FILE:LINE``. ``broker/config/schema.json`` is generated from these models (``python -m broker.config.schema``)
+and shipped for editors. Path fields resolve relative paths against the config file's folder (``context['base_dir']``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+_HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
+#: tool and MCP server names appear in URLs and metric labels: a closed, ASCII-only alphabet (HOSTILE T08).
+NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
+
+ASYMMETRIC_ALGS = ("ES256", "ES384", "EdDSA", "RS256", "PS256")
+Alg = Literal["ES256", "ES384", "EdDSA", "RS256", "PS256"]
+
+
+def _resolve_path(value: Any, info: ValidationInfo) -> Any:
+    """Paths in the config are relative to the config file's folder (CONTRACT §2)."""
+    if isinstance(value, str):
+        if not value:
+            raise ValueError("empty path")
+        path = Path(value).expanduser()
+        base = (info.context or {}).get("base_dir")
+        if base is not None and not path.is_absolute():
+            path = Path(os.path.normpath(Path(base) / path))
+        return path
+    return value
+
+
+ConfigPath = Annotated[Path, BeforeValidator(_resolve_path)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def split_hostport(value: str) -> tuple[str, int]:
+    match = _HOSTPORT.match(value)
+    if not match:
+        raise ValueError(f"expected host:port, got {value!r}")
+    host, port = match.group(1).strip("[]"), int(match.group(2))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port out of range in {value!r}")
+    return host, port
+
+
+HostPort = Annotated[str, Field(description="host:port, e.g. 127.0.0.1:8443 (port 0 = any free port)")]
+
+
+class Limits(Strict):
+    max_body_bytes: int = Field(1_048_576, ge=1, description="request body cap (413)")
+    max_header_bytes: int = Field(16_384, ge=1024, description="total request header size cap (431)")
+    max_header_line_bytes: int = Field(8190, ge=256, description="one header line (aiohttp max_field_size)")
+    max_token_bytes: int = Field(8192, ge=256, description="access/txn token size cap (401 invalid_token)")
+    max_json_depth: int = Field(32, ge=1, le=256, description="JSON nesting cap (400)")
+    max_response_bytes: int = Field(8_388_608, ge=1, description="upstream response body cap (502)")
+
+
+class ServerTls(Strict):
+    cert: ConfigPath = Field(
+        description="the broker's server certificate (PEM); also its client cert towards upstreams"
+    )
+    key: ConfigPath
+    client_ca: ConfigPath = Field(description="trust bundle for agent X.509-SVIDs")
+    client_cert: Literal["require", "optional"] = Field(
+        "require",
+        description="'require' refuses TLS without a client certificate; 'optional' lets humans (approvers) in "
+        "without one, while agent routes still demand a valid SVID (401 invalid_client)",
+    )
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+class Server(Strict):
+    listen: HostPort = "127.0.0.1:8443"
+    public_url: str = Field(
+        description="external base URL; DPoP htu and txn-token iss are built from it, never from Host"
+    )
+    admin_listen: HostPort = "127.0.0.1:9090"
+    tls: ServerTls
+    limits: Limits = Limits()
+    shutdown_grace_seconds: float = Field(10.0, ge=0, le=600)
+    request_timeout_seconds: float = Field(30.0, gt=0, description="whole-request deadline incl. body read")
+
+    @field_validator("listen", "admin_listen")
+    @classmethod
+    def _hostport(cls, value: str) -> str:
+        split_hostport(value)
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        if not re.match(r"^https://[^/?#]+(/[^?#]*)?$", value):
+            raise ValueError("public_url must be an https:// URL without query or fragment")
+        return value.rstrip("/")
+
+
+class Issuer(Strict):
+    issuer: str = Field(
+        description="exact 'iss' value; alone, it enables OIDC / RFC 8414 discovery of jwks_uri"
+    )
+    jwks_file: ConfigPath | None = None
+    jwks_url: str | None = None
+    algorithms: list[Alg] = Field(default_factory=lambda: ["ES256"], min_length=1)
+    max_lifetime_seconds: int = Field(86_400, ge=60)
+    accepted_typ: list[str] = Field(
+        default_factory=lambda: ["at+jwt", "JWT", ""],
+        description="accepted JWT 'typ' header values ('' = absent); dpop+jwt, grant+jwt, txntoken+jwt never",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Issuer:
+        if self.jwks_file is not None and self.jwks_url is not None:
+            raise ValueError("give jwks_file or jwks_url, not both")
+        return self
+
+
+class Dpop(Strict):
+    algorithms: list[Alg] = Field(default_factory=lambda: ["ES256", "EdDSA"], min_length=1)
+    iat_window_seconds: int = Field(60, ge=5, le=600, description="how old a proof's iat may be")
+    iat_skew_seconds: int = Field(5, ge=0, le=120, description="how far in the future a proof's iat may be")
+    require_nonce: bool = False
+    nonce_lifetime_seconds: int = Field(300, ge=10)
+    nonce_secret: str | None = Field(
+        None, description="shared HMAC secret so every replica accepts every replica's nonces (>= 32 chars)"
+    )
+
+
+class Identity(Strict):
+    trust_domain: str = Field(description="SPIFFE trust domain of agents, e.g. example.org")
+    audience: str = Field(description="required 'aud' of access tokens")
+    proof: Literal["dpop", "mtls", "either"] = "dpop"
+    leeway_seconds: int = Field(30, ge=0, le=60)
+    issuers: list[Issuer] = Field(default_factory=list)
+    dpop: Dpop = Dpop()
+
+
+class State(Strict):
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str | None = None
+    key_prefix: str = "broker:"
+    timeout_ms: int = Field(200, ge=1, le=10_000)
+    max_entries: int = Field(1_000_000, ge=1000, description="memory backend bound")
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> State:
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("state.backend redis needs state.redis_url")
+        return self
+
+
+class Signing(Strict):
+    key_file: ConfigPath = Field(
+        description="the broker's private JWK (grants, txn tokens, audit checkpoints)"
+    )
+    previous_key_files: list[ConfigPath] = Field(
+        default_factory=list, description="still published in jwks.json"
+    )
+
+
+class Audit(Strict):
+    file: ConfigPath
+    checkpoint_every: int = Field(100, ge=1)
+    fsync: bool = Field(False, description="fsync after every record (durable across power loss; slower)")
+
+
+class UpstreamTls(Strict):
+    ca: ConfigPath | None = Field(
+        None, description="CA bundle for the upstream's certificate (default: server.tls.client_ca)"
+    )
+    cert: ConfigPath | None = Field(
+        None, description="client certificate towards the upstream (default: server.tls.cert)"
+    )
+    key: ConfigPath | None = None
+
+
+class Upstream(Strict):
+    url: str
+    tls: UpstreamTls = UpstreamTls()
+    timeout_seconds: float = Field(10.0, gt=0, le=300)
+    connect_timeout_seconds: float = Field(3.0, gt=0, le=60)
+
+    @field_validator("url")
+    @classmethod
+    def _https(cls, value: str) -> str:
+        if not re.match(r"^https://[^/?#]+(/[^#]*)?$", value):
+            raise ValueError("upstream url must be https:// (the broker forwards over mTLS only)")
+        return value
+
+
+class Tool(Strict):
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    description: str = ""
+    input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+    upstream: Upstream
+    txn_token: Literal["required", "edge"] = Field(
+        "edge",
+        description="'required': the agent must present a txn token; 'edge': the broker mints one per call",
+    )
+    audit_fields: list[str] = Field(
+        default_factory=list, description="argument names copied verbatim into audit"
+    )
+
+
+class McpServer(Strict):
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    upstream: Upstream
+
+
+class Policy(Strict):
+    """A policy rule; compiled and evaluated by ``broker.policy`` (CEL)."""
+
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+    description: str = ""
+    tools: list[str] = Field(min_length=1, description="tool names this rule applies to ('*' = all)")
+    effect: Literal["allow", "deny"] = "allow"
+    when: str = Field("true", description="CEL condition")
+    reason: str = Field("", description="what the agent is told when this rule refuses (never other policy)")
+    constraints: dict[str, Any] = Field(default_factory=dict, description="advertised in the grant")
+
+
+class Config(Strict):
+    version: Literal[1]
+    server: Server
+    identity: Identity
+    state: State = State()
+    signing: Signing
+    audit: Audit
+    tools: list[Tool] = Field(default_factory=list)
+    mcp_servers: list[McpServer] = Field(default_factory=list)
+    policies: list[Policy] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Config:
+        for kind, names in (
+            ("tool", [t.name for t in self.tools]),
+            ("mcp server", [m.name for m in self.mcp_servers]),
+            ("policy", [p.id for p in self.policies]),
+        ):
+            seen: set[str] = set()
+            for name in names:
+                if name in seen:
+                    raise ValueError(f"duplicate {kind} name {name!r}")
+                seen.add(name)
+        return self
+
+    def tool(self, name: str) -> Tool | None:
+        for tool in self.tools:
+            if tool.name == name:
+                return tool
+        return None

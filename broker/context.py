@@ -1,0 +1,70 @@
+"""The per-request record: stages fill it in; audit, metrics and logs read it once, at the end."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from broker.identity.spiffe import SpiffeId
+
+#: closed set of route labels (metrics) and the audit event each route's decisions are recorded as
+ROUTE_EVENTS: dict[str, str | None] = {
+    "invoke": "invocation",
+    "discovery": "discovery",
+    "exchange": "exchange",
+    "approval": "approval",
+    "mcp": "mcp",
+    "metadata": None,  # public metadata (RFC 9728, JWKS): nothing decided, nothing audited
+    "other": None,
+}
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    route: str = "other"
+    started: float = field(default_factory=time.perf_counter)
+    tool: str | None = None
+    actor: SpiffeId | None = None
+    subject: str | None = None
+    args_digest: str | None = None
+    txn: str | None = None
+    #: fields a tool lists as auditable, copied from its arguments
+    audit_args: dict[str, Any] | None = None
+    decision: str | None = None
+    reason: str = ""
+    status: int | None = None
+    #: error code of a refusal ("ok" otherwise): the bounded ``code`` label of broker_requests_total
+    code: str = "ok"
+    #: set once this request's decision record is in the audit log
+    audited: bool = False
+    #: the policy_version of the config this request was decided under
+    policy_version: str | None = None
+
+    @property
+    def event(self) -> str | None:
+        return ROUTE_EVENTS.get(self.route)
+
+    def audit_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "event": self.event,
+            "decision": self.decision,
+            "reason": self.reason,
+            "request_id": self.request_id,
+            "subject": self.subject,
+            "actor": str(self.actor) if self.actor else None,
+            "tool": self.tool,
+            "args_digest": self.args_digest,
+            "txn": self.txn,
+            "policy_version": self.policy_version,
+            "status": self.status,
+        }
+        if self.audit_args:
+            fields["args"] = self.audit_args
+        return fields
+
+
+CTX = web.RequestKey("broker_ctx", RequestContext)

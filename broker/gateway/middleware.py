@@ -1,0 +1,153 @@
+"""The one middleware around every main-listener request: request id, limits, error rendering, audit, metrics.
+
+Why one: every refusal must be rendered the same way (CONTRACT §8 JSON body, RFC 6750/9449 ``WWW-Authenticate``)
+*and* written to the audit log before the client sees it (CONTRACT §9: no decision is acknowledged before its
+record is written). Stages only raise :class:`~broker.errors.BrokerError`; they never build error responses.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from broker.context import CTX, RequestContext
+from broker.errors import (
+    ApprovalRequired,
+    AuditUnavailable,
+    BrokerError,
+    HeadersTooLarge,
+    InsufficientUserAuthentication,
+    InvalidClient,
+    InvalidDpopProof,
+    InvalidRequest,
+    InvalidToken,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    UseDpopNonce,
+)
+from broker.observability import request_id_from
+from broker.resources import AUDIT, METRICS, RUNTIME
+
+log = structlog.get_logger("broker.request")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_AUTH_ERRORS = (InvalidClient, InvalidToken, InvalidDpopProof, UseDpopNonce)
+
+
+def decision_for(error: BrokerError) -> str:
+    """The audit ``decision`` of a refusal (CONTRACT §9)."""
+    if isinstance(error, ApprovalRequired):
+        return "pending"
+    if isinstance(error, InsufficientUserAuthentication | UseDpopNonce):
+        return "step_up"
+    return "error" if error.status >= 500 else "deny"
+
+
+def _quote(value: str) -> str:
+    # RFC 9110 §5.6.4 quoted-string: escape backslash and double quote; descriptions are ours, ASCII.
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def challenge_header(error: BrokerError, algs: str) -> str:
+    params = {"error": error.code, "error_description": error.description, **error.challenge_params}
+    if algs:
+        params["algs"] = algs
+    return f"{error.challenge} " + ", ".join(f"{k}={_quote(v)}" for k, v in params.items())
+
+
+def error_response(error: BrokerError, request_id: str, *, algs: str = "") -> web.Response:
+    headers = {"X-Request-Id": request_id, "Cache-Control": "no-store", **error.headers}
+    if error.challenge:
+        headers["WWW-Authenticate"] = challenge_header(error, algs)
+    return web.json_response(error.body(request_id), status=error.status, headers=headers)
+
+
+def audit_decision(app: web.Application, ctx: RequestContext) -> None:
+    """Write this request's decision record; raises AuditUnavailable if it cannot be written."""
+    metrics = app[METRICS]
+    try:
+        app[AUDIT].append(ctx.audit_fields())
+    except AuditUnavailable:
+        metrics.audit_errors.inc()
+        raise
+    metrics.audit_records.inc()
+    ctx.audited = True
+
+
+def _check_header_size(request: web.Request, limit: int) -> None:
+    size = sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
+    if size > limit:
+        raise HeadersTooLarge("request headers are too large", reason="headers_too_large")
+
+
+@web.middleware
+async def broker_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    app = request.app
+    runtime = app[RUNTIME].current
+    ctx = RequestContext(request_id=request_id_from(request.headers.get("X-Request-Id")))
+    ctx.policy_version = runtime.policy_version
+    request[CTX] = ctx
+    structlog.contextvars.bind_contextvars(request_id=ctx.request_id)
+    response: web.StreamResponse
+    try:
+        try:
+            _check_header_size(request, runtime.limits.max_header_bytes)
+            response = await handler(request)
+            ctx.status = response.status
+            if ctx.decision is None:
+                ctx.decision = "allow"
+        except BrokerError as error:
+            response = _refuse(app, ctx, error, runtime.config.identity.dpop.algorithms)
+        except web.HTTPException as exc:
+            # aiohttp's own routing answers (404 for unknown paths, 405): JSON like everything else
+            response = _refuse(app, ctx, _from_http_exception(exc), [])
+        except Exception:
+            # A bug, not a decision: still audited and rendered as JSON, never a forward (deny by default).
+            log.exception("unhandled error")
+            response = _refuse(app, ctx, BrokerError("internal error", reason="internal_error"), [])
+        response.headers.setdefault("X-Request-Id", ctx.request_id)
+        return response
+    finally:
+        _observe(app, request, ctx)
+        structlog.contextvars.unbind_contextvars("request_id")
+
+
+def _from_http_exception(exc: web.HTTPException) -> BrokerError:
+    if exc.status == 404:
+        return NotFound("no such endpoint", reason="no_route")
+    if exc.status == 405:
+        return MethodNotAllowed("method not allowed here", reason="method_not_allowed")
+    if exc.status == 413:
+        return PayloadTooLarge("request body is too large", reason="body_too_large")
+    return InvalidRequest(exc.reason, reason=f"http_{exc.status}")
+
+
+def _refuse(app: web.Application, ctx: RequestContext, error: BrokerError, algs: list[str]) -> web.Response:
+    ctx.status = error.status
+    ctx.code = error.code
+    # An outcome after an audited allow (upstream failed) is a new record: the earlier one said "forwarded".
+    if not ctx.audited or ctx.decision == "allow":
+        ctx.decision = decision_for(error)
+        ctx.reason = error.reason
+        if ctx.event is not None:
+            try:
+                audit_decision(app, ctx)
+            except AuditUnavailable as audit_error:
+                error = audit_error
+                ctx.status, ctx.code = error.status, error.code
+    if isinstance(error, _AUTH_ERRORS):
+        app[METRICS].auth_failures.labels(reason=error.reason).inc()
+    log.info("refused", code=error.code, reason=error.reason, status=error.status)
+    return error_response(error, ctx.request_id, algs=" ".join(algs) if error.challenge else "")
+
+
+def _observe(app: web.Application, request: web.Request, ctx: RequestContext) -> None:
+    metrics = app[METRICS]
+    elapsed = time.perf_counter() - ctx.started
+    tool = ctx.tool if ctx.tool is not None and ctx.tool in app[RUNTIME].current.tools else "-"
+    metrics.requests.labels(route=ctx.route, tool=tool, decision=ctx.decision or "error", code=ctx.code).inc()
+    metrics.request_duration.labels(route=ctx.route).observe(elapsed)

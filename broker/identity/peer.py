@@ -1,0 +1,32 @@
+"""The transport's identity: the agent's X.509-SVID on this TLS connection → its SPIFFE ID (the actor).
+
+Read per request from the connection itself (HOSTILE M17: never from a header such as X-Forwarded-Client-Cert,
+which is never trusted and never forwarded). The TLS layer already verified the chain and validity against the
+trust bundle; ``actor_from_certificate`` adds the SVID rules and caches what does not depend on the clock.
+"""
+
+from __future__ import annotations
+
+import ssl
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from broker.errors import InvalidClient
+from broker.identity.spiffe import SpiffeId, actor_from_certificate
+
+
+def peer_certificate(request: web.Request) -> bytes | None:
+    """DER of the client certificate presented on this connection, if any."""
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+        return None
+    return ssl_object.getpeercert(binary_form=True)
+
+
+def peer_actor(request: web.Request, trust_domain: str) -> SpiffeId:
+    der = peer_certificate(request)
+    if der is None:
+        raise InvalidClient("a client certificate (X.509-SVID) is required", reason="svid_missing")
+    return actor_from_certificate(der, trust_domain=trust_domain, now=datetime.now(UTC))

@@ -1,0 +1,120 @@
+"""Metrics (defined once, CONTRACT §9 names), structlog set-up and request ids.
+
+Label values come from closed sets (routes, decisions, error codes, reasons) or from config names (tools):
+never a subject, a token or anything else a caller controls.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import sys
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+class Metrics:
+    """Every metric family of the broker, on its own registry (one per app, so tests do not share state)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "broker_requests_total",
+            "Requests by route, tool, decision and response code",
+            ["route", "tool", "decision", "code"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "broker_request_duration_seconds",
+            "Whole request time in the broker",
+            ["route"],
+            registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.upstream_duration = Histogram(
+            "broker_upstream_duration_seconds",
+            "Time waiting for the tool backend",
+            ["tool"],
+            registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.auth_failures = Counter(
+            "broker_auth_failures_total", "Identity refusals by precise reason", ["reason"], registry=r
+        )
+        self.dpop_replays = Counter("broker_dpop_replays_total", "DPoP proofs presented twice", registry=r)
+        self.txn_tokens = Counter(
+            "broker_txn_tokens_total",
+            "Transaction tokens minted, consumed, rejected",
+            ["tool", "event"],
+            registry=r,
+        )
+        self.approvals = Counter(
+            "broker_approvals_total", "Approval requests by state", ["state"], registry=r
+        )
+        self.config_reloads = Counter(
+            "broker_config_reloads_total", "Config (re)loads by result", ["result"], registry=r
+        )
+        self.config_info = Gauge(
+            "broker_config_info",
+            "The loaded config's policy_version (value 1)",
+            ["policy_version"],
+            registry=r,
+        )
+        self.audit_records = Counter("broker_audit_records_total", "Audit records written", registry=r)
+        self.audit_errors = Counter(
+            "broker_audit_errors_total", "Audit records that could not be written", registry=r
+        )
+        self.state_errors = Counter(
+            "broker_state_errors_total",
+            "State store operations that failed (fail closed)",
+            ["op"],
+            registry=r,
+        )
+
+    def set_policy_version(self, version: str) -> None:
+        self.config_info.clear()
+        self.config_info.labels(policy_version=version).set(1)
+
+
+def request_id_from(header_value: str | None) -> str:
+    """Keep a caller's X-Request-Id only if it is short and plain (it lands in logs and audit); else make one."""
+    if header_value and _REQUEST_ID.match(header_value):
+        return header_value
+    return secrets.token_hex(12)
+
+
+def traceparent_for(header_value: str | None) -> str:
+    """W3C traceparent: continue the caller's trace with a new span id, or start a trace."""
+    match = _TRACEPARENT.match(header_value or "")
+    trace_id = match.group(1) if match and match.group(1) != "0" * 32 else secrets.token_hex(16)
+    flags = match.group(3) if match else "01"
+    return f"00-{trace_id}-{secrets.token_hex(8)}-{flags}"
+
+
+def configure_logging(*, fmt: str = "json", level: str = "info") -> None:
+    """structlog JSON lines on stderr (``console`` for humans); stdlib loggers (aiohttp) go the same way."""
+    numeric = getattr(logging, level.upper(), logging.INFO)
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        if fmt == "console"
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[*processors, structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(name)s %(message)s")

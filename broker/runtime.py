@@ -1,0 +1,106 @@
+"""A loaded config compiled into what the request path uses: per-tool validators, TLS contexts, identity settings.
+
+A :class:`Runtime` is immutable and built completely before it is used, so a reload can swap it atomically and a
+bad config never half-replaces a good one (CONTRACT §2). Long-lived resources (sessions, audit log, state store)
+are not here: they belong to the app and outlive reloads.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import jsonschema
+from jsonschema.protocols import Validator
+from yarl import URL
+
+from broker.config.loader import ConfigError, ConfigProblem, LoadedConfig
+from broker.config.models import Config, Limits, Tool
+from broker.gateway.forward import UpstreamTarget
+
+
+@dataclass(frozen=True)
+class CompiledTool:
+    config: Tool
+    validator: Validator
+    target: UpstreamTarget
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+@dataclass(frozen=True)
+class Runtime:
+    loaded: LoadedConfig
+    tools: dict[str, CompiledTool]
+
+    @property
+    def config(self) -> Config:
+        return self.loaded.config
+
+    @property
+    def policy_version(self) -> str:
+        return self.loaded.policy_version
+
+    @property
+    def limits(self) -> Limits:
+        return self.loaded.config.server.limits
+
+
+def upstream_ssl_context(*, ca: str, cert: str, key: str) -> ssl.SSLContext:
+    """Client-side TLS towards a backend: verify it against ``ca``, present the broker's own certificate."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def build_runtime(loaded: LoadedConfig) -> Runtime:
+    """Compile every tool; collect all problems (FILE:LINE) before failing, like ``broker check``."""
+    config = loaded.config
+    file = str(loaded.path)
+    problems: list[ConfigProblem] = []
+    contexts: dict[tuple[str, str, str], ssl.SSLContext] = {}
+    tools: dict[str, CompiledTool] = {}
+    for index, tool in enumerate(config.tools):
+        loc: tuple[Any, ...] = ("tools", index)
+        try:
+            validator_cls = jsonschema.validators.validator_for(
+                tool.input_schema, default=jsonschema.Draft202012Validator
+            )
+            validator_cls.check_schema(tool.input_schema)
+            validator = validator_cls(tool.input_schema)
+        except jsonschema.SchemaError as exc:
+            problems.append(
+                ConfigProblem(file, loaded.line_of((*loc, "input_schema")), f"input_schema: {exc.message}")
+            )
+            continue
+        tls = tool.upstream.tls
+        files = (
+            str(tls.ca or config.server.tls.client_ca),
+            str(tls.cert or config.server.tls.cert),
+            str(tls.key or config.server.tls.key),
+        )
+        if files not in contexts:
+            try:
+                contexts[files] = upstream_ssl_context(ca=files[0], cert=files[1], key=files[2])
+            except (OSError, ssl.SSLError) as exc:
+                problems.append(
+                    ConfigProblem(file, loaded.line_of((*loc, "upstream")), f"upstream TLS: {exc}")
+                )
+                continue
+        target = UpstreamTarget(
+            tool=tool.name,
+            url=URL(tool.upstream.url),
+            ssl_context=contexts[files],
+            timeout=aiohttp.ClientTimeout(
+                total=tool.upstream.timeout_seconds, sock_connect=tool.upstream.connect_timeout_seconds
+            ),
+        )
+        tools[tool.name] = CompiledTool(config=tool, validator=validator, target=target)
+    if problems:
+        raise ConfigError(problems)
+    return Runtime(loaded=loaded, tools=tools)

@@ -1,0 +1,134 @@
+"""Listeners, TLS contexts and graceful shutdown.
+
+SIGTERM/SIGINT: /readyz turns 503 (load balancers drain us), the listeners stop accepting, in-flight calls get
+``server.shutdown_grace_seconds`` to finish, then the audit log writes its final checkpoint and closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+from aiohttp import web
+
+from broker.app import build_admin_app, build_app
+from broker.config.loader import LoadedConfig
+from broker.config.models import Server, split_hostport
+from broker.resources import DRAINING
+
+log = structlog.get_logger("broker.server")
+
+
+def server_ssl_context(server: Server) -> ssl.SSLContext:
+    """TLS 1.2+ server context that verifies client certificates against the trust bundle.
+
+    ``client_cert: require`` refuses a handshake without a certificate; ``optional`` admits one without (humans
+    calling the approvals API) — in both modes a certificate that is presented must chain to the bundle and be
+    within validity, or the handshake fails (HOSTILE M02, M04). Renegotiation is off (M17).
+    """
+    tls = server.tls
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    ctx.load_verify_locations(cafile=str(tls.client_ca))
+    ctx.verify_mode = ssl.CERT_REQUIRED if tls.client_cert == "require" else ssl.CERT_OPTIONAL
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+@dataclass
+class RunningBroker:
+    main: web.AppRunner
+    admin: web.AppRunner
+    app: web.Application
+
+    @property
+    def main_address(self) -> tuple[str, int]:
+        host, port = self.main.addresses[0][:2]
+        return str(host), int(port)
+
+    @property
+    def admin_address(self) -> tuple[str, int]:
+        host, port = self.admin.addresses[0][:2]
+        return str(host), int(port)
+
+    async def stop(self) -> None:
+        """Idempotent graceful stop."""
+        if self.app[DRAINING]["draining"]:
+            return
+        self.app[DRAINING]["draining"] = True
+        await (
+            self.main.cleanup()
+        )  # stop accepting, wait for in-flight calls, then cleanup_ctx (final checkpoint)
+        await self.admin.cleanup()
+
+
+async def start(loaded: LoadedConfig, *, reuse_port: bool = False) -> RunningBroker:
+    """Start both listeners; raises ConfigError / OSError (port in use, unreadable key) before serving anything."""
+    config = loaded.config
+    server = config.server
+    app = build_app(loaded)
+    ssl_ctx = server_ssl_context(server)
+    limits = server.limits
+    main = web.AppRunner(
+        app,
+        access_log=None,  # every request is logged (and audited) by the broker middleware instead
+        shutdown_timeout=server.shutdown_grace_seconds,
+        handler_cancellation=True,
+        max_line_size=limits.max_header_line_bytes,
+        max_field_size=limits.max_header_line_bytes,
+        max_headers=128,
+        auto_decompress=False,
+    )
+    await main.setup()
+    host, port = split_hostport(server.listen)
+    try:
+        await web.TCPSite(
+            main, host, port, ssl_context=ssl_ctx, reuse_port=reuse_port or None, backlog=1024
+        ).start()
+        admin = web.AppRunner(build_admin_app(app), access_log=None, shutdown_timeout=1)
+        await admin.setup()
+        admin_host, admin_port = split_hostport(server.admin_listen)
+        await web.TCPSite(admin, admin_host, admin_port, reuse_port=reuse_port or None).start()
+    except BaseException:
+        await main.cleanup()
+        raise
+    running = RunningBroker(main=main, admin=admin, app=app)
+    log.info(
+        "listening",
+        main=f"https://{_fmt(running.main_address)}",
+        admin=f"http://{_fmt(running.admin_address)}",
+        public_url=server.public_url,
+        policy_version=loaded.policy_version,
+    )
+    return running
+
+
+def _fmt(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(
+    loaded: LoadedConfig,
+    *,
+    reuse_port: bool = False,
+    on_started: Callable[[RunningBroker], None] | None = None,
+) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    running = await start(loaded, reuse_port=reuse_port)
+    if on_started is not None:
+        on_started(running)
+    await stop.wait()
+    log.info("shutting down", grace_seconds=loaded.config.server.shutdown_grace_seconds)
+    await running.stop()
+    log.info("stopped")

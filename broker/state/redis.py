@@ -1,0 +1,284 @@
+"""Redis state store (redis-py asyncio): the shared backend for several workers or replicas.
+
+Every single-use check is ONE atomic server-side step (S03): ``SET key 1 NX PX ttl`` for
+:meth:`RedisStore.claim`, a Lua script for :meth:`RedisStore.claim_all` and the JSON compare-and-set. Every
+operation runs under ``asyncio.timeout(timeout_seconds)`` on top of the socket timeouts; any error or timeout
+becomes :class:`broker.errors.StateUnavailable` (S01, S02) and is reported to ``on_error(op)``. There is no
+local fallback (S04).
+
+Recovery: a connection that fails is dropped by redis-py; the next command opens a new one, so the store works
+again as soon as Redis answers, without a restart. Pooled connections left over from before an outage fail on
+first use; each command is therefore retried ONCE, immediately, on a connection error (never on a timeout, so
+the time bound holds). A retried claim whose first attempt reached Redis answers False: a spurious refusal,
+never a second use.
+
+Limits, documented on purpose:
+- URLs: ``redis://`` and ``rediss://`` (TLS options as query parameters, e.g. ``?ssl_ca_certs=/path/ca.pem``).
+  ``redis+sentinel://`` and Redis Cluster are not supported yet; ``claim_all`` keys already carry hash tags
+  for the day Cluster is (see :mod:`broker.state.base`).
+- S05: Redis replication is asynchronous, so a failover can lose the last claims and reopen their replay
+  window; so does a restart without persistence (AOF). Keep DPoP windows and txn-token lifetimes short;
+  deployments that cannot accept it may add ``WAIT 1`` and ``appendfsync always``.
+- Timestamps of counters come from the callers (S06: replicas need NTP); key expiry uses the Redis clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Final, TypeVar
+from urllib.parse import urlsplit
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from broker.state.base import (
+    ErrorCallback,
+    Op,
+    StateStore,
+    check_finite,
+    check_items,
+    check_key,
+    check_prefix,
+    check_version,
+    decode_record,
+    encode_record,
+    revocation_key,
+    ttl_ms,
+    unavailable,
+)
+
+T = TypeVar("T")
+
+SUPPORTED_SCHEMES: Final = frozenset({"redis", "rediss"})
+DEFAULT_MAX_CONNECTIONS: Final = 64
+
+# Errors that mean "the store did not answer correctly": transport and server errors (RedisError covers
+# ConnectionError, TimeoutError, ResponseError such as OOM or READONLY after a failover), raw socket/TLS
+# errors, our own asyncio.timeout, and ValueError from stored data that does not decode.
+_BACKEND_ERRORS: Final = (RedisError, OSError, TimeoutError, ValueError)
+
+# KEYS: the claims; ARGV[i]: PX of KEYS[i]. All or nothing: one existing key refuses them all.
+_CLAIM_ALL: Final = """
+if redis.call('EXISTS', unpack(KEYS)) > 0 then return 0 end
+for i = 1, #KEYS do redis.call('SET', KEYS[i], '1', 'PX', ARGV[i]) end
+return 1
+"""
+
+# KEYS[1]: revocation; ARGV[1]: PX. PTTL is -2 when absent, -1 without expiry: never shorten a revocation.
+_REVOKE: Final = """
+local left = redis.call('PTTL', KEYS[1])
+if left == -1 or left >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+return 1
+"""
+
+# Records are hashes {v: version, d: JSON text}: the version is compared without decoding JSON in Lua.
+# KEYS[1]: record; ARGV[1]: JSON; ARGV[2]: PX. Unconditional write, version + 1 (no ABA for a stale CAS).
+_PUT_JSON: Final = """
+local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+redis.call('HSET', KEYS[1], 'v', v + 1, 'd', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return v + 1
+"""
+
+# KEYS[1]: record; ARGV[1]: expected version (0 = absent); ARGV[2]: JSON; ARGV[3]: PX.
+_CAS_JSON: Final = """
+local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+if v ~= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'v', v + 1, 'd', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+
+def _amount_of(member: object) -> float:
+    """The amount encoded in a counter member ``<random hex>:<repr(amount)>``."""
+    if not isinstance(member, bytes):
+        raise ValueError("counter member is not bytes")
+    return float(member.rpartition(b":")[2])
+
+
+class RedisStore(StateStore):
+    """:class:`StateStore` on Redis. Two instances (two pools) behave like two replicas sharing one state."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = "broker:",
+        timeout_seconds: float = 0.2,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        on_error: ErrorCallback | None = None,
+    ) -> None:
+        scheme = urlsplit(url).scheme
+        if scheme not in SUPPORTED_SCHEMES:
+            raise ValueError(f"unsupported Redis URL scheme {scheme!r}: use redis:// or rediss://")
+        if not 0 < timeout_seconds <= 10:
+            raise ValueError("timeout_seconds must be in (0, 10]")
+        if max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
+        self._prefix = check_prefix(key_prefix)
+        self._timeout = timeout_seconds
+        self._on_error = on_error
+        # A blocking pool makes a burst wait (bounded by the op timeout) for a free connection instead of
+        # failing with "Too many connections".
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout_seconds,
+            socket_timeout=timeout_seconds,
+            socket_connect_timeout=timeout_seconds,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )
+        self._redis = Redis.from_pool(pool)
+        # Scripts run by EVALSHA and reload on NOSCRIPT (a restarted Redis has an empty script cache).
+        self._claim_all_script = self._redis.register_script(_CLAIM_ALL)
+        self._revoke_script = self._redis.register_script(_REVOKE)
+        self._put_json_script = self._redis.register_script(_PUT_JSON)
+        self._cas_json_script = self._redis.register_script(_CAS_JSON)
+
+    async def _run(self, op: Op, call: Callable[[], Awaitable[T]]) -> T:
+        """Run one operation under the time bound; backend failures become StateUnavailable (fail closed)."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await call()
+        except _BACKEND_ERRORS as exc:
+            if self._on_error is not None:
+                self._on_error(op)
+            raise unavailable(op) from exc
+
+    # -- single use and replay -------------------------------------------------------------------------------
+
+    async def claim(self, key: str, ttl_seconds: float) -> bool:
+        full_key = self._prefix + "claim:" + check_key(key)
+        px = ttl_ms(ttl_seconds)
+
+        async def call() -> bool:
+            # One atomic SET NX PX and its return value (S03): True when set, None when the key existed.
+            return bool(await self._redis.set(full_key, b"1", nx=True, px=px))
+
+        return await self._run("claim", call)
+
+    async def claim_all(self, items: Sequence[tuple[str, float]]) -> bool:
+        checked = check_items(items)
+        keys = [self._prefix + "claim:" + key for key, _ in checked]
+        args = [ttl_ms(ttl) for _, ttl in checked]
+
+        async def call() -> bool:
+            return int(await self._claim_all_script(keys=keys, args=args)) == 1
+
+        return await self._run("claim_all", call)
+
+    # -- revocations -----------------------------------------------------------------------------------------
+
+    async def is_revoked(self, kinds: Mapping[str, str]) -> str | None:
+        pairs = [(kind, self._prefix + revocation_key(kind, value)) for kind, value in kinds.items()]
+        if not pairs:
+            return None
+
+        async def call() -> list[Any]:
+            # One MGET: every revocation key shares the {rev} hash tag, so this also holds on a Cluster.
+            return list(await self._redis.mget([key for _, key in pairs]))
+
+        found = await self._run("is_revoked", call)
+        return next((kind for (kind, _), hit in zip(pairs, found, strict=True) if hit is not None), None)
+
+    async def revoke(self, kind: str, value: str, ttl_seconds: float) -> None:
+        key = self._prefix + revocation_key(kind, value)
+        px = ttl_ms(ttl_seconds)
+
+        async def call() -> None:
+            await self._revoke_script(keys=[key], args=[px])
+
+        await self._run("revoke", call)
+
+    # -- sliding-window counters -----------------------------------------------------------------------------
+
+    async def record_event(self, scope: str, amount: float, now: float, window_seconds: float) -> None:
+        key = self._prefix + "ctr:" + check_key(scope)
+        amount = check_finite("amount", amount)
+        now = check_finite("now", now)
+        px = ttl_ms(window_seconds)
+        window = px / 1000
+        # Sorted-set members must be unique: a random id, then the amount (repr round-trips a float exactly).
+        member = f"{uuid.uuid4().hex}:{amount!r}"
+
+        async def call() -> None:
+            # MULTI/EXEC: add, trim what fell out of the window, and re-arm the expiry in one atomic step.
+            # If the connection drops after EXEC ran, the retry records the event twice: over-counting, the
+            # safe side for limits.
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.zadd(key, {member: now})
+                pipe.zremrangebyscore(key, "-inf", now - window)
+                pipe.pexpire(key, px)
+                await pipe.execute()
+
+        await self._run("record_event", call)
+
+    async def window_stats(self, scope: str, now: float, window_seconds: float) -> tuple[int, float]:
+        key = self._prefix + "ctr:" + check_key(scope)
+        now = check_finite("now", now)
+        window = ttl_ms(window_seconds) / 1000
+
+        async def call() -> tuple[int, float]:
+            # "(" makes the lower bound exclusive: the window is (now - window, +inf), as in MemoryStore.
+            members = await self._redis.zrangebyscore(key, f"({now - window!r}", "+inf")
+            amounts = [_amount_of(member) for member in members]
+            return len(amounts), float(sum(amounts))
+
+        return await self._run("window_stats", call)
+
+    # -- JSON records ----------------------------------------------------------------------------------------
+
+    async def put_json(self, key: str, value: Mapping[str, Any], ttl_seconds: float) -> None:
+        full_key = self._prefix + "json:" + check_key(key)
+        text = encode_record(value)
+        px = ttl_ms(ttl_seconds)
+
+        async def call() -> None:
+            await self._put_json_script(keys=[full_key], args=[text, px])
+
+        await self._run("put_json", call)
+
+    async def get_json(self, key: str) -> dict[str, Any] | None:
+        full_key = self._prefix + "json:" + check_key(key)
+
+        async def call() -> dict[str, Any] | None:
+            version, text = await self._redis.hmget(full_key, ["v", "d"])
+            if text is None:
+                return None
+            if version is None:
+                raise ValueError("stored record has no version")
+            return decode_record(text, int(version))
+
+        return await self._run("get_json", call)
+
+    async def compare_and_set_json(
+        self, key: str, expected_version: int, value: Mapping[str, Any], ttl_seconds: float
+    ) -> bool:
+        full_key = self._prefix + "json:" + check_key(key)
+        expected = check_version(expected_version)
+        text = encode_record(value)
+        px = ttl_ms(ttl_seconds)
+
+        async def call() -> bool:
+            return int(await self._cas_json_script(keys=[full_key], args=[expected, text, px])) == 1
+
+        return await self._run("compare_and_set_json", call)
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        async def call() -> None:
+            await self._redis.ping()
+
+        await self._run("ping", call)
+
+    async def close(self) -> None:
+        # from_pool() handed the pool to the client: aclose() disconnects it too.
+        await self._redis.aclose()

@@ -1,0 +1,192 @@
+"""Shared fixtures: a per-session development PKI, a recording upstream on real TLS, a broker on real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+from multidict import CIMultiDict
+
+from broker.config.loader import load_config
+from broker.server import RunningBroker, start
+from tests.certfactory import Pki, client_ssl_context, make_pki
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: CIMultiDict[str]
+    body: bytes
+    peer_cert: bytes | None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class RecordingUpstream:
+    """A tool backend on HTTPS that requires a client certificate and records what reached it.
+
+    ``respond`` decides the answer per request; the default echoes the arguments back as JSON.
+    """
+
+    url: str = ""
+    received: list[Recorded] = field(default_factory=list)
+    respond: Callable[[Recorded], Awaitable[web.StreamResponse]] | None = None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+        record = Recorded(
+            method=request.method,
+            path=request.path,
+            headers=CIMultiDict(request.headers),
+            body=await request.read(),
+            peer_cert=ssl_object.getpeercert(binary_form=True) if ssl_object else None,
+        )
+        self.received.append(record)
+        if self.respond is not None:
+            return await self.respond(record)
+        return web.json_response({"echo": record.json() if record.body else None})
+
+
+def backend_ssl_context(pki: Pki) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(pki.backend), str(pki.backend_key))
+    ctx.load_verify_locations(cafile=str(pki.ca))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+@pytest.fixture
+async def upstream(pki: Pki) -> AsyncIterator[RecordingUpstream]:
+    recorder = RecordingUpstream()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", recorder.handle)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=backend_ssl_context(pki))
+    await site.start()
+    port = runner.addresses[0][1]
+    recorder.url = f"https://127.0.0.1:{port}"
+    yield recorder
+    await runner.cleanup()
+
+
+def base_config(pki: Pki, tmp: Path, *, upstream_url: str, **overrides: Any) -> dict[str, Any]:
+    """A complete config dict on ephemeral ports; ``overrides`` replace whole top-level sections."""
+    config: dict[str, Any] = {
+        "version": 1,
+        "server": {
+            "listen": "127.0.0.1:0",
+            "admin_listen": "127.0.0.1:0",
+            "public_url": "https://localhost:8443",
+            "tls": {
+                "cert": str(pki.broker),
+                "key": str(pki.broker_key),
+                "client_ca": str(pki.ca),
+                "client_cert": "optional",
+            },
+            "shutdown_grace_seconds": 5,
+        },
+        "identity": {
+            "trust_domain": pki.trust_domain,
+            "audience": "https://broker.example.org",
+            "issuers": [{"issuer": "https://idp.example.org", "jwks_file": str(pki.idp_jwks)}],
+        },
+        "signing": {"key_file": str(pki.signing_jwk)},
+        "audit": {"file": str(tmp / "audit.jsonl"), "checkpoint_every": 5},
+        "tools": [
+            {
+                "name": "approveExpense",
+                "description": "Approve an invoice.",
+                "input_schema": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["invoice_id", "amount"],
+                    "properties": {
+                        "invoice_id": {"type": "string"},
+                        "amount": {"type": "number"},
+                        "department": {"type": "string"},
+                    },
+                },
+                "upstream": {"url": f"{upstream_url}/approve", "timeout_seconds": 2},
+                "audit_fields": ["invoice_id"],
+            },
+        ],
+        "policies": [],
+    }
+    config.update(overrides)
+    return config
+
+
+@dataclass
+class BrokerUnderTest:
+    running: RunningBroker
+    pki: Pki
+    config_path: Path
+    audit_path: Path
+
+    @property
+    def url(self) -> str:
+        _, port = self.running.main_address
+        return f"https://127.0.0.1:{port}"
+
+    @property
+    def admin_url(self) -> str:
+        _, port = self.running.admin_address
+        return f"http://127.0.0.1:{port}"
+
+    def session(
+        self, agent: str | None = "expense-assistant", *, cert: Path | None = None, key: Path | None = None
+    ) -> aiohttp.ClientSession:
+        """An HTTPS client presenting ``agent``'s SVID (or the given cert/key, or none with agent=None)."""
+        if cert is None and agent is not None:
+            files = self.pki.agent(agent)
+            cert, key = files.cert, files.key
+        ctx = client_ssl_context(self.pki, cert, key)
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, force_close=True))
+
+    def audit_records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line.strip()]
+
+
+BrokerFactory = Callable[..., Awaitable[BrokerUnderTest]]
+
+
+@pytest.fixture
+async def broker_factory(pki: Pki, tmp_path: Path) -> AsyncIterator[BrokerFactory]:
+    started: list[RunningBroker] = []
+
+    async def factory(config: dict[str, Any]) -> BrokerUnderTest:
+        path = tmp_path / f"broker-{len(started)}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        running = await start(load_config(path))
+        started.append(running)
+        return BrokerUnderTest(running, pki, path, Path(config["audit"]["file"]))
+
+    yield factory
+    for running in started:
+        await running.stop()
+    await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def broker(
+    broker_factory: BrokerFactory, upstream: RecordingUpstream, pki: Pki, tmp_path: Path
+) -> BrokerUnderTest:
+    return await broker_factory(base_config(pki, tmp_path, upstream_url=upstream.url))
