@@ -7,6 +7,7 @@ closes before it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -16,13 +17,25 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from broker.audit.sink import AuditLog
 from broker.config.loader import LoadedConfig
 from broker.context import CTX
+from broker.errors import StateUnavailable
 from broker.gateway import tools
 from broker.gateway.forward import Forwarder, client_session, close_session
 from broker.gateway.middleware import broker_middleware
 from broker.jose import Signer
 from broker.observability import Metrics
-from broker.resources import AUDIT, DRAINING, FORWARDER, METRICS, RUNTIME, SESSION, SIGNER, RuntimeHolder
+from broker.resources import (
+    AUDIT,
+    DRAINING,
+    FORWARDER,
+    METRICS,
+    RUNTIME,
+    SESSION,
+    SIGNER,
+    STATE,
+    RuntimeHolder,
+)
 from broker.runtime import build_runtime
+from broker.state import make_store
 
 MAIN = web.AppKey("main_app", web.Application)
 PUBLIC_JWKS = web.AppKey("public_jwks", dict)
@@ -56,10 +69,13 @@ def build_app(loaded: LoadedConfig, *, metrics: Metrics | None = None) -> web.Ap
     app[DRAINING] = {"draining": False}
     app.cleanup_ctx.append(_audit_log)
     app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_state_store)
+    app.cleanup_ctx.append(_issuer_keys)
 
     app.router.add_post("/v1/tools/{name}", tools.invoke_tool)
     app.router.add_get("/v1/tools", tools.list_tools)
     app.router.add_get("/.well-known/jwks.json", jwks)
+    app.router.add_get("/.well-known/oauth-protected-resource", protected_resource_metadata)
     return app
 
 
@@ -99,6 +115,34 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     await close_session(session)
 
 
+async def _state_store(app: web.Application) -> AsyncIterator[None]:
+    state = app[RUNTIME].current.config.state
+    metrics = app[METRICS]
+    app[STATE] = make_store(
+        state.backend,
+        redis_url=state.redis_url,
+        key_prefix=state.key_prefix,
+        timeout_seconds=state.timeout_ms / 1000,
+        max_entries=state.max_entries,
+        on_error=lambda op: metrics.state_errors.labels(op=op).inc(),
+    )
+    yield
+    await app[STATE].close()
+
+
+async def _issuer_keys(app: web.Application) -> AsyncIterator[None]:
+    authenticator = app[RUNTIME].current.authenticator
+    await authenticator.start(now=time.time(), session=app[SESSION])
+    yield
+    await authenticator.close()
+
+
+async def protected_resource_metadata(request: web.Request) -> web.StreamResponse:
+    request[CTX].route = "metadata"
+    body = request.app[RUNTIME].current.authenticator.protected_resource_metadata()
+    return web.json_response(body, headers={"Cache-Control": "public, max-age=300"})
+
+
 async def jwks(request: web.Request) -> web.StreamResponse:
     """The broker's public keys (CONTRACT §5): backends verify txn tokens, agents verify grants."""
     request[CTX].route = "metadata"
@@ -121,9 +165,15 @@ async def healthz(request: web.Request) -> web.StreamResponse:
 
 async def readyz(request: web.Request) -> web.StreamResponse:
     main = request.app[MAIN]
+    try:
+        await main[STATE].ping()
+        state_ok = True
+    except StateUnavailable:
+        state_ok = False
     checks = {
         "config": True,
         "audit": main[AUDIT].healthy,
+        "state": state_ok,
         "draining": not main[DRAINING]["draining"],
     }
     ready = all(checks.values())

@@ -160,8 +160,13 @@ def _es_number(value: float) -> str:
         return "0"  # covers -0: ES prints "0"
     if math.isinf(value) or math.isnan(value):
         raise ValueError("RFC 8785 §3.2.2.2: NaN and Infinity have no JSON form")
+    shortest = repr(value)
+    if "e" not in shortest:
+        # repr is positional only for 1e-4 <= |value| < 1e16, inside ES's positional range (1e-7, 1e21):
+        # the same digits in the same layout, except repr's ".0" on integral values.
+        return shortest[:-2] if shortest.endswith(".0") else shortest
     sign = "-" if value < 0 else ""
-    mantissa, _, exp_text = repr(abs(value)).partition("e")
+    mantissa, _, exp_text = shortest.lstrip("-").partition("e")
     int_part, _, frac_part = mantissa.partition(".")
     digits = int_part + frac_part
     # value = 0.digits × 10**point; normalise so digits has no leading or trailing zeros

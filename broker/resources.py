@@ -12,6 +12,7 @@ from broker.gateway.forward import Forwarder
 from broker.jose import Signer
 from broker.observability import Metrics
 from broker.runtime import Runtime
+from broker.state.base import StateStore
 
 
 @dataclass
@@ -31,5 +32,6 @@ AUDIT = web.AppKey("audit", AuditLog)
 SIGNER = web.AppKey("signer", Signer)
 SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
 FORWARDER = web.AppKey("forwarder", Forwarder)
+STATE = web.AppKey("state_store", StateStore)
 #: set when SIGTERM starts a graceful shutdown: /readyz turns 503 so load balancers drain us first
 DRAINING = web.AppKey("draining", dict)

@@ -19,6 +19,7 @@ from yarl import URL
 from broker.config.loader import ConfigError, ConfigProblem, LoadedConfig
 from broker.config.models import Config, Limits, Tool
 from broker.gateway.forward import UpstreamTarget
+from broker.identity.principal import Authenticator
 
 
 @dataclass(frozen=True)
@@ -33,9 +34,19 @@ class CompiledTool:
 
 
 @dataclass(frozen=True)
+class Challenge:
+    """The constant parameters of our ``WWW-Authenticate`` challenges (RFC 9449 §7.1, RFC 9728 §5.1)."""
+
+    algs: str
+    resource_metadata: str
+
+
+@dataclass(frozen=True)
 class Runtime:
     loaded: LoadedConfig
     tools: dict[str, CompiledTool]
+    authenticator: Authenticator
+    challenge: Challenge
 
     @property
     def config(self) -> Config:
@@ -101,6 +112,18 @@ def build_runtime(loaded: LoadedConfig) -> Runtime:
             ),
         )
         tools[tool.name] = CompiledTool(config=tool, validator=validator, target=target)
+    try:
+        authenticator = Authenticator(
+            config.identity,
+            public_url=config.server.public_url,
+            max_token_bytes=config.server.limits.max_token_bytes,
+        )
+    except ValueError as exc:  # an unreadable or empty jwks_file, an unusable algorithm list
+        problems.append(ConfigProblem(file, loaded.line_of(("identity",)), f"identity: {exc}"))
     if problems:
         raise ConfigError(problems)
-    return Runtime(loaded=loaded, tools=tools)
+    challenge = Challenge(
+        algs=" ".join(config.identity.dpop.algorithms),
+        resource_metadata=f"{config.server.public_url}/.well-known/oauth-protected-resource",
+    )
+    return Runtime(loaded=loaded, tools=tools, authenticator=authenticator, challenge=challenge)

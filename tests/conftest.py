@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +19,12 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from broker.config.loader import load_config
+from broker.identity.dpop import ath_for
+from broker.jose import jwk_thumbprint
 from broker.server import RunningBroker, start
 from tests.certfactory import Pki, client_ssl_context, make_pki
+from tests.dpopfactory import make_proof
+from tests.tokenfactory import OMIT, make_token
 
 
 @pytest.fixture(scope="session")
@@ -147,6 +153,10 @@ class BrokerUnderTest:
         return f"https://127.0.0.1:{port}"
 
     @property
+    def public_url(self) -> str:
+        return str(yaml.safe_load(self.config_path.read_text())["server"]["public_url"])
+
+    @property
     def admin_url(self) -> str:
         _, port = self.running.admin_address
         return f"http://127.0.0.1:{port}"
@@ -163,6 +173,95 @@ class BrokerUnderTest:
 
     def audit_records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line.strip()]
+
+
+    def caller(
+        self,
+        sub: str = "alice",
+        *,
+        agent: str | None = "expense-assistant",
+        cert: Path | None = None,
+        key: Path | None = None,
+        claims: dict[str, Any] | None = None,
+        dpop_jwk: dict[str, Any] | None = None,
+    ) -> Caller:
+        """A human ``sub`` acting through ``agent`` (its SVID and DPoP key), with a token from the dev IdP.
+
+        ``claims`` override the token's claims (``OMIT`` removes one); ``agent=None`` is a human acting directly
+        (no client certificate, no ``act``), who needs ``dpop_jwk``.
+        """
+        if agent is not None:
+            files = self.pki.agent(agent)
+            cert, key = cert or files.cert, key or files.key
+            dpop_jwk = dpop_jwk or json.loads(files.dpop_jwk.read_text())
+        assert dpop_jwk is not None
+        now = int(time.time())
+        base: dict[str, Any] = {"cnf": {"jkt": jwk_thumbprint(dpop_jwk)}, "sub": sub}
+        if agent is not None:
+            base.update(act={"sub": self.pki.agent_id(agent)}, client_id=self.pki.agent_id(agent))
+        else:
+            base.update(act=OMIT, client_id=OMIT)
+        idp = json.loads(self.pki.idp_jwk.read_text())
+        token = make_token(idp, claims={**base, **(claims or {})}, now=now)
+        return Caller(self, token=token, dpop_jwk=dpop_jwk, cert=cert, key=key)
+
+
+@dataclass
+class Reply:
+    status: int
+    body: Any
+    headers: CIMultiDict[str]
+
+    @property
+    def error(self) -> str | None:
+        return self.body.get("error") if isinstance(self.body, dict) else None
+
+
+@dataclass
+class Caller:
+    """Makes real requests as one principal: mTLS with its certificate, a fresh DPoP proof per request."""
+
+    broker: BrokerUnderTest
+    token: str
+    dpop_jwk: dict[str, Any]
+    cert: Path | None
+    key: Path | None
+
+    def proof(self, method: str, path: str, **overrides: Any) -> str:
+        htu = self.broker.public_url + path.split("?")[0]
+        return make_proof(self.dpop_jwk, htm=method, htu=htu, iat=int(time.time()), ath=ath_for(self.token),
+                          **overrides)
+
+    def auth_headers(self, method: str, path: str) -> dict[str, str]:
+        return {"Authorization": f"DPoP {self.token}", "DPoP": self.proof(method, path)}
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        auth: dict[str, str] | None = None,
+    ) -> Reply:
+        """``auth`` replaces the Authorization/DPoP headers (None: a valid pair is made)."""
+        hdrs = {**(self.auth_headers(method, path) if auth is None else auth)}
+        data: Any = None
+        if raw is not None or body is not None:
+            hdrs["Content-Type"] = "application/json"
+            data = io.BytesIO(raw) if raw is not None else json.dumps(body).encode()
+        hdrs.update(headers or {})
+        async with (
+            self.broker.session(agent=None, cert=self.cert, key=self.key) as session,
+            session.request(method, self.broker.url + path, data=data, headers=hdrs) as resp,
+        ):
+            payload = await resp.read()
+            try:
+                parsed = json.loads(payload) if payload else None
+            except ValueError:
+                parsed = payload
+            return Reply(resp.status, parsed, CIMultiDict(resp.headers))
 
 
 BrokerFactory = Callable[..., Awaitable[BrokerUnderTest]]

@@ -59,6 +59,8 @@ class VerifyReport:
     first_bad_line: int | None = None
     #: ``seq`` of the last intact record (0 for an empty log)
     last_seq: int = 0
+    #: ``seq`` named by ``<log>.head``; None when there is no anchor (a cut tail then goes unnoticed)
+    anchor_seq: int | None = None
 
     def summary(self) -> str:
         checked = "signatures checked" if self.signatures_checked else "signatures NOT checked (no --key)"
@@ -66,6 +68,8 @@ class VerifyReport:
             text = f"OK: {self.records} records, {self.checkpoints} checkpoints, {checked}"
             if self.unsealed:
                 text += f"; {self.unsealed} records after the last checkpoint are not signed yet"
+            if self.anchor_seq is None:
+                text += "; no head anchor found, so a cut tail cannot be detected"
             return text
         where = []
         if self.first_bad_seq is not None:
@@ -164,15 +168,20 @@ def _read_anchor(path: Path, keys: _Keys | None) -> dict[str, Any] | None:
     return anchor
 
 
-def verify_log(path: Path, *, public_jwks: Mapping[str, Any] | None) -> VerifyReport:
+def verify_log(
+    path: Path, *, public_jwks: Mapping[str, Any] | None, max_unsealed: int | None = None
+) -> VerifyReport:
     """Verify the audit log at ``path`` (and ``<path>.head`` if present); never raises for a bad log.
 
-    ``public_jwks`` (a JWKS or one JWK) enables signature checks; None checks everything else. Raises
-    JoseError for an unusable key set and OSError if the log itself cannot be opened.
+    ``public_jwks`` (a JWKS or one JWK) enables signature checks; None checks everything else.
+    ``max_unsealed`` (e.g. ``checkpoint_every - 1``) fails a log with a longer unsigned tail: a chain
+    rebuilt with its checkpoints turned into ordinary records would otherwise verify, unsealed, once its
+    anchor is gone too. Raises JoseError for an unusable key set and OSError if the log cannot be opened.
     """
     path = Path(path)
     keys = _load_keys(public_jwks) if public_jwks is not None else None
     records = checkpoints = unsealed = last_seq = 0
+    anchor: dict[str, Any] | None = None
     try:
         anchor = _read_anchor(head_path_for(path), keys)
         expected_prev = GENESIS
@@ -214,6 +223,12 @@ def verify_log(path: Path, *, public_jwks: Mapping[str, Any] | None) -> VerifyRe
                 seq=last_seq + 1,
                 line=None,
             )
+        if max_unsealed is not None and unsealed > max_unsealed:
+            raise _Bad(
+                f"unsealed: {unsealed} records after the last checkpoint (more than {max_unsealed})",
+                seq=last_seq - unsealed + 1,
+                line=None,
+            )
     except _Bad as bad:
         return VerifyReport(
             ok=False,
@@ -225,6 +240,7 @@ def verify_log(path: Path, *, public_jwks: Mapping[str, Any] | None) -> VerifyRe
             signatures_checked=keys is not None,
             first_bad_line=bad.line,
             last_seq=last_seq,
+            anchor_seq=anchor["seq"] if anchor is not None else None,
         )
     return VerifyReport(
         ok=True,
@@ -235,6 +251,7 @@ def verify_log(path: Path, *, public_jwks: Mapping[str, Any] | None) -> VerifyRe
         unsealed=unsealed,
         signatures_checked=keys is not None,
         last_seq=last_seq,
+        anchor_seq=anchor["seq"] if anchor is not None else None,
     )
 
 

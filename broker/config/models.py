@@ -117,6 +117,7 @@ class Issuer(Strict):
     )
     jwks_file: ConfigPath | None = None
     jwks_url: str | None = None
+    ca: ConfigPath | None = Field(None, description="CA bundle for fetching jwks_url / discovery (default: system CAs)")
     algorithms: list[Alg] = Field(default_factory=lambda: ["ES256"], min_length=1)
     max_lifetime_seconds: int = Field(86_400, ge=60)
     accepted_typ: list[str] = Field(

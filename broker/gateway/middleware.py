@@ -31,6 +31,7 @@ from broker.errors import (
 )
 from broker.observability import request_id_from
 from broker.resources import AUDIT, METRICS, RUNTIME
+from broker.runtime import Challenge
 
 log = structlog.get_logger("broker.request")
 
@@ -52,17 +53,17 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def challenge_header(error: BrokerError, algs: str) -> str:
+def challenge_header(error: BrokerError, challenge: Challenge) -> str:
     params = {"error": error.code, "error_description": error.description, **error.challenge_params}
-    if algs:
-        params["algs"] = algs
+    params["algs"] = challenge.algs
+    params["resource_metadata"] = challenge.resource_metadata
     return f"{error.challenge} " + ", ".join(f"{k}={_quote(v)}" for k, v in params.items())
 
 
-def error_response(error: BrokerError, request_id: str, *, algs: str = "") -> web.Response:
+def error_response(error: BrokerError, request_id: str, *, challenge: Challenge | None = None) -> web.Response:
     headers = {"X-Request-Id": request_id, "Cache-Control": "no-store", **error.headers}
-    if error.challenge:
-        headers["WWW-Authenticate"] = challenge_header(error, algs)
+    if error.challenge and challenge is not None:
+        headers["WWW-Authenticate"] = challenge_header(error, challenge)
     return web.json_response(error.body(request_id), status=error.status, headers=headers)
 
 
@@ -101,14 +102,14 @@ async def broker_middleware(request: web.Request, handler: Handler) -> web.Strea
             if ctx.decision is None:
                 ctx.decision = "allow"
         except BrokerError as error:
-            response = _refuse(app, ctx, error, runtime.config.identity.dpop.algorithms)
+            response = _refuse(app, ctx, error, runtime.challenge)
         except web.HTTPException as exc:
             # aiohttp's own routing answers (404 for unknown paths, 405): JSON like everything else
-            response = _refuse(app, ctx, _from_http_exception(exc), [])
+            response = _refuse(app, ctx, _from_http_exception(exc), runtime.challenge)
         except Exception:
             # A bug, not a decision: still audited and rendered as JSON, never a forward (deny by default).
             log.exception("unhandled error")
-            response = _refuse(app, ctx, BrokerError("internal error", reason="internal_error"), [])
+            response = _refuse(app, ctx, BrokerError("internal error", reason="internal_error"), runtime.challenge)
         response.headers.setdefault("X-Request-Id", ctx.request_id)
         return response
     finally:
@@ -126,7 +127,7 @@ def _from_http_exception(exc: web.HTTPException) -> BrokerError:
     return InvalidRequest(exc.reason, reason=f"http_{exc.status}")
 
 
-def _refuse(app: web.Application, ctx: RequestContext, error: BrokerError, algs: list[str]) -> web.Response:
+def _refuse(app: web.Application, ctx: RequestContext, error: BrokerError, challenge: Challenge) -> web.Response:
     ctx.status = error.status
     ctx.code = error.code
     # An outcome after an audited allow (upstream failed) is a new record: the earlier one said "forwarded".
@@ -142,7 +143,7 @@ def _refuse(app: web.Application, ctx: RequestContext, error: BrokerError, algs:
     if isinstance(error, _AUTH_ERRORS):
         app[METRICS].auth_failures.labels(reason=error.reason).inc()
     log.info("refused", code=error.code, reason=error.reason, status=error.status)
-    return error_response(error, ctx.request_id, algs=" ".join(algs) if error.challenge else "")
+    return error_response(error, ctx.request_id, challenge=challenge)
 
 
 def _observe(app: web.Application, request: web.Request, ctx: RequestContext) -> None:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import jsonschema
@@ -22,10 +23,10 @@ from broker.context import CTX
 from broker.errors import InvalidRequest, PayloadTooLarge, UnknownTool, UnsupportedMediaType
 from broker.gateway.forward import json_response, upstream_headers
 from broker.gateway.middleware import audit_decision
-from broker.identity.peer import peer_actor
+from broker.identity.principal import Principal
 from broker.observability import traceparent_for
-from broker.resources import FORWARDER, RUNTIME
-from broker.runtime import CompiledTool
+from broker.resources import FORWARDER, METRICS, RUNTIME, STATE
+from broker.runtime import CompiledTool, Runtime
 
 
 async def read_json_body(request: web.Request, limits: Limits) -> Any:
@@ -53,13 +54,24 @@ def validate_arguments(tool: CompiledTool, arguments: Any) -> None:
         raise InvalidRequest(f"{where}: {error.message}"[:300], reason="arguments_schema")
 
 
+async def authenticate(request: web.Request, runtime: Runtime) -> Principal:
+    """Stage 1 for agent routes; the principal's identities land in the request record for audit."""
+    app = request.app
+    principal = await runtime.authenticator.authenticate(
+        request, store=app[STATE], metrics=app[METRICS], now=time.time()
+    )
+    ctx = request[CTX]
+    ctx.actor, ctx.subject = principal.actor, principal.subject
+    return principal
+
+
 async def invoke_tool(request: web.Request) -> web.StreamResponse:
     ctx = request[CTX]
     ctx.route = "invoke"
     runtime = request.app[RUNTIME].current
     name = request.match_info["name"]
 
-    ctx.actor = peer_actor(request, runtime.config.identity.trust_domain)  # 1 identity
+    await authenticate(request, runtime)  # 1 identity
 
     tool = runtime.tools.get(name)  # 2 tool
     if tool is None:
@@ -88,7 +100,7 @@ async def list_tools(request: web.Request) -> web.StreamResponse:
     ctx = request[CTX]
     ctx.route = "discovery"
     runtime = request.app[RUNTIME].current
-    ctx.actor = peer_actor(request, runtime.config.identity.trust_domain)
+    await authenticate(request, runtime)
     tools = [
         {"name": t.name, "description": t.config.description, "input_schema": t.config.input_schema}
         for t in runtime.tools.values()

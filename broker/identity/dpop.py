@@ -4,8 +4,10 @@
 and most structural first, so a junk proof never costs a signature check or a state-store write:
 
  1. size cap, before any decoding (HOSTILE J12/D22);
- 2. strict compact-JWS parse: exactly 3 segments, strict base64url, UTF-8 JSON objects, duplicate members
-    and NaN/Infinity refused (J11, J13, J15), no ``crit`` / ``b64`` (J09, J10);
+ 2. strict compact-JWS parse, shared with access tokens (:func:`broker.identity.jws.parse_compact`, which also
+    does step 1): exactly 3 segments, strict base64url, UTF-8 JSON objects, duplicate members and
+    NaN/Infinity refused (J11, J13, J15), no ``crit``, ``b64``, ``enc`` or ``zip`` (J09, J10, J14), ``alg`` a
+    string (J02), and a non-empty signature;
  3. header ``typ`` is exactly ``dpop+jwt`` (§4.3 check 4, D03);
  4. ``alg`` is in the policy's asymmetric allow-list (check 5, D04);
  5. ``jwk`` present, an object, public only (check 7, D05); no ``x5c``/``x5u``/``jku``: the key is the
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -39,11 +40,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from broker.errors import InvalidDpopProof, InvalidRequest, InvalidToken, UseDpopNonce
 from broker.identity.htu import normalize_url
+from broker.identity.jws import JwsError, ParsedJws, parse_compact
 from broker.jose import (
     PRIVATE_MEMBERS,
     JoseError,
     PublicKey,
-    b64url_decode,
     b64url_encode,
     jwk_thumbprint,
     public_key_from_jwk,
@@ -65,7 +66,6 @@ _MAX_RSA_BITS = 4096  # bounds the cost of an RSA public operation on an attacke
 _KEY_MEMBERS = ("kty", "crv", "x", "y", "n", "e")
 # Header parameters that point at keys elsewhere: a proof's key is its own `jwk`, never fetched (§4.2).
 _KEY_REFERENCES = frozenset({"x5c", "x5u", "jku", "x5t", "x5t#S256"})
-_UNSUPPORTED_HEADERS = frozenset({"crit", "b64"})  # RFC 7515 §4.1.11, RFC 7797: not for proofs
 _REPLAY_MARGIN = 5  # seconds on top of the acceptance window: clock differences between replicas
 
 REASONS = frozenset(
@@ -141,42 +141,33 @@ def _refuse(description: str, reason: str) -> NoReturn:
     raise InvalidDpopProof(description, reason=reason)
 
 
-def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # RFC 7515 §5.2 / RFC 7519 §4: duplicate members are refused, never "last one wins" (HOSTILE J11).
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise ValueError("duplicate member")
-    return obj
+_MALFORMED = ("DPoP proof is not a compact JWS", "dpop_malformed")
+_UNSUPPORTED_HEADER = ("DPoP proof uses unsupported header parameters", "dpop_header_unsupported")
+# broker.identity.jws reasons -> (description, reason) of the refusal; every jws.REASONS member is here
+# (a test holds this), and an unknown one would still be refused as dpop_malformed.
+_JWS_REFUSALS: dict[str, tuple[str, str]] = {
+    "jws_oversize": ("DPoP proof is too large", "dpop_too_large"),
+    "jws_malformed": _MALFORMED,
+    "jws_segments": _MALFORMED,
+    "jws_b64": _MALFORMED,
+    "jws_json": _MALFORMED,
+    "jws_duplicate_member": _MALFORMED,
+    "jws_crit": _UNSUPPORTED_HEADER,  # RFC 7515 §4.1.11: we understand no extension (J09)
+    "jws_b64_false": _UNSUPPORTED_HEADER,  # RFC 7797 unencoded payload (J10)
+    "jws_jwe_header": _UNSUPPORTED_HEADER,  # enc/zip: a proof is never encrypted or compressed (J14)
+    "jws_alg": ("DPoP proof alg is not allowed", "dpop_alg"),  # alg missing or not a string (J02)
+}
 
 
-def _refuse_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _json_object(segment: str) -> dict[str, Any]:
-    value = json.loads(
-        b64url_decode(segment).decode("utf-8"),
-        object_pairs_hook=_object_without_duplicates,
-        parse_constant=_refuse_constant,
-    )
-    if not isinstance(value, dict):
-        raise ValueError("not a JSON object")
-    return value
-
-
-def _parse_compact(proof: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
-    """Header, payload, signing input and signature of a strict compact JWS, or ``dpop_malformed``."""
-    parts = proof.split(".")
-    if len(parts) != 3 or not all(parts) or not proof.isascii():
-        _refuse("DPoP proof is not a compact JWS", "dpop_malformed")
+def _parse_proof(proof: str, max_bytes: int) -> ParsedJws:
+    """The strictly parsed proof (size cap first, HOSTILE J12/D22), or the mapped :class:`InvalidDpopProof`."""
     try:
-        header = _json_object(parts[0])
-        payload = _json_object(parts[1])
-        signature = b64url_decode(parts[2])
-    except (ValueError, RecursionError):  # JoseError, UnicodeDecodeError and JSONDecodeError are ValueErrors
-        _refuse("DPoP proof is not a compact JWS", "dpop_malformed")
-    # Claims come from exactly the bytes whose signature is checked (HOSTILE J15).
-    return header, payload, (parts[0] + "." + parts[1]).encode("ascii"), signature
+        jws = parse_compact(proof, max_bytes=max_bytes)
+    except JwsError as exc:
+        _refuse(*_JWS_REFUSALS.get(exc.reason, _MALFORMED))
+    if not jws.signature:  # an unsecured JWS (RFC 7515 §A.5) is not even worth a signature check (J13)
+        _refuse(*_MALFORMED)
+    return jws
 
 
 @lru_cache(maxsize=1024)
@@ -199,8 +190,9 @@ def _normalized_expected_htu(htu: str) -> str:
 
 def _check_header(header: Mapping[str, Any], policy: DpopPolicy) -> tuple[str, PublicKey, str]:
     """The proof's ``alg``, public key and key thumbprint, after checks 4, 5 and 7 of RFC 9449 §4.3."""
-    if not _UNSUPPORTED_HEADERS.isdisjoint(header):
-        _refuse("DPoP proof uses unsupported header parameters", "dpop_header_unsupported")
+    # parse_compact refused crit, enc, zip and b64 other than true; a proof has no use for b64 at all (J10).
+    if "b64" in header:
+        _refuse(*_UNSUPPORTED_HEADER)
     if header.get("typ") != "dpop+jwt":  # exact: "JWT" or a missing typ is another kind of token (D03)
         _refuse("DPoP proof typ must be dpop+jwt", "dpop_typ")
     alg = header.get("alg")
@@ -258,14 +250,12 @@ def verify_proof(
     required_nonce_check = nonce_check if policy.require_nonce else None
     if policy.require_nonce and nonce_check is None:
         raise ValueError("require_nonce needs a nonce_check")  # wiring error, not a client refusal
-    if not isinstance(proof, str):
-        _refuse("DPoP proof is not a compact JWS", "dpop_malformed")
-    if len(proof) > policy.max_proof_bytes:  # before any decoding (HOSTILE J12, D22)
-        _refuse("DPoP proof is too large", "dpop_too_large")
-    header, claims, signing_input, signature = _parse_compact(proof)
-    alg, key, jkt = _check_header(header, policy)
-    if not verify_signature(key, alg, signing_input, signature):
+    jws = _parse_proof(proof, policy.max_proof_bytes)
+    alg, key, jkt = _check_header(jws.header, policy)
+    # Claims come from exactly the bytes whose signature is checked (HOSTILE J15).
+    if not verify_signature(key, alg, jws.signing_input, jws.signature):
         _refuse("DPoP proof signature is invalid", "dpop_signature")
+    claims = jws.payload
 
     jti = claims.get("jti")
     if not isinstance(jti, str) or not 0 < len(jti) <= policy.max_jti_chars or not jti.isprintable():

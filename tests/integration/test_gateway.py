@@ -6,8 +6,6 @@ Every refusal also asserts what must not happen: the upstream saw nothing.
 from __future__ import annotations
 
 import asyncio
-import io
-import json
 import ssl
 from datetime import timedelta
 from pathlib import Path
@@ -32,18 +30,7 @@ from tests.conftest import BrokerFactory, BrokerUnderTest, Recorded, RecordingUp
 INVOICE = {"invoice_id": "INV-8831", "amount": 4800, "department": "42"}
 
 
-async def post(
-    session: aiohttp.ClientSession,
-    url: str,
-    body: Any = None,
-    *,
-    raw: bytes | None = None,
-    headers: dict[str, str] | None = None,
-) -> tuple[int, dict[str, Any], aiohttp.typedefs.LooseHeaders]:
-    data: Any = io.BytesIO(raw) if raw is not None else json.dumps(body).encode()
-    hdrs = {"Content-Type": "application/json", **(headers or {})}
-    async with session.post(url, data=data, headers=hdrs) as resp:
-        return resp.status, await resp.json(content_type=None), resp.headers
+TOOL = "/v1/tools/approveExpense"
 
 
 async def test_svid_call_is_forwarded_with_clean_headers(
@@ -63,16 +50,14 @@ async def test_svid_call_is_forwarded_with_clean_headers(
         "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
         "X-Request-Id": "req-123",
     }
-    async with broker.session() as s:
-        status, body, headers = await post(
-            s,
-            f"{broker.url}/v1/tools/approveExpense",
-            {"department": "42", "amount": 4800, "invoice_id": "INV-8831"},
-            headers=hostile_headers,
-        )
-    assert status == 200
-    assert body == {"echo": INVOICE}
-    assert headers["X-Request-Id"] == "req-123"
+    reply = await broker.caller().call(
+        "POST",
+        TOOL,
+        {"department": "42", "amount": 4800, "invoice_id": "INV-8831"},
+        headers={k: v for k, v in hostile_headers.items() if k not in ("Authorization", "DPoP")},
+    )
+    assert (reply.status, reply.body) == (200, {"echo": INVOICE})
+    assert reply.headers["X-Request-Id"] == "req-123"
     [got] = upstream.received
     assert got.path == "/approve"
     # the canonical (RFC 8785) bytes are what is forwarded: sorted keys, no whitespace
@@ -120,10 +105,9 @@ async def test_chaining_certificate_that_is_not_an_svid_is_invalid_client(
     reason: str,
 ) -> None:
     cert, key = mint_client_cert(pki, tmp_path, "hostile", **variant)
-    async with broker.session(cert=cert, key=key) as s:
-        status, body, _ = await post(s, f"{broker.url}/v1/tools/approveExpense", INVOICE)
-    assert (status, body["error"]) == (401, "invalid_client")
-    assert "request_id" in body
+    reply = await broker.caller(cert=cert, key=key).call("POST", TOOL, INVOICE)
+    assert (reply.status, reply.error) == (401, "invalid_client")
+    assert "request_id" in reply.body
     assert upstream.received == []
     last = broker.audit_records()[-1]
     assert (last["event"], last["decision"], last["reason"], last["status"]) == (
@@ -137,12 +121,13 @@ async def test_chaining_certificate_that_is_not_an_svid_is_invalid_client(
 async def test_no_client_certificate_is_invalid_client(
     broker: BrokerUnderTest, upstream: RecordingUpstream
 ) -> None:
-    async with broker.session(agent=None) as s:
-        status, body, _ = await post(s, f"{broker.url}/v1/tools/approveExpense", INVOICE)
-        list_status, list_body, _ = await post(s, f"{broker.url}/v1/tools/nope", {})
-    assert (status, body["error"]) == (401, "invalid_client")
+    caller = broker.caller()
+    caller.cert = caller.key = None
+    reply = await caller.call("POST", TOOL, INVOICE)
+    probe = await caller.call("POST", "/v1/tools/nope", {})
+    assert (reply.status, reply.error) == (401, "invalid_client")
     # identity first: an anonymous peer cannot even learn which tools exist
-    assert (list_status, list_body["error"]) == (401, "invalid_client")
+    assert (probe.status, probe.error) == (401, "invalid_client")
     assert upstream.received == []
 
 
@@ -186,9 +171,8 @@ async def test_untrusted_or_expired_certificate_fails_the_handshake(
             not_before=pki.now + timedelta(days=1),
             not_after=pki.now + timedelta(days=3),
         )
-    async with broker.session(cert=cert, key=key) as s:
-        with pytest.raises((aiohttp.ClientConnectionError, ssl.SSLError)):
-            await post(s, f"{broker.url}/v1/tools/approveExpense", INVOICE)
+    with pytest.raises((aiohttp.ClientConnectionError, ssl.SSLError)):
+        await broker.caller(cert=cert, key=key).call("POST", TOOL, INVOICE)
     assert upstream.received == []
 
 
@@ -239,37 +223,32 @@ async def test_bad_arguments_are_refused_before_forwarding(
     status: int,
     code: str,
 ) -> None:
-    async with broker.session() as s:
-        got_status, body, _ = await post(s, f"{broker.url}/v1/tools/approveExpense", raw=raw, headers=headers)
-    assert (got_status, body["error"]) == (status, code)
+    reply = await broker.caller().call("POST", TOOL, raw=raw, headers=headers)
+    assert (reply.status, reply.error) == (status, code)
     assert upstream.received == []
     last = broker.audit_records()[-1]
     assert last["decision"] == "deny" and last["reason"] and last["status"] == status
 
 
 async def test_schema_error_names_the_failing_path(broker: BrokerUnderTest) -> None:
-    async with broker.session() as s:
-        status, body, _ = await post(
-            s, f"{broker.url}/v1/tools/approveExpense", {"invoice_id": "INV-1", "amount": "5000"}
-        )
-    assert status == 400
-    assert body["error_description"].startswith("arguments.amount:")
+    reply = await broker.caller().call("POST", TOOL, {"invoice_id": "INV-1", "amount": "5000"})
+    assert reply.status == 400
+    assert reply.body["error_description"].startswith("arguments.amount:")
 
 
 async def test_unknown_tool_is_404(broker: BrokerUnderTest, upstream: RecordingUpstream) -> None:
-    async with broker.session() as s:
-        status, body, _ = await post(s, f"{broker.url}/v1/tools/purgeInvoices", {})
-        other_status, other, _ = await post(s, f"{broker.url}/v2/whatever", {})
-    assert (status, body["error"]) == (404, "unknown_tool")
-    assert (other_status, other["error"]) == (404, "not_found")
+    caller = broker.caller()
+    reply = await caller.call("POST", "/v1/tools/purgeInvoices", {})
+    other = await caller.call("POST", "/v2/whatever", {})
+    assert (reply.status, reply.error) == (404, "unknown_tool")
+    assert (other.status, other.error) == (404, "not_found")
     assert upstream.received == []
 
 
 async def test_oversized_headers_are_refused(broker: BrokerUnderTest, upstream: RecordingUpstream) -> None:
     big = {f"X-Filler-{i}": "v" * 4000 for i in range(5)}
-    async with broker.session() as s:
-        status, body, _ = await post(s, f"{broker.url}/v1/tools/approveExpense", INVOICE, headers=big)
-    assert (status, body["error"]) == (431, "request_header_fields_too_large")
+    reply = await broker.caller().call("POST", TOOL, INVOICE, headers=big)
+    assert (reply.status, reply.error) == (431, "request_header_fields_too_large")
     assert upstream.received == []
 
 
@@ -281,9 +260,8 @@ async def test_upstream_down_is_502(broker_factory: BrokerFactory, pki: Pki, tmp
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     broker = await broker_factory(base_config(pki, tmp_path, upstream_url=f"https://127.0.0.1:{port}"))
-    async with broker.session() as s:
-        status, body, _ = await post(s, f"{broker.url}/v1/tools/approveExpense", INVOICE)
-    assert (status, body["error"]) == (502, "upstream_error")
+    reply = await broker.caller().call("POST", TOOL, INVOICE)
+    assert (reply.status, reply.error) == (502, "upstream_error")
     decisions = [(r["decision"], r["status"]) for r in broker.audit_records() if r["event"] == "invocation"]
     # the decision (forwarded) and then its outcome
     assert decisions == [("allow", None), ("error", 502)]
@@ -298,11 +276,10 @@ async def test_upstream_timeout_is_504(broker: BrokerUnderTest, upstream: Record
 
     upstream.respond = hang
     try:
-        async with broker.session() as s:
-            status, body, _ = await post(s, f"{broker.url}/v1/tools/approveExpense", INVOICE)
+        reply = await broker.caller().call("POST", TOOL, INVOICE)
     finally:
         release.set()
-    assert (status, body["error"]) == (504, "upstream_timeout")
+    assert (reply.status, reply.error) == (504, "upstream_timeout")
 
 
 @pytest.mark.parametrize(
@@ -317,22 +294,20 @@ async def test_bad_upstream_answers_are_502(
         return web.Response(body=payload, content_type=content_type)
 
     upstream.respond = answer
-    async with broker.session() as s:
-        status, body, _ = await post(s, f"{broker.url}/v1/tools/approveExpense", INVOICE)
-    assert (status, body["error"]) == (502, "upstream_error")
+    reply = await broker.caller().call("POST", TOOL, INVOICE)
+    assert (reply.status, reply.error) == (502, "upstream_error")
 
 
 async def test_every_decision_is_in_a_verifiable_chain(
     broker: BrokerUnderTest, upstream: RecordingUpstream, pki: Pki
 ) -> None:
-    async with broker.session() as s:
-        for amount in (1, 2, 3):
-            await post(s, f"{broker.url}/v1/tools/approveExpense", {"invoice_id": "INV-1", "amount": amount})
-        await post(s, f"{broker.url}/v1/tools/nope", {})
-        async with s.get(f"{broker.url}/v1/tools") as resp:
-            assert resp.status == 200
-            names = [t["name"] for t in (await resp.json())["tools"]]
-    assert names == ["approveExpense"]
+    caller = broker.caller()
+    for amount in (1, 2, 3):
+        assert (await caller.call("POST", TOOL, {"invoice_id": "INV-1", "amount": amount})).status == 200
+    await caller.call("POST", "/v1/tools/nope", {})
+    listing = await caller.call("GET", "/v1/tools")
+    assert listing.status == 200
+    assert [t["name"] for t in listing.body["tools"]] == ["approveExpense"]
     await broker.running.stop()
     records = broker.audit_records()
     events = [(r["event"], r["decision"]) for r in records if r["event"] != "checkpoint"]
@@ -347,7 +322,7 @@ async def test_every_decision_is_in_a_verifiable_chain(
     assert records[-1]["event"] == "checkpoint"  # written at shutdown
     allowed = [r for r in records if r["event"] == "invocation" and r["decision"] == "allow"]
     assert all(r["args"] == {"invoice_id": "INV-1"} and r["args_digest"] for r in allowed)
-    assert all(r["actor"] == pki.agent_id("expense-assistant") for r in allowed)
+    assert all(r["actor"] == pki.agent_id("expense-assistant") and r["subject"] == "alice" for r in allowed)
     jwks = {"keys": [Signer.from_file(pki.signing_jwk).public_jwk()]}
     report = verify_log(broker.audit_path, public_jwks=jwks)
     assert report.ok, report
@@ -364,21 +339,19 @@ async def test_graceful_shutdown_lets_in_flight_calls_finish(
         return web.json_response({"done": True})
 
     upstream.respond = slow
-    async with broker.session() as s:
-        call = asyncio.create_task(post(s, f"{broker.url}/v1/tools/approveExpense", INVOICE))
-        await arrived.wait()
-        stopping = asyncio.create_task(broker.running.stop())
-        await asyncio.sleep(0)  # let stop() begin draining before the backend answers
-        release.set()
-        status, body, _ = await call
-        await stopping
-    assert (status, body) == (200, {"done": True})
+    call = asyncio.create_task(broker.caller().call("POST", TOOL, INVOICE))
+    await arrived.wait()
+    stopping = asyncio.create_task(broker.running.stop())
+    await asyncio.sleep(0)  # let stop() begin draining before the backend answers
+    release.set()
+    reply = await call
+    await stopping
+    assert (reply.status, reply.body) == (200, {"done": True})
     assert broker.audit_records()[-1]["event"] == "checkpoint"
 
 
 async def test_admin_health_readiness_and_metrics(broker: BrokerUnderTest) -> None:
-    async with broker.session() as s:
-        await post(s, f"{broker.url}/v1/tools/approveExpense", INVOICE)
+    await broker.caller().call("POST", TOOL, INVOICE)
     async with aiohttp.ClientSession() as s:
         async with s.get(f"{broker.admin_url}/healthz") as resp:
             assert resp.status == 200
@@ -395,7 +368,6 @@ async def test_admin_health_readiness_and_metrics(broker: BrokerUnderTest) -> No
 
 
 async def test_jwks_publishes_the_signing_key(broker: BrokerUnderTest, pki: Pki) -> None:
-    async with broker.session() as s, s.get(f"{broker.url}/.well-known/jwks.json") as resp:
-        keys = (await resp.json())["keys"]
+    keys = (await broker.caller().call("GET", "/.well-known/jwks.json", auth={})).body["keys"]
     assert keys == [Signer.from_file(pki.signing_jwk).public_jwk()]
     assert all("d" not in k for k in keys)

@@ -7,14 +7,16 @@ import json
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from broker.errors import BrokerError, InvalidDpopProof, InvalidRequest, InvalidToken, UseDpopNonce
+from broker.identity import jws
 from broker.identity.dpop import (
+    _JWS_REFUSALS,
     REASONS,
     DpopPolicy,
     VerifiedProof,
@@ -129,10 +131,13 @@ BAD: dict[str, Bad] = {
     # --- size and strict parsing (HOSTILE J09-J15, D22) ---
     "D22-100KB-proof": Bad(lambda: "a" * 100_000, "dpop_too_large"),
     "D22-oversized-claims": Bad(proof(payload_overrides={"pad": "x" * 3000}), "dpop_too_large"),
+    "J12-oversized-non-ascii": Bad(lambda: "\u00e9" * 5000, "dpop_too_large"),  # the cap comes first
+    "J13-not-a-string": Bad(lambda: cast(str, proof()().encode()), "dpop_malformed"),
     "J13-2-segments": Bad(mangled(lambda s: s[:2]), "dpop_malformed"),
     "J13-4-segments": Bad(mangled(lambda s: [*s, s[2]]), "dpop_malformed"),
     "J14-5-segment-jwe": Bad(mangled(lambda s: [s[0], "", s[1], s[2], "tag"]), "dpop_malformed"),
     "J13-empty-signature": Bad(mangled(lambda s: [s[0], s[1], ""]), "dpop_malformed"),
+    "J13-empty-header": Bad(mangled(lambda s: ["", s[1], s[2]]), "dpop_malformed"),
     "J13-padding": Bad(mangled(lambda s: [s[0] + "=", s[1], s[2]]), "dpop_malformed"),
     "J13-plus-slash": Bad(mangled(lambda s: [s[0], s[1], "+/" + s[2][2:]]), "dpop_malformed"),
     "J13-space": Bad(mangled(lambda s: [s[0], s[1][:8] + " " + s[1][8:], s[2]]), "dpop_malformed"),
@@ -152,6 +157,7 @@ BAD: dict[str, Bad] = {
         proof(raw_header=raw_header_with("").replace('"x":', '"x":"AAAA","x":')), "dpop_malformed"
     ),
     "J18-nan-constant": Bad(proof(raw_payload=raw_payload_with('"exp":NaN,')), "dpop_malformed"),
+    "J18-overflowing-float": Bad(proof(raw_payload=raw_payload_with('"exp":1e400,')), "dpop_malformed"),
     "J13-deep-nesting": Bad(
         proof(raw_payload=raw_payload_with('"a":' + "[" * 3000 + "]" * 3000 + ",")),
         "dpop_malformed",
@@ -159,6 +165,9 @@ BAD: dict[str, Bad] = {
     ),
     "J09-crit": Bad(proof(header_overrides={"crit": ["exp"]}), "dpop_header_unsupported"),
     "J10-b64-false": Bad(proof(header_overrides={"b64": False}), "dpop_header_unsupported"),
+    "J10-b64-true": Bad(proof(header_overrides={"b64": True}), "dpop_header_unsupported"),
+    "J14-enc": Bad(proof(header_overrides={"enc": "A256GCM"}), "dpop_header_unsupported"),
+    "J14-zip": Bad(proof(header_overrides={"zip": "DEF"}), "dpop_header_unsupported"),
     # --- D03 typ ---
     "D03-typ-JWT": Bad(proof(header_overrides={"typ": "JWT"}), "dpop_typ"),
     "D03-typ-missing": Bad(proof(header_overrides={"typ": DELETE}), "dpop_typ"),
@@ -365,6 +374,12 @@ def test_replay_key_is_store_safe_and_per_key() -> None:
     theirs = verify(proof(key=OTHER_KEY, jti="x:*y\\z")())
     assert all(c in "0123456789abcdef" for c in mine.replay_key) and len(mine.replay_key) == 64
     assert mine.replay_key != theirs.replay_key
+
+
+def test_every_jws_refusal_has_a_dpop_reason() -> None:
+    # The shared parser's reasons are a closed set; each must land on a stable dpop_* metrics label.
+    assert set(_JWS_REFUSALS) == jws.REASONS
+    assert {reason for _, reason in _JWS_REFUSALS.values()} <= REASONS
 
 
 def test_size_cap_is_exact() -> None:

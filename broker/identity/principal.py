@@ -1,0 +1,184 @@
+"""Stage 1, identity: the peer's SVID, the human's access token and its proof of possession → a Principal.
+
+The order is HOSTILE §3.4, with the reason for each constraint:
+
+    svid          first: an anonymous peer learns nothing, not even how its token would have fared
+    headers       scheme and header cardinality before any parsing (D01, D02, D18, D19)
+    proof         DPoP proof before the token: cheap structural checks and one signature, and ``ath`` needs
+                  only the token's bytes, not its verification
+    token         issuer keys, claims (cached by token hash until exp)
+    binding       ``cnf.jkt`` = the proof's key (D15), ``cnf.x5t#S256`` = this connection's cert (M15, D21);
+                  a DPoP-bound token sent as Bearer is refused (D16)
+    actor         the token's ``act.sub`` (or ``client_id``) = the SVID's SPIFFE ID (dual identity)
+    replay        last: one atomic claim of the proof's jti, so invalid proofs never burn a jti (S07); a
+                  store failure refuses (S01)
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from broker.config.models import Identity
+from broker.errors import InvalidDpopProof, InvalidRequest, InvalidToken
+from broker.identity.dpop import (
+    DpopPolicy,
+    check_binding,
+    parse_authorization,
+    single_dpop_header,
+    verify_proof,
+)
+from broker.identity.htu import expected_htu
+from broker.identity.jwks import IssuerKeys
+from broker.identity.nonce import NonceService
+from broker.identity.peer import peer_actor, peer_certificate
+from broker.identity.spiffe import SpiffeId
+from broker.identity.tokens import AccessToken, AccessTokenVerifier, IssuerPolicy
+from broker.observability import Metrics
+from broker.state.base import StateStore
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the human subject (with the token's claims) and the agent acting for them."""
+
+    subject: str
+    claims: Mapping[str, Any]
+    actor: SpiffeId | None
+    token: AccessToken
+    #: RFC 7638 thumbprint of the DPoP key this request was signed with (None with mTLS-bound tokens)
+    jkt: str | None
+
+
+def cert_thumbprint(der: bytes) -> str:
+    """RFC 8705 §3.1 ``x5t#S256``: base64url(SHA-256(DER)) without padding."""
+    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode("ascii")
+
+
+class Authenticator:
+    """The identity stage for one loaded config. Built at load time; ``authenticate`` runs per request."""
+
+    def __init__(self, identity: Identity, *, public_url: str, max_token_bytes: int) -> None:
+        self.trust_domain = identity.trust_domain
+        self.mode = identity.proof
+        self.public_url = public_url
+        self.max_token_bytes = max_token_bytes
+        dpop = identity.dpop
+        self.dpop_policy = DpopPolicy(
+            algorithms=tuple(dpop.algorithms),
+            iat_window=dpop.iat_window_seconds,
+            iat_skew=dpop.iat_skew_seconds,
+            require_nonce=dpop.require_nonce,
+        )
+        secret = dpop.nonce_secret.encode() if dpop.nonce_secret else secrets.token_bytes(32)
+        self.nonces = NonceService(secret, lifetime=dpop.nonce_lifetime_seconds)
+        self.issuer_keys: list[IssuerKeys] = []
+        issuers: list[tuple[IssuerPolicy, IssuerKeys]] = []
+        for issuer in identity.issuers:
+            keys = IssuerKeys(
+                issuer.issuer,
+                jwks_file=issuer.jwks_file,
+                jwks_url=issuer.jwks_url,
+                discovery=issuer.jwks_file is None and issuer.jwks_url is None,
+                ssl=ssl.create_default_context(cafile=str(issuer.ca)) if issuer.ca else None,
+            )
+            self.issuer_keys.append(keys)
+            policy = IssuerPolicy(
+                issuer=issuer.issuer,
+                algorithms=tuple(issuer.algorithms),
+                audience=identity.audience,
+                max_lifetime=issuer.max_lifetime_seconds,
+                leeway=identity.leeway_seconds,
+                accepted_typ=tuple(issuer.accepted_typ),
+            )
+            issuers.append((policy, keys))
+        self.tokens = AccessTokenVerifier(issuers, max_token_bytes=max_token_bytes)
+        self.issuers = tuple(i.issuer for i in identity.issuers)
+
+    async def start(self, *, now: float, session: aiohttp.ClientSession) -> None:
+        """Fetch remote issuers' keys (jwks_url, discovery) once before serving; file keys are already loaded."""
+        for keys in self.issuer_keys:
+            await keys.start(now=now, session=session)
+
+    async def close(self) -> None:
+        for keys in self.issuer_keys:
+            await keys.close()
+
+    def protected_resource_metadata(self) -> dict[str, Any]:
+        """RFC 9728 §2: what a client needs to know to call us."""
+        return {
+            "resource": self.public_url,
+            "authorization_servers": list(self.issuers),
+            "bearer_methods_supported": ["header"],
+            "dpop_bound_access_tokens_required": self.mode == "dpop",
+            "dpop_signing_alg_values_supported": list(self.dpop_policy.algorithms),
+            "tls_client_certificate_bound_access_tokens": self.mode in ("mtls", "either"),
+        }
+
+    async def authenticate(
+        self, request: web.Request, *, store: StateStore, metrics: Metrics, now: float, require_actor: bool = True
+    ) -> Principal:
+        """Every identity check of one request, or the BrokerError of the first that fails."""
+        der = peer_certificate(request)
+        actor = peer_actor(request, self.trust_domain) if require_actor or der is not None else None
+
+        if "access_token" in request.query:
+            raise InvalidRequest("send the access token in the Authorization header only", reason="token_in_query")
+        scheme, raw_token = parse_authorization(
+            request.headers.getall("Authorization", []), max_token_chars=self.max_token_bytes
+        )
+        dpop_values = request.headers.getall("DPoP", [])
+        proof = None
+        if scheme == "DPoP":
+            if self.mode == "mtls":
+                raise InvalidToken("this resource accepts certificate-bound tokens only", reason="dpop_not_accepted")
+            htu = expected_htu(self.public_url, request.raw_path)
+            proof = verify_proof(
+                single_dpop_header(dpop_values),
+                policy=self.dpop_policy,
+                method=request.method,
+                htu=htu,
+                access_token=raw_token,
+                now=now,
+                nonce_check=lambda nonce, jkt: self.nonces.check(nonce, jkt, now),
+                nonce_issue=lambda jkt: self.nonces.issue(now, jkt),
+            )
+        elif dpop_values:
+            # D16: a DPoP header next to a Bearer token is a confused (or downgrading) client
+            raise InvalidToken("a DPoP proof requires the DPoP authorization scheme", reason="token_bearer_with_dpop")
+
+        token = await self.tokens.verify(raw_token, now=now)
+
+        if proof is not None:
+            check_binding(proof, token.cnf_jkt)
+        elif token.cnf_jkt is not None:
+            raise InvalidToken("DPoP-bound token presented as a bearer token", reason="token_dpop_downgrade")
+        if token.cnf_x5t is not None or proof is None:
+            # RFC 8705: mtls mode, or a token carrying both bindings (D21): both must hold
+            if self.mode == "dpop" and proof is None:
+                raise InvalidToken("this resource requires DPoP-bound tokens", reason="token_not_dpop")
+            if token.cnf_x5t is None:
+                raise InvalidToken("token is not bound to a key or certificate", reason="token_unbound")
+            if der is None or not hmac.compare_digest(token.cnf_x5t, cert_thumbprint(der)):
+                raise InvalidToken("token is bound to another certificate", reason="token_x5t_mismatch")
+
+        if actor is not None or require_actor:
+            bound_actor = token.act_sub if token.act_sub is not None else token.client_id
+            if bound_actor is None or actor is None or bound_actor != str(actor):
+                raise InvalidToken("token was not issued to this agent", reason="token_actor_mismatch")
+
+        if proof is not None and not await store.claim(f"dpop:{proof.replay_key}", proof.replay_ttl):
+            metrics.dpop_replays.inc()
+            raise InvalidDpopProof("DPoP proof was already used", reason="dpop_replay")
+
+        return Principal(subject=token.sub, claims=token.claims, actor=actor, token=token,
+                         jkt=proof.jkt if proof else None)
