@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from broker.audit.sink import AuditLog
 from broker.config.loader import LoadedConfig
@@ -187,5 +187,5 @@ async def readyz(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics_endpoint(request: web.Request) -> web.StreamResponse:
-    output = generate_latest(request.app[MAIN][METRICS].registry)
+    output = request.app[MAIN][METRICS].exposition()
     return web.Response(body=output, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.config.loader import ConfigError, LoadedConfig, load_config
+from broker.idp import add_token_parser
 from broker.observability import configure_logging
 
 DESCRIPTION = """\
@@ -43,13 +44,22 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from broker.server import serve
+    from broker.workers import WorkersRefused, check_workers, run_workers
 
     try:
         loaded = _load(args.config)
+        check_workers(loaded, args.workers)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 1
+    except WorkersRefused as exc:
+        print(f"broker run: {exc}", file=sys.stderr)
+        return 2
+    if args.workers > 1:
+        return run_workers(
+            args.config, loaded, args.workers, log_format=args.log_format, log_level=args.log_level
+        )
     try:
         import uvloop
 
@@ -133,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
         "audit checkpoint.",
     )
     run.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config (see config/)")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N processes on one port (SO_REUSEPORT); N>1 needs state.backend: redis (default 1)",
+    )
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser(
@@ -163,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="human DPoP key to write (repeatable; default carol, dave, sam)",
     )
     certs.set_defaults(func=cmd_certs)
+
+    add_token_parser(sub)
 
     audit = sub.add_parser("audit", help="audit log tools")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")

@@ -19,6 +19,7 @@ import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -41,9 +42,10 @@ from broker.jose import (
 
 __all__ = ["AgentClient", "ClientReply", "DpopSigner", "challenge_error", "htu_of"]
 
-TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
-TXN_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:txn_token"
-ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
+# RFC 8693 §2.1 / §3 identifiers (not secrets: ruff's S105 reads "TOKEN" in the names as a password).
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105
+TXN_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:txn_token"  # noqa: S105
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105
 #: RFC 9449 §4.2: the jti needs "sufficient entropy"; 16 random bytes is 128 bits.
 _JTI_BYTES = 16
 
@@ -51,6 +53,12 @@ _JTI_BYTES = 16
 def htu_of(url: str) -> str:
     """RFC 9449 §4.2: ``htu`` is the request URL "without query and fragment parts"."""
     return url.split("#", 1)[0].split("?", 1)[0]
+
+
+@lru_cache(maxsize=512)
+def _target_members(method: str, url: str) -> str:
+    """The ``"htm":…,"htu":…`` members of a proof's claims for one request target, JSON-escaped (ASCII)."""
+    return f'"htm":{jsonlib.dumps(method)},"htu":{jsonlib.dumps(htu_of(url))}'
 
 
 class DpopSigner:
@@ -107,19 +115,17 @@ class DpopSigner:
         ``access_token`` adds ``ath``; ``nonce`` adds the server's ``nonce``; ``now`` (epoch seconds, default
         the clock) gives ``iat``. Every call has a fresh random ``jti``.
         """
-        claims: dict[str, Any] = {
-            "jti": b64url_encode(os.urandom(_JTI_BYTES)),
-            "htm": method,
-            "htu": htu_of(url),
-            "iat": int(time.time() if now is None else now),
-        }
-        if access_token is not None:
-            claims["ath"] = self._ath(access_token)
-        if nonce is not None:
-            claims["nonce"] = nonce
-        signing_input = self._header_segment + b64url_encode(
-            jsonlib.dumps(claims, separators=(",", ":")).encode("ascii")  # ensure_ascii: \u-escapes, still JSON
+        # Built as text rather than through json.dumps on a dict: jti and ath are base64url and iat an int,
+        # so only htm/htu (cached per target) and the nonce need JSON string escaping. Saves ~3 µs a proof.
+        iat = int(time.time() if now is None else now)
+        payload = (
+            f'{{"jti":"{b64url_encode(os.urandom(_JTI_BYTES))}",{_target_members(method, url)},"iat":{iat}'
         )
+        if access_token is not None:
+            payload += f',"ath":"{self._ath(access_token)}"'
+        if nonce is not None:
+            payload += ',"nonce":' + jsonlib.dumps(nonce)
+        signing_input = self._header_segment + b64url_encode((payload + "}").encode("ascii"))
         signature = raw_signature(self._key, self.alg, signing_input.encode("ascii"))
         return signing_input + "." + b64url_encode(signature)
 
@@ -224,12 +230,14 @@ class AgentClient:
         certs_dir = Path(certs_dir)
         ca = certs_dir / "ca.pem"
         trust_domain = trust_domain_of(ca) or DEFAULT_TRUST_DOMAIN
+        cert: Path | None
+        key: Path | None
         if agent is not None:
             folder = certs_dir / "agents"
             cert, key = folder / f"{agent}.pem", folder / f"{agent}-key.pem"
             dpop = read_jwk(folder / f"{agent}-dpop.jwk")
         else:
-            cert = key = None
+            cert, key = None, None
             dpop = read_jwk(certs_dir / "humans" / f"{human}-dpop.jwk")
         return cls(
             base_url,
@@ -334,7 +342,9 @@ class AgentClient:
     ) -> ClientReply:
         """``POST /v1/tools/{name}`` with the arguments as JSON, and ``Txn-Token`` when given."""
         headers = {"Txn-Token": txn_token} if txn_token is not None else None
-        return await self.request("POST", f"/v1/tools/{_segment(name)}", json=dict(arguments), headers=headers)
+        return await self.request(
+            "POST", f"/v1/tools/{_segment(name)}", json=dict(arguments), headers=headers
+        )
 
     def exchange_form(
         self, tool: str, arguments: Mapping[str, Any], *, approval_id: str | None = None

@@ -7,13 +7,14 @@ never a subject, a token or anything else a caller controls.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import secrets
 import sys
 from typing import Any
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
@@ -77,6 +78,15 @@ class Metrics:
             ["op"],
             registry=r,
         )
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format. With ``--workers N`` every worker answers for all of them: the values
+        live in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode, as under gunicorn)."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
 
     def set_policy_version(self, version: str) -> None:
         self.config_info.clear()
