@@ -79,13 +79,29 @@ def _parse_float(text: str) -> float:
     return value
 
 
-_DECODER = json.JSONDecoder(
+# strict=True: raw control characters inside strings are a syntax error (RFC 8259 §7).
+_CHECKED_DECODER = json.JSONDecoder(
     object_pairs_hook=_pairs_to_dict,
     parse_constant=_parse_constant,
     parse_int=_parse_int,
     parse_float=_parse_float,
-    strict=True,  # raw control characters inside strings are a syntax error (RFC 8259 §7)
+    strict=True,
 )
+# For text in which no number can be out of range: C-speed int and float parsing, no per-number hook.
+_FAST_DECODER = json.JSONDecoder(
+    object_pairs_hook=_pairs_to_dict, parse_constant=_parse_constant, strict=True
+)
+# Number shape: digits -> "0", exponent marks -> "e", "+" -> "-". With no run of 16 digits every integer
+# is below 10**15 < 2**53, and with no 3-digit exponent every number is below 1e114, far from overflow.
+_NUMBER_SHAPE = bytes.maketrans(b"0123456789Ee+", b"0000000000ee-")
+_MAYBE_OUT_OF_RANGE = (b"0" * 16, b"e000", b"e-000")
+
+
+def _decoder_for(data: bytes) -> json.JSONDecoder:
+    shape = data.translate(_NUMBER_SHAPE)
+    if any(pattern in shape for pattern in _MAYBE_OUT_OF_RANGE):
+        return _CHECKED_DECODER  # also taken for digits inside strings: slower, never wrong
+    return _FAST_DECODER
 
 
 def _nests_deeper_than(data: bytes, max_depth: int) -> bool:
@@ -97,7 +113,10 @@ def _nests_deeper_than(data: bytes, max_depth: int) -> bool:
     passes is deeper than allowed. Every pass runs at C speed (a few ms per MiB of brackets). On input that
     is not JSON the answer is merely some answer; the parser reports the syntax error.
     """
-    brackets = _STRING.sub(b"", data).translate(_FOLD_BRACES, _NOT_BRACKETS)
+    # Without a backslash no string holds an escaped quote, so quotes alone delimit strings (and splitting
+    # on them is several times faster than the regex).
+    outside = b"".join(data.split(b'"')[::2]) if b"\\" not in data else _STRING.sub(b"", data)
+    brackets = outside.translate(_FOLD_BRACES, _NOT_BRACKETS)
     too_many_openers = b"[" * (max_depth + 1)  # the usual attack shape, found in one C-speed search
     for _ in range(max_depth):
         if not brackets:
@@ -144,7 +163,7 @@ def strict_loads(data: bytes, *, max_depth: int = 32) -> Any:
     if text.count("[") + text.count("{") > max_depth and _nests_deeper_than(data, max_depth):
         raise _refuse(f"JSON nested deeper than {max_depth}", "json_too_deep")
     try:
-        value = _DECODER.decode(text)
+        value = _decoder_for(data).decode(text)
     except json.JSONDecodeError:
         raise _refuse("malformed JSON", "json_syntax") from None
     except RecursionError:  # second line of defence only: the depth scan above is the guard

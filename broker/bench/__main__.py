@@ -4,7 +4,9 @@ Set-ups (each server in its own subprocess on 127.0.0.1, ephemeral ports):
 
 - ``backend``: the demo expense backend called directly (``POST /invoices``);
 - ``bare``: :mod:`broker.bench.bareproxy` in front of it (``POST /v1/tools/listInvoices``), the yardstick;
-- ``broker``: ``broker run -c config/examples/expense.yaml`` in front of it.
+- ``broker``: ``broker run -c config/examples/expense.yaml`` in front of it, every request with the full
+  identity checks (mTLS SVID + a fresh DPoP proof + the access token + the replay claim), memory state store;
+- ``broker-redis``: the same with the Redis state store (``BROKER_REDIS_URL``, default 127.0.0.1:6379).
 
 Every set-up is loaded with ``{"department":"42"}`` by :func:`broker.bench.loadgen.run_load` over mTLS with an
 agent SVID. The table and ``--out`` JSON give rps, p50/p99 and each set-up's ratio to ``bare``. The load
@@ -29,6 +31,7 @@ import socket
 import ssl
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -38,6 +41,8 @@ from typing import Any
 import aiohttp
 
 from broker.bench.loadgen import MakeRequest, Result, client_ssl_context, run_load
+from broker.client import DpopSigner
+from broker.idp import mint_access_token
 from broker.demo.expense import run_event_loop
 
 READY_TIMEOUT = 30.0  # seconds a server gets to answer its readiness probe
@@ -173,8 +178,39 @@ def start_bare(env: BenchEnv, port: int) -> AbstractAsyncContextManager[None]:
     return server_process("bare", argv, env=env, ready=ready, extra_env={})
 
 
-def start_broker(env: BenchEnv, port: int, admin_port: int) -> AbstractAsyncContextManager[None]:
+def identity_requests(env: BenchEnv, url: str) -> MakeRequest:
+    """Per request: the agent's access token and a fresh DPoP proof for ``url`` (what a real agent sends)."""
+    agent = "expense-assistant"
+    dpop_jwk = json.loads((env.certs / "agents" / f"{agent}-dpop.jwk").read_text())
+    signer = DpopSigner(dpop_jwk)
+    token = mint_access_token(
+        json.loads((env.certs / "idp.jwk").read_text()),
+        sub="alice",
+        now=time.time(),
+        ttl=3600,
+        act_sub=f"spiffe://example.org/agents/{agent}",
+        cnf_jkt=signer.jkt,
+        claims={"groups": ["finance-managers"], "department": "42", "approval_limit": 20000},
+    )
+    authorization = f"DPoP {token}"
+
+    def make() -> tuple[dict[str, str], bytes]:
+        headers = {
+            "Content-Type": "application/json",
+            "Authorization": authorization,
+            "DPoP": signer.proof("POST", url, access_token=token),
+        }
+        return headers, LISTINVOICES_BODY
+
+    return make
+
+
+def start_broker(
+    env: BenchEnv, port: int, admin_port: int, *, name: str = "broker", state: str = "memory"
+) -> AbstractAsyncContextManager[None]:
     overrides = {
+        "BROKER_STATE": state,
+        "BROKER_REDIS_URL": os.environ.get("BROKER_REDIS_URL", "redis://127.0.0.1:6379/0"),
         "BROKER_CERTS": str(env.certs),
         "BROKER_LISTEN": f"127.0.0.1:{port}",
         "BROKER_PUBLIC_URL": f"https://127.0.0.1:{port}",
@@ -184,12 +220,15 @@ def start_broker(env: BenchEnv, port: int, admin_port: int) -> AbstractAsyncCont
     }
     argv = [sys.executable, "-m", "broker", "run", "-c", str(env.broker_config)]
     ready = probe(f"http://127.0.0.1:{admin_port}/readyz", None)
-    return server_process("broker", argv, env=env, ready=ready, extra_env=overrides)
+    return server_process(name, argv, env=env, ready=ready, extra_env=overrides)
 
 
 def build_setups(env: BenchEnv) -> list[Setup]:
     """All known set-ups, in report order. Ports are picked now, servers start only when a set-up runs."""
     bare_port, broker_port, admin_port = free_port(), free_port(), free_port()
+    redis_port, redis_admin = free_port(), free_port()
+    broker_url = f"https://127.0.0.1:{broker_port}/v1/tools/listInvoices"
+    redis_url = f"https://127.0.0.1:{redis_port}/v1/tools/listInvoices"
     return [
         Setup("backend", env.backend_url + "/invoices", plain_json, contextlib.nullcontext),
         Setup(
@@ -200,9 +239,15 @@ def build_setups(env: BenchEnv) -> list[Setup]:
         ),
         Setup(
             "broker",
-            f"https://127.0.0.1:{broker_port}/v1/tools/listInvoices",
-            plain_json,
+            broker_url,
+            identity_requests(env, broker_url),
             lambda: start_broker(env, broker_port, admin_port),
+        ),
+        Setup(
+            "broker-redis",
+            redis_url,
+            identity_requests(env, redis_url),
+            lambda: start_broker(env, redis_port, redis_admin, name="broker-redis", state="redis"),
         ),
     ]
 

@@ -329,10 +329,13 @@ REFUSED = [
     ("t10-minus-infinity", b'{"amount":-Infinity}', "json_non_finite_number"),
     ("t10-overflow", b'{"amount":1e400}', "json_number_out_of_range"),
     ("t10-overflow-negative", b'{"amount":-1e400}', "json_number_out_of_range"),
+    ("t10-overflow-exponent-plus", b"[1E+400]", "json_number_out_of_range"),
+    ("t10-overflow-fraction", b"[0.5e309]", "json_number_out_of_range"),
     ("t10-overflow-long-mantissa", b"[" + b"9" * 400 + b".0]", "json_number_out_of_range"),
     # T11 integers outside the I-JSON range (RFC 7493 §2.2), including the 4300-digit int() limit
     ("t11-2**53", b'{"amount":9007199254740992}', "json_number_out_of_range"),
     ("t11-minus-2**53", b'{"amount":-9007199254740992}', "json_number_out_of_range"),
+    ("t11-16-digits", b"[9999999999999999]", "json_number_out_of_range"),
     ("t11-20-digits", b'{"amount":12345678901234567890}', "json_number_out_of_range"),
     ("t11-5000-digits", b'{"amount":' + b"7" * 5000 + b"}", "json_number_out_of_range"),
     # T08 lone surrogates
@@ -347,6 +350,8 @@ REFUSED = [
     ("p17-objects-33", nested_objects(33), "json_too_deep"),
     ("p17-mixed-33", ('[{"a":' * 16 + "[1]" + "}]" * 16).encode(), "json_too_deep"),
     ("p17-100k-deep", nested(100_000), "json_too_deep"),
+    ("p17-deep-after-escaped-quote", b'["\\"]]]]",' + nested(32) + b"]", "json_too_deep"),
+    ("p17-deep-brackets-hidden-by-string-closers", b'["]]]]",' + nested(32) + b"]", "json_too_deep"),
     ("p17-100k-deep-unclosed", b"[" * 100_000, "json_too_deep"),
     # P18 encodings and framing
     ("p18-utf16le", '{"a":1}'.encode("utf-16-le"), "json_not_utf8"),
@@ -393,6 +398,9 @@ ACCEPTED = [
     ("escaped-quote-then-brackets", b'["\\"[[[[", 1]', ['"[[[[', 1]),
     ("surrogate-pair", b'{"e":"\\ud83d\\ude00"}', {"e": "\U0001f600"}),
     ("i-json-max", b"[9007199254740991,-9007199254740991]", [I_JSON_MAX_INT, -I_JSON_MAX_INT]),
+    ("15-digit-ints", b"[999999999999999,-999999999999999]", [999999999999999, -999999999999999]),
+    ("two-digit-exponent", b"[999999999999999e99]", [999999999999999e99]),
+    ("long-digits-inside-strings", b'["12345678901234567890","1e400"]', ["12345678901234567890", "1e400"]),
     ("big-double", b"[1e308, 1.7976931348623157e308]", [1e308, 1.7976931348623157e308]),
     ("underflow-to-zero", b"[1e-400]", [0.0]),
     ("minus-zero-int", b"-0", 0),
