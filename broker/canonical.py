@@ -94,12 +94,12 @@ _FAST_DECODER = json.JSONDecoder(
 # Number shape: digits -> "0", exponent marks -> "e", "+" -> "-". With no run of 16 digits every integer
 # is below 10**15 < 2**53, and with no 3-digit exponent every number is below 1e114, far from overflow.
 _NUMBER_SHAPE = bytes.maketrans(b"0123456789Ee+", b"0000000000ee-")
-_MAYBE_OUT_OF_RANGE = (b"0" * 16, b"e000", b"e-000")
+_SIXTEEN_DIGITS = b"0" * 16
 
 
 def _decoder_for(data: bytes) -> json.JSONDecoder:
     shape = data.translate(_NUMBER_SHAPE)
-    if any(pattern in shape for pattern in _MAYBE_OUT_OF_RANGE):
+    if _SIXTEEN_DIGITS in shape or b"e000" in shape or b"e-000" in shape:
         return _CHECKED_DECODER  # also taken for digits inside strings: slower, never wrong
     return _FAST_DECODER
 

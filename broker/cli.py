@@ -117,8 +117,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             print(f"broker audit verify: cannot read key {args.key}: {exc}", file=sys.stderr)
             return 2
-    report = verify_log(Path(args.file), public_jwks=jwks)
-    print(report.summary() if hasattr(report, "summary") else report)
+    report = verify_log(Path(args.file), public_jwks=jwks, max_unsealed=args.max_unsealed)
+    print(report.summary())
     return 0 if report.ok else 1
 
 
@@ -195,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--key",
         metavar="JWKS",
         help="the broker's public JWKS (or its signing JWK) to check checkpoint signatures",
+    )
+    verify.add_argument(
+        "--max-unsealed",
+        type=int,
+        metavar="N",
+        help="fail if more than N records follow the last signed checkpoint (use checkpoint_every - 1 for a log "
+        "of a stopped broker: catches a chain rebuilt without checkpoints)",
     )
     verify.set_defaults(func=cmd_audit_verify)
     return parser

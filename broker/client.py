@@ -42,10 +42,10 @@ from broker.jose import (
 
 __all__ = ["AgentClient", "ClientReply", "DpopSigner", "challenge_error", "htu_of"]
 
-# RFC 8693 §2.1 / §3 identifiers (not secrets: ruff's S105 reads "TOKEN" in the names as a password).
-TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105
-TXN_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:txn_token"  # noqa: S105
-ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105
+# RFC 8693 §2.1 / §3 and draft-ietf-oauth-transaction-tokens identifiers (CONTRACT §5).
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+TXN_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:txn_token"
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 #: RFC 9449 §4.2: the jti needs "sufficient entropy"; 16 random bytes is 128 bits.
 _JTI_BYTES = 16
 

@@ -54,7 +54,7 @@ DEFAULT_TRUST_DOMAIN = "example.org"
 #: ``--claim cnf=...`` would silently change who the token is for or which key it is bound to).
 RESERVED_CLAIMS = frozenset({"iss", "sub", "aud", "iat", "exp", "jti", "cnf", "act", "client_id"})
 #: RFC 9068 §2.1: access tokens in JWT form are typed ``at+jwt``.
-ACCESS_TOKEN_TYP = "at+jwt"  # noqa: S105 (a media type, not a secret)
+ACCESS_TOKEN_TYP = "at+jwt"
 
 
 def mint_access_token(

@@ -205,6 +205,24 @@ class Upstream(Strict):
         return value
 
 
+class Mask(Strict):
+    path: str = Field(description="dotted path; '[]' walks arrays, e.g. invoices[].vendor.bank_account")
+    keep_last: int = Field(4, ge=0, le=64)
+
+
+class RowFilter(Strict):
+    path: str = Field(description="dotted path of an array in the response, e.g. invoices")
+    keep: str = Field(description="CEL over `row`, subject, actor: rows where it is not true are dropped")
+
+
+class ResponseFilters(Strict):
+    """Applied to the backend's JSON before the agent sees it; an unparseable body is refused (502)."""
+
+    mask: list[Mask] = Field(default_factory=list)
+    drop: list[str] = Field(default_factory=list, description="dotted paths removed from the response")
+    filter_rows: list[RowFilter] = Field(default_factory=list)
+
+
 class Tool(Strict):
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     description: str = ""
@@ -217,6 +235,11 @@ class Tool(Strict):
     audit_fields: list[str] = Field(
         default_factory=list, description="argument names copied verbatim into audit"
     )
+    inject: dict[str, str] = Field(
+        default_factory=dict,
+        description="server-side arguments: name -> CEL over subject/actor, overriding what the agent sent",
+    )
+    response: ResponseFilters = Field(default_factory=lambda: ResponseFilters())
 
 
 class McpServer(Strict):
@@ -224,16 +247,66 @@ class McpServer(Strict):
     upstream: Upstream
 
 
+Obligation = Literal["mfa", "manager_approval", "dual_approval", "security_review"]
+
+
 class Policy(Strict):
-    """A policy rule; compiled and evaluated by ``broker.policy`` (CEL)."""
+    """A policy rule, compiled at load by ``broker.policy`` (CEL). Deny by default: a tool is usable only if an
+    ``allow`` rule matches; ``deny`` rules refuse (a deny always beats an obligation); ``obligate`` rules attach
+    step-up and approval obligations. ``allow`` rules decide *who* may use a tool and must not read ``args`` —
+    so discovery (no arguments) and invocation agree on what is visible."""
 
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
     description: str = ""
     tools: list[str] = Field(min_length=1, description="tool names this rule applies to ('*' = all)")
-    effect: Literal["allow", "deny"] = "allow"
-    when: str = Field("true", description="CEL condition")
-    reason: str = Field("", description="what the agent is told when this rule refuses (never other policy)")
-    constraints: dict[str, Any] = Field(default_factory=dict, description="advertised in the grant")
+    effect: Literal["allow", "deny", "obligate"] = "allow"
+    when: str = Field("true", description="CEL condition over subject, actor, tool, args, risk, counters, now")
+    reason: str = Field(
+        "", description="what the agent is told when this rule refuses or obligates (never other policy)"
+    )
+    requires: list[Obligation] = Field(default_factory=list, description="obligate rules: what must happen first")
+    constraints: dict[str, str] = Field(
+        default_factory=dict,
+        description="allow rules: grant constraints, name -> CEL expression evaluated at discovery (no args)",
+    )
+
+    @model_validator(mode="after")
+    def _shape(self) -> Policy:
+        if self.effect == "obligate" and not self.requires:
+            raise ValueError("an obligate rule needs 'requires'")
+        if self.effect != "obligate" and self.requires:
+            raise ValueError("'requires' belongs to obligate rules")
+        if self.effect != "allow" and self.constraints:
+            raise ValueError("'constraints' belong to allow rules (they describe the grant)")
+        return self
+
+
+class Counter(Strict):
+    """A sliding-window counter of *allowed* invocations, usable in CEL as ``counters.<name>.count`` / ``.sum``."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+    tools: list[str] = Field(min_length=1)
+    scope: Literal["subject", "actor", "subject_actor"] = "subject"
+    window_seconds: int = Field(ge=1, le=31 * 86400)
+    sum: str | None = Field(None, description="argument whose numeric value is summed (e.g. amount)")
+
+
+class Approver(Strict):
+    when: str = Field(description="CEL over `approver` (the approving human's claims) and `request`")
+
+
+class Webhook(Strict):
+    url: str
+    ca: ConfigPath | None = None
+    timeout_seconds: float = Field(5.0, gt=0, le=60)
+
+
+class Approvals(Strict):
+    ttl_seconds: int = Field(3600, ge=60, le=7 * 86400, description="how long a pending or granted approval lives")
+    manager_approval: Approver = Approver(when='"managers" in approver.groups')
+    dual_approval: Approver = Approver(when='"managers" in approver.groups')
+    security_review: Approver = Approver(when='"security" in approver.groups')
+    webhooks: list[Webhook] = Field(default_factory=list)
 
 
 class Config(Strict):
@@ -246,6 +319,11 @@ class Config(Strict):
     tools: list[Tool] = Field(default_factory=list)
     mcp_servers: list[McpServer] = Field(default_factory=list)
     policies: list[Policy] = Field(default_factory=list)
+    shadow_policies: list[Policy] | None = Field(
+        None, description="candidate policy set evaluated beside the active one; disagreements logged and counted"
+    )
+    counters: list[Counter] = Field(default_factory=list)
+    approvals: Approvals = Approvals()
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:

@@ -165,7 +165,17 @@ async def test_human_token_has_no_act(pki: Pki, capsys: pytest.CaptureFixture[st
         ("--claim-json", 'department="42"', "42"),
         ("--claim-json", 'meta={"a":[1,null]}', {"a": [1, None]}),
     ],
-    ids=["string", "string-with-equals", "empty-string", "int", "float", "bool", "list", "json-string", "object"],
+    ids=[
+        "string",
+        "string-with-equals",
+        "empty-string",
+        "int",
+        "float",
+        "bool",
+        "list",
+        "json-string",
+        "object",
+    ],
 )
 def test_claim_typing(
     pki: Pki, capsys: pytest.CaptureFixture[str], flag: str, value: str, expected: Any
