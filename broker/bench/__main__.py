@@ -42,8 +42,8 @@ import aiohttp
 
 from broker.bench.loadgen import MakeRequest, Result, client_ssl_context, run_load
 from broker.client import DpopSigner
-from broker.idp import mint_access_token
 from broker.demo.expense import run_event_loop
+from broker.idp import mint_access_token
 
 READY_TIMEOUT = 30.0  # seconds a server gets to answer its readiness probe
 STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
