@@ -84,7 +84,7 @@ class Metrics:
         live in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode, as under gunicorn)."""
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             return generate_latest(registry)
         return generate_latest(self.registry)
 

@@ -104,13 +104,13 @@ def run_workers(
     signal.signal(signal.SIGINT, stop_all)
     try:
         for index in range(workers):
-            proc = ctx.Process(
+            worker = ctx.Process(
                 target=_worker_main,
                 args=(config_path, index, log_format, log_level),
                 name=f"broker-worker-{index}",
             )
-            proc.start()
-            procs.append(proc)
+            worker.start()
+            procs.append(worker)
         log.info("workers started", workers=workers, pids=[p.pid for p in procs])
         exit_code = 0
         while not stopping:

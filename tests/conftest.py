@@ -174,7 +174,6 @@ class BrokerUnderTest:
     def audit_records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line.strip()]
 
-
     def caller(
         self,
         sub: str = "alice",
@@ -229,8 +228,9 @@ class Caller:
 
     def proof(self, method: str, path: str, **overrides: Any) -> str:
         htu = self.broker.public_url + path.split("?")[0]
-        return make_proof(self.dpop_jwk, htm=method, htu=htu, iat=int(time.time()), ath=ath_for(self.token),
-                          **overrides)
+        return make_proof(
+            self.dpop_jwk, htm=method, htu=htu, iat=int(time.time()), ath=ath_for(self.token), **overrides
+        )
 
     def auth_headers(self, method: str, path: str) -> dict[str, str]:
         return {"Authorization": f"DPoP {self.token}", "DPoP": self.proof(method, path)}

@@ -117,8 +117,10 @@ class Issuer(Strict):
     )
     jwks_file: ConfigPath | None = None
     jwks_url: str | None = None
-    ca: ConfigPath | None = Field(None, description="CA bundle for fetching jwks_url / discovery (default: system CAs)")
-    algorithms: list[Alg] = Field(default_factory=lambda: ["ES256"], min_length=1)
+    ca: ConfigPath | None = Field(
+        None, description="CA bundle for fetching jwks_url / discovery (default: system CAs)"
+    )
+    algorithms: list[Alg] = Field(default_factory=lambda: list[Alg](["ES256"]), min_length=1)
     max_lifetime_seconds: int = Field(86_400, ge=60)
     accepted_typ: list[str] = Field(
         default_factory=lambda: ["at+jwt", "JWT", ""],
@@ -133,7 +135,7 @@ class Issuer(Strict):
 
 
 class Dpop(Strict):
-    algorithms: list[Alg] = Field(default_factory=lambda: ["ES256", "EdDSA"], min_length=1)
+    algorithms: list[Alg] = Field(default_factory=lambda: list[Alg](["ES256", "EdDSA"]), min_length=1)
     iat_window_seconds: int = Field(60, ge=5, le=600, description="how old a proof's iat may be")
     iat_skew_seconds: int = Field(5, ge=0, le=120, description="how far in the future a proof's iat may be")
     require_nonce: bool = False
@@ -260,11 +262,15 @@ class Policy(Strict):
     description: str = ""
     tools: list[str] = Field(min_length=1, description="tool names this rule applies to ('*' = all)")
     effect: Literal["allow", "deny", "obligate"] = "allow"
-    when: str = Field("true", description="CEL condition over subject, actor, tool, args, risk, counters, now")
+    when: str = Field(
+        "true", description="CEL condition over subject, actor, tool, args, risk, counters, now"
+    )
     reason: str = Field(
         "", description="what the agent is told when this rule refuses or obligates (never other policy)"
     )
-    requires: list[Obligation] = Field(default_factory=list, description="obligate rules: what must happen first")
+    requires: list[Obligation] = Field(
+        default_factory=list, description="obligate rules: what must happen first"
+    )
     constraints: dict[str, str] = Field(
         default_factory=dict,
         description="allow rules: grant constraints, name -> CEL expression evaluated at discovery (no args)",
@@ -302,7 +308,9 @@ class Webhook(Strict):
 
 
 class Approvals(Strict):
-    ttl_seconds: int = Field(3600, ge=60, le=7 * 86400, description="how long a pending or granted approval lives")
+    ttl_seconds: int = Field(
+        3600, ge=60, le=7 * 86400, description="how long a pending or granted approval lives"
+    )
     manager_approval: Approver = Approver(when='"managers" in approver.groups')
     dual_approval: Approver = Approver(when='"managers" in approver.groups')
     security_review: Approver = Approver(when='"security" in approver.groups')
@@ -320,7 +328,8 @@ class Config(Strict):
     mcp_servers: list[McpServer] = Field(default_factory=list)
     policies: list[Policy] = Field(default_factory=list)
     shadow_policies: list[Policy] | None = Field(
-        None, description="candidate policy set evaluated beside the active one; disagreements logged and counted"
+        None,
+        description="candidate policy set evaluated beside the active one; disagreements logged and counted",
     )
     counters: list[Counter] = Field(default_factory=list)
     approvals: Approvals = Approvals()

@@ -125,14 +125,22 @@ class Authenticator:
         }
 
     async def authenticate(
-        self, request: web.Request, *, store: StateStore, metrics: Metrics, now: float, require_actor: bool = True
+        self,
+        request: web.Request,
+        *,
+        store: StateStore,
+        metrics: Metrics,
+        now: float,
+        require_actor: bool = True,
     ) -> Principal:
         """Every identity check of one request, or the BrokerError of the first that fails."""
         der = peer_certificate(request)
         actor = peer_actor(request, self.trust_domain) if require_actor or der is not None else None
 
         if "access_token" in request.query:
-            raise InvalidRequest("send the access token in the Authorization header only", reason="token_in_query")
+            raise InvalidRequest(
+                "send the access token in the Authorization header only", reason="token_in_query"
+            )
         scheme, raw_token = parse_authorization(
             request.headers.getall("Authorization", []), max_token_chars=self.max_token_bytes
         )
@@ -140,7 +148,9 @@ class Authenticator:
         proof = None
         if scheme == "DPoP":
             if self.mode == "mtls":
-                raise InvalidToken("this resource accepts certificate-bound tokens only", reason="dpop_not_accepted")
+                raise InvalidToken(
+                    "this resource accepts certificate-bound tokens only", reason="dpop_not_accepted"
+                )
             htu = expected_htu(self.public_url, request.raw_path)
             proof = verify_proof(
                 single_dpop_header(dpop_values),
@@ -154,7 +164,9 @@ class Authenticator:
             )
         elif dpop_values:
             # D16: a DPoP header next to a Bearer token is a confused (or downgrading) client
-            raise InvalidToken("a DPoP proof requires the DPoP authorization scheme", reason="token_bearer_with_dpop")
+            raise InvalidToken(
+                "a DPoP proof requires the DPoP authorization scheme", reason="token_bearer_with_dpop"
+            )
 
         token = await self.tokens.verify(raw_token, now=now)
 
@@ -180,5 +192,6 @@ class Authenticator:
             metrics.dpop_replays.inc()
             raise InvalidDpopProof("DPoP proof was already used", reason="dpop_replay")
 
-        return Principal(subject=token.sub, claims=token.claims, actor=actor, token=token,
-                         jkt=proof.jkt if proof else None)
+        return Principal(
+            subject=token.sub, claims=token.claims, actor=actor, token=token, jkt=proof.jkt if proof else None
+        )
