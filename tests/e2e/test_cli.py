@@ -364,3 +364,30 @@ def test_audit_verify_names_the_first_bad_record(pki: Pki, tmp_path: Path) -> No
     bad = run_cli("audit", "verify", str(path), "--key", str(pki.signing_jwk))
     assert bad.returncode == 1
     assert "seq 5" in bad.stdout  # the fifth line: seq counts from 1
+
+
+async def test_unwritable_audit_log_refuses_and_forwards_nothing(
+    pki: Pki, tmp_path: Path, upstream: RecordingUpstream
+) -> None:
+    """A real write failure (RLIMIT_FSIZE on the broker process: the next append fails with EFBIG)."""
+    import resource
+
+    config = base_config(pki, tmp_path, upstream_url=upstream.url)
+    config["server"]["listen"] = f"127.0.0.1:{free_port()}"
+    config["server"]["admin_listen"] = f"127.0.0.1:{free_port()}"
+    audit = Path(config["audit"]["file"])
+    url, path, agent = f"https://{config['server']['listen']}", "/v1/tools/approveExpense", Agent(pki)
+    with broker_process(config, tmp_path, "audit-fault") as proc:
+        await wait_ready(f"http://{config['server']['admin_listen']}", proc["proc"], proc["log"])
+        assert (await agent.post(url, path, agent.headers(path)))[0] == 200
+        pid = proc["proc"].pid
+        _, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (audit.stat().st_size, hard))
+        status, body = await agent.post(url, path, agent.headers(path))
+        assert (status, body["error"]) == (503, "audit_unavailable")
+        assert len(upstream.received) == 1  # the refused call never left the broker
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, hard))
+        assert (await agent.post(url, path, agent.headers(path)))[0] == 200
+    assert len(upstream.received) == 2
+    result = run_cli("audit", "verify", str(audit), "--key", str(pki.signing_jwk))
+    assert result.returncode == 0, result.stdout
