@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
-import secrets
 import sys
 from typing import Any
 
@@ -93,19 +93,24 @@ class Metrics:
         self.config_info.labels(policy_version=version).set(1)
 
 
+# Request and trace ids must be unique, not secret (W3C Trace Context §3.2.2.3: "randomly generated"); they
+# are made per request on the hot path, where a CSPRNG system call costs ~4 µs each and getrandbits ~0.1 µs.
+_ids = random.Random()  # noqa: S311 - identifiers, not secrets
+
+
 def request_id_from(header_value: str | None) -> str:
     """Keep a caller's X-Request-Id only if it is short and plain (it lands in logs and audit); else make one."""
     if header_value and _REQUEST_ID.match(header_value):
         return header_value
-    return secrets.token_hex(12)
+    return f"{_ids.getrandbits(96):024x}"
 
 
 def traceparent_for(header_value: str | None) -> str:
     """W3C traceparent: continue the caller's trace with a new span id, or start a trace."""
     match = _TRACEPARENT.match(header_value or "")
-    trace_id = match.group(1) if match and match.group(1) != "0" * 32 else secrets.token_hex(16)
+    trace_id = match.group(1) if match and match.group(1) != "0" * 32 else f"{_ids.getrandbits(128):032x}"
     flags = match.group(3) if match else "01"
-    return f"00-{trace_id}-{secrets.token_hex(8)}-{flags}"
+    return f"00-{trace_id}-{_ids.getrandbits(64) or 1:016x}-{flags}"
 
 
 def configure_logging(*, fmt: str = "json", level: str = "info") -> None:

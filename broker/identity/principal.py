@@ -23,6 +23,7 @@ import secrets
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import aiohttp
@@ -45,6 +46,10 @@ from broker.identity.spiffe import SpiffeId
 from broker.identity.tokens import AccessToken, AccessTokenVerifier, IssuerPolicy
 from broker.observability import Metrics
 from broker.state.base import StateStore
+
+# Agents call the same few paths over and over; normalising them is pure, so remember the last few thousand
+# (bounded: the path is the client's; failures raise and are never cached).
+_expected_htu = lru_cache(maxsize=4096)(expected_htu)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +156,7 @@ class Authenticator:
                 raise InvalidToken(
                     "this resource accepts certificate-bound tokens only", reason="dpop_not_accepted"
                 )
-            htu = expected_htu(self.public_url, request.raw_path)
+            htu = _expected_htu(self.public_url, request.raw_path)
             proof = verify_proof(
                 single_dpop_header(dpop_values),
                 policy=self.dpop_policy,

@@ -299,9 +299,9 @@ def _claims(
     if iat > now + leeway:
         raise _refuse("txn_iat_future")
     # J21/J20/J24: exact string equality; an array ``aud`` is not what we mint, so it is refused.
-    if payload.get("iss") != issuer or not isinstance(payload.get("iss"), str):
+    if payload.get("iss") != issuer:
         raise _refuse("txn_iss")
-    if payload.get("aud") != audience or not isinstance(payload.get("aud"), str):
+    if payload.get("aud") != audience:
         raise _refuse("txn_aud")
     txn = _str_claim(payload, "txn", max_len=MAX_TXN_CHARS)
     sub = _str_claim(payload, "sub")
@@ -372,7 +372,8 @@ def check_invocation(
         raise _refuse("txn_subject")
     if claims.actor_id != actor_id:
         raise _refuse("txn_actor")
-    if claims.cnf_jkt is not None and (jkt is None or not hmac.compare_digest(claims.cnf_jkt, jkt)):
+    # a thumbprint is public: plain equality (compare_digest would raise on a non-ASCII str)
+    if claims.cnf_jkt is not None and claims.cnf_jkt != jkt:
         raise _refuse("txn_key_binding")
     # RFC 8785 bytes: key order and number spelling (4800 / 4800.0 / 4.8e3) do not change the digest (T07);
     # a type change ("4800"), an added key or another Unicode normalization form does (T05, T09, T08).
