@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from broker.admin import RELOAD, ReloadState, add_admin_routes, config_load_record
 from broker.audit.sink import AuditLog
 from broker.config.loader import LoadedConfig
 from broker.context import CTX
@@ -32,10 +33,12 @@ from broker.resources import (
     SESSION,
     SIGNER,
     STATE,
+    TXN_KEYS,
     RuntimeHolder,
 )
 from broker.runtime import build_runtime
 from broker.state import make_store
+from broker.txn.tokens import verification_keys
 
 MAIN = web.AppKey("main_app", web.Application)
 PUBLIC_JWKS = web.AppKey("public_jwks", dict)
@@ -66,7 +69,9 @@ def build_app(loaded: LoadedConfig, *, metrics: Metrics | None = None) -> web.Ap
             *(Signer.from_file(p).public_jwk() for p in config.signing.previous_key_files),
         ]
     }
+    app[TXN_KEYS] = verification_keys(*app[PUBLIC_JWKS]["keys"])
     app[DRAINING] = {"draining": False}
+    app[RELOAD] = ReloadState()
     app.cleanup_ctx.append(_audit_log)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_state_store)
@@ -82,27 +87,9 @@ def build_app(loaded: LoadedConfig, *, metrics: Metrics | None = None) -> web.Ap
 async def _audit_log(app: web.Application) -> AsyncIterator[None]:
     audit = app[AUDIT]
     audit.open()
-    app[AUDIT].append(_config_load_record(app))
+    audit.append(config_load_record(app[RUNTIME].current, decision="allow", reason="", source="start"))
     yield
     audit.close()  # final checkpoint: after every in-flight request has been answered
-
-
-def _config_load_record(app: web.Application) -> dict[str, object]:
-    runtime = app[RUNTIME].current
-    return {
-        "event": "config_load",
-        "decision": "allow",
-        "reason": "",
-        "request_id": None,
-        "subject": None,
-        "actor": None,
-        "tool": None,
-        "args_digest": None,
-        "txn": None,
-        "policy_version": runtime.policy_version,
-        "status": None,
-        "config_file": str(runtime.loaded.path),
-    }
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
@@ -156,6 +143,7 @@ def build_admin_app(main: web.Application) -> web.Application:
     admin.router.add_get("/healthz", healthz)
     admin.router.add_get("/readyz", readyz)
     admin.router.add_get("/metrics", metrics_endpoint)
+    add_admin_routes(admin)
     return admin
 
 

@@ -68,6 +68,12 @@ class Metrics:
             ["policy_version"],
             registry=r,
         )
+        self.policy_shadow_diffs = Counter(
+            "broker_policy_shadow_diffs_total",
+            "Decisions where the shadow policy set disagreed with the active one",
+            ["tool"],
+            registry=r,
+        )
         self.audit_records = Counter("broker_audit_records_total", "Audit records written", registry=r)
         self.audit_errors = Counter(
             "broker_audit_errors_total", "Audit records that could not be written", registry=r

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -9,6 +10,7 @@ from aiohttp import web
 
 from broker.audit.sink import AuditLog
 from broker.gateway.forward import Forwarder
+from broker.identity.jwks import KeyEntry
 from broker.jose import Signer
 from broker.observability import Metrics
 from broker.runtime import Runtime
@@ -33,5 +35,7 @@ SIGNER = web.AppKey("signer", Signer)
 SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 STATE = web.AppKey("state_store", StateStore)
+#: the broker's public keys (current and previous) by kid: verifies txn tokens agents present
+TXN_KEYS: web.AppKey[Mapping[str, KeyEntry]] = web.AppKey("txn_keys")
 #: set when SIGTERM starts a graceful shutdown: /readyz turns 503 so load balancers drain us first
 DRAINING = web.AppKey("draining", dict)

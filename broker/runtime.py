@@ -18,8 +18,11 @@ from yarl import URL
 
 from broker.config.loader import ConfigError, ConfigProblem, LoadedConfig
 from broker.config.models import Config, Limits, Tool
+from broker.gateway.filters import FilterCompileError, ToolFilters, compile_tool_filters
 from broker.gateway.forward import UpstreamTarget
 from broker.identity.principal import Authenticator
+from broker.policy.counters import Counters
+from broker.policy.engine import PolicyCompileError, PolicySet
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,7 @@ class CompiledTool:
     config: Tool
     validator: Validator
     target: UpstreamTarget
+    filters: ToolFilters
 
     @property
     def name(self) -> str:
@@ -47,6 +51,10 @@ class Runtime:
     tools: dict[str, CompiledTool]
     authenticator: Authenticator
     challenge: Challenge
+    policies: PolicySet
+    #: a candidate policy set evaluated beside the active one, never deciding (CONTRACT: shadow policies)
+    shadow: PolicySet | None
+    counters: Counters
 
     @property
     def config(self) -> Config:
@@ -111,7 +119,14 @@ def build_runtime(loaded: LoadedConfig) -> Runtime:
                 total=tool.upstream.timeout_seconds, sock_connect=tool.upstream.connect_timeout_seconds
             ),
         )
-        tools[tool.name] = CompiledTool(config=tool, validator=validator, target=target)
+        try:
+            filters = compile_tool_filters(tool)
+        except FilterCompileError as exc:
+            problems.extend(
+                ConfigProblem(file, loaded.line_of((*loc, *where)), msg) for where, msg in exc.problems
+            )
+            continue
+        tools[tool.name] = CompiledTool(config=tool, validator=validator, target=target, filters=filters)
     try:
         authenticator = Authenticator(
             config.identity,
@@ -120,10 +135,35 @@ def build_runtime(loaded: LoadedConfig) -> Runtime:
         )
     except ValueError as exc:  # an unreadable or empty jwks_file, an unusable algorithm list
         problems.append(ConfigProblem(file, loaded.line_of(("identity",)), f"identity: {exc}"))
+    counters = [c.name for c in config.counters]
+    tool_names = [t.name for t in config.tools]
+    policies: PolicySet | None = None
+    shadow: PolicySet | None = None
+    for section, rules in (("policies", config.policies), ("shadow_policies", config.shadow_policies)):
+        if rules is None:
+            continue
+        try:
+            compiled = PolicySet.compile(rules, tools=tool_names, counters=counters, section=section)
+        except PolicyCompileError as exc:
+            problems.extend(ConfigProblem(file, loaded.line_of(where), msg) for where, msg in exc.problems)
+            continue
+        if section == "policies":
+            policies = compiled
+        else:
+            shadow = compiled
     if problems:
         raise ConfigError(problems)
+    assert policies is not None
     challenge = Challenge(
         algs=" ".join(config.identity.dpop.algorithms),
         resource_metadata=f"{config.server.public_url}/.well-known/oauth-protected-resource",
     )
-    return Runtime(loaded=loaded, tools=tools, authenticator=authenticator, challenge=challenge)
+    return Runtime(
+        loaded=loaded,
+        tools=tools,
+        authenticator=authenticator,
+        challenge=challenge,
+        policies=policies,
+        shadow=shadow,
+        counters=Counters(tuple(config.counters)),
+    )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
+from broker.admin import reload_config
 from broker.app import build_admin_app, build_app
 from broker.config.loader import LoadedConfig
 from broker.config.models import Server, split_hostport
@@ -126,6 +127,14 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     running = await start(loaded, reuse_port=reuse_port)
+    reloads: set[asyncio.Task[object]] = set()
+
+    def on_sighup() -> None:
+        task = asyncio.ensure_future(reload_config(running.app, source="sighup"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     if on_started is not None:
         on_started(running)
     await stop.wait()

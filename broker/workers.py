@@ -100,8 +100,14 @@ def run_workers(
             if proc.pid is not None and proc.is_alive():
                 os.kill(proc.pid, signal.SIGTERM)
 
+    def reload_all(signum: int, _frame: object) -> None:
+        for proc in procs:  # every worker compiles and swaps the config itself
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, stop_all)
     signal.signal(signal.SIGINT, stop_all)
+    signal.signal(signal.SIGHUP, reload_all)
     try:
         for index in range(workers):
             worker = ctx.Process(

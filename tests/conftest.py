@@ -134,7 +134,7 @@ def base_config(pki: Pki, tmp: Path, *, upstream_url: str, **overrides: Any) -> 
                 "audit_fields": ["invoice_id"],
             },
         ],
-        "policies": [],
+        "policies": [{"id": "any-agent", "tools": ["*"], "effect": "allow", "when": 'actor.id != ""'}],
     }
     config.update(overrides)
     return config

@@ -217,7 +217,13 @@ PROOFS_PER_SECOND = 4000
 
 
 def start_broker(
-    env: BenchEnv, port: int, admin_port: int, *, name: str = "broker", state: str = "memory", workers: int = 1
+    env: BenchEnv,
+    port: int,
+    admin_port: int,
+    *,
+    name: str = "broker",
+    state: str = "memory",
+    workers: int = 1,
 ) -> AbstractAsyncContextManager[None]:
     overrides = {
         "BROKER_STATE": state,

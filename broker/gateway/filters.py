@@ -17,7 +17,9 @@ and ``ｖｅｎｄｏｒ.bank_account`` (P26: ``SSN`` versus ``ssn``); every mat
 duplicates cannot smuggle a second copy past the filter. A *name* applied to an array applies to each element
 (recursively through nested arrays), so ``invoices.vendor.bank_account`` covers ``{"invoices": [...]}`` without
 ``[]`` (P26: masked field nested in arrays). The value found at the end of a path is what is masked: an object
-or array there is replaced whole by ``"****"``; ``ssns[]`` instead masks each element of ``ssns``.
+or array there is replaced whole by ``"****"``; ``ssns[]`` instead masks each element of ``ssns``. ``[]`` applied to
+a value that is not an array takes it as an array of itself, so shape drift (a lone object or string where an
+array was documented) is still masked, and a row filter there refuses the body.
 
 Out of scope, by design: JSON *inside a string* (``{"note": "{\\"ssn\\": …}"}``) is not parsed. Whether a
 string "is JSON" is a guess (partial, escaped, base64-wrapped and other-format payloads defeat any heuristic),
@@ -42,6 +44,7 @@ import cel
 from broker.canonical import I_JSON_MAX_INT, strict_loads
 from broker.config.models import Tool
 from broker.errors import AccessDenied, InvalidRequest, UpstreamError
+from broker.policy.cel import referenced_fields
 
 __all__ = ["FilterCompileError", "ToolFilters", "compile_tool_filters"]
 
@@ -97,31 +100,43 @@ def parse_path(path: str) -> tuple[Step, ...]:
     return tuple(steps)
 
 
-def _slots(node: Any, steps: tuple[Step, ...], index: int, out: list[tuple[Any, Any]]) -> None:
-    """Append (container, key-or-index) for every place ``steps[index:]`` reaches from ``node``.
+def _slots(container: Any, key: Any, steps: tuple[Step, ...], index: int, out: list[tuple[Any, Any]]) -> None:
+    """Append (container, key-or-index) for every place ``steps[index:]`` reaches from ``container[key]``.
 
     Recursion is bounded by the path length plus the response's nesting (``strict_loads`` max_depth).
     """
+    node = container[key]
     step = steps[index]
     last = index == len(steps) - 1
     if step is EACH:
-        if type(node) is list:
-            if last:
-                out.extend((node, position) for position in range(len(node)))
-            else:
-                for child in node:
-                    _slots(child, steps, index + 1, out)
+        # Fail closed on shape drift: a value that is not an array is taken as an array of itself, so
+        # ``ssns[]`` still masks a bare string and ``invoices[].x`` still reaches a lone object.
+        places = (
+            [(node, position) for position in range(len(node))] if type(node) is list else [(container, key)]
+        )
+        if last:
+            out.extend(places)
+        else:
+            for inner, position in places:
+                _slots(inner, position, steps, index + 1, out)
     elif type(node) is dict:
-        for key, child in node.items():
-            if key == step or fold_key(key) == step:
+        for name in node:
+            # Config names are ASCII, and lower() keeps an ASCII key's length: most keys are ruled out by length.
+            if name == step or ((len(name) == len(step) or not name.isascii()) and fold_key(name) == step):
                 if last:
-                    out.append((node, key))
+                    out.append((node, name))
                 else:
-                    _slots(child, steps, index + 1, out)
+                    _slots(node, name, steps, index + 1, out)
     elif type(node) is list:
         # A name applied to an array applies to each element (and through nested arrays): P26.
-        for child in node:
-            _slots(child, steps, index, out)
+        for position in range(len(node)):
+            _slots(node, position, steps, index, out)
+
+
+def _places(holder: list[Any], steps: tuple[Step, ...]) -> list[tuple[Any, Any]]:
+    out: list[tuple[Any, Any]] = []
+    _slots(holder, 0, steps, 0, out)
+    return out
 
 
 def mask_value(value: Any, keep_last: int) -> str:
@@ -141,13 +156,6 @@ def mask_value(value: Any, keep_last: int) -> str:
 
 # Names bound by CEL comprehension macros (``list.exists(x, …)``); program.variables() reports them too.
 _BOUND = re.compile(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_][A-Za-z0-9_]*)\s*,")
-# For the row-field analysis below: plain string literals, and what makes us give up (raw/triple-quoted
-# strings, comments, quoted identifiers).
-_STRING_LITERAL = re.compile(r'"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'')
-_UNSURE_SOURCE = re.compile(r"\"\"\"|'''|(?<![A-Za-z0-9_])(?:[rR][bB]?|[bB][rR])[\"']")
-_UNSURE_CODE = re.compile(r"//|`|'")
-_ROW_REFERENCE = re.compile(r"\brow\b")
-_ROW_FIELD = re.compile(r"\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)\b(?!\s*\()")
 
 
 def _compile_cel(source: str, allowed: frozenset[str]) -> tuple[cel.Program | None, str | None]:
@@ -163,32 +171,10 @@ def _compile_cel(source: str, allowed: frozenset[str]) -> tuple[cel.Program | No
     return program, None
 
 
-def row_fields(source: str) -> frozenset[str] | None:
-    """The top-level ``row`` keys a predicate can observe, or None when that cannot be shown.
-
-    Handing CEL a row costs ~2 µs per member (conversion), evaluating it ~0.4 µs, so predicates get a row
-    pruned to the keys they read. That is only sound when *every* use of ``row`` is a plain field selection
-    ``row.name`` (``has(row.name)`` included): then a pruned row answers exactly as the full one. Any other use
-    (``row["x"]``, ``size(row)``, ``row.exists(…)``, a macro variable named row) and anything this scan does not
-    understand (raw or triple-quoted strings, comments) gives None: the full row, slower but exact. A superset
-    (``x.row.name``) is harmless; a missed key would not be (``!has(row.flag)``), hence the conservative scan.
-    """
-    if _UNSURE_SOURCE.search(source):
-        return None
-    code = _STRING_LITERAL.sub('""', source)
-    if _UNSURE_CODE.search(code) or code.count('"') % 2:
-        return None
-    fields: set[str] = set()
-    for reference in _ROW_REFERENCE.finditer(code):
-        selection = _ROW_FIELD.match(code, reference.end())
-        if selection is None:
-            return None
-        fields.add(selection.group(1))
-    return frozenset(fields)
-
-
 def _actor_value(actor_id: str | None) -> dict[str, str] | None:
-    """``actor`` as CEL sees it: ``{"id", "trust_domain", "path"}`` of the SPIFFE ID, or null."""
+    """``actor`` as CEL sees it: ``{"id", "trust_domain", "path"}`` of the SPIFFE ID, as in policy
+    (``broker.policy.cel.actor_view``) — but null without an actor, so that ``actor.id`` fails (closed) rather than
+    injecting an empty string."""
     if actor_id is None:
         return None
     _, _, rest = actor_id.partition("://")
@@ -196,26 +182,50 @@ def _actor_value(actor_id: str | None) -> dict[str, str] | None:
     return {"id": actor_id, "trust_domain": trust_domain, "path": slash + path}
 
 
-def _context(uses: frozenset[str], subject: Mapping[str, Any], actor_id: str | None) -> cel.Context:
-    """One context per request: converting the claims costs ~10 µs, so only what the expressions read is added.
-    Raises whatever the binding raises for an unconvertible value (the callers fail closed)."""
-    context = cel.Context()
-    if "subject" in uses:
-        context.add_variable("subject", subject if type(subject) is dict else dict(subject))
-    if "actor" in uses:
-        context.add_variable("actor", _actor_value(actor_id))
-    return context
+@dataclass(frozen=True, slots=True)
+class _Reads:
+    """What a group of expressions reads of the per-request variables: only that is converted into CEL."""
 
+    subject: bool
+    subject_fields: frozenset[str] | None  # None: the whole subject
+    actor: bool
 
-def _is_injectable(value: Any) -> bool:
-    """A JSON value the forwarded body and its RFC 8785 digest can carry exactly; null is refused (a server-side
-    constraint that evaluates to null was not computed). CEL yields no lone surrogates (Rust strings)."""
-    if value is None:
-        return False
-    return _is_json(value)
+    @classmethod
+    def of(cls, expressions: list[tuple[str, cel.Program]]) -> _Reads:
+        """Converting a map costs ~2 µs per member, evaluating ~0.4 µs: ``subject`` is pruned to the claims
+        the expressions select as ``subject.name`` (:func:`broker.policy.cel.referenced_fields`; any other use
+        means the whole subject). A pruned map answers every ``subject.name`` and ``has()`` exactly as the full
+        one."""
+        variables: set[str] = set()
+        fields: set[str] | None = set()
+        for source, program in expressions:
+            variables.update(program.variables())
+            selected = referenced_fields(source, "subject")
+            fields = None if fields is None or selected is None else fields | selected
+        return cls(
+            "subject" in variables, None if fields is None else frozenset(fields), "actor" in variables
+        )
+
+    def context(self, subject: Mapping[str, Any], actor_id: str | None) -> cel.Context:
+        """One context per request (a new one costs ~0.2 µs; converting a full claim set ~15 µs). Raises
+        whatever the binding raises for an unconvertible value: the callers fail closed."""
+        context = cel.Context()
+        if self.subject:
+            fields = self.subject_fields
+            value = (
+                dict(subject)
+                if fields is None
+                else {name: subject[name] for name in fields if name in subject}
+            )
+            context.add_variable("subject", value)
+        if self.actor:
+            context.add_variable("actor", _actor_value(actor_id))
+        return context
 
 
 def _is_json(value: Any) -> bool:
+    """A JSON value the forwarded body and its RFC 8785 digest can carry exactly (CEL strings are Rust strings:
+    no lone surrogates)."""
     kind = type(value)
     if kind is str or kind is bool or value is None:
         return True
@@ -238,6 +248,8 @@ def _is_json(value: Any) -> bool:
 class _RowFilter:
     steps: tuple[Step, ...]
     keep: cel.Program
+    #: the row keys ``keep`` selects as ``row.name`` (None: the whole row). Rows are pruned to them before
+    #: conversion, which halves the cost of a 50-row answer; ``!has(row.flag)`` still sees ``flag``.
     fields: frozenset[str] | None
 
 
@@ -247,11 +259,11 @@ class ToolFilters:
 
     tool: str
     injections: tuple[tuple[str, cel.Program], ...]
-    inject_uses: frozenset[str]
+    inject_reads: _Reads
     masks: tuple[tuple[tuple[Step, ...], int], ...]
     drops: tuple[tuple[Step, ...], ...]
     row_filters: tuple[_RowFilter, ...]
-    row_uses: frozenset[str]
+    row_reads: _Reads
 
     @property
     def filters_response(self) -> bool:
@@ -272,7 +284,7 @@ class ToolFilters:
         if not self.injections:
             return result
         try:
-            context = _context(self.inject_uses, subject, actor_id)
+            context = self.inject_reads.context(subject, actor_id)
         except Exception as exc:  # an unconvertible claim: no expression can be computed (fail closed)
             raise _inject_failed(self.injections[0][0]) from exc
         for name, program in self.injections:
@@ -281,7 +293,7 @@ class ToolFilters:
             # The binding raises KeyError, TypeError, RuntimeError, ZeroDivisionError, …: all fail closed.
             except Exception as exc:
                 raise _inject_failed(name) from exc
-            if not _is_injectable(value):
+            if value is None or not _is_json(value):  # null: the server-side constraint was not computed
                 raise _inject_failed(name)
             folded = fold_key(name)
             for key in [key for key in result if key != name and fold_key(key) == folded]:
@@ -309,30 +321,25 @@ class ToolFilters:
         if type(document) is not dict and type(document) is not list:
             # A bare string may itself hold JSON (P26); filters are paths into a structure, so refuse.
             raise _unfilterable()
+        holder = [document]  # the root's container, so that every place has one
         if self.row_filters:
-            self._filter_rows(document, subject, actor_id)
+            self._filter_rows(holder, subject, actor_id)
         for steps in self.drops:
-            slots: list[tuple[Any, Any]] = []
-            _slots(document, steps, 0, slots)
-            for container, key in slots:
-                container.pop(key, None)
+            for container, key in _places(holder, steps):
+                container.pop(key, None)  # drops never end in [], so every container is an object
         for steps, keep_last in self.masks:
-            slots = []
-            _slots(document, steps, 0, slots)
-            for container, key in slots:
+            for container, key in _places(holder, steps):
                 container[key] = mask_value(container[key], keep_last)
-        return json.dumps(document, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        return json.dumps(holder[0], ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
-    def _filter_rows(self, document: Any, subject: Mapping[str, Any], actor_id: str | None) -> None:
+    def _filter_rows(self, holder: list[Any], subject: Mapping[str, Any], actor_id: str | None) -> None:
         context: cel.Context | None
         try:
-            context = _context(self.row_uses, subject, actor_id)
+            context = self.row_reads.context(subject, actor_id)
         except Exception:  # an unconvertible claim: every predicate would error, so every row is dropped
             context = None
         for row_filter in self.row_filters:
-            slots: list[tuple[Any, Any]] = []
-            _slots(document, row_filter.steps, 0, slots)
-            for container, key in slots:
+            for container, key in _places(holder, row_filter.steps):
                 rows = container[key]
                 if type(rows) is not list:
                     raise _unfilterable()  # an object here would be one unfiltered row
@@ -369,6 +376,7 @@ def compile_tool_filters(tool: Tool) -> ToolFilters:
     """
     problems: list[tuple[Location, str]] = []
     injections: list[tuple[str, cel.Program]] = []
+    inject_sources: list[tuple[str, cel.Program]] = []
     for name, source in tool.inject.items():
         if re.fullmatch(_NAME, name) is None:
             problems.append((("inject", name), f"argument name must match {_NAME}"))
@@ -378,6 +386,7 @@ def compile_tool_filters(tool: Tool) -> ToolFilters:
             problems.append((("inject", name), problem or "does not compile"))
         else:
             injections.append((name, program))
+            inject_sources.append((source, program))
 
     def path(location: Location, text: str) -> tuple[Step, ...]:
         try:
@@ -396,21 +405,23 @@ def compile_tool_filters(tool: Tool) -> ToolFilters:
             problems.append((("response", "drop", index), "a drop path cannot end in [] (drop the array)"))
         drops.append(steps)
     row_filters: list[_RowFilter] = []
+    row_sources: list[tuple[str, cel.Program]] = []
     for index, rule in enumerate(tool.response.filter_rows):
         steps = path(("response", "filter_rows", index, "path"), rule.path)
         program, problem = _compile_cel(rule.keep, ROW_VARIABLES)
         if program is None:
             problems.append((("response", "filter_rows", index, "keep"), problem or "does not compile"))
         else:
-            row_filters.append(_RowFilter(steps, program, row_fields(rule.keep)))
+            row_filters.append(_RowFilter(steps, program, referenced_fields(rule.keep, "row")))
+            row_sources.append((rule.keep, program))
     if problems:
         raise FilterCompileError(problems)
     return ToolFilters(
         tool=tool.name,
         injections=tuple(injections),
-        inject_uses=frozenset(v for _, p in injections for v in p.variables()),
+        inject_reads=_Reads.of(inject_sources),
         masks=tuple(masks),
         drops=tuple(drops),
         row_filters=tuple(row_filters),
-        row_uses=frozenset(v for f in row_filters for v in f.keep.variables()),
+        row_reads=_Reads.of(row_sources),
     )

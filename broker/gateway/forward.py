@@ -39,6 +39,9 @@ class UpstreamAnswer:
     content_type: str
     body: bytes
 
+    def with_body(self, body: bytes) -> UpstreamAnswer:
+        return UpstreamAnswer(status=self.status, content_type=self.content_type, body=body)
+
 
 class Forwarder:
     """Owns nothing: the pooled ClientSession is the app's (``cleanup_ctx``); this only uses it."""

@@ -60,7 +60,9 @@ def challenge_header(error: BrokerError, challenge: Challenge) -> str:
     return f"{error.challenge} " + ", ".join(f"{k}={_quote(v)}" for k, v in params.items())
 
 
-def error_response(error: BrokerError, request_id: str, *, challenge: Challenge | None = None) -> web.Response:
+def error_response(
+    error: BrokerError, request_id: str, *, challenge: Challenge | None = None
+) -> web.Response:
     headers = {"X-Request-Id": request_id, "Cache-Control": "no-store", **error.headers}
     if error.challenge and challenge is not None:
         headers["WWW-Authenticate"] = challenge_header(error, challenge)
@@ -109,7 +111,9 @@ async def broker_middleware(request: web.Request, handler: Handler) -> web.Strea
         except Exception:
             # A bug, not a decision: still audited and rendered as JSON, never a forward (deny by default).
             log.exception("unhandled error")
-            response = _refuse(app, ctx, BrokerError("internal error", reason="internal_error"), runtime.challenge)
+            response = _refuse(
+                app, ctx, BrokerError("internal error", reason="internal_error"), runtime.challenge
+            )
         response.headers.setdefault("X-Request-Id", ctx.request_id)
         return response
     finally:
@@ -127,7 +131,9 @@ def _from_http_exception(exc: web.HTTPException) -> BrokerError:
     return InvalidRequest(exc.reason, reason=f"http_{exc.status}")
 
 
-def _refuse(app: web.Application, ctx: RequestContext, error: BrokerError, challenge: Challenge) -> web.Response:
+def _refuse(
+    app: web.Application, ctx: RequestContext, error: BrokerError, challenge: Challenge
+) -> web.Response:
     ctx.status = error.status
     ctx.code = error.code
     # An outcome after an audited allow (upstream failed) is a new record: the earlier one said "forwarded".

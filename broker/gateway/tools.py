@@ -1,111 +1,255 @@
 """``/v1/tools``: discovery and invocation. The stage order of an invocation is written once, here.
 
-1 identity    the peer's X.509-SVID → actor. First: nothing else is revealed to an unauthenticated peer.
-2 tool        unknown (or, later, invisible) tools answer 404 unknown_tool — after identity, so the catalog
-              cannot be probed anonymously.
-3 arguments   strict JSON, then the tool's input JSON Schema — before policy (CONTRACT §8), so policy only
-              ever sees well-typed arguments.
-4 audit       the decision is written before anything leaves the broker: never forwarded unaudited.
-5 forward     canonical argument bytes (what was decided on is what executes) over mTLS to the backend.
+ 1 identity     SVID → actor; DPoP proof + access token → subject (broker.identity.principal has its own order).
+                First: nothing is revealed to an unauthenticated peer.
+ 2 visibility   the tool exists and policy lets this (subject, actor) see it — else 404 unknown_tool, exactly
+                like a missing tool, and before arguments so a schema error cannot reveal a hidden tool.
+ 3 arguments    strict JSON, then the tool's input JSON Schema: policy only ever sees well-typed arguments.
+ 4 txn token    a presented Txn-Token is verified and bound to this tool, subject, actor, DPoP key and the
+                exact arguments (before injection: the agent's intent is what was locked).
+ 5 policy       deny rules (a deny beats any obligation), then obligations. With a txn token they were
+                discharged at the exchange; without one, MFA and approvals are demanded here.
+ 6 injection    server-side arguments computed from the principal override what the agent sent.
+ 7 guard        revocations, DPoP replay and txn single use in one atomic store step — last, so a refused
+                call never burns a proof or a token.
+ 8 audit        the decision is written before anything leaves the broker: never forwarded unaudited.
+ 9 forward      the canonical bytes of the injected arguments, with a Txn-Token (the agent's, or minted here).
+10 filter       the backend's answer is masked and row-filtered before the agent sees it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
-import jsonschema
+import structlog
 from aiohttp import web
 
-from broker.canonical import args_digest, canonicalize, strict_loads
-from broker.config.models import Limits
+from broker.canonical import canonicalize
 from broker.context import CTX
-from broker.errors import InvalidRequest, PayloadTooLarge, UnknownTool, UnsupportedMediaType
+from broker.errors import InvalidTxnToken
 from broker.gateway.forward import json_response, upstream_headers
+from broker.gateway.guard import final_guard, grant_id
 from broker.gateway.middleware import audit_decision
+from broker.gateway.stages import (
+    Visible,
+    authenticate,
+    check_arguments,
+    decide,
+    discharge_approvals,
+    read_json_body,
+    require_mfa,
+    runtime_of,
+    visible_tool,
+)
 from broker.identity.principal import Principal
 from broker.observability import traceparent_for
-from broker.resources import FORWARDER, METRICS, RUNTIME, STATE
-from broker.runtime import CompiledTool, Runtime
+from broker.policy.engine import PolicyError
+from broker.resources import FORWARDER, METRICS, SIGNER, STATE, TXN_KEYS
+from broker.runtime import Runtime
+from broker.txn.tokens import (
+    TxnClaims,
+    check_invocation,
+    mint_txn_token,
+    txn_replay_key,
+    verify_txn_token,
+)
 
+log = structlog.get_logger("broker.discovery")
 
-async def read_json_body(request: web.Request, limits: Limits) -> Any:
-    """The request body as strict JSON (HOSTILE P15, P17–P19), bounded before and while reading."""
-    if request.headers.get("Content-Encoding", "identity").lower() != "identity":
-        raise UnsupportedMediaType("compressed request bodies are not accepted", reason="body_encoded")
-    if request.content_type != "application/json" or request.charset not in (None, "utf-8"):
-        raise UnsupportedMediaType("send the arguments as application/json (UTF-8)", reason="body_not_json")
-    limit = limits.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"request body is larger than {limit} bytes", reason="body_too_large")
-    body = await request.content.read(limit + 1)
-    if len(body) > limit or not request.content.at_eof():
-        raise PayloadTooLarge(f"request body is larger than {limit} bytes", reason="body_too_large")
-    return strict_loads(body, max_depth=limits.max_json_depth)
-
-
-def validate_arguments(tool: CompiledTool, arguments: Any) -> None:
-    """The tool's input JSON Schema; the error names the failing place (e.g. ``arguments.amount``)."""
-    error = jsonschema.exceptions.best_match(tool.validator.iter_errors(arguments))
-    if error is not None:
-        where = "arguments" + "".join(
-            f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path
-        )
-        raise InvalidRequest(f"{where}: {error.message}"[:300], reason="arguments_schema")
-
-
-async def authenticate(request: web.Request, runtime: Runtime) -> Principal:
-    """Stage 1 for agent routes; the principal's identities land in the request record for audit."""
-    app = request.app
-    principal = await runtime.authenticator.authenticate(
-        request, store=app[STATE], metrics=app[METRICS], now=time.time()
-    )
-    ctx = request[CTX]
-    ctx.actor, ctx.subject = principal.actor, principal.subject
-    return principal
+#: how long past its expiry a consumed txn stays recorded (covers clock skew between replicas)
+TXN_LEEWAY = 5
+GRANT_LIFETIME = 300
 
 
 async def invoke_tool(request: web.Request) -> web.StreamResponse:
     ctx = request[CTX]
     ctx.route = "invoke"
-    runtime = request.app[RUNTIME].current
-    name = request.match_info["name"]
+    runtime = runtime_of(request)
+    app = request.app
 
-    await authenticate(request, runtime)  # 1 identity
-
-    tool = runtime.tools.get(name)  # 2 tool
-    if tool is None:
-        raise UnknownTool("no such tool", reason="unknown_tool")
-    ctx.tool = tool.name
-
-    arguments = await read_json_body(request, runtime.limits)  # 3 arguments
-    if not isinstance(arguments, dict):
-        raise InvalidRequest("arguments must be a JSON object", reason="arguments_not_object")
-    validate_arguments(tool, arguments)
-    ctx.args_digest = args_digest(arguments)
-    ctx.audit_args = {k: arguments[k] for k in tool.config.audit_fields if k in arguments} or None
-
-    ctx.decision = "allow"  # 4 audit, before anything leaves
-    audit_decision(request.app, ctx)
-
-    body = canonicalize(arguments)  # 5 forward
-    headers = upstream_headers(
-        request_id=ctx.request_id, traceparent=traceparent_for(request.headers.get("traceparent"))
+    principal = await authenticate(request, runtime)  # 1
+    visible = await visible_tool(request, runtime, principal, request.match_info["name"])  # 2
+    tool = visible.tool
+    arguments = check_arguments(request, tool, await read_json_body(request, runtime.limits))  # 3
+    presented = presented_txn_token(request, runtime, principal, visible, arguments)  # 4
+    decision = decide(request, runtime, visible, principal, arguments)  # 5
+    if presented is None:
+        require_mfa(decision, principal)
+        await discharge_approvals(request, runtime, principal, visible, arguments, decision, approval_id=None)
+    forwarded = tool.filters.inject(arguments, subject=principal.claims, actor_id=principal.actor_id)  # 6
+    now = time.time()
+    txn_claim = None
+    if presented is not None:
+        ctx.txn = presented.txn
+        ttl = max(1.0, presented.exp - now + TXN_LEEWAY)
+        txn_claim = (presented.txn, txn_replay_key(presented.txn), ttl)
+    await final_guard(app[STATE], app[METRICS], principal, tool=tool.name, txn=txn_claim)  # 7
+    await runtime.counters.record(
+        app[STATE], tool.name, arguments, subject=principal.subject, actor_id=principal.actor_id, now=now
     )
-    answer = await request.app[FORWARDER].call(tool.target, body, headers)
+    if presented is not None:
+        app[METRICS].txn_tokens.labels(tool=tool.name, event="consumed").inc()
+        txn_token = request.headers["Txn-Token"]
+    else:
+        txn_token = mint_edge_token(request, runtime, principal, tool.name, arguments, now)
+
+    ctx.decision = "allow"  # 8
+    audit_decision(app, ctx)
+
+    headers = upstream_headers(  # 9
+        request_id=ctx.request_id,
+        traceparent=traceparent_for(request.headers.get("traceparent")),
+        extra={"Txn-Token": txn_token},
+    )
+    answer = await app[FORWARDER].call(tool.target, canonicalize(forwarded), headers)
+    if tool.filters.filters_response:  # 10
+        body = tool.filters.filter_response(
+            answer.body, subject=principal.claims, actor_id=principal.actor_id
+        )
+        answer = answer.with_body(body)
     return json_response(answer, ctx.request_id)
 
 
+def presented_txn_token(
+    request: web.Request, runtime: Runtime, principal: Principal, visible: Visible, arguments: dict[str, Any]
+) -> TxnClaims | None:
+    """The agent's Txn-Token, verified and bound to this call; required for ``txn_token: required`` tools."""
+    values = request.headers.getall("Txn-Token", [])
+    tool = visible.tool
+    metrics = request.app[METRICS]
+    if not values:
+        if tool.config.txn_token == "required":
+            metrics.txn_tokens.labels(tool=tool.name, event="rejected").inc()
+            raise InvalidTxnToken(
+                "this tool needs a transaction token (POST /v1/token)", reason="txn_missing"
+            )
+        return None
+    try:
+        if len(values) != 1:
+            raise InvalidTxnToken("send exactly one Txn-Token header", reason="txn_multiple")
+        config = runtime.config
+        claims = verify_txn_token(
+            values[0],
+            keys=request.app[TXN_KEYS],
+            issuer=config.server.public_url,
+            audience=config.identity.trust_domain,
+            now=time.time(),
+            max_bytes=config.server.limits.max_token_bytes,
+        )
+        check_invocation(
+            claims,
+            tool=tool.name,
+            arguments=arguments,
+            subject=principal.subject,
+            actor_id=principal.actor_id,
+            jkt=principal.jkt,
+        )
+    except Exception:
+        metrics.txn_tokens.labels(tool=tool.name, event="rejected").inc()
+        raise
+    return claims
+
+
+def mint_edge_token(
+    request: web.Request,
+    runtime: Runtime,
+    principal: Principal,
+    tool: str,
+    arguments: dict[str, Any],
+    now: float,
+) -> str:
+    """A txn token minted at the edge for a call that came without one: the backend always gets one."""
+    config = runtime.config
+    minted = mint_txn_token(
+        request.app[SIGNER],
+        issuer=config.server.public_url,
+        audience=config.identity.trust_domain,
+        subject=principal.subject,
+        scope=f"tool:{tool}",
+        actor_id=principal.actor_id or "",
+        tool=tool,
+        arguments=arguments,
+        policy_version=runtime.policy_version,
+        cnf_jkt=principal.jkt,
+        req_ip=request.remote,
+        authn="dpop" if principal.jkt else "mtls",
+        now=now,
+    )
+    request.app[METRICS].txn_tokens.labels(tool=tool, event="minted").inc()
+    request[CTX].txn = minted.txn
+    return minted.token
+
+
 async def list_tools(request: web.Request) -> web.StreamResponse:
+    """Discovery: the same visibility decision as invocation, each visible tool with a signed grant."""
     ctx = request[CTX]
     ctx.route = "discovery"
-    runtime = request.app[RUNTIME].current
-    await authenticate(request, runtime)
-    tools = [
-        {"name": t.name, "description": t.config.description, "input_schema": t.config.input_schema}
-        for t in runtime.tools.values()
-    ]
-    ctx.decision = "allow"
-    ctx.status = 200
-    audit_decision(request.app, ctx)
+    runtime = runtime_of(request)
+    app = request.app
+    principal = await authenticate(request, runtime)
+    now = int(time.time())
+    policies = runtime.policies
+    counters_needed = frozenset().union(*(policies.counters_needed(name) for name in runtime.tools))
+    counters = await runtime.counters.fetch(
+        app[STATE], counters_needed, subject=principal.subject, actor_id=principal.actor_id, now=now
+    )
+    env = None
+    visible: list[tuple[str, dict[str, Any]]] = []
+    for name in runtime.tools:
+        if env is None:
+            env = policies.build_env(
+                subject=principal.claims,
+                actor_id=principal.actor_id,
+                tool=name,
+                args=None,
+                counters=counters,
+                now=now,
+            )
+        env.bind_tool(name)
+        if not policies.visible(name, env):
+            continue
+        try:
+            constraints = policies.grant_constraints(name, env)
+        except PolicyError as exc:  # a constraint that cannot be evaluated hides the tool (fail closed)
+            log.warning("grant constraints failed; tool hidden", tool=name, error=str(exc))
+            continue
+        visible.append((name, constraints))
+    await final_guard(app[STATE], app[METRICS], principal)
+    # a revoked grant hides its tool from this (subject, actor) at once, as invocation refuses it
+    revoked = await asyncio.gather(
+        *(
+            app[STATE].is_revoked({"grant": grant_id(principal.subject, principal.actor_id, n)})
+            for n, _ in visible
+        )
+    )
+    visible = [entry for entry, hit in zip(visible, revoked, strict=True) if hit is None]
+    signer = app[SIGNER]
+    tools = []
+    for name, constraints in visible:
+        tool = runtime.tools[name]
+        grant = signer.sign(
+            {
+                "iss": runtime.config.server.public_url,
+                "tool": name,
+                "sub": principal.subject,
+                "act": {"sub": principal.actor_id},
+                "constraints": constraints,
+                "policy_version": runtime.policy_version,
+                "iat": now,
+                "exp": min(now + GRANT_LIFETIME, principal.token.exp),
+            },
+            typ="grant+jwt",
+        )
+        tools.append(
+            {
+                "name": name,
+                "description": tool.config.description,
+                "input_schema": tool.config.input_schema,
+                "grant": grant,
+            }
+        )
+    ctx.decision, ctx.status = "allow", 200
+    audit_decision(app, ctx)
     return web.json_response({"tools": tools}, headers={"Cache-Control": "no-store"})

@@ -10,8 +10,10 @@ The order is HOSTILE §3.4, with the reason for each constraint:
     binding       ``cnf.jkt`` = the proof's key (D15), ``cnf.x5t#S256`` = this connection's cert (M15, D21);
                   a DPoP-bound token sent as Bearer is refused (D16)
     actor         the token's ``act.sub`` (or ``client_id``) = the SVID's SPIFFE ID (dual identity)
-    replay        last: one atomic claim of the proof's jti, so invalid proofs never burn a jti (S07); a
-                  store failure refuses (S01)
+    replay        not here: the proof's jti is claimed by the request's final guard (broker.gateway.guard),
+                  together with its revocation check and txn-token single use in one atomic store step, after
+                  every other check — so a refused request never burns a jti or a txn token (S07), and a store
+                  failure refuses (S01)
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import aiohttp
 from aiohttp import web
 
 from broker.config.models import Identity
-from broker.errors import InvalidDpopProof, InvalidRequest, InvalidToken
+from broker.errors import InvalidRequest, InvalidToken
 from broker.identity.dpop import (
     DpopPolicy,
     check_binding,
@@ -44,8 +46,6 @@ from broker.identity.nonce import NonceService
 from broker.identity.peer import peer_actor, peer_certificate
 from broker.identity.spiffe import SpiffeId
 from broker.identity.tokens import AccessToken, AccessTokenVerifier, IssuerPolicy
-from broker.observability import Metrics
-from broker.state.base import StateStore
 
 # Agents call the same few paths over and over; normalising them is pure, so remember the last few thousand
 # (bounded: the path is the client's; failures raise and are never cached).
@@ -62,6 +62,21 @@ class Principal:
     token: AccessToken
     #: RFC 7638 thumbprint of the DPoP key this request was signed with (None with mTLS-bound tokens)
     jkt: str | None
+    #: the proof's replay-cache entry (store key, ttl), claimed by the final guard
+    replay: tuple[str, float] | None = None
+
+    @property
+    def actor_id(self) -> str | None:
+        return str(self.actor) if self.actor is not None else None
+
+    def revocation_kinds(self) -> dict[str, str]:
+        """What an operator may revoke about this caller (CONTRACT §9), checked on every request."""
+        kinds = {"sub": self.subject}
+        if self.actor is not None:
+            kinds["act"] = str(self.actor)
+        if self.token.jti:
+            kinds["jti"] = self.token.jti
+        return kinds
 
 
 def cert_thumbprint(der: bytes) -> str:
@@ -130,13 +145,7 @@ class Authenticator:
         }
 
     async def authenticate(
-        self,
-        request: web.Request,
-        *,
-        store: StateStore,
-        metrics: Metrics,
-        now: float,
-        require_actor: bool = True,
+        self, request: web.Request, *, now: float, require_actor: bool = True
     ) -> Principal:
         """Every identity check of one request, or the BrokerError of the first that fails."""
         der = peer_certificate(request)
@@ -193,10 +202,11 @@ class Authenticator:
             if bound_actor is None or actor is None or bound_actor != str(actor):
                 raise InvalidToken("token was not issued to this agent", reason="token_actor_mismatch")
 
-        if proof is not None and not await store.claim(f"dpop:{proof.replay_key}", proof.replay_ttl):
-            metrics.dpop_replays.inc()
-            raise InvalidDpopProof("DPoP proof was already used", reason="dpop_replay")
-
         return Principal(
-            subject=token.sub, claims=token.claims, actor=actor, token=token, jkt=proof.jkt if proof else None
+            subject=token.sub,
+            claims=token.claims,
+            actor=actor,
+            token=token,
+            jkt=proof.jkt if proof else None,
+            replay=(f"dpop:{proof.replay_key}", proof.replay_ttl) if proof else None,
         )

@@ -172,6 +172,16 @@ class Env:
             self.context.add_variable("tool", {"name": tool})
             self.tool = tool
 
+    def bind_args(self, args: Mapping[str, Any]) -> None:
+        """Set ``args`` after the visibility check: an invocation checks that its tool is visible *before* it
+        reads its arguments (a hidden tool must answer like a missing one, not with a schema error), then
+        decides with them — one Env, one context. The engine's visibility cache does not depend on ``args``."""
+        if self.context is not None:
+            try:
+                self.context.add_variable("args", _only(args, self.needs, "args"))
+            except ValueError as exc:
+                self.context, self.error = None, type(exc).__name__
+
     def covers(self, needs: Needs) -> bool:
         """True if every field ``needs`` may read was converted into this Env."""
         if self.needs is None:
@@ -203,7 +213,9 @@ def actor_view(actor_id: str | None) -> dict[str, str]:
     return {"id": actor_id, "trust_domain": "", "path": ""}
 
 
-def _only(value: Mapping[str, Any], fields: frozenset[str] | None) -> dict[str, Any]:
+def _only(value: Mapping[str, Any], needs: Needs | None, variable: str) -> dict[str, Any]:
+    """The part of ``value`` the rules can read: all of it without ``needs``; nothing if no rule reads it."""
+    fields = None if needs is None else needs.get(variable, frozenset())
     if fields is None:
         return dict(value)
     return {name: value[name] for name in fields if name in value}
@@ -226,12 +238,11 @@ def build_env(
     request body from being converted at all. Without it everything is converted. Prefer
     ``PolicySet.build_env``, which passes it. A value CEL cannot hold makes every decision in this Env fail.
     """
-    fields = needs or {}
     variables = {
-        "subject": _only(subject, fields.get("subject")),
-        "actor": _only(actor_view(actor_id), fields.get("actor")),
+        "subject": _only(subject, needs, "subject"),
+        "actor": _only(actor_view(actor_id), needs, "actor"),
         "tool": {"name": tool},
-        "args": _only(args or {}, fields.get("args")),
+        "args": _only(args or {}, needs, "args"),
         "risk": {"score": risk_score(subject)},
         "counters": {name: dict(value) for name, value in counters.items()},
         "now": int(now),

@@ -65,6 +65,7 @@ _CONSTRAINT_READS_ARGS = (
     "constraints are evaluated at discovery, where there are no arguments: they must not read args"
 )
 _NOT_PERMITTED = "not permitted"
+_UNKNOWN = "unknown tool"
 
 
 class PolicyCompileError(ValueError):
@@ -124,14 +125,15 @@ class _Gate:
     matched: tuple[_Rule, ...]  # allow rules that evaluated true
 
 
+# A hidden tool is answered exactly like a missing one (404 unknown_tool): its message says nothing more.
 def _failed(rule: _Rule, error: str, outcome: Literal["deny", "hidden"]) -> Decision:
-    return Decision(
-        outcome, rule.id, f"policy evaluation failed in rule {rule.id}", _NOT_PERMITTED, error=error
-    )
+    message = _UNKNOWN if outcome == "hidden" else _NOT_PERMITTED
+    return Decision(outcome, rule.id, f"policy evaluation failed in rule {rule.id}", message, error=error)
 
 
 def _refused(rule: _Rule, outcome: Literal["deny", "hidden"]) -> Decision:
-    return Decision(outcome, rule.id, f"{rule.id}: {rule.reason or 'denied'}", rule.reason or _NOT_PERMITTED)
+    message = _UNKNOWN if outcome == "hidden" else rule.reason or _NOT_PERMITTED
+    return Decision(outcome, rule.id, f"{rule.id}: {rule.reason or 'denied'}", message)
 
 
 def _check(rule: _Rule, env: Env) -> tuple[bool, str | None]:
@@ -232,7 +234,8 @@ class PolicySet:
 
     def counters_needed(self, tool: str) -> frozenset[str]:
         """Counter names the tool's rules read (found as ``counters.<name>`` in their source; any other use of
-        ``counters`` is a compile error, so this is complete): fetch only these from the state store."""
+        ``counters`` is a compile error, so this is complete): fetch only these from the state store, at
+        discovery too (allow and argument-free deny rules may read counters). A missing one fails closed."""
         return self._rules_for(tool).counters
 
     def build_env(
@@ -269,7 +272,7 @@ class PolicySet:
     def _evaluate_gate(self, tool: str, env: Env) -> _Gate:
         if env.error is not None:
             return _Gate(
-                Decision("hidden", None, "policy environment invalid", "unknown tool", error=env.error), ()
+                Decision("hidden", None, "policy environment invalid", _UNKNOWN, error=env.error), ()
             )
         env.bind_tool(tool)
         matched: list[_Rule] = []
@@ -282,7 +285,7 @@ class PolicySet:
             if result:
                 matched.append(rule)
         if not matched:
-            return _Gate(Decision("hidden", None, "no allow rule matched", "unknown tool"), ())
+            return _Gate(Decision("hidden", None, "no allow rule matched", _UNKNOWN), ())
         first = matched[0].id
         return _Gate(Decision("allow", first, f"allowed by {first}", ""), tuple(matched))
 
@@ -294,7 +297,8 @@ class PolicySet:
         return self._gate(tool, env).decision.outcome == "allow"
 
     def decide(self, tool: str, env: Env) -> Decision:
-        """The invocation decision (``env`` built with the call's arguments); see the module docstring."""
+        """The invocation decision (``env`` built with the call's arguments; without them every rule that
+        reads ``args`` fails, and denies); see the module docstring."""
         gate = self._gate(tool, env).decision
         if gate.outcome != "allow":
             return gate

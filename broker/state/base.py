@@ -32,6 +32,7 @@ import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from broker.errors import StateUnavailable
@@ -40,6 +41,7 @@ from broker.jose import b64url_encode
 Op = Literal[
     "claim",
     "claim_all",
+    "guard",
     "is_revoked",
     "revoke",
     "record_event",
@@ -53,6 +55,7 @@ Op = Literal[
 OPS: Final[tuple[Op, ...]] = (
     "claim",
     "claim_all",
+    "guard",
     "is_revoked",
     "revoke",
     "record_event",
@@ -182,6 +185,21 @@ def check_items(items: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
     return checked
 
 
+@dataclass(frozen=True, slots=True)
+class Guarded:
+    """What :meth:`StateStore.guard` found: a revoked kind, the index of a claim already taken, or neither."""
+
+    revoked: str | None = None
+    replayed: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.revoked is None and self.replayed is None
+
+
+GUARD_OK: Final = Guarded()
+
+
 def unavailable(op: Op, description: str = "state store unavailable") -> StateUnavailable:
     """The one error every store raises when it cannot answer (503 ``state_unavailable``)."""
     return StateUnavailable(description, reason=f"state_{op}_failed")
@@ -214,6 +232,12 @@ class StateStore(ABC):
         ``kinds`` maps each kind to its raw value, as in
         ``{"txn": txn, "jti": jti, "sub": sub, "act": spiffe_id}``.
         """
+
+    @abstractmethod
+    async def guard(self, revocations: Mapping[str, str], claims: Sequence[tuple[str, float]]) -> Guarded:
+        """The last check of a request, in ONE atomic step (one Redis round trip): none of ``revocations``
+        (kind -> raw value) is revoked, then every claim is recorded — all or none (its DPoP ``jti`` and, for
+        an invocation, its txn token). ``claims`` may be empty (a revocation check only)."""
 
     @abstractmethod
     async def revoke(self, kind: str, value: str, ttl_seconds: float) -> None:

@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any, Final, NoReturn
 
 from broker.state.base import (
+    GUARD_OK,
     KEY_PATTERN,
     MAX_TTL_SECONDS,
     ErrorCallback,
+    Guarded,
     Op,
     StateStore,
     check_finite,
@@ -170,6 +172,23 @@ class MemoryStore(StateStore):
         for key, ttl in checked:
             self._set(key, now + ttl, _CLAIMED)
         return True
+
+    async def guard(self, revocations: Mapping[str, str], claims: Sequence[tuple[str, float]]) -> Guarded:
+        rev_keys = [(kind, self._prefix + revocation_key(kind, value)) for kind, value in revocations.items()]
+        checked = [(self._prefix + "claim:" + key, ttl) for key, ttl in check_items(claims)] if claims else []
+        now = self._clock()
+        self._expire(now)
+        for kind, key in rev_keys:
+            if key in self._data:
+                return Guarded(revoked=kind)
+        for index, (key, _) in enumerate(checked):
+            if key in self._data:
+                return Guarded(replayed=index)
+        if checked:
+            self._reserve("guard", len(checked))
+            for key, ttl in checked:
+                self._set(key, now + ttl, _CLAIMED)
+        return GUARD_OK
 
     # -- revocations -----------------------------------------------------------------------------------------
 

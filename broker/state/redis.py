@@ -37,7 +37,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from broker.state.base import (
+    GUARD_OK,
     ErrorCallback,
+    Guarded,
     Op,
     StateStore,
     check_finite,
@@ -67,6 +69,16 @@ _CLAIM_ALL: Final = """
 if redis.call('EXISTS', unpack(KEYS)) > 0 then return 0 end
 for i = 1, #KEYS do redis.call('SET', KEYS[i], '1', 'PX', ARGV[i]) end
 return 1
+"""
+
+# KEYS: ARGV[1] revocation keys, then the claims; ARGV[2..]: PX of each claim. Returns -i when revocation i
+# exists, +j when claim j was already taken (nothing is then set), 0 when all claims were recorded.
+_GUARD: Final = """
+local nrev = tonumber(ARGV[1])
+for i = 1, nrev do if redis.call('EXISTS', KEYS[i]) == 1 then return -i end end
+for i = nrev + 1, #KEYS do if redis.call('EXISTS', KEYS[i]) == 1 then return i - nrev end end
+for i = nrev + 1, #KEYS do redis.call('SET', KEYS[i], '1', 'PX', ARGV[i - nrev + 1]) end
+return 0
 """
 
 # KEYS[1]: revocation; ARGV[1]: PX. PTTL is -2 when absent, -1 without expiry: never shorten a revocation.
@@ -139,6 +151,7 @@ class RedisStore(StateStore):
         # Scripts run by EVALSHA and reload on NOSCRIPT (a restarted Redis has an empty script cache).
         self._claim_all_script = self._redis.register_script(_CLAIM_ALL)
         self._revoke_script = self._redis.register_script(_REVOKE)
+        self._guard_script = self._redis.register_script(_GUARD)
         self._put_json_script = self._redis.register_script(_PUT_JSON)
         self._cas_json_script = self._redis.register_script(_CAS_JSON)
 
@@ -173,6 +186,25 @@ class RedisStore(StateStore):
             return int(await self._claim_all_script(keys=keys, args=args)) == 1
 
         return await self._run("claim_all", call)
+
+    async def guard(self, revocations: Mapping[str, str], claims: Sequence[tuple[str, float]]) -> Guarded:
+        kinds = list(revocations)
+        rev_keys = [self._prefix + revocation_key(kind, value) for kind, value in revocations.items()]
+        checked = check_items(claims) if claims else []
+        keys = rev_keys + [self._prefix + "claim:" + key for key, _ in checked]
+        args = [len(rev_keys), *(ttl_ms(ttl) for _, ttl in checked)]
+
+        async def call() -> int:
+            # One script: revocation keys carry the {rev} tag and claims their own, so on a Redis Cluster this
+            # needs claim keys tagged {rev} too (or two round trips); on a single Redis it is one round trip.
+            return int(await self._guard_script(keys=keys, args=args))
+
+        found = await self._run("guard", call)
+        if found < 0:
+            return Guarded(revoked=kinds[-found - 1])
+        if found > 0:
+            return Guarded(replayed=found - 1)
+        return GUARD_OK
 
     # -- revocations -----------------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 from broker.canonical import canonicalize
 from broker.jose import Signer, generate_ec_jwk
 from broker.txn.tokens import TxnClaims, mint_txn_token
-from broker.verify import TXN, TxnTokenMiddleware, txn_token_middleware
+from broker.verify import TXN, SeenTxns, TxnTokenMiddleware, txn_token_middleware
 from tests.certfactory import Pki, client_ssl_context
 
 ISSUER = "https://localhost:8443"
@@ -306,3 +306,15 @@ def test_key_source_is_exactly_one() -> None:
         txn_token_middleware(issuer=ISSUER, audience=AUDIENCE)
     with pytest.raises(ValueError):
         txn_token_middleware(jwks_url="http://127.0.0.1/jwks.json", issuer=ISSUER, audience=AUDIENCE)
+
+
+def test_seen_txns_forgets_only_expired_ids_and_fails_closed_when_full() -> None:
+    seen = SeenTxns(max_entries=2)
+    assert seen.claim("a", forget_after=100, now=0) and not seen.claim("a", forget_after=100, now=99)
+    assert seen.claim("b", forget_after=50, now=0)
+    with pytest.raises(OverflowError):  # full of live ids: refuse rather than forget one (replay)
+        seen.claim("c", forget_after=100, now=10)
+    assert seen.claim("c", forget_after=200, now=60)  # "b" expired and was swept
+    assert (
+        seen.claim("a", forget_after=300, now=100) and len(seen) == 2
+    )  # "a" expired: a new token may reuse it

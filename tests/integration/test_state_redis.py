@@ -256,6 +256,7 @@ async def test_corrupt_stored_record_fails_closed(redis: RedisStores, corrupt: t
 OPERATIONS: dict[str, Callable[[StateStore], Awaitable[object]]] = {
     "claim": lambda s: s.claim("txn:a", 60),
     "claim_all": lambda s: s.claim_all([("{a}:txn", 60), ("{a}:dpop", 60)]),
+    "guard": lambda s: s.guard({"sub": "alice"}, [("{a}:dpop", 60)]),
     "is_revoked": lambda s: s.is_revoked({"txn": "a", "sub": "alice"}),
     "revoke": lambda s: s.revoke("sub", "alice", 60),
     "record_event": lambda s: s.record_event("ctr:s", 1, T0, 600),
@@ -386,3 +387,16 @@ async def test_claim_cost(redis: RedisStores, capsys: pytest.CaptureFixture[str]
             f"{concurrent_us:.0f} µs wall per claim with 32 concurrent"
         )
     assert sequential_us < 20_000  # generous: shared machine; the figures that matter are printed
+
+
+async def test_guard_is_atomic_across_replicas() -> None:
+    from broker.state.base import Guarded
+
+    async with redis_stores() as stores:
+        one, two = stores.store(), stores.store()
+        await one.revoke("sub", "mallory", 60)
+        assert await two.guard({"sub": "mallory"}, [("x", 10)]) == Guarded(revoked="sub")
+        results = await asyncio.gather(*(s.guard({"sub": "alice"}, [("d", 10), ("t", 10)]) for s in [one, two] * 10))
+        assert sum(r.ok for r in results) == 1
+        assert all(r.replayed == 0 for r in results if not r.ok)
+        assert await one.guard({}, [("t2", 10), ("t", 10)]) == Guarded(replayed=1)

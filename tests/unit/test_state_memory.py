@@ -465,3 +465,26 @@ async def test_claim_cost(capsys: pytest.CaptureFixture[str]) -> None:
     with capsys.disabled():
         print(f"\nMemoryStore.claim: {min(rounds):.2f} µs per new key (best of 3 x 50k, sequential)")
     assert min(rounds) < 50  # generous bound; the figure that matters is the one printed
+
+
+# --- guard: revocations checked, then all claims recorded, in one step ----------------------------------------
+
+
+async def test_guard_records_claims_once_and_reports_the_replayed_one() -> None:
+    from broker.state.base import Guarded
+
+    store = MemoryStore()
+    assert (await store.guard({"sub": "alice"}, [("a", 10), ("b", 10)])).ok
+    assert await store.guard({}, [("c", 10), ("b", 10)]) == Guarded(replayed=1)
+    assert await store.claim("c", 10)  # the refused guard recorded nothing
+
+
+async def test_guard_refuses_a_revoked_value_before_claiming() -> None:
+    from broker.state.base import Guarded
+
+    store = MemoryStore()
+    await store.revoke("act", "spiffe://example.org/agents/x", 60)
+    found = await store.guard({"sub": "alice", "act": "spiffe://example.org/agents/x"}, [("k", 10)])
+    assert found == Guarded(revoked="act")
+    assert await store.claim("k", 10)
+    assert (await store.guard({"sub": "alice"}, [])).ok

@@ -1,0 +1,58 @@
+"""The last check before a decision takes effect: revocations, then replay and single use, in ONE store step.
+
+Why last and why one step: a request refused by any earlier stage must not burn its DPoP ``jti`` or consume its
+txn token (HOSTILE S07), and the revocation check, the replay cache and single use must each hold on every
+replica at once — one atomic store operation (one Redis round trip) gives all three. A store that does not
+answer refuses the request (503 ``state_unavailable``, S01): there is never a local fallback.
+"""
+
+from __future__ import annotations
+
+from broker.errors import InvalidDpopProof, InvalidToken, InvalidTxnToken, UnknownTool
+from broker.identity.principal import Principal
+from broker.observability import Metrics
+from broker.state.base import StateStore
+
+
+def grant_id(subject: str, actor_id: str | None, tool: str) -> str:
+    """What ``POST /admin/revocations`` with kind ``grant`` names: one (subject, actor, tool) permission."""
+    return f"{subject}|{actor_id or ''}|{tool}"
+
+
+async def final_guard(
+    store: StateStore,
+    metrics: Metrics,
+    principal: Principal,
+    *,
+    tool: str | None = None,
+    txn: tuple[str, str, float] | None = None,
+) -> None:
+    """Refuse if anything about this request was revoked; else record its proof and txn token as used.
+
+    ``txn`` is (txn id, store key, ttl) of a presented transaction token.
+    """
+    revocations = principal.revocation_kinds()
+    if tool is not None:
+        revocations["grant"] = grant_id(principal.subject, principal.actor_id, tool)
+    claims: list[tuple[str, float]] = []
+    kinds: list[str] = []
+    if principal.replay is not None:
+        claims.append(principal.replay)
+        kinds.append("dpop")
+    if txn is not None:
+        revocations["txn"] = txn[0]
+        claims.append((txn[1], txn[2]))
+        kinds.append("txn")
+    found = await store.guard(revocations, claims)
+    if found.revoked == "grant":
+        # a revoked permission makes the tool invisible to this pair: answered like a missing tool
+        raise UnknownTool("no such tool", reason="grant_revoked")
+    if found.revoked == "txn":
+        raise InvalidTxnToken("transaction token has been revoked", reason="txn_revoked")
+    if found.revoked is not None:
+        raise InvalidToken("access token has been revoked", reason=f"revoked_{found.revoked}")
+    if found.replayed is not None:
+        if kinds[found.replayed] == "dpop":
+            metrics.dpop_replays.inc()
+            raise InvalidDpopProof("DPoP proof was already used", reason="dpop_replay")
+        raise InvalidTxnToken("transaction token was already used", reason="txn_replayed")

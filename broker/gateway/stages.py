@@ -1,0 +1,256 @@
+"""The stages shared by discovery, invocation and the token exchange. Each raises a BrokerError to refuse;
+the order in which a route runs them is written in that route's module (tools.py, exchange.py)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import jsonschema
+import structlog
+from aiohttp import web
+
+from broker.canonical import args_digest, strict_loads
+from broker.config.models import Limits
+from broker.context import CTX
+from broker.errors import (
+    AccessDenied,
+    ApprovalRequired,
+    InsufficientUserAuthentication,
+    InvalidRequest,
+    PayloadTooLarge,
+    UnknownTool,
+    UnsupportedMediaType,
+)
+from broker.identity.principal import Principal
+from broker.policy.engine import Decision, Env
+from broker.resources import METRICS, RUNTIME, STATE
+from broker.runtime import CompiledTool, Runtime
+
+log = structlog.get_logger("broker.policy")
+
+APPROVAL_OBLIGATIONS = ("manager_approval", "dual_approval", "security_review")
+
+
+async def authenticate(request: web.Request, runtime: Runtime, *, require_actor: bool = True) -> Principal:
+    """Identity (broker.identity.principal has its own order); the identities land in the request record."""
+    principal = await runtime.authenticator.authenticate(
+        request, now=time.time(), require_actor=require_actor
+    )
+    ctx = request[CTX]
+    ctx.actor, ctx.subject = principal.actor, principal.subject
+    return principal
+
+
+@dataclass
+class Visible:
+    tool: CompiledTool
+    env: Env
+    counters: dict[str, dict[str, Any]]
+    now: int
+
+
+async def visible_tool(request: web.Request, runtime: Runtime, principal: Principal, name: str) -> Visible:
+    """The tool, if this (subject, actor) may see it; else exactly what a missing tool answers (404)."""
+    ctx = request[CTX]
+    tool = runtime.tools.get(name)
+    if tool is None:
+        raise UnknownTool("no such tool", reason="unknown_tool")
+    ctx.tool = tool.name
+    now = int(time.time())
+    counters = await runtime.counters.fetch(
+        request.app[STATE],
+        runtime.policies.counters_needed(name),
+        subject=principal.subject,
+        actor_id=principal.actor_id,
+        now=now,
+    )
+    env = runtime.policies.build_env(
+        subject=principal.claims,
+        actor_id=principal.actor_id,
+        tool=name,
+        args=None,
+        counters=counters,
+        now=now,
+    )
+    visibility = runtime.policies.visibility(name, env)
+    if visibility.outcome != "allow":
+        raise UnknownTool("no such tool", reason=f"hidden: {visibility.reason}"[:200])
+    return Visible(tool=tool, env=env, counters=counters, now=now)
+
+
+async def read_json_body(request: web.Request, limits: Limits) -> Any:
+    """The request body as strict JSON (HOSTILE P15, P17–P19), bounded before and while reading."""
+    if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+        raise UnsupportedMediaType("compressed request bodies are not accepted", reason="body_encoded")
+    if request.content_type != "application/json" or request.charset not in (None, "utf-8"):
+        raise UnsupportedMediaType("send the arguments as application/json (UTF-8)", reason="body_not_json")
+    return strict_loads(await read_body(request, limits), max_depth=limits.max_json_depth)
+
+
+async def read_body(request: web.Request, limits: Limits) -> bytes:
+    limit = limits.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"request body is larger than {limit} bytes", reason="body_too_large")
+    body = await request.content.read(limit + 1)
+    if len(body) > limit or not request.content.at_eof():
+        raise PayloadTooLarge(f"request body is larger than {limit} bytes", reason="body_too_large")
+    return body
+
+
+def check_arguments(request: web.Request, tool: CompiledTool, arguments: Any) -> dict[str, Any]:
+    """A JSON object valid against the tool's input JSON Schema (before policy: CONTRACT §8); the error names
+    the failing place, e.g. ``arguments.amount``. Records the digest and auditable fields."""
+    if not isinstance(arguments, dict):
+        raise InvalidRequest("arguments must be a JSON object", reason="arguments_not_object")
+    error = jsonschema.exceptions.best_match(tool.validator.iter_errors(arguments))
+    if error is not None:
+        where = "arguments" + "".join(
+            f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path
+        )
+        raise InvalidRequest(f"{where}: {error.message}"[:300], reason="arguments_schema")
+    ctx = request[CTX]
+    ctx.args_digest = args_digest(arguments)
+    ctx.audit_args = {k: arguments[k] for k in tool.config.audit_fields if k in arguments} or None
+    return arguments
+
+
+def decide(
+    request: web.Request, runtime: Runtime, visible: Visible, principal: Principal, arguments: dict[str, Any]
+) -> Decision:
+    """The policy decision with arguments; a deny always beats obligations (CONTRACT §8)."""
+    name = visible.tool.name
+    visible.env.bind_args(arguments)
+    decision = runtime.policies.decide(name, visible.env)
+    if runtime.shadow is not None:
+        _compare_shadow(request, runtime, visible, principal, arguments, decision)
+    if decision.outcome == "hidden":
+        raise UnknownTool("no such tool", reason=f"hidden: {decision.reason}"[:200])
+    if decision.outcome == "deny":
+        raise AccessDenied(decision.message, reason=f"{decision.rule}: {decision.reason}"[:300])
+    return decision
+
+
+def _compare_shadow(
+    request: web.Request,
+    runtime: Runtime,
+    visible: Visible,
+    principal: Principal,
+    arguments: dict[str, Any],
+    active: Decision,
+) -> None:
+    assert runtime.shadow is not None
+    name = visible.tool.name
+    env = runtime.shadow.build_env(
+        subject=principal.claims,
+        actor_id=principal.actor_id,
+        tool=name,
+        args=arguments,
+        counters=visible.counters,
+        now=visible.now,
+    )
+    candidate = runtime.shadow.decide(name, env)
+    if (candidate.outcome, candidate.obligations) != (active.outcome, active.obligations):
+        request.app[METRICS].policy_shadow_diffs.labels(tool=name).inc()
+        log.warning(
+            "shadow policy disagrees",
+            tool=name,
+            request_id=request[CTX].request_id,
+            active={"outcome": active.outcome, "rule": active.rule, "obligations": list(active.obligations)},
+            shadow={
+                "outcome": candidate.outcome,
+                "rule": candidate.rule,
+                "obligations": list(candidate.obligations),
+            },
+        )
+
+
+def has_mfa(claims: Any) -> bool:
+    """RFC 9470: the token shows MFA by ``acr`` = "mfa" or "mfa" among its ``amr`` values."""
+    amr = claims.get("amr")
+    return claims.get("acr") == "mfa" or (isinstance(amr, list) and "mfa" in amr)
+
+
+def require_mfa(decision: Decision, principal: Principal) -> None:
+    if "mfa" in decision.obligations and not has_mfa(principal.claims):
+        index = decision.obligations.index("mfa")
+        reason = decision.obligation_reasons[index] if index < len(decision.obligation_reasons) else ""
+        raise InsufficientUserAuthentication(
+            reason or "this call needs multi-factor authentication",
+            reason="mfa_required",
+            challenge_params={"acr_values": "mfa"},
+        )
+
+
+def approvals_needed(decision: Decision) -> tuple[str, ...]:
+    return tuple(o for o in decision.obligations if o in APPROVAL_OBLIGATIONS)
+
+
+def approval_required(
+    approval_id: str, required: tuple[str, ...], public_url: str, reason: str
+) -> ApprovalRequired:
+    return ApprovalRequired(
+        reason or "this call needs approval",
+        reason=f"approval_required: {', '.join(required)}",
+        extra={
+            "approval_id": approval_id,
+            "required": list(required),
+            "approval_url": f"{public_url}/v1/approvals/{approval_id}",
+        },
+        headers={"Location": f"/v1/approvals/{approval_id}"},
+    )
+
+
+async def discharge_approvals(
+    request: web.Request,
+    runtime: Runtime,
+    principal: Principal,
+    visible: Visible,
+    arguments: dict[str, Any],
+    decision: Decision,
+    *,
+    approval_id: str | None,
+) -> str | None:
+    """Approval obligations: satisfied by a granted approval bound to exactly this (subject, actor, tool,
+    arguments), or refused with ``approval_required`` naming the (new or pending) approval. Returns the id of
+    the approval that covers the call, if one was needed."""
+    required = approvals_needed(decision)
+    if not required:
+        return None
+    from broker.gateway.approvals import APPROVALS  # the approvals service imports this module's stages
+    service = request.app[APPROVALS]
+    digest = request[CTX].args_digest or args_digest(arguments)
+    binding = {
+        "subject": principal.subject,
+        "actor": principal.actor_id,
+        "tool": visible.tool.name,
+        "args_digest": digest,
+    }
+    if approval_id is not None:
+        approval = await service.book.get(approval_id, visible.now)
+        if approval is not None and service.book.covers(
+            approval, **binding, required=required, now=visible.now
+        ):
+            return str(approval.id)
+    reasons = "; ".join(
+        r
+        for o, r in zip(decision.obligations, decision.obligation_reasons, strict=False)
+        if o in required and r
+    )
+    approval, new = await service.book.request(
+        **binding,
+        arguments=arguments,
+        required=required,
+        reason=reasons,
+        policy_version=runtime.policy_version,
+        now=visible.now,
+    )
+    if new:
+        request.app[METRICS].approvals.labels(state="pending").inc()
+        service.notifier.announce(approval)
+    raise approval_required(approval.id, required, runtime.config.server.public_url, reasons)
+
+
+def runtime_of(request: web.Request) -> Runtime:
+    return request.app[RUNTIME].current
