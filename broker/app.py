@@ -19,7 +19,7 @@ from broker.audit.sink import AuditLog
 from broker.config.loader import LoadedConfig
 from broker.context import CTX
 from broker.errors import StateUnavailable
-from broker.gateway import tools
+from broker.gateway import exchange, tools
 from broker.gateway.forward import Forwarder, client_session, close_session
 from broker.gateway.middleware import broker_middleware
 from broker.jose import Signer
@@ -79,6 +79,7 @@ def build_app(loaded: LoadedConfig, *, metrics: Metrics | None = None) -> web.Ap
 
     app.router.add_post("/v1/tools/{name}", tools.invoke_tool)
     app.router.add_get("/v1/tools", tools.list_tools)
+    app.router.add_post("/v1/token", exchange.token_exchange)
     app.router.add_get("/.well-known/jwks.json", jwks)
     app.router.add_get("/.well-known/oauth-protected-resource", protected_resource_metadata)
     return app

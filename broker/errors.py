@@ -50,6 +50,30 @@ class InvalidRequest(BrokerError):
     code = "invalid_request"
 
 
+class InvalidGrant(BrokerError):
+    """RFC 6749 §5.2 / RFC 8693 §2.2.2: the subject_token is not the one authenticating this request."""
+
+    status = 400
+    code = "invalid_grant"
+
+
+class UnsupportedGrantType(BrokerError):
+    status = 400
+    code = "unsupported_grant_type"
+
+
+class InvalidScope(BrokerError):
+    status = 400
+    code = "invalid_scope"
+
+
+class InvalidTarget(BrokerError):
+    """RFC 8693 §2.2.2: the requested audience or token type is not one we issue."""
+
+    status = 400
+    code = "invalid_target"
+
+
 class InvalidClient(BrokerError):
     """No client certificate, or one that is not a valid X.509-SVID of the trust domain."""
 

@@ -136,7 +136,7 @@ def build_runtime(loaded: LoadedConfig) -> Runtime:
     except ValueError as exc:  # an unreadable or empty jwks_file, an unusable algorithm list
         problems.append(ConfigProblem(file, loaded.line_of(("identity",)), f"identity: {exc}"))
     counters = [c.name for c in config.counters]
-    tool_names = [t.name for t in config.tools]
+    tool_names = [t.name for t in config.tools] + [t.name for m in config.mcp_servers for t in m.tools]
     policies: PolicySet | None = None
     shadow: PolicySet | None = None
     for section, rules in (("policies", config.policies), ("shadow_policies", config.shadow_policies)):

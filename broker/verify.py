@@ -10,7 +10,7 @@ trusts the broker checks it with the broker's public JWKS (``GET <broker>/.well-
         issuer="https://broker.example.org",   # the broker's server.public_url
         audience="example.org",                # the trust domain
         ssl=ssl.create_default_context(cafile="ca.pem"),
-        injected=("department",),              # arguments the broker injects for this backend's tools
+        injected=("department",),              # only for tokens without tctx.injected (step 4)
         tools={"/approve": "approveExpense", "/invoices": "listInvoices"},
     )
     app = web.Application(middlewares=[verifier])
@@ -18,6 +18,7 @@ trusts the broker checks it with the broker's public JWKS (``GET <broker>/.well-
 
     async def approve(request: web.Request) -> web.Response:
         claims = request[TXN]          # broker.txn.tokens.TxnClaims: sub, actor_id, tool, arguments, ...
+        department = claims.injected.get("department")   # set by the broker, verified against the body
 
 What the middleware checks, in order (refusals are ``401 {"error": "invalid_txn_token", ...}``):
 
@@ -26,9 +27,18 @@ What the middleware checks, in order (refusals are ``401 {"error": "invalid_txn_
    ``iss``, ``aud``, lifetime and expiry, and that ``tctx.args_digest`` matches ``tctx.arguments``;
 3. with ``tools``, the token's ``tctx.tool`` is the one mapped to this request's path (a token for one tool is
    never accepted by another tool's endpoint);
-4. the JSON body equals the token's arguments (:func:`body_matches`): the broker took the digest *before*
-   injecting server-side arguments and forwards the arguments *after* injection, so the ``injected`` keys
-   must be present in the body and are the only ones allowed to differ;
+4. the JSON body is what the token says the broker forwards (:func:`body_matches`). The broker took the
+   digest *before* injecting server-side arguments and forwards the arguments *after* injection:
+
+   - a token that carries ``tctx.injected`` (the values the broker injected) is checked completely: the body
+     must equal ``claims.forwarded_arguments()`` = ``{**arguments, **injected}`` (RFC 8785 canonical bytes,
+     so key order and ``4800``/``4800.0`` do not matter, while types, extra and missing keys do). A forged
+     injected value (``department: "7"`` where the broker set ``"42"``) is refused, and the handler can rely
+     on ``claims.injected`` for row-level security. The ``injected`` option is not consulted then;
+   - a token without ``tctx.injected`` (from a broker that does not record it) falls back to the weaker check:
+     the ``injected`` keys configured here must be present in the body and are the only ones allowed to
+     differ from ``tctx.arguments`` -- their values cannot be told from forged ones, so never base an
+     access decision on them;
 5. with ``single_use``, the ``txn`` has not been seen by this process (a bounded in-memory set kept until the
    token expires). The broker already consumes every agent-presented token once across all its replicas;
    this guards the hop from broker to backend. A backend with several replicas that wants single use across
@@ -71,19 +81,27 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def body_matches(claims: TxnClaims, body_args: Any, injected: Collection[str] = ()) -> bool:
-    """Whether a forwarded body carries the arguments the token was issued for.
+    """Whether a forwarded body carries the arguments the token was issued for (module docstring, step 4).
 
-    ``body_args`` must be a JSON object that holds every ``injected`` key; on every other key it must equal
-    ``claims.arguments`` (same keys, same values under RFC 8785, so ``4800`` and ``4800.0`` agree while
-    ``"4800"`` does not). The injected keys are the ones the broker sets after the digest was taken.
+    ``body_args`` must be a JSON object. When the token carries ``tctx.injected`` it must equal
+    ``claims.forwarded_arguments()`` exactly (same keys, same values under RFC 8785, so ``4800`` and
+    ``4800.0`` agree while ``"4800"`` does not) and ``injected`` is ignored. Otherwise it must hold every
+    ``injected`` key (the ones the broker sets after the digest was taken) and equal ``claims.arguments`` on
+    every other key.
     """
     if not isinstance(body_args, dict):
         return False
+    if claims.injected:
+        return _same_canonical(body_args, claims.forwarded_arguments())
     skip = frozenset(injected)
     if not skip.issubset(body_args):
         return False
     sent = {k: v for k, v in body_args.items() if k not in skip}
     issued = {k: v for k, v in claims.arguments.items() if k not in skip}
+    return _same_canonical(sent, issued)
+
+
+def _same_canonical(sent: dict[str, Any], issued: dict[str, Any]) -> bool:
     try:
         return hmac.compare_digest(args_digest(sent), args_digest(issued))
     except (ValueError, TypeError):  # not canonicalizable (never from strict_loads): no match
@@ -268,6 +286,8 @@ def txn_token_middleware(
     Exactly one key source: ``jwks_url`` (the broker's ``/.well-known/jwks.json``, https only; ``ssl`` for a
     private CA) or a static ``jwks`` document. ``issuer`` is the broker's ``server.public_url``, ``audience``
     its trust domain. ``tools`` maps request paths to tool names (a path it does not list is refused);
+    ``injected`` names the keys the broker injects, used only for tokens without ``tctx.injected`` (a token
+    that carries it is checked exactly against ``forwarded_arguments()``, step 4 of the module docstring);
     ``check_body=False`` skips the body comparison (for routes without a JSON body). Raises ``ValueError`` for
     a bad key source. Register ``cleanup_ctx`` so that the JWKS session is closed at shutdown. ``on_refusal``
     is called with each refusal's precise reason (``txn_expired``, ``txn_body_mismatch``, ...), e.g. for metrics.

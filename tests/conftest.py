@@ -21,6 +21,7 @@ from multidict import CIMultiDict
 from broker.config.loader import load_config
 from broker.identity.dpop import ath_for
 from broker.jose import jwk_thumbprint
+from broker.resources import RUNTIME
 from broker.server import RunningBroker, start
 from tests.certfactory import Pki, client_ssl_context, make_pki
 from tests.dpopfactory import make_proof
@@ -154,7 +155,7 @@ class BrokerUnderTest:
 
     @property
     def public_url(self) -> str:
-        return str(yaml.safe_load(self.config_path.read_text())["server"]["public_url"])
+        return self.running.app[RUNTIME].current.config.server.public_url
 
     @property
     def admin_url(self) -> str:

@@ -244,9 +244,25 @@ class Tool(Strict):
     response: ResponseFilters = Field(default_factory=lambda: ResponseFilters())
 
 
+class McpTool(Strict):
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    digest: str | None = Field(
+        None,
+        description="pinned SHA-256 (hex) of the tool's definition (name, description, inputSchema, RFC 8785); "
+        "absent: pinned at first sight",
+    )
+
+
 class McpServer(Strict):
+    """An upstream MCP server fronted at /mcp/{name}. Its tools are governed by the policies of the same names;
+    a tool not listed here is never shown or callable (and policies may only name listed tools)."""
+
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     upstream: Upstream
+    tools: list[McpTool] = Field(default_factory=list)
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="Origin header values accepted (MCP transport: validate Origin)"
+    )
 
 
 Obligation = Literal["mfa", "manager_approval", "dual_approval", "security_review"]

@@ -219,6 +219,7 @@ async def discharge_approvals(
     if not required:
         return None
     from broker.gateway.approvals import APPROVALS  # the approvals service imports this module's stages
+
     service = request.app[APPROVALS]
     digest = request[CTX].args_digest or args_digest(arguments)
     binding = {

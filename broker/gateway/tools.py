@@ -73,8 +73,8 @@ async def invoke_tool(request: web.Request) -> web.StreamResponse:
     visible = await visible_tool(request, runtime, principal, request.match_info["name"])  # 2
     tool = visible.tool
     arguments = check_arguments(request, tool, await read_json_body(request, runtime.limits))  # 3
-    presented = presented_txn_token(request, runtime, principal, visible, arguments)  # 4
-    decision = decide(request, runtime, visible, principal, arguments)  # 5
+    decision = decide(request, runtime, visible, principal, arguments)  # 4
+    presented = presented_txn_token(request, runtime, principal, visible, arguments)  # 5
     if presented is None:
         require_mfa(decision, principal)
         await discharge_approvals(request, runtime, principal, visible, arguments, decision, approval_id=None)

@@ -6,8 +6,14 @@ Pure: no clock, no I/O, no state. The caller passes ``now`` and the broker's ver
 Format (draft-ietf-oauth-transaction-tokens, profiled by CONTRACT §5): header ``typ: txntoken+jwt`` and
 ``kid``; claims ``iss`` (the broker's public URL), ``aud`` (the trust domain), ``iat``, ``exp`` (at most
 :data:`MAX_LIFETIME` after ``iat``), ``txn``, ``sub``, ``scope``, ``req_wl`` (the actor's SPIFFE ID),
-``rctx`` ``{req_ip?, authn}``, ``tctx`` ``{tool, arguments, args_digest, policy_version, approval_id?}`` and
-``cnf.jkt`` (the agent's DPoP key, when it has one).
+``rctx`` ``{req_ip?, authn}``, ``tctx`` ``{tool, arguments, args_digest, policy_version, approval_id?, injected?}``
+and ``cnf.jkt`` (the agent's DPoP key, when it has one).
+
+``tctx.arguments`` are the agent's arguments *before* server-side injection: ``args_digest`` (the parameter
+lock) is over them only. ``tctx.injected``, present when the broker injects server-side arguments for the tool,
+holds exactly the values it sets (e.g. ``department`` from the subject's claim), so that a tool backend can
+check the whole forwarded body, injected values included: it must equal
+:meth:`TxnClaims.forwarded_arguments` ``= {**arguments, **injected}`` (RFC 8785 canonical bytes).
 
 :func:`verify_txn_token` runs its checks in this order; each refusal is :class:`broker.errors.InvalidTxnToken`
 with a generic description and a precise ``reason``:
@@ -20,7 +26,8 @@ with a generic description and a precise ``reason``:
    any other algorithm are refused: T14, J01–J04); then the signature over the very bytes parsed (J15);
 5. claims, only now that they are authentic, with strict JSON types: ``iat``/``exp`` integers, lifetime at
    most 300 s (T12), expiry and ``iat`` with ``leeway``, ``iss`` and ``aud`` by exact string equality (J20,
-   J21, J24), ``txn``, ``tctx`` and its closed member set;
+   J21, J24), ``txn``, ``tctx`` and its closed member set (``injected``, when present, a non-empty JSON
+   object with an exact RFC 8785 form);
 6. ``tctx.args_digest`` has the SHA-256 shape (43 base64url characters) and equals the digest of
    ``tctx.arguments``: the token is internally consistent, and no other hash algorithm exists here (T16).
 
@@ -40,6 +47,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from broker.canonical import args_digest as compute_args_digest
+from broker.canonical import canonicalize
 from broker.errors import InvalidTxnToken, TxnTokenMismatch
 from broker.identity.jwks import KeyEntry, KeySet
 from broker.identity.jws import JwsError, parse_compact
@@ -71,7 +79,9 @@ _DIGEST_SHAPE: Final = re.compile(r"[A-Za-z0-9_-]{43}")
 #: header members naming a key or a key location, and nested content: never honoured (T14, J07, J08, J14)
 _FORBIDDEN_HEADERS: Final = ("jku", "jwk", "x5u", "x5c", "cty")
 #: the closed member set of ``tctx``: an unknown member (``hash_alg``, ...) is refused, never ignored (T16)
-_TCTX_MEMBERS: Final = frozenset({"tool", "arguments", "args_digest", "policy_version", "approval_id"})
+_TCTX_MEMBERS: Final = frozenset(
+    {"tool", "arguments", "args_digest", "policy_version", "approval_id", "injected"}
+)
 _INVALID: Final = "transaction token is invalid"
 
 
@@ -91,7 +101,9 @@ class MintedTxn:
 
 @dataclass(frozen=True, slots=True)
 class TxnClaims:
-    """A verified txn token. Treat as immutable: ``arguments`` is the token's own (pre-injection) object."""
+    """A verified txn token. Treat as immutable: ``arguments`` is the token's own (pre-injection) object,
+    ``injected`` the server-side arguments the broker set after the digest was taken (``{}`` when it set none).
+    """
 
     txn: str
     sub: str
@@ -110,6 +122,15 @@ class TxnClaims:
     kid: str
     #: every verified claim, read-only
     claims: Mapping[str, Any]
+    #: ``tctx.injected``: the server-side argument values the broker sets on top of ``arguments``
+    injected: dict[str, Any]
+
+    def forwarded_arguments(self) -> dict[str, Any]:
+        """What the tool backend must receive: ``arguments`` with every ``injected`` value set over them.
+
+        A new dict each call. When the token carries no ``injected``, this is a copy of ``arguments``.
+        """
+        return {**self.arguments, **self.injected}
 
 
 def mint_txn_token(
@@ -130,11 +151,14 @@ def mint_txn_token(
     now: float,
     lifetime: int = MAX_LIFETIME,
     txn: str | None = None,
+    injected: Mapping[str, Any] | None = None,
 ) -> MintedTxn:
     """Sign a txn token for one call of ``tool`` with exactly ``arguments`` (before server-side injection).
 
     ``issuer`` is ``server.public_url``, ``audience`` the trust domain. ``txn`` defaults to 128 random bits
-    (base64url). ``arguments`` must be what :func:`broker.canonical.strict_loads` produces; anything
+    (base64url). ``injected``, when non-empty, is the server-side arguments the broker will set over
+    ``arguments`` before forwarding (``tctx.injected``); ``args_digest`` stays over ``arguments`` alone.
+    ``arguments`` and ``injected`` must be what :func:`broker.canonical.strict_loads` produces; anything
     :func:`broker.canonical.canonicalize` cannot represent exactly raises ``ValueError``/``TypeError``, as do a
     ``lifetime`` outside ``(0, 300]`` and an empty or over-long ``txn``: these are caller bugs, not refusals.
     """
@@ -148,6 +172,10 @@ def mint_txn_token(
         raise TypeError("arguments must be a JSON object")
     args = dict(arguments)
     digest = compute_args_digest(args)
+    if injected is not None and not isinstance(injected, Mapping):
+        raise TypeError("injected must be a JSON object")
+    server_side = dict(injected) if injected else {}
+    canonicalize(server_side)  # raises like arguments do: a value without an exact RFC 8785 form is a bug
     iat = int(now)
     exp = iat + lifetime
     tctx: dict[str, Any] = {
@@ -158,6 +186,8 @@ def mint_txn_token(
     }
     if approval_id is not None:
         tctx["approval_id"] = approval_id
+    if server_side:
+        tctx["injected"] = server_side
     rctx: dict[str, Any] = {"authn": authn}
     if req_ip is not None:
         rctx["req_ip"] = req_ip
@@ -321,6 +351,7 @@ def _claims(
     arguments = _object_claim(tctx, "arguments")
     policy_version = _str_claim(tctx, "policy_version")
     approval_id = _str_claim(tctx, "approval_id") if "approval_id" in tctx else None
+    injected = _injected_claim(tctx) if "injected" in tctx else {}
     claimed = tctx.get("args_digest")
     # T16: the SHA-256 shape only; checked before compare_digest, which refuses non-ASCII str with TypeError.
     if not isinstance(claimed, str) or not _DIGEST_SHAPE.fullmatch(claimed):
@@ -346,7 +377,21 @@ def _claims(
         iat=iat,
         kid=kid,
         claims=MappingProxyType(payload),
+        injected=injected,
     )
+
+
+def _injected_claim(tctx: Mapping[str, Any]) -> dict[str, Any]:
+    """``tctx.injected``: a non-empty object (we never mint an empty one: one form per meaning) whose values
+    have an exact RFC 8785 form, so that a backend can compare the forwarded body with it byte for byte."""
+    injected = _object_claim(tctx, "injected")
+    if not injected:
+        raise _refuse("txn_injected")
+    try:
+        canonicalize(injected)
+    except (ValueError, TypeError):  # an integer past 2**53: no exact canonical form
+        raise _refuse("txn_injected") from None
+    return injected
 
 
 def check_invocation(

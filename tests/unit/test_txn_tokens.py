@@ -178,6 +178,35 @@ def test_optional_members_are_absent_when_not_given() -> None:
     assert verify(mint(cnf_jkt=None).token).cnf_jkt is None
 
 
+AGENT_ARGS: dict[str, Any] = {"invoice_id": "INV-8831", "amount": 4800}  # no department: the broker sets it
+INJECTED: dict[str, Any] = {"department": "42"}
+
+
+def test_injected_round_trip_keeps_the_parameter_lock_over_the_agents_arguments() -> None:
+    minted = mint(arguments=AGENT_ARGS, injected=INJECTED)
+    got = verify(minted.token)
+    assert got.arguments == AGENT_ARGS and got.injected == INJECTED
+    assert got.forwarded_arguments() == {**AGENT_ARGS, "department": "42"}
+    assert got.claims["tctx"]["injected"] == INJECTED
+    assert minted.args_digest == got.args_digest == args_digest(AGENT_ARGS)  # not over the injected values
+
+
+def test_injected_values_override_the_agents_in_forwarded_arguments() -> None:
+    got = verify(mint(injected={"department": "7", "cost_center": "CC-1"}).token)
+    assert got.arguments == ARGS  # the agent's own department "42" stays what was locked
+    assert got.forwarded_arguments() == {**ARGS, "department": "7", "cost_center": "CC-1"}
+    got.forwarded_arguments()["department"] = "x"  # a fresh dict each time: the claims stay as verified
+    assert got.injected == {"department": "7", "cost_center": "CC-1"} and got.arguments == ARGS
+
+
+@pytest.mark.parametrize("injected", [None, {}], ids=["none", "empty"])
+def test_no_injected_member_without_injected_values(injected: dict[str, Any] | None) -> None:
+    minted = mint(injected=injected)
+    assert "injected" not in parse_compact(minted.token, max_bytes=8192).payload["tctx"]
+    got = verify(minted.token)
+    assert got.injected == {} and got.forwarded_arguments() == ARGS
+
+
 def test_txn_is_random_128_bits_unless_given() -> None:
     ids = {mint().txn for _ in range(50)}
     assert len(ids) == 50 and all(len(i) == 22 for i in ids)  # 16 bytes, base64url without padding
@@ -201,6 +230,8 @@ def test_lifetime_and_float_now() -> None:
         ({"arguments": {"amount": 2**53}}, ValueError),  # no exact RFC 8785 form
         ({"arguments": {"amount": float("nan")}}, ValueError),
         ({"arguments": ["not", "an", "object"]}, TypeError),
+        ({"injected": [("department", "42")]}, TypeError),
+        ({"injected": {"limit": 2**53}}, ValueError),
     ],
     ids=[
         "lifetime-over-300",
@@ -211,6 +242,8 @@ def test_lifetime_and_float_now() -> None:
         "int-over-2^53",
         "nan",
         "arguments-not-object",
+        "injected-not-object",
+        "injected-int-over-2^53",
     ],
 )
 def test_mint_refuses_caller_bugs(overrides: dict[str, Any], error: type[Exception]) -> None:
@@ -346,6 +379,18 @@ REFUSALS: list[Any] = [
     pytest.param(lambda: forge(with_tctx(args_digest=OMIT)), "txn_args_digest_format", id="digest-missing"),
     pytest.param(lambda: forge(with_tctx(hash_alg="md5")), "txn_tctx", id="tctx-hash-alg-member"),
     pytest.param(
+        lambda: forge(with_tctx(injected=INJECTED, injected_by="broker")),
+        "txn_tctx",
+        id="tctx-unknown-member-beside-injected",
+    ),
+    pytest.param(lambda: forge(with_tctx(injected=["department", "42"])), "txn_claim_type", id="injected-array"),
+    pytest.param(lambda: forge(with_tctx(injected="department=42")), "txn_claim_type", id="injected-string"),
+    pytest.param(lambda: forge(with_tctx(injected=None)), "txn_claim_type", id="injected-null"),
+    pytest.param(lambda: forge(with_tctx(injected={})), "txn_injected", id="injected-empty"),
+    pytest.param(
+        lambda: forge(with_tctx(injected={"limit": 2**60})), "txn_injected", id="injected-without-canonical-form"
+    ),
+    pytest.param(
         lambda: forge(with_tctx(arguments={"amount": 2**60}, args_digest="A" * 43)),
         "txn_args_digest",
         id="arguments-without-canonical-form",
@@ -460,6 +505,19 @@ def _parsed(text: str) -> Any:
 )
 def test_check_invocation_accepts(claims_: TxnClaims, overrides: dict[str, Any]) -> None:
     check_invocation(claims_, **invocation(**overrides))
+
+
+VERIFIED_INJECTED = verify(mint(arguments=AGENT_ARGS, injected=INJECTED).token)
+
+
+def test_check_invocation_locks_the_agents_arguments_of_an_injected_token() -> None:
+    check_invocation(VERIFIED_INJECTED, **invocation(arguments=AGENT_ARGS))
+
+
+def test_check_invocation_refuses_the_injected_arguments_as_the_agents() -> None:
+    # The parameter lock is over what the agent sent; the injected values are not part of it.
+    with pytest.raises(TxnTokenMismatch):
+        check_invocation(VERIFIED_INJECTED, **invocation(arguments=VERIFIED_INJECTED.forwarded_arguments()))
 
 
 # --- helpers --------------------------------------------------------------------------------------------------

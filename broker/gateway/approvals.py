@@ -1,0 +1,255 @@
+"""``/v1/approvals``: approval status for the requester's agent and approvers, and approvers' decisions.
+
+Stage order of every route, with the reason for each constraint:
+
+    identity     the caller's token and proof; an SVID is optional (approvers have none). First: nothing about
+                 an approval is revealed to, or changed by, an unauthenticated caller.
+    guard        revocations and the proof's replay claim (one store step), right after identity.
+    who          POST: an agent (a certificate, an ``act`` claim, or a SPIFFE ``client_id``) is refused before
+                 the body is read — approvals are decided by humans with their own token (CONTRACT §3).
+    approval     the record; a caller who may not see it gets exactly the answer for a missing id (404).
+    rules        POST: requester / eligibility / double vote / state (``broker.txn.approvals.refusal``), before
+                 MFA — someone who may not approve at all is told 403, not asked to step up.
+    mfa          POST: ``401 insufficient_user_authentication`` with ``acr_values="mfa"`` (RFC 9470).
+    vote         compare-and-set in the store (rules re-checked against the latest record).
+    audit        every outcome: refusals by the middleware, successes here before the answer is sent.
+
+``GET /v1/approvals`` (an extension, for ``broker approvals list``) lists the pending approvals the calling
+human could decide now.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from broker.config.models import Approvals
+from broker.context import CTX
+from broker.errors import AccessDenied, InsufficientUserAuthentication, InvalidRequest, NotFound
+from broker.gateway.guard import final_guard
+from broker.gateway.middleware import audit_decision
+from broker.gateway.stages import has_mfa, read_json_body
+from broker.identity.principal import Principal
+from broker.jose import Signer
+from broker.observability import Metrics
+from broker.resources import METRICS, RUNTIME, STATE
+from broker.state.base import StateStore
+from broker.txn.approvals import Approval, ApprovalBook, Eligibility, Verdict, refusal
+from broker.txn.webhooks import WebhookNotifier
+
+__all__ = [
+    "APPROVALS",
+    "ApprovalService",
+    "decide_approval",
+    "get_approval",
+    "is_agent",
+    "list_approvals",
+]
+
+_NOT_FOUND = "no such approval"
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
+@dataclass
+class ApprovalService:
+    """Everything the approval routes and the token exchange need, for one running broker."""
+
+    book: ApprovalBook
+    eligibility: Eligibility
+    notifier: WebhookNotifier
+    metrics: Metrics
+    public_url: str
+
+    @classmethod
+    def create(
+        cls,
+        config: Approvals,
+        store: StateStore,
+        signer: Signer,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        public_url: str,
+    ) -> ApprovalService:
+        """Raises ``EligibilityCompileError`` for approver rules that do not compile."""
+        return cls(
+            book=ApprovalBook(store, ttl_seconds=config.ttl_seconds),
+            eligibility=Eligibility.compile(config),
+            notifier=WebhookNotifier(session, signer, config.webhooks, public_url=public_url),
+            metrics=metrics,
+            public_url=public_url.rstrip("/"),
+        )
+
+    def start(self) -> None:
+        """Start the webhook worker (call inside the running loop, e.g. from ``cleanup_ctx``)."""
+        self.notifier.start()
+
+    async def close(self) -> None:
+        await self.notifier.close()
+
+    def approval_url(self, approval_id: str) -> str:
+        return f"{self.public_url}/v1/approvals/{approval_id}"
+
+    async def request(
+        self,
+        *,
+        subject: str,
+        actor: str | None,
+        tool: str,
+        arguments: Mapping[str, Any],
+        args_digest: str,
+        required: tuple[str, ...] | list[str],
+        reason: str,
+        policy_version: str,
+        now: float,
+    ) -> tuple[Approval, bool]:
+        """:meth:`ApprovalBook.request`; a new approval is counted (``pending``) and announced to webhooks."""
+        approval, created = await self.book.request(
+            subject=subject,
+            actor=actor,
+            tool=tool,
+            arguments=arguments,
+            args_digest=args_digest,
+            required=required,
+            reason=reason,
+            policy_version=policy_version,
+            now=now,
+        )
+        if created:
+            self.metrics.approvals.labels(state="pending").inc()
+            self.notifier.announce(approval)
+        return approval, created
+
+
+APPROVALS = web.AppKey("approvals", ApprovalService)
+
+
+def is_agent(principal: Principal) -> bool:
+    """An agent, or a token issued to one: an SVID, an ``act`` claim, or a SPIFFE ID as ``client_id``
+    (the dual-identity form without ``act``). Such a caller never decides an approval, even without its
+    certificate: the human the token names did not present it themselves."""
+    token = principal.token
+    return (
+        principal.actor is not None
+        or token.act_sub is not None
+        or (token.client_id is not None and token.client_id.startswith("spiffe://"))
+    )
+
+
+async def _identify(request: web.Request) -> tuple[Principal, ApprovalService, float]:
+    ctx = request[CTX]
+    ctx.route = "approval"  # set first: a refused identity is audited as an approval event too
+    app = request.app
+    service = app[APPROVALS]
+    principal = await app[RUNTIME].current.authenticator.authenticate(
+        request, now=time.time(), require_actor=False
+    )
+    ctx.subject, ctx.actor = principal.subject, principal.actor
+    await final_guard(app[STATE], app[METRICS], principal)
+    return principal, service, time.time()
+
+
+async def _approval(request: web.Request, service: ApprovalService, now: float) -> Approval:
+    approval = await service.book.get(request.match_info["id"], now)
+    if approval is None:
+        raise NotFound(_NOT_FOUND, reason="approval_unknown")
+    ctx = request[CTX]
+    ctx.tool, ctx.args_digest = approval.tool, approval.args_digest
+    return approval
+
+
+def _may_read(approval: Approval, principal: Principal, service: ApprovalService) -> bool:
+    """CONTRACT §3: the requesting subject together with its agent, and the approvers of this approval."""
+    if principal.actor is not None:
+        return principal.subject == approval.subject and principal.actor_id == approval.actor
+    if is_agent(principal):
+        return False
+    eligible = service.eligibility.for_approval(approval)
+    return any(v.sub == principal.subject for v in approval.approvals) or any(
+        eligible(name, principal.claims) for name in approval.required
+    )
+
+
+def _success(request: web.Request, reason: str, body: Any) -> web.Response:
+    ctx = request[CTX]
+    ctx.decision, ctx.reason, ctx.status = "allow", reason, 200
+    audit_decision(request.app, ctx)  # CONTRACT §9: written before the answer leaves
+    return web.json_response(body, headers=_NO_STORE)
+
+
+async def get_approval(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/approvals/{id}``: the status body, or ``404 not_found`` to anyone who may not read it."""
+    principal, service, now = await _identify(request)
+    approval = await _approval(request, service, now)
+    if not _may_read(approval, principal, service):
+        raise NotFound(_NOT_FOUND, reason="approval_not_visible")
+    return _success(request, f"read:{approval.id}", approval.to_api(now=now))
+
+
+def _verdict(body: Any) -> Verdict:
+    if not isinstance(body, dict) or set(body) != {"decision"}:
+        raise InvalidRequest('send {"decision": "approve"} or {"decision": "deny"}', reason="approval_body")
+    decision = body["decision"]
+    if decision == "approve":
+        return "approve"
+    if decision == "deny":
+        return "deny"
+    raise InvalidRequest('decision must be "approve" or "deny"', reason="approval_decision")
+
+
+async def decide_approval(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/approvals/{id}`` ``{"decision": "approve"|"deny"}`` by an approver → ``200`` new status."""
+    principal, service, now = await _identify(request)
+    if is_agent(principal):
+        raise AccessDenied(
+            "approvals are decided by people with their own token, not by agents", reason="approval_by_agent"
+        )
+    decision = _verdict(await read_json_body(request, request.app[RUNTIME].current.limits))
+    approval = await _approval(request, service, now)
+    eligible = service.eligibility.for_approval(approval)
+    error = refusal(
+        approval, approver_sub=principal.subject, approver_claims=principal.claims, eligible=eligible, now=now
+    )
+    if error is not None:
+        raise error
+    if not has_mfa(principal.claims):
+        raise InsufficientUserAuthentication(
+            "deciding an approval requires multi-factor authentication",
+            reason="approval_mfa_required",
+            challenge_params={"acr_values": "mfa"},
+        )
+    updated = await service.book.decide(
+        approval.id,
+        approver_sub=principal.subject,
+        approver_claims=principal.claims,
+        decision=decision,
+        eligible=eligible,
+        now=now,
+    )
+    state = updated.state_at(now)
+    service.metrics.approvals.labels(state=state).inc()
+    return _success(request, f"{decision}:{updated.id}:{state}", updated.to_api(now=now))
+
+
+async def list_approvals(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/approvals``: ``{"approvals": [status, …]}`` the calling human could decide now."""
+    principal, service, now = await _identify(request)
+    if is_agent(principal):
+        raise AccessDenied("only approvers can list approvals", reason="approval_by_agent")
+    decidable = [
+        approval.to_api(now=now)
+        for approval in await service.book.pending(now)
+        if refusal(
+            approval,
+            approver_sub=principal.subject,
+            approver_claims=principal.claims,
+            eligible=service.eligibility.for_approval(approval),
+            now=now,
+        )
+        is None
+    ]
+    return _success(request, f"list:{len(decidable)}", {"approvals": decidable})

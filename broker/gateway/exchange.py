@@ -1,0 +1,179 @@
+"""``POST /v1/token``: RFC 8693 token exchange for a transaction token (CONTRACT §5). Stage order:
+
+1 identity     the same DPoP/mTLS authentication as every call; the subject_token must be the very access
+               token that authenticates this request (an agent cannot exchange someone else's token).
+2 form         every RFC 8693 parameter, exactly once, exactly the values we issue for (OAuth errors).
+3 visibility   a tool this (subject, actor) may not see answers like a missing one (404 unknown_tool).
+4 arguments    the tool's input JSON Schema on request_details.arguments.
+5 policy       deny rules first (a deny beats any obligation: 403 access_denied).
+6 obligations  MFA on the subject's token (401 + acr_values), then approvals bound to exactly these
+               arguments (403 approval_required, approval_id) unless approval_id names a granted one.
+7 guard        revocations and DPoP replay, one atomic store step, last.
+8 mint         the txn token: 5 minutes, single use, bound to the DPoP key and the args digest.
+9 audit        the decision, before the token is handed out.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Any
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+from multidict import MultiDict, MultiDictProxy
+
+from broker.canonical import strict_loads
+from broker.context import CTX
+from broker.errors import (
+    InvalidGrant,
+    InvalidRequest,
+    InvalidScope,
+    InvalidTarget,
+    UnsupportedGrantType,
+    UnsupportedMediaType,
+)
+from broker.gateway.guard import final_guard
+from broker.gateway.middleware import audit_decision
+from broker.gateway.stages import (
+    authenticate,
+    check_arguments,
+    decide,
+    discharge_approvals,
+    read_body,
+    require_mfa,
+    runtime_of,
+    visible_tool,
+)
+from broker.identity.dpop import ath_for
+from broker.resources import METRICS, SIGNER, STATE
+from broker.txn.tokens import MAX_LIFETIME, mint_txn_token
+
+GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
+TXN_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:txn_token"
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
+_PARAMS = frozenset(
+    {
+        "grant_type",
+        "requested_token_type",
+        "audience",
+        "subject_token",
+        "subject_token_type",
+        "scope",
+        "request_details",
+        "approval_id",
+    }
+)
+
+
+def _one(form: MultiDictProxy[str], name: str, *, required: bool = True) -> str | None:
+    values = form.getall(name, [])
+    if len(values) > 1:
+        raise InvalidRequest(f"{name} must be sent once", reason=f"exchange_duplicate_{name}")
+    if not values:
+        if required:
+            raise InvalidRequest(f"{name} is required", reason=f"exchange_missing_{name}")
+        return None
+    return values[0]
+
+
+async def read_form(request: web.Request) -> MultiDictProxy[str]:
+    if request.content_type != "application/x-www-form-urlencoded":
+        raise UnsupportedMediaType(
+            "send application/x-www-form-urlencoded (RFC 8693 §2.1)", reason="exchange_media"
+        )
+    limits = runtime_of(request).limits
+    body = await read_body(request, limits)
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("the form is not UTF-8", reason="exchange_not_utf8") from None
+    try:
+        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text), max_num_fields=32)
+    except ValueError:
+        raise InvalidRequest("the form cannot be parsed", reason="exchange_form") from None
+    form: MultiDict[str] = MultiDict(pairs)
+    unknown = set(form) - _PARAMS
+    if unknown:
+        raise InvalidRequest(f"unknown parameter {sorted(unknown)[0]!r}", reason="exchange_unknown_parameter")
+    return MultiDictProxy(form)
+
+
+async def token_exchange(request: web.Request) -> web.StreamResponse:
+    ctx = request[CTX]
+    ctx.route = "exchange"
+    runtime = runtime_of(request)
+    app = request.app
+    config = runtime.config
+
+    principal = await authenticate(request, runtime)  # 1
+    form = await read_form(request)  # 2
+    if _one(form, "grant_type") != GRANT_TYPE:
+        raise UnsupportedGrantType(
+            "grant_type must be token-exchange (RFC 8693)", reason="exchange_grant_type"
+        )
+    if _one(form, "requested_token_type") != TXN_TOKEN_TYPE:
+        raise InvalidTarget("requested_token_type must be txn_token", reason="exchange_token_type")
+    if _one(form, "audience") != config.identity.trust_domain:
+        raise InvalidTarget("audience must be this trust domain", reason="exchange_audience")
+    if _one(form, "subject_token_type") != ACCESS_TOKEN_TYPE:
+        raise InvalidRequest("subject_token_type must be access_token", reason="exchange_subject_token_type")
+    subject_token = _one(form, "subject_token") or ""
+    if not subject_token.isascii() or not hmac.compare_digest(
+        ath_for(subject_token), principal.token.token_hash
+    ):
+        raise InvalidGrant(
+            "subject_token must be the access token of this request", reason="exchange_subject_token"
+        )
+    scope = _one(form, "scope") or ""
+    if not scope.startswith("tool:") or " " in scope:
+        raise InvalidScope("scope must be tool:<name>", reason="exchange_scope")
+    details = _request_details(_one(form, "request_details") or "", runtime.limits.max_json_depth)
+    name = scope.removeprefix("tool:")
+    if details.get("tool") != name:
+        raise InvalidRequest("request_details.tool must match the scope", reason="exchange_tool_mismatch")
+    approval_id = _one(form, "approval_id", required=False)
+
+    visible = await visible_tool(request, runtime, principal, name)  # 3
+    arguments = check_arguments(request, visible.tool, details.get("arguments", {}))  # 4
+    decision = decide(request, runtime, visible, principal, arguments)  # 5
+    require_mfa(decision, principal)  # 6
+    granted = await discharge_approvals(
+        request, runtime, principal, visible, arguments, decision, approval_id=approval_id
+    )
+    await final_guard(app[STATE], app[METRICS], principal, tool=name)  # 7
+    minted = mint_txn_token(  # 8
+        app[SIGNER],
+        issuer=config.server.public_url,
+        audience=config.identity.trust_domain,
+        subject=principal.subject,
+        scope=scope,
+        actor_id=principal.actor_id or "",
+        tool=name,
+        arguments=arguments,
+        policy_version=runtime.policy_version,
+        cnf_jkt=principal.jkt,
+        req_ip=request.remote,
+        authn="dpop" if principal.jkt else "mtls",
+        approval_id=granted,
+        now=time.time(),
+    )
+    app[METRICS].txn_tokens.labels(tool=name, event="minted").inc()
+    ctx.txn, ctx.decision, ctx.status = minted.txn, "allow", 200  # 9
+    audit_decision(app, ctx)
+    body: dict[str, Any] = {
+        "access_token": minted.token,
+        "issued_token_type": TXN_TOKEN_TYPE,
+        "token_type": "N_A",
+        "expires_in": MAX_LIFETIME,
+    }
+    return web.json_response(body, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+
+
+def _request_details(text: str, max_depth: int) -> dict[str, Any]:
+    if not text:
+        raise InvalidRequest("request_details is required", reason="exchange_missing_request_details")
+    details = strict_loads(text.encode("utf-8"), max_depth=max_depth)
+    if not isinstance(details, dict) or set(details) - {"tool", "arguments"}:
+        raise InvalidRequest("request_details must be {tool, arguments}", reason="exchange_request_details")
+    return details
