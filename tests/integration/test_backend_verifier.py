@@ -229,12 +229,64 @@ async def test_two_txn_token_headers_are_refused(backend_factory: BackendFactory
     ],
     ids=["injected-key-added", "injected-key-overridden", "same-canonical-value"],
 )
-async def test_injected_keys_may_differ(
+async def test_without_tctx_injected_the_configured_keys_may_differ(
     backend_factory: BackendFactory, token_args: dict[str, Any], body_args: dict[str, Any]
 ) -> None:
     backend = await backend_factory()
     status, body = await backend.post(token=mint(arguments=token_args), body=body_args)
     assert status == 200 and body["body"] == body_args
+
+
+AGENT_ARGS: dict[str, Any] = {"invoice_id": "INV-8831", "amount": 4800}
+INJECTED: dict[str, Any] = {"department": "42"}
+
+
+@pytest.mark.parametrize(
+    ("token_args", "body_args"),
+    [
+        (AGENT_ARGS, {**AGENT_ARGS, "department": "42"}),  # agent sent no department; the broker set it
+        ({**AGENT_ARGS, "department": "7"}, {**AGENT_ARGS, "department": "42"}),  # the broker overrode "7"
+        (AGENT_ARGS, {"department": "42", "amount": 4800.0, "invoice_id": "INV-8831"}),  # same JCS value
+    ],
+    ids=["injected-key-added", "agents-value-overridden", "same-canonical-value"],
+)
+async def test_honest_injected_values_are_accepted(
+    backend_factory: BackendFactory, token_args: dict[str, Any], body_args: dict[str, Any]
+) -> None:
+    backend = await backend_factory()
+    status, body = await backend.post(token=mint(arguments=token_args, injected=INJECTED), body=body_args)
+    assert status == 200 and body["body"] == body_args
+    [claims] = backend.calls
+    assert claims is not None and claims.injected == INJECTED and claims.arguments == token_args
+
+
+@pytest.mark.parametrize(
+    "body_args",
+    [
+        {**AGENT_ARGS, "department": "7"},
+        {**AGENT_ARGS, "department": 42},
+        AGENT_ARGS,
+        {**AGENT_ARGS, "department": "42", "vendor": "x"},
+        {"invoice_id": "INV-8831", "department": "42"},
+        {**AGENT_ARGS, "department": "42", "amount": 4900},
+    ],
+    ids=[
+        "forged-injected-value",
+        "injected-value-type-changed",
+        "injected-key-missing",
+        "extra-key",
+        "agents-key-missing",
+        "agents-value-changed",
+    ],
+)
+async def test_body_must_equal_the_forwarded_arguments_of_an_injected_token(
+    backend_factory: BackendFactory, body_args: dict[str, Any]
+) -> None:
+    # The configured ``injected`` keys ("department") are no longer a blind spot once the token names the values.
+    backend = await backend_factory()
+    status, body = await backend.post(token=mint(arguments=AGENT_ARGS, injected=INJECTED), body=body_args)
+    assert (status, body["error"]) == (401, "invalid_txn_token")
+    assert backend.refusals == ["txn_body_mismatch"] and backend.calls == []
 
 
 async def test_single_use_refuses_the_second_presentation(backend_factory: BackendFactory) -> None:

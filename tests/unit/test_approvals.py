@@ -1,0 +1,474 @@
+"""Approvals (CONTRACT §6): the pure rules, the approver rules (CEL) and the records in a MemoryStore.
+
+Time is explicit: every call takes ``now`` (``T0`` plus an offset), so expiry is tested without a clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+import aiohttp
+import pytest
+
+from broker.canonical import args_digest
+from broker.config.models import Approvals, Approver, Webhook
+from broker.errors import AccessDenied, NotFound, PayloadTooLarge
+from broker.jose import Signer, generate_ec_jwk
+from broker.state.memory import MemoryStore
+from broker.txn.approvals import (
+    Approval,
+    ApprovalBook,
+    Eligibility,
+    EligibilityCompileError,
+    apply_decision,
+    approval_requirements,
+    covers,
+    rfc3339,
+)
+from broker.txn.webhooks import MAX_BACKOFF_SECONDS, WebhookNotifier, announcement_claims
+
+T0 = 1_750_000_000.0
+TTL = 3600
+AGENT = "spiffe://example.org/agents/expense-assistant"
+ARGS = {"invoice_id": "INV-8831", "amount": 6000, "department": "42"}
+DIGEST = args_digest(ARGS)
+
+CAROL = {"groups": ["managers"], "acr": "mfa"}
+DAVE = {"groups": ["managers"], "acr": "mfa"}
+SAM = {"groups": ["security"], "acr": "mfa"}
+ERIN = {"groups": ["engineers"], "acr": "mfa"}
+ELIGIBILITY = Eligibility.compile(Approvals())
+
+
+def make_book(store: MemoryStore | None = None) -> ApprovalBook:
+    return ApprovalBook(store if store is not None else MemoryStore(), ttl_seconds=TTL)
+
+
+async def request(
+    book: ApprovalBook, *, required: tuple[str, ...] = ("manager_approval",), now: float = T0, **binding: Any
+) -> tuple[Approval, bool]:
+    arguments = binding.pop("arguments", ARGS)
+    fields: dict[str, Any] = {
+        "subject": "alice",
+        "actor": AGENT,
+        "tool": "approveExpense",
+        "arguments": arguments,
+        "args_digest": args_digest(arguments),
+        **binding,
+    }
+    return await book.request(
+        **fields, required=required, reason="amount above 5000", policy_version="pv1", now=now
+    )
+
+
+async def vote(
+    book: ApprovalBook,
+    approval: Approval,
+    sub: str,
+    claims: Mapping[str, Any],
+    decision: str = "approve",
+    *,
+    now: float = T0 + 10,
+) -> Approval:
+    return await book.decide(
+        approval.id,
+        approver_sub=sub,
+        approver_claims=claims,
+        decision=decision,  # type: ignore[arg-type]
+        eligible=ELIGIBILITY.for_approval(approval),
+        now=now,
+    )
+
+
+# --- requests ---------------------------------------------------------------------------------------------
+
+
+async def test_request_creates_a_pending_approval_readable_by_id() -> None:
+    book = make_book()
+    approval, created = await request(book)
+    assert created and approval.state == "pending" and len(approval.id) == 22
+    assert await book.get(approval.id, T0 + 1) == approval
+    assert approval.to_api(now=T0 + 1) == {
+        "id": approval.id,
+        "state": "pending",
+        "required": ["manager_approval"],
+        "approvals": [],
+        "tool": "approveExpense",
+        "arguments": ARGS,
+        "subject": "alice",
+        "actor": AGENT,
+        "expires_at": rfc3339(T0 + TTL),
+    }
+    assert rfc3339(T0) == "2025-06-15T15:06:40Z"
+
+
+async def test_the_same_binding_returns_the_live_approval() -> None:
+    book = make_book()
+    first, _ = await request(book)
+    again, created = await request(book, now=T0 + 60)
+    assert (again.id, created) == (first.id, False)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"subject": "bob"},
+        {"actor": "spiffe://example.org/agents/travel-bot"},
+        {"tool": "listInvoices"},
+        {"arguments": {**ARGS, "amount": 6001}},
+        {"required": ("dual_approval",)},
+    ],
+    ids=["subject", "actor", "tool", "arguments", "required"],
+)
+async def test_another_binding_gets_another_approval(change: dict[str, Any]) -> None:
+    book = make_book()
+    first, _ = await request(book)
+    other, created = await request(book, **change)
+    assert created and other.id != first.id
+
+
+async def test_concurrent_identical_requests_share_one_approval() -> None:
+    book = make_book(YieldingStore())
+    results = await asyncio.gather(*(request(book) for _ in range(8)))
+    assert len({a.id for a, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+
+
+async def test_an_expired_approval_is_replaced_and_reads_as_expired() -> None:
+    book = make_book()
+    old, _ = await request(book)
+    assert (await book.get(old.id, T0 + TTL)).state_at(T0 + TTL) == "expired"  # type: ignore[union-attr]
+    assert old.to_api(now=T0 + TTL)["state"] == "expired"
+    new, created = await request(book, now=T0 + TTL)
+    assert created and new.id != old.id
+
+
+async def test_a_denied_approval_is_replaced_by_a_new_request() -> None:
+    book = make_book()
+    old, _ = await request(book)
+    await vote(book, old, "carol", CAROL, "deny")
+    new, created = await request(book, now=T0 + 20)
+    assert created and new.id != old.id
+
+
+@pytest.mark.parametrize(
+    "approval_id",
+    ["", "short", "A" * 23, "../../approval:xxxxxxxxxx", "AAAAAAAAAAAAAAAAAAAAA*", "AAAAAAAAAAAAAAAAAAAAAA"],
+    ids=["empty", "short", "long", "path", "glob", "unknown"],
+)
+async def test_get_answers_none_for_unknown_or_malformed_ids(approval_id: str) -> None:
+    book = make_book()
+    await request(book)
+    assert await book.get(approval_id, T0) is None
+
+
+@pytest.mark.parametrize(
+    ("required", "error"),
+    [(("mfa",), ValueError), (("manager_approval", "root"), ValueError)],
+    ids=["mfa-only", "unknown-obligation"],
+)
+async def test_request_refuses_requirements_that_are_not_approvals(
+    required: tuple[str, ...], error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        await request(make_book(), required=required)
+
+
+async def test_request_refuses_a_digest_of_other_arguments() -> None:
+    with pytest.raises(ValueError, match="args_digest"):
+        await request(make_book(), args_digest=args_digest({"other": 1}))
+
+
+async def test_request_refuses_arguments_too_large_to_store() -> None:
+    with pytest.raises(PayloadTooLarge):
+        await request(make_book(), arguments={"blob": "x" * 40_000})
+
+
+def test_requirements_drop_mfa_and_keep_a_stable_order() -> None:
+    assert approval_requirements(["security_review", "mfa", "manager_approval"]) == (
+        "manager_approval",
+        "security_review",
+    )
+
+
+# --- decisions --------------------------------------------------------------------------------------------
+
+
+async def test_one_manager_approves_manager_approval() -> None:
+    book = make_book()
+    approval, _ = await request(book)
+    updated = await vote(book, approval, "carol", CAROL)
+    assert updated.state == "approved"
+    assert updated.to_api(now=T0 + 10)["approvals"] == [
+        {"sub": "carol", "decision": "approve", "at": rfc3339(T0 + 10)}
+    ]
+    assert await book.get(approval.id, T0 + 11) == updated
+
+
+async def test_dual_approval_needs_two_distinct_approvers() -> None:
+    book = make_book()
+    approval, _ = await request(book, required=("dual_approval",))
+    one = await vote(book, approval, "carol", CAROL)
+    assert one.state == "pending" and one.unsatisfied() == ("dual_approval",)
+    two = await vote(book, approval, "dave", DAVE, now=T0 + 20)
+    assert two.state == "approved" and [v.sub for v in two.approvals] == ["carol", "dave"]
+
+
+async def test_manager_and_dual_together_count_each_vote_toward_both() -> None:
+    book = make_book()
+    approval, _ = await request(book, required=("manager_approval", "dual_approval"))
+    one = await vote(book, approval, "carol", CAROL)
+    assert one.state == "pending" and one.approvals[0].satisfies == ("manager_approval", "dual_approval")
+    assert (await vote(book, approval, "dave", DAVE)).state == "approved"
+
+
+async def test_security_review_needs_the_security_group() -> None:
+    book = make_book()
+    approval, _ = await request(book, required=("security_review",))
+    with pytest.raises(AccessDenied) as refused:
+        await vote(book, approval, "carol", CAROL)
+    assert refused.value.reason == "approval_not_eligible"
+    assert (await vote(book, approval, "sam", SAM)).state == "approved"
+
+
+async def test_an_eligible_deny_ends_the_approval() -> None:
+    book = make_book()
+    approval, _ = await request(book, required=("dual_approval",))
+    await vote(book, approval, "carol", CAROL)
+    denied = await vote(book, approval, "dave", DAVE, "deny")
+    assert denied.state == "denied"
+    with pytest.raises(AccessDenied) as refused:
+        await vote(book, approval, "frank", DAVE)
+    assert refused.value.reason == "approval_not_pending"
+
+
+async def _approved(book: ApprovalBook) -> Approval:
+    approval, _ = await request(book)
+    await vote(book, approval, "carol", CAROL)
+    return approval
+
+
+async def _dual_with_carol(book: ApprovalBook) -> Approval:
+    approval, _ = await request(book, required=("dual_approval",))
+    await vote(book, approval, "carol", CAROL)
+    return approval
+
+
+async def _pending(book: ApprovalBook) -> Approval:
+    return (await request(book))[0]
+
+
+@pytest.mark.parametrize(
+    ("setup", "sub", "claims", "now", "reason"),
+    [
+        (_pending, "alice", CAROL, T0 + 10, "approval_self"),
+        (_pending, "erin", ERIN, T0 + 10, "approval_not_eligible"),
+        (_pending, "erin", {"acr": "mfa"}, T0 + 10, "approval_not_eligible"),
+        (_pending, "erin", {"groups": "managers"}, T0 + 10, "approval_not_eligible"),
+        (_dual_with_carol, "carol", CAROL, T0 + 20, "approval_already_decided"),
+        (_approved, "dave", DAVE, T0 + 20, "approval_not_pending"),
+        (_pending, "carol", CAROL, T0 + TTL, "approval_expired"),
+    ],
+    ids=["requester", "other-group", "no-groups", "groups-not-a-list", "twice", "decided", "expired"],
+)
+async def test_decisions_that_are_refused(
+    setup: Any, sub: str, claims: Mapping[str, Any], now: float, reason: str
+) -> None:
+    book = make_book()
+    approval = await setup(book)
+    before = await book.get(approval.id, now)
+    with pytest.raises(AccessDenied) as refused:
+        await vote(book, approval, sub, claims, now=now)
+    assert refused.value.reason == reason
+    assert await book.get(approval.id, now) == before  # nothing recorded
+
+
+async def test_deciding_an_unknown_approval_is_not_found() -> None:
+    book = make_book()
+    approval, _ = await request(book)
+    with pytest.raises(NotFound):
+        await vote(book, replace(approval, id="A" * 22), "carol", CAROL)
+
+
+def test_apply_decision_refuses_anything_but_approve_or_deny() -> None:
+    approval = Approval(
+        id="A" * 22,
+        state="pending",
+        required=("manager_approval",),
+        tool="t",
+        arguments={},
+        args_digest=args_digest({}),
+        subject="alice",
+        actor=AGENT,
+        reason="",
+        created_at=T0,
+        expires_at=T0 + TTL,
+        policy_version="pv1",
+    )
+    with pytest.raises(ValueError, match="decision"):
+        apply_decision(
+            approval,
+            approver_sub="carol",
+            approver_claims=CAROL,
+            decision="maybe",  # type: ignore[arg-type]
+            eligible=ELIGIBILITY.for_approval(approval),
+            now=T0,
+        )
+
+
+class YieldingStore(MemoryStore):
+    """A MemoryStore that lets the event loop switch tasks before each record operation, as a network store
+    does: without it, coroutines on a MemoryStore never interleave and a race cannot happen."""
+
+    async def get_json(self, key: str) -> dict[str, Any] | None:
+        await asyncio.sleep(0)
+        return await super().get_json(key)
+
+    async def compare_and_set_json(
+        self, key: str, expected_version: int, value: Mapping[str, Any], ttl_seconds: float
+    ) -> bool:
+        await asyncio.sleep(0)
+        return await super().compare_and_set_json(key, expected_version, value, ttl_seconds)
+
+
+async def test_concurrent_decisions_keep_one_consistent_record() -> None:
+    book = make_book(YieldingStore())
+    approval, _ = await request(book, required=("dual_approval",))
+    approvers = ["carol", "dave", "frank", "grace", "heidi"]
+    results = await asyncio.gather(
+        *(vote(book, approval, sub, CAROL) for sub in approvers), return_exceptions=True
+    )
+    granted = [r for r in results if isinstance(r, Approval)]
+    refused = [r for r in results if isinstance(r, AccessDenied)]
+    assert len(granted) == 2 and len(refused) == 3
+    assert {r.reason for r in refused} == {"approval_not_pending"}
+    final = await book.get(approval.id, T0 + 11)
+    assert final is not None and final.state == "approved"
+    assert sorted(v.sub for v in final.approvals) == sorted(g.approvals[-1].sub for g in granted)
+
+
+async def test_pending_lists_only_undecided_unexpired_approvals() -> None:
+    book = make_book()
+    decided = await _approved(book)
+    waiting, _ = await request(book, required=("dual_approval",))
+    late, _ = await request(book, subject="bob", now=T0 - TTL + 5)
+    assert [a.id for a in await book.pending(T0 + 30)] == [waiting.id]
+    assert decided.id != waiting.id != late.id
+
+
+# --- covers -------------------------------------------------------------------------------------------------
+
+
+async def test_covers_only_the_approved_binding() -> None:
+    book = make_book()
+    approval = await _approved(book)
+    granted = await book.get(approval.id, T0 + 20)
+    assert granted is not None
+    base: dict[str, Any] = {
+        "subject": "alice",
+        "actor": AGENT,
+        "tool": "approveExpense",
+        "args_digest": DIGEST,
+        "required": ("mfa", "manager_approval"),
+        "now": T0 + 20,
+    }
+    assert covers(granted, **base)
+    assert book.covers(granted, **base)
+    for name, value in [
+        ("subject", "bob"),
+        ("actor", "spiffe://example.org/agents/travel-bot"),
+        ("tool", "listInvoices"),
+        ("args_digest", args_digest({**ARGS, "amount": 6001})),
+        ("required", ("dual_approval",)),
+        ("now", T0 + TTL),
+    ]:
+        assert not covers(granted, **{**base, name: value}), name
+    assert not covers(approval, **base), "pending"
+
+
+# --- approver rules (CEL) -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("when", "message"),
+    [("approver.groups.contains(", "invalid CEL"), ('"x" in approvr.groups', "undeclared reference 'approvr'")],
+    ids=["syntax", "undeclared"],
+)
+def test_rules_that_do_not_compile_are_located(when: str, message: str) -> None:
+    with pytest.raises(EligibilityCompileError) as failed:
+        Eligibility.compile(Approvals(dual_approval=Approver(when=when)))
+    [(location, text)] = failed.value.problems
+    assert location == ("approvals", "dual_approval", "when") and message in text
+
+
+@pytest.mark.parametrize(
+    ("obligation", "claims", "when", "expected"),
+    [
+        ("manager_approval", CAROL, None, True),
+        ("mfa", CAROL, None, False),
+        ("security_review", CAROL, None, False),
+        ("manager_approval", {}, None, False),
+        ("manager_approval", CAROL, "approver.groups", False),
+        ("manager_approval", CAROL, 'approver.groups.exists(g, g == "managers")', True),
+        ("manager_approval", CAROL, '"managers" in approver.groups && request.args.amount < 5000', False),
+        ("manager_approval", CAROL, 'request.tool == "approveExpense"', True),
+    ],
+    ids=["member", "mfa-is-not-an-approval", "other-group", "error", "non-bool", "macro", "request-args", "tool"],
+)
+def test_eligibility(obligation: str, claims: dict[str, Any], when: str | None, expected: bool) -> None:
+    config = Approvals() if when is None else Approvals(manager_approval=Approver(when=when))
+    view = {"tool": "approveExpense", "args": ARGS}
+    assert Eligibility.compile(config).eligible(obligation, claims, view) is expected
+
+
+# --- webhook notifier (no network: see tests/integration/test_approvals_api.py for deliveries) ------------
+
+
+async def test_a_full_announcement_queue_drops_without_blocking() -> None:
+    book = make_book()
+    approval, _ = await request(book)
+    results: list[str] = []
+    async with aiohttp.ClientSession() as session:
+        notifier = WebhookNotifier(
+            session,
+            Signer.from_jwk(generate_ec_jwk()),
+            [Webhook(url="https://127.0.0.1:9/hook")],
+            public_url="https://broker.example",
+            queue_size=1,
+            on_result=results.append,
+        )
+        notifier.announce(approval)  # worker not started: the queue keeps it
+        notifier.announce(approval)
+        await notifier.close()
+    assert (notifier.dropped, results) == (1, ["dropped"])
+
+
+def test_backoff_grows_with_jitter_and_is_capped() -> None:
+    notifier = WebhookNotifier.__new__(WebhookNotifier)
+    notifier.base_delay = 0.5
+    notifier._random = __import__("random").Random(7)
+    for attempt, cap in [(1, 0.5), (2, 1.0), (3, 2.0), (20, MAX_BACKOFF_SECONDS)]:
+        delay = notifier.backoff(attempt)
+        assert cap / 2 <= delay <= cap, attempt
+
+
+async def test_announcement_claims_describe_the_request() -> None:
+    approval, _ = await request(make_book())
+    claims = announcement_claims(approval, public_url="https://broker.example", now=T0 + 1)
+    assert claims == {
+        "iss": "https://broker.example",
+        "iat": int(T0 + 1),
+        "exp": int(T0 + TTL),
+        "approval_id": approval.id,
+        "approval_url": f"https://broker.example/v1/approvals/{approval.id}",
+        "tool": "approveExpense",
+        "arguments": ARGS,
+        "requester": "alice",
+        "agent": AGENT,
+        "reason": "amount above 5000",
+        "required": ["manager_approval"],
+        "expires_at": rfc3339(T0 + TTL),
+    }
