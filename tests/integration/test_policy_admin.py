@@ -109,9 +109,11 @@ async def test_reload_under_load_loses_no_request(
     config = policy_config(pki, tmp_path, upstream.url)
     broker = await broker_factory(config)
     finance = broker.caller(claims={"groups": ["finance"], "department": "42"})
-    gate = asyncio.Event()
+    gate, all_in_flight = asyncio.Event(), asyncio.Event()
 
     async def slow(_: Recorded) -> Any:
+        if len(upstream.received) == 8:
+            all_in_flight.set()
         await gate.wait()
         from aiohttp import web
 
@@ -119,8 +121,7 @@ async def test_reload_under_load_loses_no_request(
 
     upstream.respond = slow
     calls = [asyncio.create_task(finance.call("POST", TOOL, {**INVOICE, "amount": i + 1})) for i in range(8)]
-    while len(upstream.received) < 8:
-        await asyncio.sleep(0.01)  # wait until all eight are in flight at the backend
+    await all_in_flight.wait()
     config["policies"][1]["reason"] = "changed"
     broker.config_path.write_text(yaml.safe_dump(config))
     assert (await admin(broker, "POST", "/admin/reload"))[0] == 200
@@ -137,7 +138,7 @@ async def test_revocations_take_effect_at_once(
     broker = await broker_factory(policy_config(pki, tmp_path, upstream.url))
     finance = broker.caller(claims={"groups": ["finance"], "department": "42"})
     assert (await finance.call("POST", TOOL, INVOICE)).status == 200
-    status, body = await admin(
+    status, _ = await admin(
         broker,
         "POST",
         "/admin/revocations",
