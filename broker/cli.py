@@ -122,6 +122,12 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    from broker.policy.fixtures import main as run
+
+    return run(args.file, args.config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="broker", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -182,6 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
     certs.set_defaults(func=cmd_certs)
 
     add_token_parser(sub)
+
+    policy = sub.add_parser("policy", help="policy tools")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="SUBCOMMAND")
+    ptest = policy_sub.add_parser(
+        "test",
+        help="run YAML policy fixture cases against a config's policies",
+        description="Each case gives a principal, a tool and (optionally) arguments, and the expected decision "
+        "(allow/deny/hidden), obligations, rule and reason. Exit 1 on any mismatch. See "
+        "config/examples/expense.policy-tests.yaml.",
+    )
+    ptest.add_argument("file", metavar="FILE", help="the fixture file")
+    ptest.add_argument("-c", "--config", required=True, metavar="CONFIG")
+    ptest.set_defaults(func=cmd_policy_test)
 
     audit = sub.add_parser("audit", help="audit log tools")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")

@@ -50,9 +50,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.mark.parametrize(
-    "path", sorted(p.relative_to(ROOT) for p in (ROOT / "config").rglob("*.yaml")), ids=str
+CONFIGS = sorted(
+    p.relative_to(ROOT) for p in (ROOT / "config").rglob("*.yaml") if "policy-tests" not in p.name
 )
+FIXTURES = sorted(p.relative_to(ROOT) for p in (ROOT / "config").rglob("*.policy-tests.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=str)
 def test_every_shipped_config_loads_and_compiles(path: Path, pki: Pki) -> None:
     env = {**os.environ, "BROKER_CERTS": str(pki.root)}
     loaded = load_config(ROOT / path, environ=env)
@@ -60,6 +64,29 @@ def test_every_shipped_config_loads_and_compiles(path: Path, pki: Pki) -> None:
     result = run_cli("check", "-c", str(path), env={"BROKER_CERTS": str(pki.root)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"ok: {path}: policy_version ")
+
+
+@pytest.mark.parametrize("fixture", FIXTURES, ids=str)
+def test_shipped_policy_fixtures_pass(fixture: Path) -> None:
+    config = fixture.with_name(fixture.name.replace(".policy-tests", ""))
+    result = run_cli("policy", "test", str(fixture), "-c", str(config))
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.strip().endswith(" passed, 0 failed")
+
+
+def test_policy_test_reports_a_mismatch_with_its_line(tmp_path: Path) -> None:
+    fixture = tmp_path / "f.yaml"
+    fixture.write_text(
+        "cases:\n"
+        "  - name: bob cannot approve\n"
+        "    subject: {sub: bob, groups: [engineers], department: '42'}\n"
+        "    actor: spiffe://example.org/agents/expense-assistant\n"
+        "    tool: approveExpense\n"
+        "    expect: {decision: allow}\n"
+    )
+    result = run_cli("policy", "test", str(fixture), "-c", "config/examples/expense.yaml")
+    assert result.returncode == 1
+    assert f"{fixture}:2: bob cannot approve: expected decision allow, got hidden" in result.stdout
 
 
 def test_check_lists_every_problem_with_file_and_line(tmp_path: Path) -> None:
