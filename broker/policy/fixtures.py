@@ -104,21 +104,14 @@ def _run_case(
         counters=counter_values,
         now=int(case.get("now", time.time())),
     )
-    if "args" in case:
-        decision = policies.decide(tool, env)
-    else:
-        decision = policies.visibility(tool, env)
-    got = {
-        "decision": decision.outcome,
-        "obligations": list(decision.obligations),
-        "rule": decision.rule,
-        "reason": decision.reason,
-    }
+    # with arguments: the invocation decision; without: what discovery decides (visibility)
+    decision = policies.decide(tool, env) if "args" in case else policies.visibility(tool, env)
+    obligations = list(decision.obligations)
     problems = []
     if expect["decision"] != decision.outcome:
         problems.append(f"decision {expect['decision']}, got {decision.outcome} ({decision.reason})")
-    if "obligations" in expect and list(expect["obligations"]) != got["obligations"]:
-        problems.append(f"obligations {list(expect['obligations'])}, got {got['obligations']}")
+    if "obligations" in expect and list(expect["obligations"]) != obligations:
+        problems.append(f"obligations {list(expect['obligations'])}, got {obligations}")
     if "rule" in expect and expect["rule"] != decision.rule:
         problems.append(f"rule {expect['rule']}, got {decision.rule}")
     if "reason" in expect and str(expect["reason"]) not in decision.reason:
