@@ -20,6 +20,7 @@ from aiohttp import web
 from broker.config.loader import ConfigError, ConfigProblem, load_config
 from broker.config.models import Config
 from broker.errors import AuditUnavailable, StateUnavailable
+from broker.gateway.approvals import APPROVALS
 from broker.resources import AUDIT, METRICS, RUNTIME, SESSION, STATE
 from broker.runtime import Runtime, build_runtime
 
@@ -122,6 +123,7 @@ async def reload_config(app: web.Application, *, source: str) -> tuple[bool, lis
             )
             return False, problems, current.policy_version
         holder.swap(runtime)
+        app[APPROVALS].reconfigure(runtime.config.approvals)
         state.previous_loaded_at, state.loaded_at = state.loaded_at, time.time()
         metrics.config_reloads.labels(result="success").inc()
         metrics.set_policy_version(runtime.policy_version)
@@ -136,6 +138,7 @@ async def rollback_config(app: web.Application) -> tuple[bool, str]:
         if holder.previous is None:
             return False, holder.current.policy_version
         holder.swap(holder.previous)
+        app[APPROVALS].reconfigure(holder.current.config.approvals)
         state.previous_loaded_at, state.loaded_at = state.loaded_at, time.time()
         runtime = holder.current
         app[METRICS].config_reloads.labels(result="rollback").inc()

@@ -20,6 +20,7 @@ from broker.config.loader import LoadedConfig
 from broker.context import CTX
 from broker.errors import StateUnavailable
 from broker.gateway import exchange, tools
+from broker.gateway.approvals import APPROVALS, ApprovalService, decide_approval, get_approval, list_approvals
 from broker.gateway.forward import Forwarder, client_session, close_session
 from broker.gateway.middleware import broker_middleware
 from broker.jose import Signer
@@ -76,10 +77,14 @@ def build_app(loaded: LoadedConfig, *, metrics: Metrics | None = None) -> web.Ap
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_state_store)
     app.cleanup_ctx.append(_issuer_keys)
+    app.cleanup_ctx.append(_approvals)
 
     app.router.add_post("/v1/tools/{name}", tools.invoke_tool)
     app.router.add_get("/v1/tools", tools.list_tools)
     app.router.add_post("/v1/token", exchange.token_exchange)
+    app.router.add_get("/v1/approvals", list_approvals)
+    app.router.add_get("/v1/approvals/{id}", get_approval)
+    app.router.add_post("/v1/approvals/{id}", decide_approval)
     app.router.add_get("/.well-known/jwks.json", jwks)
     app.router.add_get("/.well-known/oauth-protected-resource", protected_resource_metadata)
     return app
@@ -123,6 +128,17 @@ async def _issuer_keys(app: web.Application) -> AsyncIterator[None]:
     await authenticator.start(now=time.time(), session=app[SESSION])
     yield
     await authenticator.close()
+
+
+async def _approvals(app: web.Application) -> AsyncIterator[None]:
+    config = app[RUNTIME].current.config
+    service = ApprovalService.create(
+        config.approvals, app[STATE], app[SIGNER], app[SESSION], app[METRICS], config.server.public_url
+    )
+    app[APPROVALS] = service
+    service.start()
+    yield
+    await service.close()  # before the upstream session closes
 
 
 async def protected_resource_metadata(request: web.Request) -> web.StreamResponse:

@@ -47,9 +47,11 @@ def add_approvals_parser(subparsers: Any) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--broker",
-        default=os.environ.get("BROKER_URL", "https://localhost:8443"),
+        default=os.environ.get("BROKER_URL")
+        or os.environ.get("BROKER_PUBLIC_URL")
+        or "https://localhost:8443",
         metavar="URL",
-        help="the broker's public_url (default $BROKER_URL or https://localhost:8443)",
+        help="the broker's public_url (default $BROKER_URL, else $BROKER_PUBLIC_URL, else https://localhost:8443)",
     )
     common.add_argument(
         "--certs", required=True, type=Path, metavar="DIR", help="the `broker certs` folder (CONTRACT §10)"

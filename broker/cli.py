@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from broker.approvals_cli import add_approvals_parser
 from broker.config.loader import ConfigError, LoadedConfig, load_config
 from broker.idp import add_token_parser
 from broker.observability import configure_logging
@@ -188,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     certs.set_defaults(func=cmd_certs)
 
     add_token_parser(sub)
+    add_approvals_parser(sub)
 
     policy = sub.add_parser("policy", help="policy tools")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="SUBCOMMAND")

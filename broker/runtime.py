@@ -23,6 +23,7 @@ from broker.gateway.forward import UpstreamTarget
 from broker.identity.principal import Authenticator
 from broker.policy.counters import Counters
 from broker.policy.engine import PolicyCompileError, PolicySet
+from broker.txn.approvals import Eligibility
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,10 @@ def build_runtime(loaded: LoadedConfig) -> Runtime:
             policies = compiled
         else:
             shadow = compiled
+    try:
+        Eligibility.compile(config.approvals)
+    except PolicyCompileError as exc:
+        problems.extend(ConfigProblem(file, loaded.line_of(where), msg) for where, msg in exc.problems)
     if problems:
         raise ConfigError(problems)
     assert policies is not None

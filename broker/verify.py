@@ -45,7 +45,8 @@ What the middleware checks, in order (refusals are ``401 {"error": "invalid_txn_
    them brings its own store: claim :func:`broker.txn.tokens.txn_replay_key` ``(request[TXN].txn)`` with an
    atomic ``SET NX`` (expiring at ``exp``) in the handler.
 
-Keys (J06, J26): fetched over https with certificate verification (``ssl`` may carry a private CA), no
+Keys: a static ``jwks`` document (:func:`public_jwks_from_file` reads one from a file), or ``jwks_url``
+(J06, J26): fetched over https with certificate verification (``ssl`` may carry a private CA), no
 redirects, 64 KiB cap; refreshed in the background every ``refresh_seconds``; an unknown ``kid`` refetches
 at most once per 30 s, single-flight, so a flood of made-up ``kid`` values cannot amplify into fetches.
 """
@@ -55,6 +56,7 @@ from __future__ import annotations
 import hmac
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from pathlib import Path
 from ssl import SSLContext
 from typing import Any, Final
 
@@ -65,9 +67,18 @@ from aiohttp import web
 from broker.canonical import args_digest, strict_loads
 from broker.errors import InvalidRequest, InvalidTxnToken
 from broker.identity.jwks import IssuerKeys, KeyEntry
+from broker.identity.jws import JwsError, loads_strict
+from broker.jose import PRIVATE_MEMBERS, JoseError, jwk_thumbprint, public_jwk, public_key_from_jwk
 from broker.txn.tokens import TxnClaims, unverified_kid, verify_txn_token
 
-__all__ = ["TXN", "SeenTxns", "TxnTokenMiddleware", "body_matches", "txn_token_middleware"]
+__all__ = [
+    "TXN",
+    "SeenTxns",
+    "TxnTokenMiddleware",
+    "body_matches",
+    "public_jwks_from_file",
+    "txn_token_middleware",
+]
 
 _log = structlog.get_logger(__name__)
 
@@ -78,6 +89,39 @@ TXN_HEADER: Final = "Txn-Token"
 KID_REFETCH_COOLDOWN: Final = 30.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def public_jwks_from_file(path: Path) -> dict[str, Any]:
+    """A static ``jwks`` document for :func:`txn_token_middleware` from a file holding the broker's JWKS
+    ``{"keys": [...]}`` or a single JWK.
+
+    A private JWK (e.g. the broker's own ``broker-signing.jwk`` on a development machine) contributes only its
+    public part, with its ``kid`` (or, lacking one, its RFC 7638 thumbprint, as the broker's signer uses) and
+    ``alg``: private members never reach the key set. Raises ``ValueError`` naming the path for an unreadable
+    file, bad JSON or an unusable private key; public keys are judged by the middleware (J25).
+    """
+    try:
+        document = loads_strict(path.read_bytes())
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read broker keys: {exc.strerror}") from exc
+    except JwsError as exc:
+        raise ValueError(f"{path}: not JSON ({exc.reason})") from exc
+    members = document.get("keys") if isinstance(document, dict) and "keys" in document else [document]
+    if not isinstance(members, list):
+        raise ValueError(f"{path}: 'keys' must be an array")
+    keys: list[Any] = []
+    for jwk in members:
+        if isinstance(jwk, dict) and PRIVATE_MEMBERS.intersection(jwk):
+            try:
+                public = public_jwk(public_key_from_jwk(jwk))
+                public["kid"] = str(jwk.get("kid") or jwk_thumbprint(jwk))
+            except JoseError as exc:
+                raise ValueError(f"{path}: unusable private key: {exc}") from exc
+            if "alg" in jwk:
+                public["alg"] = jwk["alg"]
+            jwk = public
+        keys.append(jwk)
+    return {"keys": keys}
 
 
 def body_matches(claims: TxnClaims, body_args: Any, injected: Collection[str] = ()) -> bool:

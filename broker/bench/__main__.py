@@ -2,12 +2,18 @@
 
 Set-ups (each server in its own subprocess on 127.0.0.1, ephemeral ports):
 
-- ``backend``: the demo expense backend called directly (``POST /invoices``);
+- ``backend``: the demo expense backend called directly (``POST /invoices``), i.e. the raw backend;
 - ``bare``: :mod:`broker.bench.bareproxy` in front of it (``POST /v1/tools/listInvoices``), the yardstick;
 - ``broker``: ``broker run -c config/examples/expense.yaml`` in front of it, every request with the full
   identity checks (mTLS SVID + a fresh DPoP proof + the access token + the replay claim), memory state store;
 - ``broker-redis``: the same with the Redis state store (``BROKER_REDIS_URL``, default 127.0.0.1:6379);
 - ``broker-redis-2w``: the same with ``--workers 2`` (two processes on one port).
+
+All set-ups share one backend, started with ``--no-verify`` (a benchmarking aid of
+:mod:`broker.demo.expense`): it skips the Txn-Token check and takes the department from the body. The
+``backend`` and ``bare`` rows send no Txn-Token, so a verifying backend would refuse them; and every row then
+pays the same backend cost, so the ratios measure the broker alone. (The broker still mints and forwards its
+tokens; the backend just does not verify them here.)
 
 Every set-up is loaded with ``{"department":"42"}`` by :func:`broker.bench.loadgen.run_load` over mTLS with an
 agent SVID. The table and ``--out`` JSON give rps, p50/p99 and each set-up's ratio to ``bare``. The load
@@ -165,8 +171,9 @@ def probe(url: str, ssl_ctx: ssl.SSLContext | None) -> Callable[[], Awaitable[bo
 
 
 def start_backend(env: BenchEnv) -> AbstractAsyncContextManager[None]:
+    """The shared backend, raw: ``--no-verify`` (module docstring) -- never a way to run it outside the bench."""
     argv = [sys.executable, "-m", "broker.demo.expense", "--listen", env.backend_url.removeprefix("https://")]
-    argv += ["--certs", str(env.certs), "--db", str(env.work / "expense.db")]
+    argv += ["--certs", str(env.certs), "--db", str(env.work / "expense.db"), "--no-verify"]
     return server_process(
         "backend", argv, env=env, ready=probe(env.backend_url + "/healthz", env.probe_ssl), extra_env={}
     )

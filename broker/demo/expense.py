@@ -1,19 +1,31 @@
 """Demo tool backend of the reference scenario (CONTRACT.md §11): expense invoices in SQLite, over mTLS.
 
-Routes:
+Every tool call must carry the broker's ``Txn-Token`` (CONTRACT §5 "Propagation"), checked by
+:func:`broker.verify.txn_token_middleware` with the broker's public key: signature, ``typ``, ``iss`` (the
+broker's public URL), ``aud`` (the trust domain), expiry, the tool the token was minted for, the body equal to
+what the token says the broker forwards (``tctx.arguments`` with ``tctx.injected`` set over them), and single
+use. Every refusal there is ``401 {"error": "invalid_txn_token"}`` and reaches no handler.
 
-- ``POST /approve`` ``{"invoice_id", "amount", "department"}`` → ``200`` the approved invoice
-  ``{"invoice_id","status","amount","department","vendor":{"name","bank_account"},"approved_by"}``;
-  ``400 invalid_request`` (malformed body), ``404 unknown_invoice``, ``409 amount_mismatch`` /
-  ``409 department_mismatch``. Approving twice returns the first approval unchanged (idempotent).
-- ``POST /invoices`` ``{"department"?}`` →
-  ``{"invoices":[{"invoice_id","amount","department","status","vendor"}]}``.
-  Deliberately naive: any caller may list any department; row filtering is the broker's job (§11).
+Row-level security comes from the token, never from the body: the caller's department is the value the broker
+injected (``tctx.injected.department``, taken from the subject's claim). A token without one gets
+``403 no_department``.
+
+- ``POST /approve`` ``{"invoice_id", "amount", "department"?}`` → ``200`` the approved invoice
+  ``{"invoice_id","status","amount","department","vendor":{"name","bank_account"},"approved_by"}`` with
+  ``approved_by`` = the token's ``sub``; ``400 invalid_request`` (malformed body), ``404 unknown_invoice``,
+  ``403 department_mismatch`` (the invoice is another department's), ``409 amount_mismatch``. Approving
+  twice returns the first approval unchanged (idempotent).
+- ``POST /invoices`` ``{"department"?}`` → ``{"invoices":[{"invoice_id","amount","department","status","vendor"}]}``:
+  only the rows of the token's department, whatever the body asks for.
 - ``GET /healthz``; ``GET /_received`` (and ``DELETE`` to clear): the last 100 requests as received, headers
-  and body, so demos and tests can see exactly what the broker forwarded.
+  and body, refused ones included, so demos and tests can see exactly what the broker forwarded.
 
 Only holders of a certificate issued by ``certs/ca.pem`` (in the scenario: the broker) can connect; the
 TLS handshake fails for anyone else (``require_client_cert=True``, TLS 1.2+).
+
+``--no-verify`` is a benchmarking aid and nothing else (``python -m broker.bench`` uses it for the backend all
+its rows share, so that the ``backend`` row measures the raw backend): no ``Txn-Token`` is checked, the
+department is the body's, ``approved_by`` is ``"unverified"``. Never run a reachable backend with it.
 
 SQLite runs in the event-loop thread on one connection: every query is a point lookup or a scan of a
 dozen rows (tens of µs), less than the ~50-100 µs thread hop ``asyncio.to_thread`` would add, and a single
@@ -33,12 +45,13 @@ import ssl
 import sys
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from aiohttp import web
 
-from broker.jose import JoseError, b64url_decode
+from broker.verify import TXN, TxnTokenMiddleware, public_jwks_from_file, txn_token_middleware
 
 T = TypeVar("T")
 
@@ -69,7 +82,16 @@ RECEIVED_LIMIT = 100
 #: routes not recorded in ``/_received``: readiness polls and reading the record itself would drown it
 _UNRECORDED = frozenset({"/healthz", "/_received"})
 
+#: request path -> the tool a Txn-Token must have been minted for (a token for one never opens the other)
+TOOLS: Final = {"/approve": "approveExpense", "/invoices": "listInvoices"}
+DEFAULT_BROKER_URL: Final = "https://localhost:8443"
+DEFAULT_TRUST_DOMAIN: Final = "example.org"
+#: ``approved_by`` under ``--no-verify`` (benchmarking aid): there is no verified subject
+UNVERIFIED_SUBJECT: Final = "unverified"
+
 DB: web.AppKey[sqlite3.Connection] = web.AppKey("expense_db")
+#: True only under ``--no-verify``: handlers then take the department from the body
+NO_VERIFY: web.AppKey[bool] = web.AppKey("expense_no_verify")
 #: (method, path, query, header items, body) per request, rendered as JSON only when /_received is read
 ReceivedRequest = tuple[str, str, str, tuple[tuple[str, str], ...], bytes]
 RECEIVED: web.AppKey[deque[ReceivedRequest]] = web.AppKey("expense_received")
@@ -113,26 +135,28 @@ def _invoice_json(row: sqlite3.Row) -> dict[str, Any]:
     }
 
 
-# --- caller identity ------------------------------------------------------------------------------------
+# --- txn-token verification ---------------------------------------------------------------------------
 
 
-def _caller_subject(request: web.Request) -> str:
-    """The ``sub`` claim of the ``Txn-Token`` header, or ``"unknown"``.
+def backend_verifier(
+    broker_jwks: Path, *, broker_url: str = DEFAULT_BROKER_URL, trust_domain: str = DEFAULT_TRUST_DOMAIN
+) -> TxnTokenMiddleware:
+    """The Txn-Token middleware for this backend: static keys from ``broker_jwks`` (a JWKS or one JWK; a private
+    JWK contributes its public part only: :func:`broker.verify.public_jwks_from_file`), ``iss`` = ``broker_url``
+    (the broker's ``server.public_url``), ``aud`` = ``trust_domain``, one tool per path, single use.
 
-    !!! NOT VERIFIED !!! The payload is decoded without checking the signature, issuer, audience or expiry:
-    anyone who can reach the backend can claim any name here. It only labels ``approved_by`` in the demo.
-    A later issue replaces this function with the verifying middleware shipped in the package (§5).
+    ``injected=("department",)`` only matters for a token without ``tctx.injected``: its department cannot
+    be told from a forged one, and the handlers refuse it (``no_department``). Raises ``ValueError`` when
+    the file holds no usable verification key.
     """
-    token = request.headers.get("Txn-Token", "")
-    parts = token.split(".")
-    if len(parts) != 3:
-        return "unknown"
-    try:
-        claims = json.loads(b64url_decode(parts[1]))
-    except (JoseError, ValueError):
-        return "unknown"
-    sub = claims.get("sub") if isinstance(claims, dict) else None
-    return sub if isinstance(sub, str) and sub else "unknown"
+    return txn_token_middleware(
+        jwks=public_jwks_from_file(broker_jwks),
+        issuer=broker_url,
+        audience=trust_domain,
+        tools=TOOLS,
+        injected=("department",),
+        single_use=True,
+    )
 
 
 # --- handlers -------------------------------------------------------------------------------------------
@@ -155,28 +179,53 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who calls, as far as this backend may rely on it: the subject, and the department rows are scoped to."""
+
+    subject: str
+    department: str
+
+
+def _caller(request: web.Request, body: dict[str, Any]) -> Caller | web.Response:
+    """The verified caller (``request[TXN]``; the body's department under ``--no-verify``), or the refusal."""
+    claims = request.get(TXN)
+    if claims is not None:
+        # Only the injected value: the broker set it from the subject's claim and the verifier checked that the
+        # body carries exactly it. tctx.arguments is what the agent asked for, which proves nothing.
+        subject, department = claims.sub, claims.injected.get("department")
+    elif request.app[NO_VERIFY]:
+        subject, department = UNVERIFIED_SUBJECT, body.get("department")
+    else:  # build_app() without a verifier: the tool routes are closed, never open
+        return _error(401, "invalid_txn_token", "transaction token required")
+    if not isinstance(department, str):
+        return _error(403, "no_department", "the transaction token names no department")
+    return Caller(subject, department)
+
+
 async def approve(request: web.Request) -> web.Response:
     body = await _json_object(request)
     if body is None:
         return _error(400, "invalid_request", "body must be a JSON object")
-    invoice_id, amount, department = body.get("invoice_id"), body.get("amount"), body.get("department")
-    if not isinstance(invoice_id, str) or not _is_number(amount) or not isinstance(department, str):
-        return _error(
-            400, "invalid_request", "need invoice_id (string), amount (number), department (string)"
-        )
+    caller = _caller(request, body)
+    if isinstance(caller, web.Response):
+        return caller
+    invoice_id, amount = body.get("invoice_id"), body.get("amount")
+    if not isinstance(invoice_id, str) or not _is_number(amount):
+        return _error(400, "invalid_request", "need invoice_id (string) and amount (number)")
     db = request.app[DB]
     row = _fetch_invoice(db, invoice_id)
     if row is None:
         return _error(404, "unknown_invoice", "no such invoice")
+    if row["department"] != caller.department:  # row-level security, from the token
+        return _error(403, "department_mismatch", "invoice belongs to another department")
     if amount != row["amount"]:
         return _error(409, "amount_mismatch", "amount differs from the invoice")
-    if department != row["department"]:
-        return _error(409, "department_mismatch", "invoice belongs to another department")
     if row["status"] != "approved":
         with db:
             db.execute(
                 "UPDATE invoices SET status = 'approved', approved_by = ? WHERE invoice_id = ?",
-                (_caller_subject(request), invoice_id),
+                (caller.subject, invoice_id),
             )
         row = _fetch_invoice(db, invoice_id)
         assert row is not None  # rows are never deleted
@@ -187,15 +236,12 @@ async def list_invoices(request: web.Request) -> web.Response:
     body = await _json_object(request)
     if body is None:
         return _error(400, "invalid_request", "body must be a JSON object")
-    department = body.get("department")
-    db = request.app[DB]
-    if department is None:
-        rows = db.execute("SELECT * FROM invoices ORDER BY invoice_id").fetchall()
-    elif isinstance(department, str):
-        query = "SELECT * FROM invoices WHERE department = ? ORDER BY invoice_id"
-        rows = db.execute(query, (department,)).fetchall()
-    else:
-        return _error(400, "invalid_request", "department must be a string")
+    caller = _caller(request, body)
+    if isinstance(caller, web.Response):
+        return caller
+    # The body's department is ignored: the rows are the token's department's, whatever was asked for.
+    query = "SELECT * FROM invoices WHERE department = ? ORDER BY invoice_id"
+    rows = request.app[DB].execute(query, (caller.department,)).fetchall()
     return web.json_response({"invoices": [_invoice_json(row) for row in rows]})
 
 
@@ -242,11 +288,37 @@ async def _record_request(
     return await handler(request)
 
 
-def build_app(db_path: Path) -> web.Application:
-    """The backend application. The DB is opened on startup and closed on cleanup (``cleanup_ctx``)."""
-    app = web.Application(middlewares=[_record_request])
+def _verify_tool_routes(verifier: TxnTokenMiddleware) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Run ``verifier`` on the tool routes only: health checks and the record carry no token."""
+
+    @web.middleware
+    async def verify(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.path in TOOLS:
+            return await verifier(request, handler)
+        return await handler(request)
+
+    return verify
+
+
+def build_app(
+    db_path: Path, *, verifier: TxnTokenMiddleware | None = None, no_verify: bool = False
+) -> web.Application:
+    """The backend application. The DB is opened on startup and closed on cleanup (``cleanup_ctx``).
+
+    ``verifier`` (see :func:`backend_verifier`) checks the Txn-Token of every tool call. Without one the tool
+    routes refuse every call (``401``), unless ``no_verify`` -- the benchmarking aid of the module docstring --
+    says to trust the body instead. Giving both is a ``ValueError``.
+    """
+    if verifier is not None and no_verify:
+        raise ValueError("give a verifier or no_verify, not both")
+    # Record first: refused requests show up in /_received too (what arrived, not what was accepted).
+    middlewares = [_record_request] if verifier is None else [_record_request, _verify_tool_routes(verifier)]
+    app = web.Application(middlewares=middlewares)
     received_log: deque[ReceivedRequest] = deque(maxlen=RECEIVED_LIMIT)
     app[RECEIVED] = received_log
+    app[NO_VERIFY] = no_verify
 
     async def database(app: web.Application) -> AsyncIterator[None]:
         app[DB] = open_db(db_path)
@@ -256,8 +328,10 @@ def build_app(db_path: Path) -> web.Application:
             app[DB].close()
 
     app.cleanup_ctx.append(database)
-    app.router.add_post("/approve", approve)
-    app.router.add_post("/invoices", list_invoices)
+    if verifier is not None:
+        app.cleanup_ctx.append(verifier.cleanup_ctx)
+    for path, handler in (("/approve", approve), ("/invoices", list_invoices)):
+        app.router.add_post(path, handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/_received", received)
     app.router.add_delete("/_received", clear_received)
@@ -311,17 +385,42 @@ async def start_site(app: web.Application, listen: str, ssl_ctx: ssl.SSLContext)
     return runner
 
 
-async def serve(
-    listen: str, *, certs: Path, db_path: Path, require_client_cert: bool = True
-) -> web.AppRunner:
-    """Serve over HTTPS with ``certs/backend.pem``; clients need a cert issued by ``certs/ca.pem``."""
-    ssl_ctx = server_ssl_context(
+def _backend_ssl(certs: Path, require_client_cert: bool) -> ssl.SSLContext:
+    return server_ssl_context(
         certs / "backend.pem",
         certs / "backend-key.pem",
         ca=certs / "ca.pem",
         require_client_cert=require_client_cert,
     )
-    return await start_site(build_app(db_path), listen, ssl_ctx)
+
+
+async def serve(
+    listen: str,
+    *,
+    certs: Path,
+    db_path: Path,
+    require_client_cert: bool = True,
+    broker_url: str = DEFAULT_BROKER_URL,
+    trust_domain: str = DEFAULT_TRUST_DOMAIN,
+    broker_jwks: Path | None = None,
+) -> web.AppRunner:
+    """Serve over HTTPS with ``certs/backend.pem``; clients need a cert issued by ``certs/ca.pem``, tool
+    calls a Txn-Token signed by a key of ``broker_jwks`` (default ``certs/broker-signing.jwk``, public part
+    only) for issuer ``broker_url`` and audience ``trust_domain``."""
+    keys = broker_jwks if broker_jwks is not None else certs / "broker-signing.jwk"
+    verifier = backend_verifier(keys, broker_url=broker_url, trust_domain=trust_domain)
+    return await start_site(
+        build_app(db_path, verifier=verifier), listen, _backend_ssl(certs, require_client_cert)
+    )
+
+
+async def serve_unverified(
+    listen: str, *, certs: Path, db_path: Path, require_client_cert: bool = True
+) -> web.AppRunner:
+    """``--no-verify``: a benchmarking aid (module docstring). No Txn-Token is checked; mTLS still is."""
+    return await start_site(
+        build_app(db_path, no_verify=True), listen, _backend_ssl(certs, require_client_cert)
+    )
 
 
 async def run_until_signalled(
@@ -352,7 +451,7 @@ def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m broker.demo.expense", description="Demo expense tool backend (mTLS)."
+        prog="python -m broker.demo.expense", description="Demo expense tool backend (mTLS + Txn-Token)."
     )
     parser.add_argument("--listen", default="127.0.0.1:9443", help="host:port (default %(default)s)")
     parser.add_argument(
@@ -361,11 +460,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--db", type=Path, default=Path("var/expense.db"), help="SQLite file (default %(default)s)"
     )
-    args = parser.parse_args(argv)
-    server = serve(args.listen, certs=args.certs, db_path=args.db)
-    run_event_loop(
-        run_until_signalled(server, lambda r: f"expense backend listening on {https_url(r)} (db {args.db})")
+    parser.add_argument(
+        "--broker-jwks",
+        type=Path,
+        metavar="FILE",
+        help="the broker's JWKS or JWK (a private JWK: its public part only; default CERTS/broker-signing.jwk)",
     )
+    parser.add_argument(
+        "--broker-url", default=DEFAULT_BROKER_URL, help="txn-token issuer (default %(default)s)"
+    )
+    parser.add_argument(
+        "--trust-domain", default=DEFAULT_TRUST_DOMAIN, help="txn-token audience (default %(default)s)"
+    )
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="benchmarking aid ONLY (python -m broker.bench): accept tool calls without a Txn-Token",
+    )
+    args = parser.parse_args(argv)
+    if args.no_verify:
+        print(
+            "WARNING: --no-verify: Txn-Tokens are NOT checked (benchmarking aid)", file=sys.stderr, flush=True
+        )
+        server = serve_unverified(args.listen, certs=args.certs, db_path=args.db)
+    else:
+        server = serve(
+            args.listen,
+            certs=args.certs,
+            db_path=args.db,
+            broker_url=args.broker_url,
+            trust_domain=args.trust_domain,
+            broker_jwks=args.broker_jwks,
+        )
+    try:
+        run_event_loop(
+            run_until_signalled(
+                server, lambda r: f"expense backend listening on {https_url(r)} (db {args.db})"
+            )
+        )
+    except ValueError as exc:  # start-up: a bad --listen or --broker-jwks (the message names which)
+        parser.error(str(exc))
     return 0
 
 

@@ -84,6 +84,15 @@ class ApprovalService:
             public_url=public_url.rstrip("/"),
         )
 
+    def reconfigure(self, config: Approvals) -> None:
+        """Apply a reloaded ``approvals`` section: compile first (``EligibilityCompileError`` leaves the old
+        rules in force), then swap rules, lifetime of new approvals and webhooks. Existing approvals keep
+        their expiry; deliveries in flight finish against the old webhook list."""
+        eligibility = Eligibility.compile(config)
+        self.eligibility = eligibility
+        self.book.ttl_seconds = config.ttl_seconds
+        self.notifier.set_webhooks(config.webhooks)
+
     def start(self) -> None:
         """Start the webhook worker (call inside the running loop, e.g. from ``cleanup_ctx``)."""
         self.notifier.start()

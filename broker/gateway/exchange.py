@@ -141,6 +141,8 @@ async def token_exchange(request: web.Request) -> web.StreamResponse:
     granted = await discharge_approvals(
         request, runtime, principal, visible, arguments, decision, approval_id=approval_id
     )
+    # the server-side arguments are fixed now and carried in the token, so the backend can verify the whole body
+    forwarded = visible.tool.filters.inject(arguments, subject=principal.claims, actor_id=principal.actor_id)
     await final_guard(app[STATE], app[METRICS], principal, tool=name)  # 7
     minted = mint_txn_token(  # 8
         app[SIGNER],
@@ -156,6 +158,7 @@ async def token_exchange(request: web.Request) -> web.StreamResponse:
         req_ip=request.remote,
         authn="dpop" if principal.jkt else "mtls",
         approval_id=granted,
+        injected={key: forwarded[key] for key in visible.tool.config.inject},
         now=time.time(),
     )
     app[METRICS].txn_tokens.labels(tool=name, event="minted").inc()

@@ -222,16 +222,17 @@ async def discharge_approvals(
 
     service = request.app[APPROVALS]
     digest = request[CTX].args_digest or args_digest(arguments)
-    binding = {
-        "subject": principal.subject,
-        "actor": principal.actor_id,
-        "tool": visible.tool.name,
-        "args_digest": digest,
-    }
+    subject, actor, tool = principal.subject, principal.actor_id, visible.tool.name
     if approval_id is not None:
         approval = await service.book.get(approval_id, visible.now)
         if approval is not None and service.book.covers(
-            approval, **binding, required=required, now=visible.now
+            approval,
+            subject=subject,
+            actor=actor,
+            tool=tool,
+            args_digest=digest,
+            required=required,
+            now=visible.now,
         ):
             return str(approval.id)
     reasons = "; ".join(
@@ -239,17 +240,17 @@ async def discharge_approvals(
         for o, r in zip(decision.obligations, decision.obligation_reasons, strict=False)
         if o in required and r
     )
-    approval, new = await service.book.request(
-        **binding,
+    approval, _ = await service.request(
+        subject=subject,
+        actor=actor,
+        tool=tool,
         arguments=arguments,
+        args_digest=digest,
         required=required,
         reason=reasons,
         policy_version=runtime.policy_version,
         now=visible.now,
     )
-    if new:
-        request.app[METRICS].approvals.labels(state="pending").inc()
-        service.notifier.announce(approval)
     raise approval_required(approval.id, required, runtime.config.server.public_url, reasons)
 
 

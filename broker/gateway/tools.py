@@ -79,6 +79,7 @@ async def invoke_tool(request: web.Request) -> web.StreamResponse:
         require_mfa(decision, principal)
         await discharge_approvals(request, runtime, principal, visible, arguments, decision, approval_id=None)
     forwarded = tool.filters.inject(arguments, subject=principal.claims, actor_id=principal.actor_id)  # 6
+    injected = {name: forwarded[name] for name in tool.config.inject}
     now = time.time()
     txn_claim = None
     if presented is not None:
@@ -93,7 +94,7 @@ async def invoke_tool(request: web.Request) -> web.StreamResponse:
         app[METRICS].txn_tokens.labels(tool=tool.name, event="consumed").inc()
         txn_token = request.headers["Txn-Token"]
     else:
-        txn_token = mint_edge_token(request, runtime, principal, tool.name, arguments, now)
+        txn_token = mint_edge_token(request, runtime, principal, tool.name, arguments, injected, now)
 
     ctx.decision = "allow"  # 8
     audit_decision(app, ctx)
@@ -158,6 +159,7 @@ def mint_edge_token(
     principal: Principal,
     tool: str,
     arguments: dict[str, Any],
+    injected: dict[str, Any],
     now: float,
 ) -> str:
     """A txn token minted at the edge for a call that came without one: the backend always gets one."""
@@ -175,6 +177,7 @@ def mint_edge_token(
         cnf_jkt=principal.jkt,
         req_ip=request.remote,
         authn="dpop" if principal.jkt else "mtls",
+        injected=injected,
         now=now,
     )
     request.app[METRICS].txn_tokens.labels(tool=tool, event="minted").inc()

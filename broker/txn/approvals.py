@@ -312,7 +312,9 @@ class EligibilityCompileError(PolicyCompileError):
 
 @dataclass(frozen=True)
 class Eligibility:
-    """The compiled approver rules (``approvals.<obligation>.when``, CEL over ``approver`` and ``request``)."""
+    """The compiled approver rules (``approvals.<obligation>.when``). Variables: ``approver`` = the approving
+    human's token claims; ``request`` = ``{"tool", "subject", "actor", "args", "required"}`` of the approval
+    (e.g. ``"managers" in approver.groups && request.args.amount <= approver.approval_limit``)."""
 
     programs: Mapping[str, cel.Program]
 

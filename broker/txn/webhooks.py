@@ -82,17 +82,26 @@ class WebhookNotifier:
         self.max_attempts = max_attempts
         self.base_delay = base_delay
         self.on_result = on_result
-        #: (webhook, ssl context or True for the system trust store)
-        self.targets: list[tuple[Webhook, ssl.SSLContext | bool]] = [
-            (hook, ssl.create_default_context(cafile=str(hook.ca)) if hook.ca is not None else True)
-            for hook in webhooks
-        ]
         self.dropped = 0
+        self._started = False
         self._queue: asyncio.Queue[Approval] = asyncio.Queue(maxsize=queue_size)
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._worker: asyncio.Task[None] | None = None
         self._deliveries: set[asyncio.Task[None]] = set()
         self._random = random.Random()  # noqa: S311 - jitter, not a secret
+        #: (webhook, ssl context or True for the system trust store)
+        self.targets: list[tuple[Webhook, ssl.SSLContext | bool]] = []
+        self.set_webhooks(webhooks)
+
+    def set_webhooks(self, webhooks: Sequence[Webhook]) -> None:
+        """Replace the webhook list (config reload); raises ``OSError``/``ssl.SSLError`` for an unusable
+        ``ca`` before anything changes. Takes effect for announcements not yet started."""
+        self.targets = [
+            (hook, ssl.create_default_context(cafile=str(hook.ca)) if hook.ca is not None else True)
+            for hook in webhooks
+        ]
+        if self.targets and self._worker is None and self._started:
+            self.start()
 
     def _report(self, result: str) -> None:
         if self.on_result is not None:
@@ -110,11 +119,13 @@ class WebhookNotifier:
             self._report("dropped")
 
     def start(self) -> None:
+        self._started = True
         if self._worker is None and self.targets:
             self._worker = asyncio.get_running_loop().create_task(self._run(), name="approval-webhooks")
 
     async def close(self) -> None:
         """Stop the worker and in-flight deliveries; what is still queued is not announced (logged)."""
+        self._started = False
         tasks = [t for t in (self._worker, *self._deliveries) if t is not None]
         for task in tasks:
             task.cancel()

@@ -7,6 +7,7 @@ handler was not called.
 
 from __future__ import annotations
 
+import json
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,7 +22,7 @@ from multidict import CIMultiDict
 from broker.canonical import canonicalize
 from broker.jose import Signer, generate_ec_jwk
 from broker.txn.tokens import TxnClaims, mint_txn_token
-from broker.verify import TXN, SeenTxns, TxnTokenMiddleware, txn_token_middleware
+from broker.verify import TXN, SeenTxns, TxnTokenMiddleware, public_jwks_from_file, txn_token_middleware
 from tests.certfactory import Pki, client_ssl_context
 
 ISSUER = "https://localhost:8443"
@@ -370,3 +371,61 @@ def test_seen_txns_forgets_only_expired_ids_and_fails_closed_when_full() -> None
     assert (
         seen.claim("a", forget_after=300, now=100) and len(seen) == 2
     )  # "a" expired: a new token may reuse it
+
+
+# --- public_jwks_from_file -------------------------------------------------------------------------------------
+
+PRIVATE_JWK = generate_ec_jwk()  # what `broker certs` writes to broker-signing.jwk: kid = thumbprint, alg
+PRIVATE_PUBLIC = Signer.from_jwk(PRIVATE_JWK).public_jwk()
+BARE_PUBLIC = {k: PRIVATE_PUBLIC[k] for k in ("kty", "crv", "x", "y")}
+
+
+@pytest.mark.parametrize(
+    ("document", "keys"),
+    [
+        (PRIVATE_JWK, [{k: v for k, v in PRIVATE_PUBLIC.items() if k != "use"}]),
+        (
+            {k: v for k, v in PRIVATE_JWK.items() if k not in ("kid", "alg")},
+            [{**BARE_PUBLIC, "kid": PRIVATE_PUBLIC["kid"]}],
+        ),
+        (PRIVATE_PUBLIC, [PRIVATE_PUBLIC]),
+        ({"keys": [PRIVATE_PUBLIC, SIGNER.public_jwk()]}, [PRIVATE_PUBLIC, SIGNER.public_jwk()]),
+        ({"keys": [PRIVATE_JWK]}, [{k: v for k, v in PRIVATE_PUBLIC.items() if k != "use"}]),
+    ],
+    ids=[
+        "private-jwk",
+        "private-jwk-without-kid-gets-thumbprint",
+        "public-jwk",
+        "public-jwks",
+        "jwks-with-private",
+    ],
+)
+def test_public_jwks_from_file_keeps_only_public_members(
+    tmp_path: Any, document: dict[str, Any], keys: list[dict[str, Any]]
+) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(document))
+    assert public_jwks_from_file(path) == {"keys": keys}
+
+
+@pytest.mark.parametrize(
+    "content",
+    [None, b"{not json", b'{"keys": {"kty": "EC"}}', json.dumps({"kty": "oct", "k": "c2VjcmV0"}).encode()],
+    ids=["missing-file", "not-json", "keys-not-an-array", "private-oct-key"],
+)
+def test_public_jwks_from_file_refuses(tmp_path: Any, content: bytes | None) -> None:
+    path = tmp_path / "keys.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match="keys.json"):
+        public_jwks_from_file(path)
+
+
+async def test_a_private_jwk_file_verifies_its_own_tokens(
+    backend_factory: BackendFactory, tmp_path: Any
+) -> None:
+    path = tmp_path / "broker-signing.jwk"
+    path.write_text(json.dumps(PRIVATE_JWK))
+    backend = await backend_factory(jwks_url=None, jwks=public_jwks_from_file(path))
+    assert (await backend.post(token=mint(Signer.from_jwk(PRIVATE_JWK))))[0] == 200
+    assert (await backend.post(token=mint()))[0] == 401  # SIGNER's key is not in that file

@@ -16,7 +16,9 @@ import pytest
 from broker.canonical import args_digest
 from broker.config.models import Approvals, Approver, Webhook
 from broker.errors import AccessDenied, NotFound, PayloadTooLarge
+from broker.gateway.approvals import ApprovalService
 from broker.jose import Signer, generate_ec_jwk
+from broker.observability import Metrics
 from broker.state.memory import MemoryStore
 from broker.txn.approvals import (
     Approval,
@@ -489,3 +491,23 @@ async def test_announcement_claims_describe_the_request() -> None:
         "required": ["manager_approval"],
         "expires_at": rfc3339(T0 + TTL),
     }
+
+
+# --- reload -------------------------------------------------------------------------------------------------
+
+
+async def test_reconfigure_swaps_rules_only_when_they_compile() -> None:
+    async with aiohttp.ClientSession() as session:
+        service = ApprovalService.create(
+            Approvals(), MemoryStore(), Signer.from_jwk(generate_ec_jwk()), session, Metrics(), "https://b"
+        )
+        new = Approvals(ttl_seconds=600, manager_approval=Approver(when='"finance" in approver.groups'))
+        service.reconfigure(new)
+        assert service.book.ttl_seconds == 600
+        assert service.eligibility.eligible("manager_approval", {"groups": ["finance"]})
+        assert not service.eligibility.eligible("manager_approval", CAROL)
+        with pytest.raises(EligibilityCompileError):
+            service.reconfigure(Approvals(ttl_seconds=900, manager_approval=Approver(when="(")))
+        assert service.book.ttl_seconds == 600
+        assert service.eligibility.eligible("manager_approval", {"groups": ["finance"]})
+        await service.close()

@@ -383,12 +383,16 @@ REFUSALS: list[Any] = [
         "txn_tctx",
         id="tctx-unknown-member-beside-injected",
     ),
-    pytest.param(lambda: forge(with_tctx(injected=["department", "42"])), "txn_claim_type", id="injected-array"),
+    pytest.param(
+        lambda: forge(with_tctx(injected=["department", "42"])), "txn_claim_type", id="injected-array"
+    ),
     pytest.param(lambda: forge(with_tctx(injected="department=42")), "txn_claim_type", id="injected-string"),
     pytest.param(lambda: forge(with_tctx(injected=None)), "txn_claim_type", id="injected-null"),
     pytest.param(lambda: forge(with_tctx(injected={})), "txn_injected", id="injected-empty"),
     pytest.param(
-        lambda: forge(with_tctx(injected={"limit": 2**60})), "txn_injected", id="injected-without-canonical-form"
+        lambda: forge(with_tctx(injected={"limit": 2**60})),
+        "txn_injected",
+        id="injected-without-canonical-form",
     ),
     pytest.param(
         lambda: forge(with_tctx(arguments={"amount": 2**60}, args_digest="A" * 43)),
