@@ -28,7 +28,7 @@ from aiohttp import web
 
 from broker.canonical import canonicalize
 from broker.context import CTX
-from broker.errors import InvalidTxnToken
+from broker.errors import InvalidTxnToken, TxnTokenMismatch
 from broker.gateway.forward import json_response, upstream_headers
 from broker.gateway.guard import final_guard, grant_id
 from broker.gateway.middleware import audit_decision
@@ -80,6 +80,11 @@ async def invoke_tool(request: web.Request) -> web.StreamResponse:
         await discharge_approvals(request, runtime, principal, visible, arguments, decision, approval_id=None)
     forwarded = tool.filters.inject(arguments, subject=principal.claims, actor_id=principal.actor_id)  # 6
     injected = {name: forwarded[name] for name in tool.config.inject}
+    if presented is not None and canonicalize(presented.forwarded_arguments()) != canonicalize(forwarded):
+        # the backend verifies the body against the token: refuse here, before the token is consumed
+        raise TxnTokenMismatch(
+            "server-side arguments changed since the exchange; exchange again", reason="txn_injected_mismatch"
+        )
     now = time.time()
     txn_claim = None
     if presented is not None:

@@ -97,13 +97,15 @@ class Expense:
         self.clients.append(client)
         return client
 
-    async def human(self, sub: str, claims: dict[str, Any]) -> AgentClient:
+    async def human(self, sub: str, claims: dict[str, Any], *, key_of: str | None = None) -> AgentClient:
+        """A human calling directly (no client certificate, no act) with the DPoP key of ``key_of`` (default: own)."""
+        holder = key_of or sub
         client = AgentClient.from_certs(
             self.public_url,
             self.pki.root,
             agent=None,
-            human=sub,
-            access_token=self.token(sub, claims, agent=None, human=sub),
+            human=holder,
+            access_token=self.token(sub, claims, agent=None, human=holder),
         )
         await client.__aenter__()
         self.clients.append(client)
@@ -290,3 +292,73 @@ async def test_row15_every_refusal_is_audited_and_the_chain_verifies(stack: Expe
     assert refusals[0]["reason"].startswith("own-department-only")
     jwks = {"keys": [Signer.from_file(stack.pki.signing_jwk).public_jwk()]}
     assert verify_log(stack.audit, public_jwks=jwks).ok
+
+
+async def test_row7_manager_approval_then_exchange_succeeds(stack: Expense) -> None:
+    alice = await stack.agent("alice", {**ALICE, "acr": "mfa"})
+    invoice = {"invoice_id": "INV-9001", "amount": 6000, "department": "42"}
+    first = await alice.exchange("approveExpense", invoice)
+    assert (first.status, first.error) == (403, "approval_required")
+    assert first.json()["required"] == ["manager_approval"]
+    approval_id = first.json()["approval_id"]
+
+    # the requester cannot approve her own call, and an agent can never approve
+    alice_herself = await stack.human("alice", {**ALICE, "acr": "mfa"}, key_of="sam")
+    self_approval = await alice_herself.decide(approval_id, "approve")
+    assert (self_approval.status, self_approval.error) == (403, "access_denied")
+    by_agent = await alice.decide(approval_id, "approve")
+    assert (by_agent.status, by_agent.error) == (403, "access_denied")
+
+    carol = await stack.human("carol", CAROL)
+    decided = await carol.decide(approval_id, "approve")
+    assert decided.status == 200 and decided.json()["state"] == "approved"
+    status = await alice.approval(approval_id)  # the requesting agent can read it
+    assert status.json()["state"] == "approved"
+
+    exchanged = await alice.exchange("approveExpense", invoice, approval_id=approval_id)
+    assert exchanged.status == 200, exchanged.body
+    txn = jwt.decode(exchanged.json()["access_token"], options={"verify_signature": False})
+    assert txn["tctx"]["approval_id"] == approval_id
+    invoked = await alice.call_tool("approveExpense", invoice, txn_token=exchanged.json()["access_token"])
+    assert invoked.status == 200 and invoked.json()["status"] == "approved"
+    # the approval is bound to these arguments: another amount needs its own
+    other = await alice.exchange("approveExpense", {**invoice, "amount": 6001}, approval_id=approval_id)
+    assert (other.status, other.error) == (403, "approval_required")
+    assert other.json()["approval_id"] != approval_id
+
+
+async def test_row8_dual_approval_needs_two_distinct_managers(stack: Expense) -> None:
+    alice = await stack.agent("alice", {**ALICE, "acr": "mfa"})
+    invoice = {"invoice_id": "INV-9002", "amount": 12000, "department": "42"}
+    approval_id = (await alice.exchange("approveExpense", invoice)).json()["approval_id"]
+    carol, dave = await stack.human("carol", CAROL), await stack.human("dave", DAVE)
+    assert (await carol.decide(approval_id, "approve")).json()["state"] == "pending"
+    again = await carol.decide(approval_id, "approve")
+    assert (again.status, again.error) == (403, "access_denied")
+    one = await alice.exchange("approveExpense", invoice, approval_id=approval_id)
+    assert (one.status, one.error) == (403, "approval_required")
+    assert (await dave.decide(approval_id, "approve")).json()["state"] == "approved"
+    assert (await alice.exchange("approveExpense", invoice, approval_id=approval_id)).status == 200
+
+
+async def test_row11_a_risky_session_needs_a_manager(stack: Expense) -> None:
+    alice = await stack.agent("alice", {**ALICE, "risk_score": 85})
+    reply = await alice.exchange("approveExpense", {"invoice_id": "INV-9004", "amount": 100, "department": "42"})
+    assert (reply.status, reply.error) == (403, "approval_required")
+    assert reply.json()["required"] == ["manager_approval"]
+
+
+async def test_row12_the_sixth_approval_in_ten_minutes_needs_security_review(stack: Expense) -> None:
+    alice = await stack.agent("alice", ALICE)
+    for _ in range(5):
+        exchanged, invoked = await exchange_and_invoke(alice, "approveExpense", INV_8831)
+        assert invoked.status == 200, invoked.body
+    sixth = await alice.exchange("approveExpense", INV_8831)
+    assert (sixth.status, sixth.error) == (403, "approval_required")
+    assert sixth.json()["required"] == ["security_review"]
+    carol = await stack.human("carol", CAROL)
+    not_security = await carol.decide(sixth.json()["approval_id"], "approve")
+    assert (not_security.status, not_security.error) == (403, "access_denied")
+    sam = await stack.human("sam", SAM)
+    assert (await sam.decide(sixth.json()["approval_id"], "approve")).json()["state"] == "approved"
+    assert (await alice.exchange("approveExpense", INV_8831, approval_id=sixth.json()["approval_id"])).status == 200
