@@ -24,6 +24,7 @@ from broker.gateway.approvals import APPROVALS, ApprovalService, decide_approval
 from broker.gateway.forward import Forwarder, client_session, close_session
 from broker.gateway.middleware import broker_middleware
 from broker.jose import Signer
+from broker.keys import KeyRing
 from broker.observability import Metrics
 from broker.resources import (
     AUDIT,
@@ -34,15 +35,13 @@ from broker.resources import (
     SESSION,
     SIGNER,
     STATE,
-    TXN_KEYS,
     RuntimeHolder,
 )
 from broker.runtime import build_runtime
 from broker.state import make_store
-from broker.txn.tokens import verification_keys
+from broker.verify import public_jwks_from_file
 
 MAIN = web.AppKey("main_app", web.Application)
-PUBLIC_JWKS = web.AppKey("public_jwks", dict)
 
 
 def build_app(loaded: LoadedConfig, *, metrics: Metrics | None = None) -> web.Application:
@@ -56,21 +55,17 @@ def build_app(loaded: LoadedConfig, *, metrics: Metrics | None = None) -> web.Ap
     app[METRICS] = metrics or Metrics()
     app[METRICS].set_policy_version(loaded.policy_version)
     app[METRICS].config_reloads.labels(result="success").inc()
-    app[SIGNER] = Signer.from_file(config.signing.key_file)
+    # current key first, then the previous ones still published until their tokens expire (rotation overlap)
+    app[SIGNER] = KeyRing(
+        Signer.from_file(config.signing.key_file),
+        [jwk for path in config.signing.previous_key_files for jwk in public_jwks_from_file(path)["keys"]],
+    )
     app[AUDIT] = AuditLog(
         config.audit.file,
         signer=app[SIGNER],
         checkpoint_every=config.audit.checkpoint_every,
         fsync=config.audit.fsync,
     )
-    # current key first, then the previous ones still published until their tokens expire (rotation overlap)
-    app[PUBLIC_JWKS] = {
-        "keys": [
-            app[SIGNER].public_jwk(),
-            *(Signer.from_file(p).public_jwk() for p in config.signing.previous_key_files),
-        ]
-    }
-    app[TXN_KEYS] = verification_keys(*app[PUBLIC_JWKS]["keys"])
     app[DRAINING] = {"draining": False}
     app[RELOAD] = ReloadState()
     app.cleanup_ctx.append(_audit_log)
@@ -150,7 +145,8 @@ async def protected_resource_metadata(request: web.Request) -> web.StreamRespons
 async def jwks(request: web.Request) -> web.StreamResponse:
     """The broker's public keys (CONTRACT §5): backends verify txn tokens, agents verify grants."""
     request[CTX].route = "metadata"
-    return web.json_response(request.app[PUBLIC_JWKS], headers={"Cache-Control": "public, max-age=300"})
+    keys = request.app[SIGNER].jwks(time.time())
+    return web.json_response(keys, headers={"Cache-Control": "public, max-age=60"})
 
 
 def build_admin_app(main: web.Application) -> web.Application:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -94,28 +93,15 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_jwks(path: str) -> dict[str, Any]:
-    from broker.jose import public_jwk, public_key_from_jwk
-
-    data = json.loads(Path(path).read_text())
-    keys = data["keys"] if isinstance(data, dict) and "keys" in data else [data]
-    public = []
-    for jwk in keys:
-        members = {**public_jwk(public_key_from_jwk(jwk)), "kid": jwk.get("kid")}
-        if jwk.get("alg"):
-            members["alg"] = jwk["alg"]
-        public.append(members)
-    return {"keys": public}
-
-
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from broker.audit.verify import verify_log
+    from broker.verify import public_jwks_from_file
 
     jwks = None
     if args.key:
         try:
-            jwks = _read_jwks(args.key)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            jwks = public_jwks_from_file(Path(args.key))
+        except ValueError as exc:
             print(f"broker audit verify: cannot read key {args.key}: {exc}", file=sys.stderr)
             return 2
     report = verify_log(Path(args.file), public_jwks=jwks, max_unsealed=args.max_unsealed)

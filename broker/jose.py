@@ -17,7 +17,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
@@ -281,6 +281,20 @@ def verify_signature(key: PublicKey, alg: str, signing_input: bytes, signature: 
 
 def compact_json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+class SigningKey(Protocol):
+    """What signs broker tokens: a :class:`Signer`, or the :class:`broker.keys.KeyRing` that rotates them."""
+
+    @property
+    def kid(self) -> str: ...
+
+    @property
+    def alg(self) -> str: ...
+
+    def public_jwk(self) -> dict[str, str]: ...
+
+    def sign(self, claims: Mapping[str, Any], *, typ: str, extra_headers: Mapping[str, Any] | None = None) -> str: ...
 
 
 @dataclass(frozen=True)

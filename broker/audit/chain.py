@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from broker.canonical import canonicalize
-from broker.jose import Signer
+from broker.jose import SigningKey
 
 __all__ = [
     "CHECKPOINT_TYP",
@@ -96,7 +96,7 @@ def checkpoint_claims(*, seq: int, head: str, ts: str) -> dict[str, Any]:
     return {"seq": seq, "head": head, "ts": ts}
 
 
-def checkpoint_record(*, seq: int, prev: str, ts: str, signer: Signer) -> dict[str, Any]:
+def checkpoint_record(*, seq: int, prev: str, ts: str, signer: SigningKey) -> dict[str, Any]:
     """A sealed checkpoint: event ``checkpoint``, decision ``allow``, other CONTRACT fields null, ``sig``."""
     record: dict[str, Any] = {"ts": ts}
     record.update(dict.fromkeys(RECORD_FIELDS))

@@ -46,7 +46,7 @@ from broker.audit.chain import (
 )
 from broker.canonical import strict_loads
 from broker.errors import AuditUnavailable, InvalidRequest
-from broker.jose import Signer
+from broker.jose import SigningKey
 
 __all__ = ["AuditLog", "head_path_for"]
 
@@ -82,7 +82,7 @@ class AuditLog:
         self,
         path: Path,
         *,
-        signer: Signer,
+        signer: SigningKey,
         checkpoint_every: int = 100,
         fsync: bool = False,
         clock: Callable[[], float] = time.time,

@@ -35,7 +35,7 @@ from broker.gateway.guard import final_guard
 from broker.gateway.middleware import audit_decision
 from broker.gateway.stages import has_mfa, read_json_body
 from broker.identity.principal import Principal
-from broker.jose import Signer
+from broker.jose import SigningKey
 from broker.observability import Metrics
 from broker.resources import METRICS, RUNTIME, STATE
 from broker.state.base import StateStore
@@ -70,7 +70,7 @@ class ApprovalService:
         cls,
         config: Approvals,
         store: StateStore,
-        signer: Signer,
+        signer: SigningKey,
         session: aiohttp.ClientSession,
         metrics: Metrics,
         public_url: str,

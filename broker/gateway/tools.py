@@ -46,7 +46,7 @@ from broker.gateway.stages import (
 from broker.identity.principal import Principal
 from broker.observability import traceparent_for
 from broker.policy.engine import PolicyError
-from broker.resources import FORWARDER, METRICS, SIGNER, STATE, TXN_KEYS
+from broker.resources import FORWARDER, METRICS, SIGNER, STATE
 from broker.runtime import Runtime
 from broker.txn.tokens import (
     TxnClaims,
@@ -138,7 +138,7 @@ def presented_txn_token(
         config = runtime.config
         claims = verify_txn_token(
             values[0],
-            keys=request.app[TXN_KEYS],
+            keys=request.app[SIGNER].verification_keys(time.time()),
             issuer=config.server.public_url,
             audience=config.identity.trust_domain,
             now=time.time(),

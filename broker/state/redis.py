@@ -1,5 +1,9 @@
 """Redis state store (redis-py asyncio): the shared backend for several workers or replicas.
 
+Topologies (URL formats in :mod:`broker.state.redis_cluster`): one server (``redis://``, ``rediss://``), a
+Sentinel-managed master (``redis+sentinel://``) and Redis Cluster (``redis+cluster://``). Everything below
+holds on all three; the only code that differs is :meth:`RedisStore.guard` on a Cluster (see "Redis Cluster").
+
 Every single-use check is ONE atomic server-side step (S03): ``SET key 1 NX PX ttl`` for
 :meth:`RedisStore.claim`, a Lua script for :meth:`RedisStore.claim_all` and the JSON compare-and-set. Every
 operation runs under ``asyncio.timeout(timeout_seconds)`` on top of the socket timeouts; any error or timeout
@@ -12,14 +16,38 @@ first use; each command is therefore retried ONCE, immediately, on a connection 
 the time bound holds). A retried claim whose first attempt reached Redis answers False: a spurious refusal,
 never a second use.
 
+Redis Cluster. A multi-key command or script must name keys of ONE slot, chosen by the first ``{...}`` hash tag
+of each key. Every operation but ``guard`` is single-slot by design: ``claim``, ``revoke``, counters
+(``record_event``: one MULTI/EXEC on one key) and JSON records (one script on one key) touch one key;
+``is_revoked`` is one ``MGET`` because every revocation key carries ``{rev}``; ``claim_all`` needs its callers
+to share one hash tag (checked on a Cluster: ``ValueError`` otherwise, a caller bug). ``guard`` cannot be one
+script there: revocations live in ``{rev}``, the DPoP ``jti`` under its own key and the txn token under its
+own tag. On a Cluster it runs three steps, in this order, and stops at the first refusal:
+
+1. ``MGET`` of the revocation keys (slot of ``{rev}``) — any hit: refuse, and nothing has been claimed;
+2. ``SET NX PX`` of the DPoP ``jti`` — taken: refuse as replayed (index 0);
+3. ``SET NX PX`` of the txn token — taken: refuse as replayed (index 1).
+
+Why this keeps the guarantees: single use and replay each rest on one atomic ``SET NX`` whose answer is
+checked (S03), exactly as in the script, so two brokers racing for one ``jti`` or one txn token still get one
+winner. A revocation is checked before anything is claimed, so a revoked request burns nothing; one landing
+between step 1 and step 2 is ordered after this request, as it would be after a script that ran a moment
+earlier. A txn token refused at step 3 has burned only this request's own ``jti`` — a proof is single-use
+anyway (RFC 9449 §11.1) and the client signs a fresh one per request — so it costs the attacker, not the
+victim; the jti is checked first so that a replayed proof can never consume a victim's txn token. A store
+error at any step raises :class:`~broker.errors.StateUnavailable` (503), as everywhere. What is weaker than the
+single-server script: up to three round trips instead of one, and a crash or timeout between steps leaves a
+burnt ``jti`` (the client retries with a new proof) — never a token usable twice.
+
 Limits, documented on purpose:
-- URLs: ``redis://`` and ``rediss://`` (TLS options as query parameters, e.g. ``?ssl_ca_certs=/path/ca.pem``).
-  ``redis+sentinel://`` and Redis Cluster are not supported yet; ``claim_all`` keys already carry hash tags
-  for the day Cluster is (see :mod:`broker.state.base`).
-- S05: Redis replication is asynchronous, so a failover can lose the last claims and reopen their replay
-  window; so does a restart without persistence (AOF). Keep DPoP windows and txn-token lifetimes short;
-  deployments that cannot accept it may add ``WAIT 1`` and ``appendfsync always``.
+- S05: Redis replication is asynchronous, so a failover (Sentinel or Cluster) can lose the last claims and
+  reopen their replay window; so does a restart without persistence (AOF). Keep DPoP windows and txn-token
+  lifetimes short. Deployments that cannot accept it: ``min-replicas-to-write 1`` with
+  ``min-replicas-max-lag`` on the masters (a master cut off from its replicas refuses writes: 503, not a
+  lost claim) and ``appendfsync always``; a per-claim ``WAIT 1`` (``state.wait_replicas``) is not implemented.
 - Timestamps of counters come from the callers (S06: replicas need NTP); key expiry uses the Redis clock.
+- On a Cluster all revocations share one slot (one master serves every ``is_revoked``/``guard`` lookup); at
+  one ``MGET`` per request this is rarely the bottleneck, but it does not scale out with more masters.
 """
 
 from __future__ import annotations
@@ -28,13 +56,9 @@ import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final, TypeVar
-from urllib.parse import urlsplit
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.crc import key_slot
+from redis.exceptions import RedisClusterException, RedisError
 
 from broker.state.base import (
     GUARD_OK,
@@ -53,16 +77,17 @@ from broker.state.base import (
     ttl_ms,
     unavailable,
 )
+from broker.state.redis_cluster import open_client, parse_redis_url
 
 T = TypeVar("T")
 
-SUPPORTED_SCHEMES: Final = frozenset({"redis", "rediss"})
 DEFAULT_MAX_CONNECTIONS: Final = 64
 
 # Errors that mean "the store did not answer correctly": transport and server errors (RedisError covers
-# ConnectionError, TimeoutError, ResponseError such as OOM or READONLY after a failover), raw socket/TLS
-# errors, our own asyncio.timeout, and ValueError from stored data that does not decode.
-_BACKEND_ERRORS: Final = (RedisError, OSError, TimeoutError, ValueError)
+# ConnectionError, TimeoutError, ResponseError such as OOM or READONLY after a failover, and the Cluster's
+# CLUSTERDOWN/MOVED loops), cluster topology errors (RedisClusterException: no node reachable, slot not
+# covered), raw socket/TLS errors, our own asyncio.timeout, and ValueError from stored data that does not decode.
+_BACKEND_ERRORS: Final = (RedisError, RedisClusterException, OSError, TimeoutError, ValueError)
 
 # KEYS: the claims; ARGV[i]: PX of KEYS[i]. All or nothing: one existing key refuses them all.
 _CLAIM_ALL: Final = """
@@ -116,7 +141,10 @@ def _amount_of(member: object) -> float:
 
 
 class RedisStore(StateStore):
-    """:class:`StateStore` on Redis. Two instances (two pools) behave like two replicas sharing one state."""
+    """:class:`StateStore` on Redis. Two instances (two pools) behave like two replicas sharing one state.
+
+    ``url``: see :mod:`broker.state.redis_cluster` (``ValueError`` for an unsupported or malformed one).
+    """
 
     def __init__(
         self,
@@ -127,9 +155,7 @@ class RedisStore(StateStore):
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         on_error: ErrorCallback | None = None,
     ) -> None:
-        scheme = urlsplit(url).scheme
-        if scheme not in SUPPORTED_SCHEMES:
-            raise ValueError(f"unsupported Redis URL scheme {scheme!r}: use redis:// or rediss://")
+        target = parse_redis_url(url)
         if not 0 < timeout_seconds <= 10:
             raise ValueError("timeout_seconds must be in (0, 10]")
         if max_connections < 1:
@@ -137,17 +163,14 @@ class RedisStore(StateStore):
         self._prefix = check_prefix(key_prefix)
         self._timeout = timeout_seconds
         self._on_error = on_error
-        # A blocking pool makes a burst wait (bounded by the op timeout) for a free connection instead of
-        # failing with "Too many connections".
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout_seconds,
-            socket_timeout=timeout_seconds,
-            socket_connect_timeout=timeout_seconds,
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        )
-        self._redis = Redis.from_pool(pool)
+        self._cluster = target.topology == "cluster"
+        opened = open_client(target, timeout_seconds=timeout_seconds, max_connections=max_connections)
+        self._redis = opened.client
+        self._close = opened.close
+        # A burst must wait (within the op timeout) for a free connection rather than fail with "Too many
+        # connections": the single-server pool blocks by itself; Sentinel and Cluster pools do not, so at most
+        # max_connections operations run at once (each uses one connection at a time).
+        self._slots = None if target.topology == "single" else asyncio.Semaphore(max_connections)
         # Scripts run by EVALSHA and reload on NOSCRIPT (a restarted Redis has an empty script cache).
         self._claim_all_script = self._redis.register_script(_CLAIM_ALL)
         self._revoke_script = self._redis.register_script(_REVOKE)
@@ -159,7 +182,10 @@ class RedisStore(StateStore):
         """Run one operation under the time bound; backend failures become StateUnavailable (fail closed)."""
         try:
             async with asyncio.timeout(self._timeout):
-                return await call()
+                if self._slots is None:
+                    return await call()
+                async with self._slots:
+                    return await call()
         except _BACKEND_ERRORS as exc:
             if self._on_error is not None:
                 self._on_error(op)
@@ -181,6 +207,8 @@ class RedisStore(StateStore):
         checked = check_items(items)
         keys = [self._prefix + "claim:" + key for key, _ in checked]
         args = [ttl_ms(ttl) for _, ttl in checked]
+        if self._cluster and len({key_slot(key.encode()) for key in keys}) > 1:
+            raise ValueError("claim_all keys must share one hash tag on Redis Cluster (see hash_tag)")
 
         async def call() -> bool:
             return int(await self._claim_all_script(keys=keys, args=args)) == 1
@@ -191,12 +219,15 @@ class RedisStore(StateStore):
         kinds = list(revocations)
         rev_keys = [self._prefix + revocation_key(kind, value) for kind, value in revocations.items()]
         checked = check_items(claims) if claims else []
-        keys = rev_keys + [self._prefix + "claim:" + key for key, _ in checked]
-        args = [len(rev_keys), *(ttl_ms(ttl) for _, ttl in checked)]
+        claim_keys = [self._prefix + "claim:" + key for key, _ in checked]
+        pxs = [ttl_ms(ttl) for _, ttl in checked]
+        if self._cluster:
+            return await self._run("guard", lambda: self._guard_in_steps(kinds, rev_keys, claim_keys, pxs))
+        keys = rev_keys + claim_keys
+        args = [len(rev_keys), *pxs]
 
         async def call() -> int:
-            # One script: revocation keys carry the {rev} tag and claims their own, so on a Redis Cluster this
-            # needs claim keys tagged {rev} too (or two round trips); on a single Redis it is one round trip.
+            # One script, one round trip: revocations, then every claim, all or none (single server, Sentinel).
             return int(await self._guard_script(keys=keys, args=args))
 
         found = await self._run("guard", call)
@@ -204,6 +235,20 @@ class RedisStore(StateStore):
             return Guarded(revoked=kinds[-found - 1])
         if found > 0:
             return Guarded(replayed=found - 1)
+        return GUARD_OK
+
+    async def _guard_in_steps(
+        self, kinds: list[str], rev_keys: list[str], claim_keys: list[str], pxs: list[int]
+    ) -> Guarded:
+        """Redis Cluster: revocations, then each claim in order, first refusal wins (module docstring)."""
+        if rev_keys:
+            hits = await self._redis.mget(rev_keys)  # one slot: every revocation key carries {rev}
+            for kind, hit in zip(kinds, hits, strict=True):
+                if hit is not None:
+                    return Guarded(revoked=kind)
+        for index, (key, px) in enumerate(zip(claim_keys, pxs, strict=True)):
+            if not await self._redis.set(key, b"1", nx=True, px=px):
+                return Guarded(replayed=index)
         return GUARD_OK
 
     # -- revocations -----------------------------------------------------------------------------------------
@@ -312,5 +357,4 @@ class RedisStore(StateStore):
         await self._run("ping", call)
 
     async def close(self) -> None:
-        # from_pool() handed the pool to the client: aclose() disconnects it too.
-        await self._redis.aclose()
+        await self._close()

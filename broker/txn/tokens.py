@@ -51,7 +51,7 @@ from broker.canonical import canonicalize
 from broker.errors import InvalidTxnToken, TxnTokenMismatch
 from broker.identity.jwks import KeyEntry, KeySet
 from broker.identity.jws import JwsError, parse_compact
-from broker.jose import Signer, b64url_encode, default_alg, verify_signature
+from broker.jose import SigningKey, b64url_encode, default_alg, verify_signature
 from broker.state import hash_key_part, hash_tag
 
 __all__ = [
@@ -134,7 +134,7 @@ class TxnClaims:
 
 
 def mint_txn_token(
-    signer: Signer,
+    signer: SigningKey,
     *,
     issuer: str,
     audience: str,

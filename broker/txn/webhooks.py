@@ -25,7 +25,7 @@ import aiohttp
 import structlog
 
 from broker.config.models import Webhook
-from broker.jose import Signer
+from broker.jose import SigningKey
 from broker.txn.approvals import Approval, rfc3339
 
 __all__ = ["ANNOUNCEMENT_TYP", "WebhookNotifier", "announcement_claims"]
@@ -65,7 +65,7 @@ class WebhookNotifier:
     def __init__(
         self,
         session: aiohttp.ClientSession,
-        signer: Signer,
+        signer: SigningKey,
         webhooks: Sequence[Webhook],
         *,
         public_url: str,

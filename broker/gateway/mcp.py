@@ -1,0 +1,469 @@
+"""``/mcp/{server}``: the MCP Streamable HTTP gateway, both protocol eras (CONTRACT §7). The stage order is here.
+
+ 1 identity   SVID + DPoP proof + access token, exactly as ``/v1`` — first: nothing is revealed to an
+              unauthenticated peer, and a session id never stands in for a token (token problems stay HTTP 401).
+ 2 server     a configured MCP server, else 404.
+ 3 origin     an ``Origin`` header, when present, must be allowed (403): the transport spec's DNS-rebinding rule.
+ 4 era        ``MCP-Protocol-Version: 2026-07-28`` is the stateless era (POST only: GET/DELETE 405); a known
+              handshake version, or none, is the session era; anything else 400 (``-32022``).
+ 5 message    strict JSON, one JSON-RPC object from an exact allowlist (batches, responses, null ids: 400,
+              nothing forwarded). Stateless: headers must agree with the body (400 ``-32020``).
+ 6 session    a presented ``Mcp-Session-Id`` must be bound to this (subject, actor) on this server, else 404 as
+              for an unknown session; ``initialize`` must not carry one.
+ 7 authorize  tools/call: :func:`broker.gateway.mcp_calls.authorize_call` (visibility, pinned schema, policy,
+              MFA, approvals, injection); refusals are JSON-RPC errors (HTTP 200), audited here.
+              tools/list: the visible set, computed by the ``/v1/tools`` decision.
+ 8 guard      revocations and the DPoP replay claim in one store step — last, so a refusal never burns a proof.
+ 9 audit      the decision (event ``mcp``) is written before anything leaves the broker.
+10 forward    fresh headers only (Txn-Token minted here for tools/call, X-Request-Id, traceparent, the MCP
+              headers, the session id) over the broker's mTLS identity; the body re-serialised from what was
+              decided on (arguments after injection). The agent's token never goes upstream.
+11 relay      JSON or SSE, streamed (:mod:`broker.gateway.mcp_relay`): tools/list filtered and pinned,
+              tools/call masked, initialize narrowed to the tool surface and its session bound to the principal.
+
+Wiring (``broker.app``): ``app.router.add_route("*", "/mcp/{server}", mcp_endpoint)``,
+``app.cleanup_ctx.append(mcp_resources)`` after the upstream session and the state store, and on the admin app
+``GET /admin/mcp/pins`` → :func:`pins_endpoint`, ``POST /admin/mcp/pins/{server}/{tool}/accept`` →
+:func:`accept_pin_endpoint`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from aiohttp import ClientResponse, web
+
+from broker.canonical import canonicalize, strict_loads
+from broker.context import CTX
+from broker.errors import (
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    UnknownTool,
+    UnsupportedMediaType,
+    UpstreamError,
+)
+from broker.gateway import mcp_jsonrpc as rpc
+from broker.gateway.guard import final_guard
+from broker.gateway.mcp_calls import (
+    ENVELOPE_DEPTH,
+    AuthorizedCall,
+    Refusal,
+    authorize_call,
+    call_transform,
+    capabilities_transform,
+    listing_transform,
+    mint_edge_token,
+    unknown_tool,
+    visible_tools,
+)
+from broker.gateway.mcp_pins import MCP_PINS, PinBook, accept_pin_endpoint, drift_counter, pins_endpoint
+from broker.gateway.mcp_relay import AGENT_NOTIFICATIONS, Relay, Transform, dumps, relay
+from broker.gateway.mcp_sessions import SessionBinding, SessionStore
+from broker.gateway.mcp_upstream import JSON, SSE, Catalog, McpUpstream, ServerTable, exchange, read_answer
+from broker.gateway.middleware import audit_decision
+from broker.gateway.stages import authenticate, read_body, runtime_of
+from broker.identity.principal import Principal
+from broker.observability import traceparent_for
+from broker.resources import METRICS, SESSION, STATE
+from broker.runtime import Runtime
+
+__all__ = ["MCP_STATE", "accept_pin_endpoint", "mcp_endpoint", "mcp_resources", "pins_endpoint"]
+
+#: how long a pinned definition is trusted without the upstream listing it again (then the broker re-lists)
+MAX_CATALOG_AGE: Final = 60.0
+POST_STREAM_SECONDS: Final = 300.0
+GET_STREAM_SECONDS: Final = 3600.0
+_SESSION_ID = re.compile(r"[\x21-\x7e]{1,256}")  # 2025-06-18 transports: visible ASCII only
+_LAST_EVENT_ID = re.compile(r"[\x20-\x7e]{1,256}")
+_FORWARD_ACCEPT: Final = f"{JSON}, {SSE}"
+
+
+@dataclass
+class McpState:
+    """The gateway's long-lived state, owned by :func:`mcp_resources`."""
+
+    pins: PinBook
+    sessions: SessionStore
+    servers: ServerTable = field(default_factory=ServerTable)
+    catalogs: dict[tuple[str, str], Catalog] = field(default_factory=dict)
+    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    refreshed_at: dict[str, float] = field(default_factory=dict)
+
+
+MCP_STATE = web.AppKey("mcp_state", McpState)
+
+
+async def mcp_resources(app: web.Application) -> AsyncIterator[None]:
+    """``cleanup_ctx``: pins, session bindings, the broker's own upstream sessions (over the app's SESSION)."""
+    pins = PinBook(drift_counter(app[METRICS].registry))
+    app[MCP_PINS] = pins
+    app[MCP_STATE] = McpState(pins=pins, sessions=SessionStore(app[STATE]))
+    yield
+    for catalog in list(app[MCP_STATE].catalogs.values()):
+        await catalog.close(app[SESSION])
+
+
+async def mcp_endpoint(request: web.Request) -> web.StreamResponse:
+    """``POST|GET|DELETE /mcp/{server}``."""
+    ctx = request[CTX]
+    ctx.route = "mcp"
+    runtime = runtime_of(request)
+    principal = await authenticate(request, runtime)  # 1
+    state = request.app[MCP_STATE]
+    upstream = state.servers.servers(runtime).get(request.match_info["server"])  # 2
+    if upstream is None:
+        raise NotFound("no such MCP server", reason="unknown_mcp_server")
+    request_id: str | int | None = None
+    try:
+        _check_origin(request, upstream)  # 3
+        era, version = _era(request)  # 4
+        if request.method == "POST":
+            body = await read_body(request, runtime.limits) if _is_json(request) else b""
+            message = _parse(body, runtime.limits.max_json_depth)  # 5
+            request_id = message.id
+            return await _post(request, runtime, principal, state, upstream, message, era, version)
+        if request.method in ("GET", "DELETE"):
+            if era == "modern":
+                raise MethodNotAllowed(
+                    "2026-07-28 MCP is POST only", reason="mcp_method", headers={"Allow": "POST"}
+                )
+            return await _session_request(request, principal, state, upstream, version)
+        raise MethodNotAllowed(
+            "POST, GET or DELETE", reason="mcp_method", headers={"Allow": "POST, GET, DELETE"}
+        )
+    except Refusal as refusal:
+        return _render(request, refusal, request_id, decision=refusal.decision, code=_code(refusal))
+    except rpc.JsonRpcError as error:
+        return _render(request, error, request_id, decision="deny", code="invalid_request")
+
+
+def _is_json(request: web.Request) -> bool:
+    if request.content_type != JSON or request.charset not in (None, "utf-8"):
+        raise UnsupportedMediaType("send one JSON-RPC message as application/json", reason="body_not_json")
+    if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+        raise UnsupportedMediaType("compressed request bodies are not accepted", reason="body_encoded")
+    return True
+
+
+def _parse(body: bytes, max_depth: int) -> rpc.Message:
+    try:
+        value = strict_loads(body, max_depth=max_depth + ENVELOPE_DEPTH)
+    except InvalidRequest as exc:
+        raise rpc.JsonRpcError(rpc.PARSE_ERROR, "Parse error", exc.reason) from exc
+    return rpc.parse_message(value)
+
+
+def _code(refusal: Refusal) -> str:
+    data = refusal.data
+    return str(data["error"]) if isinstance(data, dict) and "error" in data else "unknown_tool"
+
+
+def _render(
+    request: web.Request, error: rpc.JsonRpcError, request_id: str | int | None, *, decision: str, code: str
+) -> web.Response:
+    """A JSON-RPC refusal, audited before the agent sees it (CONTRACT §9)."""
+    ctx = request[CTX]
+    ctx.decision, ctx.reason, ctx.status, ctx.code = decision, error.reason, error.http_status, code
+    audit_decision(request.app, ctx)
+    headers = {"X-Request-Id": ctx.request_id, "Cache-Control": "no-store", **error.headers}
+    return web.Response(
+        status=error.http_status, text=dumps(error.body(request_id)), content_type=JSON, headers=headers
+    )
+
+
+def _single(request: web.Request, name: str) -> str | None:
+    values = request.headers.getall(name, [])
+    if len(values) > 1:
+        raise rpc.invalid(f"send at most one {name} header", f"duplicate_{name.lower()}")
+    return values[0] if values else None
+
+
+def _check_origin(request: web.Request, upstream: McpUpstream) -> None:
+    origin = _single(request, "Origin")
+    if origin is not None and origin not in upstream.allowed_origins:
+        raise rpc.JsonRpcError(
+            rpc.INVALID_REQUEST, "Origin not allowed", "origin_not_allowed", http_status=403
+        )
+
+
+def _era(request: web.Request) -> tuple[str, str]:
+    version = _single(request, "MCP-Protocol-Version")
+    if version in rpc.MODERN_VERSIONS:
+        return "modern", str(version)
+    if version is None or version in rpc.HANDSHAKE_VERSIONS:
+        return "handshake", version or rpc.DEFAULT_HANDSHAKE_VERSION
+    supported = [*rpc.HANDSHAKE_VERSIONS, *rpc.MODERN_VERSIONS]
+    raise rpc.JsonRpcError(
+        rpc.UNSUPPORTED_PROTOCOL_VERSION,
+        "Unsupported protocol version",
+        "unsupported_protocol_version",
+        data={"supported": supported, "requested": version[:64]},
+    )
+
+
+def _accepts(request: web.Request, *wanted: str) -> None:
+    offered = {part.split(";")[0].strip().lower() for part in request.headers.get("Accept", "").split(",")}
+    for media in wanted:
+        kind = media.split("/")[0]
+        if not offered & {media, "*/*", f"{kind}/*"}:
+            raise rpc.JsonRpcError(
+                rpc.INVALID_REQUEST, f"Accept must include {media}", "not_acceptable", http_status=406
+            )
+
+
+def _session_id(request: web.Request) -> str | None:
+    value = _single(request, "Mcp-Session-Id")
+    if value is not None and not _SESSION_ID.fullmatch(value):
+        raise rpc.invalid("malformed Mcp-Session-Id", "session_id_malformed")
+    return value
+
+
+async def _binding(
+    state: McpState, upstream: McpUpstream, principal: Principal, session_id: str
+) -> SessionBinding:
+    binding = await state.sessions.lookup(upstream.name, session_id)
+    if binding is None or not binding.belongs_to(upstream.name, principal):
+        # another principal's session answers exactly like one that does not exist (HOSTILE P25)
+        reason = "session_unknown" if binding is None else "session_of_another_principal"
+        raise rpc.JsonRpcError(rpc.INVALID_REQUEST, "Session not found", reason, http_status=404)
+    return binding
+
+
+def _base_headers(request: web.Request) -> dict[str, str]:
+    return {
+        "Accept": _FORWARD_ACCEPT,
+        "Accept-Encoding": "identity",
+        "X-Request-Id": request[CTX].request_id,
+        "traceparent": traceparent_for(request.headers.get("traceparent")),
+    }
+
+
+def _relay_plan(
+    runtime: Runtime, request_id: str | int | None, transform: Transform | None, *, masked: bool
+) -> Relay:
+    limit = runtime.limits.max_response_bytes
+    return Relay(
+        request_id=request_id,
+        transform=transform,
+        notifications=frozenset({"notifications/progress"}) if masked else AGENT_NOTIFICATIONS,
+        strip_progress_messages=masked,
+        max_event_bytes=limit,
+        max_stream_bytes=4 * limit if request_id is not None else 16 * limit,
+        max_seconds=POST_STREAM_SECONDS if request_id is not None else GET_STREAM_SECONDS,
+    )
+
+
+async def _post(
+    request: web.Request,
+    runtime: Runtime,
+    principal: Principal,
+    state: McpState,
+    upstream: McpUpstream,
+    message: rpc.Message,
+    era: str,
+    version: str,
+) -> web.StreamResponse:
+    raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
+    headers = {**_base_headers(request), "Content-Type": JSON}
+    binding: SessionBinding | None = None
+    if era == "modern":
+        rpc.check_modern_headers(message, raw)
+        if _single(request, "Mcp-Session-Id") is not None:
+            raise rpc.invalid("sessions are not used at 2026-07-28", "session_in_stateless_era")
+        if not message.is_request:
+            return web.Response(
+                status=202
+            )  # the 2026-07-28 wire defines no client notifications: nothing to do
+        rpc.check_relayed(message, "modern")
+    else:
+        session_id = _session_id(request)
+        if not message.is_request and message.method not in rpc.RELAYED_NOTIFICATIONS:
+            return web.Response(
+                status=202
+            )  # notifications the broker does not relay are acknowledged, dropped
+        if message.is_request:
+            rpc.check_relayed(message, "handshake")
+        if message.method == "initialize" and session_id is not None:
+            raise rpc.invalid(
+                "initialize opens a session: send it without Mcp-Session-Id", "initialize_in_session"
+            )
+        if session_id is not None:
+            binding = await _binding(state, upstream, principal, session_id)  # 6
+            headers["Mcp-Session-Id"] = session_id
+        if request.headers.get("MCP-Protocol-Version") is not None:
+            headers["MCP-Protocol-Version"] = version
+    if message.is_request:
+        _accepts(request, JSON, SSE)
+    transform: Transform | None = None
+    call: AuthorizedCall | None = None
+    params: dict[str, Any] | None = None
+    if message.method == "tools/call":  # 7
+        call = await authorize_call(
+            request,
+            runtime,
+            principal,
+            upstream,
+            message,
+            pins=state.pins,
+            refresh=lambda: _refresh(request.app, runtime, state, upstream),
+            max_catalog_age=MAX_CATALOG_AGE,
+            url_elicitation=binding is not None and binding.url_elicitation,
+            param_headers=raw if era == "modern" else None,
+        )
+        params = {**message.params, "arguments": call.forwarded}
+        transform = call_transform(call.filters, principal, lambda reason: _record_error(request, reason))
+    elif message.method == "tools/list":
+        visible = await visible_tools(request, runtime, principal, upstream)
+        transform = listing_transform(state.pins, upstream, visible)
+    elif message.method in ("initialize", "server/discover"):
+        transform = capabilities_transform
+    try:
+        await final_guard(
+            request.app[STATE], request.app[METRICS], principal, tool=call.name if call else None
+        )  # 8
+    except UnknownTool as exc:  # a revoked grant hides the tool: answered like an unknown one
+        raise unknown_tool(call.name if call else "", exc.reason) from exc
+    if call is not None:
+        await runtime.counters.record(
+            request.app[STATE], call.name, call.arguments,
+            subject=principal.subject, actor_id=principal.actor_id, now=time.time(),
+        )  # fmt: skip
+        headers["Txn-Token"] = mint_edge_token(request, runtime, principal, call)
+    forwarded = message.as_json(params)
+    if era == "modern":
+        headers.update(rpc.routing_headers(message, version))
+        if call is not None:
+            headers.update(rpc.param_headers(call.schema, call.forwarded))
+    ctx = request[CTX]
+    ctx.decision, ctx.reason = "allow", message.method  # 9
+    audit_decision(request.app, ctx)
+    out_headers = {"X-Request-Id": ctx.request_id}
+    started = time.perf_counter()
+    async with exchange(
+        request.app[SESSION], upstream, "POST", headers=headers, body=canonicalize(forwarded)
+    ) as response:  # 10
+        if call is not None:
+            request.app[METRICS].upstream_duration.labels(tool=call.name).observe(
+                time.perf_counter() - started
+            )
+        if message.method == "initialize" and response.status == 200:
+            return await _initialized(
+                request, runtime, state, upstream, principal, message, response, out_headers
+            )
+        plan = _relay_plan(
+            runtime,
+            message.id,
+            transform,
+            masked=bool(call and call.filters and call.filters.filters_response),
+        )
+        return await relay(request, response, plan, out_headers)  # 11
+
+
+def _record_error(request: web.Request, reason: str) -> None:
+    """A forwarded call whose answer could not be masked: a second record says what the agent got instead."""
+    ctx = request[CTX]
+    ctx.decision, ctx.reason, ctx.code = "error", reason, "upstream_error"
+    audit_decision(request.app, ctx)
+
+
+async def _initialized(
+    request: web.Request,
+    runtime: Runtime,
+    state: McpState,
+    upstream: McpUpstream,
+    principal: Principal,
+    message: rpc.Message,
+    response: ClientResponse,
+    headers: dict[str, str],
+) -> web.Response:
+    """The initialize answer, read whole (it is one message) so the session is bound before the agent can use it."""
+    assert message.id is not None
+    answer = await capabilities_transform(
+        await read_answer(response, message.id, runtime.limits.max_response_bytes)
+    )
+    session_id = response.headers.get("Mcp-Session-Id")
+    result = answer.get("result")
+    if session_id is not None and isinstance(result, dict):
+        if not _SESSION_ID.fullmatch(session_id):
+            raise _upstream_error("mcp_session_id_malformed")
+        version = result.get("protocolVersion")
+        version = version if version in rpc.HANDSHAKE_VERSIONS else rpc.DEFAULT_HANDSHAKE_VERSION
+        capabilities = message.params.get("capabilities")
+        elicitation = capabilities.get("elicitation") if isinstance(capabilities, dict) else None
+        url_mode = isinstance(elicitation, dict) and isinstance(elicitation.get("url"), dict)
+        binding = SessionBinding(
+            server=upstream.name,
+            subject=principal.subject,
+            actor=principal.actor_id,
+            version=str(version),
+            url_elicitation=url_mode and version in rpc.URL_ELICITATION_VERSIONS,
+        )
+        if not await state.sessions.bind(session_id, binding):
+            raise _upstream_error("mcp_session_id_reused")
+        headers["Mcp-Session-Id"] = session_id
+    return web.Response(
+        text=dumps(answer), content_type=JSON, headers={**headers, "Cache-Control": "no-store"}
+    )
+
+
+def _upstream_error(reason: str) -> UpstreamError:
+    return UpstreamError("the MCP server's session is unusable", reason=reason)
+
+
+async def _refresh(app: web.Application, runtime: Runtime, state: McpState, upstream: McpUpstream) -> None:
+    """Re-list the upstream's tools through the broker's own session (one listing at a time per server)."""
+    asked = time.monotonic()
+    lock = state.locks.setdefault(upstream.name, asyncio.Lock())
+    async with lock:
+        if state.refreshed_at.get(upstream.name, 0.0) >= asked:
+            return  # someone else listed while we waited
+        key = (upstream.name, str(upstream.url))
+        catalog = state.catalogs.get(key)
+        if catalog is None:
+            catalog = state.catalogs[key] = Catalog(upstream, max_bytes=runtime.limits.max_response_bytes)
+        catalog.upstream = upstream  # same URL, possibly a reloaded config (TLS context, timeouts)
+        entries = await catalog.list_tools(app[SESSION])
+        now = time.time()
+        for entry in entries:
+            name = entry.get("name")
+            if isinstance(name, str) and name in upstream.digests:
+                state.pins.observe(upstream.name, name, upstream.digests[name], entry, now)
+        state.refreshed_at[upstream.name] = time.monotonic()
+
+
+async def _session_request(
+    request: web.Request, principal: Principal, state: McpState, upstream: McpUpstream, version: str
+) -> web.StreamResponse:
+    """GET (the session's SSE stream) and DELETE (end the session), session era only."""
+    session_id = _session_id(request)
+    if session_id is None:
+        raise rpc.invalid("Mcp-Session-Id is required", "session_id_missing")
+    await _binding(state, upstream, principal, session_id)  # 6
+    if request.method == "GET":
+        _accepts(request, SSE)
+    await final_guard(request.app[STATE], request.app[METRICS], principal)  # 8
+    ctx = request[CTX]
+    ctx.decision, ctx.reason = "allow", f"{request.method} session"
+    audit_decision(request.app, ctx)  # 9
+    headers = {**_base_headers(request), "Mcp-Session-Id": session_id}
+    if request.headers.get("MCP-Protocol-Version") is not None:
+        headers["MCP-Protocol-Version"] = version
+    last_event = _single(request, "Last-Event-ID")
+    if last_event is not None and _LAST_EVENT_ID.fullmatch(last_event):
+        headers["Last-Event-ID"] = last_event
+    out_headers = {"X-Request-Id": ctx.request_id}
+    async with exchange(request.app[SESSION], upstream, request.method, headers=headers) as response:  # 10
+        if request.method == "DELETE":
+            if 200 <= response.status < 300:
+                await state.sessions.close(upstream.name, session_id)
+            return web.Response(status=response.status, headers=out_headers)
+        # 11: responses on a GET stream answer no request of this connection: dropped, never relayed unmasked
+        return await relay(
+            request, response, _relay_plan(runtime_of(request), None, None, masked=False), out_headers
+        )

@@ -1,0 +1,376 @@
+"""What an agent may see and call through ``/mcp/{server}``: the same decisions as ``/v1`` (CONTRACT §6, §7).
+
+``tools/list`` shows a tool iff it is configured for the server, its definition matches its pin
+(:mod:`broker.gateway.mcp_pins`) and policy lets this (subject, actor) see it — the visibility decision of
+``/v1/tools``. ``tools/call`` is authorised in the order of ``/v1`` invocation, each refusal a JSON-RPC error
+(HTTP 200: MCP clients handle HTTP errors badly) whose ``data`` says what would make it pass:
+
+1 visible     configured ∧ pinned ∧ visible ∧ grant not revoked — else exactly the unknown-tool error (-32602),
+              before the arguments are read, so a schema error cannot reveal a hidden tool (HOSTILE P21);
+2 arguments   an object valid against the *pinned* upstream input schema, and against the ``/v1`` tool's
+              schema when one of the same name is configured (policy only sees well-typed arguments);
+3 policy      deny rules first: ``-32010`` with the violated constraint (a deny beats any obligation);
+4 step-up     ``mfa`` without MFA: ``-32011`` with ``acr_values``;
+5 approvals   an approval bound to exactly (subject, actor, tool, args digest) must be granted, else ``-32012``
+              (or, for 2025-11-25 clients that declared it, URL-mode elicitation ``-32042``) naming it;
+6 injection   the ``/v1`` tool of the same name's ``inject`` sets server-side arguments.
+
+The edge txn token binds the agent's arguments (before injection) and lists the injected values (``tctx``).
+The answer is masked with the ``/v1`` tool of the same name's response filters, on ``structuredContent`` and on
+every text content that holds JSON; anything a filtered tool returns that cannot be filtered is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import jsonschema
+from aiohttp import web
+
+from broker.canonical import args_digest, canonicalize, strict_loads
+from broker.context import CTX
+from broker.errors import AccessDenied, InvalidRequest, UpstreamError
+from broker.gateway import mcp_jsonrpc as rpc
+from broker.gateway.approvals import APPROVALS
+from broker.gateway.filters import ToolFilters
+from broker.gateway.guard import grant_id
+from broker.gateway.mcp_pins import PinBook
+from broker.gateway.mcp_relay import Transform, dumps
+from broker.gateway.mcp_upstream import McpUpstream
+from broker.gateway.stages import approvals_needed, has_mfa
+from broker.identity.principal import Principal
+from broker.policy.engine import Env
+from broker.resources import METRICS, SIGNER, STATE
+from broker.runtime import Runtime
+from broker.txn.tokens import mint_txn_token
+
+__all__ = [
+    "AuthorizedCall",
+    "Refusal",
+    "authorize_call",
+    "call_transform",
+    "listing_transform",
+    "visible_tools",
+]
+
+#: the agent's arguments nest two levels below the message (message → params → arguments)
+ENVELOPE_DEPTH = 2
+
+
+class Refusal(rpc.JsonRpcError):
+    """A policy refusal of a ``tools/call``: a JSON-RPC error sent with HTTP 200 and audited as ``decision``."""
+
+    def __init__(self, code: int, message: str, reason: str, *, decision: str, data: Any = None) -> None:
+        super().__init__(code, message, reason, http_status=200, data=data)
+        self.decision = decision
+
+
+def unknown_tool(name: str, reason: str) -> Refusal:
+    # identical for a missing, unconfigured, hidden, drifted or revoked tool: only ``reason`` (audit) differs
+    return Refusal(rpc.UNKNOWN_TOOL, f"Unknown tool: {name}", reason, decision="deny")
+
+
+async def _env(
+    request: web.Request, runtime: Runtime, principal: Principal, names: Iterable[str], now: int
+) -> Env:
+    policies = runtime.policies
+    needed = frozenset().union(*(policies.counters_needed(n) for n in names))
+    counters = await runtime.counters.fetch(
+        request.app[STATE], needed, subject=principal.subject, actor_id=principal.actor_id, now=now
+    )
+    first = next(iter(names), "")
+    return policies.build_env(
+        subject=principal.claims,
+        actor_id=principal.actor_id,
+        tool=first,
+        args=None,
+        counters=counters,
+        now=now,
+    )
+
+
+async def visible_tools(
+    request: web.Request, runtime: Runtime, principal: Principal, upstream: McpUpstream
+) -> frozenset[str]:
+    """The configured tools of ``upstream`` policy lets this (subject, actor) see, minus revoked grants."""
+    names = list(upstream.digests)
+    if not names:
+        return frozenset()
+    env = await _env(request, runtime, principal, names, int(time.time()))
+    seen = []
+    for name in names:
+        env.bind_tool(name)
+        if runtime.policies.visible(name, env):
+            seen.append(name)
+    store = request.app[STATE]
+    revoked = await asyncio.gather(
+        *(store.is_revoked({"grant": grant_id(principal.subject, principal.actor_id, n)}) for n in seen)
+    )
+    return frozenset(n for n, hit in zip(seen, revoked, strict=True) if hit is None)
+
+
+def listing_transform(pins: PinBook, upstream: McpUpstream, visible: frozenset[str]) -> Transform:
+    """tools/list: keep configured, pinned, visible tools; the result is this principal's (cacheScope private)."""
+
+    async def transform(message: dict[str, Any]) -> dict[str, Any]:
+        result = message.get("result")
+        if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
+            return message
+        now = time.time()
+        kept = []
+        for entry in result["tools"]:
+            name = entry.get("name") if isinstance(entry, dict) else None
+            if not isinstance(name, str) or name not in upstream.digests:
+                continue
+            # observe every configured tool, shown or not: a swap is detected whoever lists
+            if pins.observe(upstream.name, name, upstream.digests[name], entry, now) and name in visible:
+                kept.append(entry)
+        # 2026-07-28 caching: the list depends on who asks, so no shared cache may serve it to anyone else
+        return {**message, "result": {**result, "tools": kept, "cacheScope": "private"}}
+
+    return transform
+
+
+async def capabilities_transform(message: dict[str, Any]) -> dict[str, Any]:
+    """initialize / server/discover: advertise only what the broker relays (tools), nothing else."""
+    result = message.get("result")
+    if isinstance(result, dict) and isinstance(result.get("capabilities"), dict):
+        capabilities = {k: v for k, v in result["capabilities"].items() if k == "tools"}
+        return {**message, "result": {**result, "capabilities": capabilities}}
+    return message
+
+
+@dataclass(frozen=True)
+class AuthorizedCall:
+    name: str
+    #: the agent's arguments (what the decision, the digest and the txn token are about)
+    arguments: dict[str, Any]
+    #: what the upstream receives: arguments after server-side injection
+    forwarded: dict[str, Any]
+    schema: dict[str, Any]
+    filters: ToolFilters | None
+    approval_id: str | None
+
+
+def _schema_error(validator: Any, arguments: dict[str, Any]) -> str | None:
+    error = jsonschema.exceptions.best_match(validator.iter_errors(arguments))
+    if error is None:
+        return None
+    where = "arguments" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+    return f"{where}: {error.message}"[:300]
+
+
+async def authorize_call(
+    request: web.Request,
+    runtime: Runtime,
+    principal: Principal,
+    upstream: McpUpstream,
+    message: rpc.Message,
+    *,
+    pins: PinBook,
+    refresh: Callable[[], Awaitable[None]],
+    max_catalog_age: float,
+    url_elicitation: bool,
+    param_headers: list[tuple[str, str]] | None,
+) -> AuthorizedCall:
+    """Stages 1–6 of the module docstring; raises :class:`Refusal` (or a BrokerError for store failures)."""
+    ctx = request[CTX]
+    name = message.params.get("name")
+    arguments = message.params.get("arguments", {})
+    if not isinstance(name, str):
+        raise Refusal(rpc.INVALID_PARAMS, "params.name must be a string", "call_name_type", decision="deny")
+    if name not in upstream.digests:
+        raise unknown_tool(name, "unknown_tool")
+    ctx.tool = name
+    configured = upstream.digests[name]
+    usable = pins.usable(upstream.name, name, configured)
+    if usable is None or time.time() - usable.seen_at > max_catalog_age:
+        await refresh()  # the broker's own listing: first sight, or a pin not re-checked for a while
+        usable = pins.usable(upstream.name, name, configured)
+    if usable is None:
+        raise unknown_tool(name, "tool_unpinned_or_drifted")
+    now = int(time.time())
+    env = await _env(request, runtime, principal, [name], now)  # 1
+    visibility = runtime.policies.visibility(name, env)
+    if visibility.outcome != "allow":
+        raise unknown_tool(name, f"hidden: {visibility.reason}"[:200])
+    if not isinstance(arguments, dict):  # 2
+        raise Refusal(
+            rpc.INVALID_PARAMS, "arguments must be an object", "arguments_not_object", decision="deny"
+        )
+    tool = runtime.tools.get(name)
+    for validator in (usable.validator, tool.validator if tool is not None else None):
+        problem = _schema_error(validator, arguments) if validator is not None else None
+        if problem is not None:
+            raise Refusal(
+                rpc.INVALID_PARAMS, f"Invalid arguments: {problem}", "arguments_schema", decision="deny"
+            )
+    schema = usable.definition.get("inputSchema") or {}
+    if param_headers is not None:  # 2026-07-28: Mcp-Param-* mirror the agent's arguments (-32020 otherwise)
+        rpc.check_param_headers(schema, arguments, param_headers)
+    ctx.args_digest = args_digest(arguments)
+    if tool is not None:
+        ctx.audit_args = {k: arguments[k] for k in tool.config.audit_fields if k in arguments} or None
+    env.bind_args(arguments)  # 3
+    decision = runtime.policies.decide(name, env)
+    if decision.outcome == "hidden":
+        raise unknown_tool(name, f"hidden: {decision.reason}"[:200])
+    if decision.outcome == "deny":
+        data = {"error": "access_denied", "rule": decision.rule, "constraint": decision.message}
+        raise Refusal(rpc.ACCESS_DENIED, decision.message, f"{decision.rule}: {decision.reason}"[:300],
+                      decision="deny", data=data)  # fmt: skip
+    if "mfa" in decision.obligations and not has_mfa(principal.claims):  # 4
+        index = decision.obligations.index("mfa")
+        why = decision.obligation_reasons[index] if index < len(decision.obligation_reasons) else ""
+        why = why or "this call needs multi-factor authentication"
+        data = {
+            "error": "insufficient_user_authentication",
+            "acr_values": "mfa",
+            "reason": why,
+            "resource_metadata": runtime.challenge.resource_metadata,
+        }
+        raise Refusal(rpc.STEP_UP_REQUIRED, why, "mfa_required", decision="step_up", data=data)
+    approval_id = await _approvals(
+        request, runtime, principal, name, arguments, decision, url_elicitation
+    )  # 5
+    filters = tool.filters if tool is not None else None
+    try:  # 6
+        forwarded = (
+            filters.inject(arguments, subject=principal.claims, actor_id=principal.actor_id)
+            if filters
+            else (dict(arguments))
+        )
+    except AccessDenied as exc:
+        data = {"error": "access_denied", "constraint": exc.description}
+        raise Refusal(rpc.ACCESS_DENIED, exc.description, exc.reason, decision="deny", data=data) from exc
+    return AuthorizedCall(
+        name, arguments, forwarded, usable.definition.get("inputSchema") or {}, filters, approval_id
+    )
+
+
+async def _approvals(
+    request: web.Request,
+    runtime: Runtime,
+    principal: Principal,
+    name: str,
+    arguments: dict[str, Any],
+    decision: Any,
+    url_elicitation: bool,
+) -> str | None:
+    required = approvals_needed(decision)
+    if not required:
+        return None
+    service = request.app[APPROVALS]
+    digest = request[CTX].args_digest or args_digest(arguments)
+    reasons = "; ".join(
+        r
+        for o, r in zip(decision.obligations, decision.obligation_reasons, strict=False)
+        if o in required and r
+    )
+    now = time.time()
+    approval, _ = await service.request(
+        subject=principal.subject,
+        actor=principal.actor_id,
+        tool=name,
+        arguments=arguments,
+        args_digest=digest,
+        required=required,
+        reason=reasons,
+        policy_version=runtime.policy_version,
+        now=now,
+    )
+    if service.book.covers(
+        approval,
+        subject=principal.subject,
+        actor=principal.actor_id,
+        tool=name,
+        args_digest=digest,
+        required=required,
+        now=now,
+    ):
+        return str(approval.id)
+    url = service.approval_url(approval.id)
+    message = reasons or "this call needs approval"
+    data: dict[str, Any] = {"error": "approval_required", "approval_id": approval.id, "approval_url": url,
+                            "required": list(required)}  # fmt: skip
+    reason = f"approval_required: {', '.join(required)}"
+    if url_elicitation:
+        # 2025-11-25 URLElicitationRequiredError: the client sends its user to the URL, then retries the call
+        data["elicitations"] = [{"mode": "url", "elicitationId": approval.id, "url": url, "message": message}]
+        raise Refusal(rpc.URL_ELICITATION_REQUIRED, message, reason, decision="pending", data=data)
+    raise Refusal(rpc.APPROVAL_REQUIRED, message, reason, decision="pending", data=data)
+
+
+def mint_edge_token(
+    request: web.Request, runtime: Runtime, principal: Principal, call: AuthorizedCall
+) -> str:
+    """The txn token the upstream gets for this call (CONTRACT §5 propagation), recorded in the request record."""
+    config = runtime.config
+    injected = {k: call.forwarded[k] for k, _ in call.filters.injections} if call.filters else None
+    minted = mint_txn_token(
+        request.app[SIGNER],
+        issuer=config.server.public_url,
+        audience=config.identity.trust_domain,
+        subject=principal.subject,
+        scope=f"tool:{call.name}",
+        actor_id=principal.actor_id or "",
+        tool=call.name,
+        arguments=call.arguments,
+        policy_version=runtime.policy_version,
+        cnf_jkt=principal.jkt,
+        req_ip=request.remote,
+        authn="dpop" if principal.jkt else "mtls",
+        approval_id=call.approval_id,
+        now=time.time(),
+        injected=injected,
+    )
+    request.app[METRICS].txn_tokens.labels(tool=call.name, event="minted").inc()
+    request[CTX].txn = minted.txn
+    return minted.token
+
+
+def _filtered_json(filters: ToolFilters, principal: Principal, value: Any) -> Any:
+    body = filters.filter_response(canonicalize(value), subject=principal.claims, actor_id=principal.actor_id)
+    return strict_loads(body, max_depth=64)
+
+
+def call_transform(
+    filters: ToolFilters | None, principal: Principal, on_failure: Callable[[str], None]
+) -> Transform:
+    """tools/call: mask ``structuredContent`` and JSON text contents; anything else of a filtered tool is refused."""
+
+    async def transform(message: dict[str, Any]) -> dict[str, Any]:
+        result = message.get("result")
+        if filters is None or not filters.filters_response or not isinstance(result, dict):
+            return message
+        try:
+            masked = dict(result)
+            if "structuredContent" in result:
+                masked["structuredContent"] = _filtered_json(filters, principal, result["structuredContent"])
+            content = result.get("content", [])
+            if not isinstance(content, list):
+                raise UpstreamError("unfilterable", reason="response_unfilterable")
+            masked["content"] = [_filtered_item(filters, principal, item) for item in content]
+        except (UpstreamError, InvalidRequest, ValueError, TypeError) as exc:
+            reason = getattr(exc, "reason", "response_unfilterable")
+            on_failure(reason)
+            raise rpc.JsonRpcError(
+                rpc.INTERNAL_ERROR, "the tool's answer could not be filtered", reason, http_status=200
+            ) from exc
+        return {**message, "result": masked}
+
+    return transform
+
+
+def _filtered_item(filters: ToolFilters, principal: Principal, item: Any) -> Any:
+    # P26: only parsed JSON can be masked; text that is not JSON, images, resources … of a filtered tool: refused
+    if not isinstance(item, dict) or item.get("type") != "text" or not isinstance(item.get("text"), str):
+        raise UpstreamError("unfilterable", reason="response_unfilterable")
+    document = strict_loads(item["text"].encode("utf-8"), max_depth=64)
+    if not isinstance(document, dict | list):
+        raise UpstreamError("unfilterable", reason="response_unfilterable")
+    return {**item, "text": dumps(_filtered_json(filters, principal, document))}

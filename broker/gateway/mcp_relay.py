@@ -1,0 +1,220 @@
+"""Relaying an upstream MCP answer to the agent, as it comes (CONTRACT §7; HOSTILE P16, P24).
+
+A JSON answer is one JSON-RPC message: read (bounded), checked to answer *this* request, transformed, sent.
+An SSE answer is streamed: each event is parsed as it completes (:mod:`broker.gateway.mcp_sse`) and written at
+once (``X-Accel-Buffering: no``, so the first event reaches the agent before the upstream finishes). Per event:
+
+- the response to this request's id → the request's transform (tools/list filtered, tools/call masked), then
+  re-encoded; a response carrying another id is dropped (P24);
+- a notification → passed only if its method is in the relay's allowlist; a server-to-client *request*
+  (``sampling/createMessage``, ``elicitation/create``, …) is dropped: the broker relays no server-initiated
+  requests, and has no policy that could authorise one;
+- events without data (resumption ids, ``retry``) pass unchanged.
+
+Caps: ``max_event_bytes`` per event, ``max_stream_bytes`` and ``max_seconds`` per stream; an upstream read
+timeout is the idle cap. When a stream breaks before this request was answered, the agent gets a JSON-RPC error
+for its id instead of a silent end. An agent that goes away cancels the handler (``handler_cancellation``), which
+closes the upstream stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from broker.errors import UpstreamError
+from broker.gateway import mcp_jsonrpc as rpc
+from broker.gateway.mcp_sse import SseError, SseEvent, SseParser, encode_event
+from broker.gateway.mcp_upstream import JSON, SSE, parse_upstream, read_bounded
+
+log = structlog.get_logger("broker.mcp.relay")
+
+__all__ = ["AGENT_NOTIFICATIONS", "Relay", "Transform", "dumps", "relay"]
+
+#: a transform gets the upstream's response to this request and returns what the agent receives; it may raise
+#: JsonRpcError to answer with an error instead (e.g. a result that cannot be masked)
+Transform = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+AGENT_NOTIFICATIONS: Final = frozenset(
+    {
+        "notifications/progress",
+        "notifications/message",
+        "notifications/cancelled",
+        "notifications/tools/list_changed",
+    }
+)
+STREAM_HEADERS: Final = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+#: after the answer, how long the rest of the stream may take to end (so its connection returns to the pool)
+DRAIN_SECONDS: Final = 1.0
+
+
+def dumps(message: Mapping[str, Any]) -> str:
+    """Compact JSON; never holds a raw line break (json escapes control characters), so it is SSE-safe."""
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class Relay:
+    #: the request being answered; None for a GET stream (no request of the agent is answered there)
+    request_id: str | int | None
+    transform: Transform | None
+    notifications: frozenset[str]
+    #: drop free-text ``message`` members of progress notifications (a masked tool's text could leak there)
+    strip_progress_messages: bool
+    max_event_bytes: int
+    max_stream_bytes: int
+    max_seconds: float
+
+
+async def relay(
+    request: web.Request, response: aiohttp.ClientResponse, plan: Relay, headers: Mapping[str, str]
+) -> web.StreamResponse:
+    """Relay ``response`` (the upstream's answer) to the agent; ``headers`` are the only ones it gets."""
+    out_headers = {**headers, **STREAM_HEADERS}
+    if response.status == 202:
+        return web.Response(status=202, headers=out_headers)
+    if response.status != 200:
+        return await _refusal(response, plan, out_headers)
+    if response.content_type == SSE:
+        return await _stream(request, response, plan, out_headers)
+    if response.content_type == JSON:
+        return await _json(response, plan, out_headers)
+    raise UpstreamError("the MCP server answered with neither JSON nor SSE", reason="upstream_not_mcp")
+
+
+async def _refusal(response: aiohttp.ClientResponse, plan: Relay, headers: dict[str, str]) -> web.Response:
+    """Upstream 4xx (an unknown session 404, a 405 for GET, its own 400s) pass on with a JSON-RPC body only."""
+    if response.status >= 500:
+        raise UpstreamError("the MCP server failed", reason="upstream_status_5xx")
+    body = await read_bounded(response, plan.max_event_bytes)
+    try:
+        message = parse_upstream(body) if response.content_type == JSON and body else None
+    except UpstreamError:
+        message = None
+    if not isinstance(message, dict) or not isinstance(message.get("error"), dict):
+        message = rpc.error_body(plan.request_id, rpc.INVALID_REQUEST, "the MCP server refused the request")
+    return web.Response(status=response.status, text=dumps(message), content_type=JSON, headers=headers)
+
+
+def _is_answer(message: Any, request_id: str | int | None) -> bool:
+    return (
+        isinstance(message, dict)
+        and "method" not in message
+        and ("result" in message or "error" in message)
+        and request_id is not None
+        and type(message.get("id")) is type(request_id)
+        and message.get("id") == request_id
+    )
+
+
+async def _answer(message: dict[str, Any], plan: Relay) -> dict[str, Any]:
+    if plan.transform is None:
+        return message
+    try:
+        return await plan.transform(message)
+    except rpc.JsonRpcError as error:
+        return error.body(plan.request_id)
+
+
+async def _json(response: aiohttp.ClientResponse, plan: Relay, headers: dict[str, str]) -> web.Response:
+    message = parse_upstream(await read_bounded(response, plan.max_event_bytes))
+    if not _is_answer(message, plan.request_id):
+        raise UpstreamError("the MCP server did not answer this request", reason="upstream_no_answer")
+    answer = await _answer(message, plan)
+    return web.Response(text=dumps(answer), content_type=JSON, headers=headers)
+
+
+async def _stream(
+    request: web.Request, response: aiohttp.ClientResponse, plan: Relay, headers: dict[str, str]
+) -> web.StreamResponse:
+    if response.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
+        raise UpstreamError("the MCP server answered compressed", reason="upstream_encoded")
+    out = web.StreamResponse(status=200, headers={**headers, "Content-Type": SSE})
+    await out.prepare(request)
+    parser = SseParser(max_event_bytes=plan.max_event_bytes)
+    state = {"answered": False, "total": 0}
+    failure: str | None = None
+    try:
+        async with asyncio.timeout(plan.max_seconds):
+            async for chunk in response.content.iter_any():
+                state["total"] += len(chunk)
+                if state["total"] > plan.max_stream_bytes:
+                    raise SseError("sse_stream_too_large")
+                for event in parser.feed(chunk):
+                    data = await _event(event, plan, state)
+                    if data is not None:
+                        await out.write(data)
+                if state["answered"]:
+                    break
+    except SseError as exc:
+        failure = exc.reason
+    except TimeoutError:
+        failure = "upstream_timeout"
+    except aiohttp.ClientError:
+        failure = "upstream_stream_broken"
+    except ConnectionResetError:
+        return out  # the agent went away: nothing left to tell it
+    if state["answered"]:
+        await _drain(response)
+    elif plan.request_id is not None:
+        failure = failure or "upstream_no_answer"
+        error = rpc.error_body(plan.request_id, rpc.INTERNAL_ERROR, "the MCP server's answer was cut short")
+        try:
+            await out.write(encode_event(SseEvent(data=dumps(error), event="message")))
+        except ConnectionResetError:
+            return out
+    if failure is not None:
+        log.warning("mcp stream ended early", reason=failure, answered=state["answered"])
+    with contextlib.suppress(ConnectionResetError):  # the agent left after its answer: fine
+        await out.write_eof()
+    return out
+
+
+async def _event(event: SseEvent, plan: Relay, state: dict[str, Any]) -> bytes | None:
+    if not event.data:
+        return encode_event(event)
+    try:
+        message = parse_upstream(event.data)
+    except UpstreamError:
+        log.warning("mcp stream event dropped", reason="event_not_json")
+        return None
+    if not isinstance(message, dict):
+        return None
+    method = message.get("method")
+    if isinstance(method, str):
+        if "id" in message:
+            log.info("server-to-client request dropped", method=method[:64])
+            return None
+        if method not in plan.notifications:
+            return None
+        params = message.get("params")
+        if plan.strip_progress_messages and isinstance(params, dict) and "message" in params:
+            message = {**message, "params": {k: v for k, v in params.items() if k != "message"}}
+    elif _is_answer(message, plan.request_id) and not state["answered"]:
+        state["answered"] = True
+        message = await _answer(message, plan)
+    else:
+        log.info("mcp stream event dropped", reason="not_this_request")
+        return None
+    return encode_event(SseEvent(data=dumps(message), event=event.event, id=event.id, retry=event.retry))
+
+
+async def _drain(response: aiohttp.ClientResponse) -> None:
+    """Read what little follows the answer, so that the connection can go back to the pool."""
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            total = 0
+            while total < 65536 and not response.content.at_eof():
+                chunk = await response.content.readany()
+                if not chunk:
+                    break
+                total += len(chunk)
+    except (TimeoutError, aiohttp.ClientError):
+        return

@@ -1,0 +1,310 @@
+"""The upstream side of ``/mcp/{server}``: compiled MCP servers, the forwarding exchange, and the broker's own
+protocol session with each upstream (its tool catalog, for pinning and argument validation).
+
+Everything goes over the app's one pooled ``ClientSession`` with the broker's own certificate (CONTRACT §8), TLS
+contexts built once per config version (never per call), and upstream connections kept alive: PERF.md's MCP peer
+spent its time on a new upstream session and TLS context per call. The broker's catalog session is opened once
+and reused: stateless (2026-07-28) when the upstream speaks it, else one ``initialize``d session kept open.
+"""
+
+from __future__ import annotations
+
+import itertools
+import ssl
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+import aiohttp
+import structlog
+from yarl import URL
+
+from broker.canonical import canonicalize, strict_loads
+from broker.config.models import Config
+from broker.errors import InvalidRequest, UpstreamError, UpstreamTimeout
+from broker.gateway import mcp_jsonrpc as rpc
+from broker.gateway.mcp_sse import SseError, SseParser
+from broker.runtime import Runtime, upstream_ssl_context
+
+log = structlog.get_logger("broker.mcp.upstream")
+
+__all__ = ["Catalog", "McpUpstream", "ServerTable", "exchange", "read_answer"]
+
+#: upstream JSON nests deeper than agents' arguments (tool input schemas inside a listing)
+UPSTREAM_JSON_DEPTH: Final = 64
+MAX_CATALOG_PAGES: Final = 16
+CLIENT_INFO: Final = {"name": "broker", "version": "1"}
+JSON: Final = "application/json"
+SSE: Final = "text/event-stream"
+
+
+@dataclass(frozen=True)
+class McpUpstream:
+    """One configured MCP server, compiled for one config version."""
+
+    name: str
+    url: URL
+    ssl_context: ssl.SSLContext
+    timeout: float
+    connect_timeout: float
+    #: configured tool name -> configured digest (None: pinned at first sight)
+    digests: Mapping[str, str | None]
+    allowed_origins: frozenset[str]
+
+    def client_timeout(self) -> aiohttp.ClientTimeout:
+        # No total: an SSE answer may legitimately outlive one read timeout; the relay caps total duration.
+        return aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=self.timeout)
+
+
+def compile_servers(config: Config) -> dict[str, McpUpstream]:
+    contexts: dict[tuple[str, str, str], ssl.SSLContext] = {}
+    servers: dict[str, McpUpstream] = {}
+    for server in config.mcp_servers:
+        tls = server.upstream.tls
+        files = (
+            str(tls.ca or config.server.tls.client_ca),
+            str(tls.cert or config.server.tls.cert),
+            str(tls.key or config.server.tls.key),
+        )
+        if files not in contexts:
+            contexts[files] = upstream_ssl_context(ca=files[0], cert=files[1], key=files[2])
+        servers[server.name] = McpUpstream(
+            name=server.name,
+            url=URL(server.upstream.url),
+            ssl_context=contexts[files],
+            timeout=server.upstream.timeout_seconds,
+            connect_timeout=server.upstream.connect_timeout_seconds,
+            digests={t.name: t.digest for t in server.tools},
+            allowed_origins=frozenset(server.allowed_origins),
+        )
+    return servers
+
+
+class ServerTable:
+    """Compiled MCP servers per config version (a reload compiles the new version once, on first use)."""
+
+    def __init__(self) -> None:
+        self._by_version: dict[str, dict[str, McpUpstream]] = {}
+
+    def servers(self, runtime: Runtime) -> dict[str, McpUpstream]:
+        version = runtime.policy_version
+        found = self._by_version.get(version)
+        if found is None:
+            try:
+                found = compile_servers(runtime.config)
+            except (OSError, ssl.SSLError) as exc:
+                log.error("mcp upstream TLS cannot be set up", error=str(exc))
+                raise UpstreamError("the MCP server is misconfigured", reason="mcp_upstream_tls") from exc
+            while len(self._by_version) >= 4:
+                self._by_version.pop(next(iter(self._by_version)))
+            self._by_version[version] = found
+        return found
+
+
+@asynccontextmanager
+async def exchange(
+    session: aiohttp.ClientSession,
+    upstream: McpUpstream,
+    method: str,
+    *,
+    headers: Mapping[str, str],
+    body: bytes | None = None,
+) -> AsyncIterator[aiohttp.ClientResponse]:
+    """One HTTP exchange with the upstream; connection failures are ``502``/``504`` before anything is relayed.
+
+    Leaving the block releases the connection: back to the pool when the answer was read to its end, closed
+    otherwise (an agent that disconnects mid-stream closes the upstream stream with it)."""
+    try:
+        response = await session.request(
+            method,
+            upstream.url,
+            data=body,
+            headers=dict(headers),
+            ssl=upstream.ssl_context,
+            timeout=upstream.client_timeout(),
+            allow_redirects=False,
+        )
+    except TimeoutError:
+        raise UpstreamTimeout("the MCP server did not answer in time", reason="upstream_timeout") from None
+    except aiohttp.ClientConnectorError as exc:
+        raise UpstreamError("the MCP server is unreachable", reason="upstream_connect_failed") from exc
+    except aiohttp.ClientError as exc:
+        raise UpstreamError("the MCP server failed", reason="upstream_protocol_error") from exc
+    try:
+        yield response
+    finally:
+        response.release()
+
+
+async def read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, refused past ``limit`` bytes (HOSTILE P16); compressed bodies were not asked for."""
+    if response.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
+        raise UpstreamError("the MCP server answered compressed", reason="upstream_encoded")
+    if response.content_length is not None and response.content_length > limit:
+        raise UpstreamError("the MCP server's answer is too large", reason="upstream_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in response.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise UpstreamError("the MCP server's answer is too large", reason="upstream_too_large")
+            chunks.append(chunk)
+    except TimeoutError:
+        raise UpstreamTimeout("the MCP server did not answer in time", reason="upstream_timeout") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamError("the MCP server failed", reason="upstream_protocol_error") from exc
+    return b"".join(chunks)
+
+
+def parse_upstream(data: bytes | str) -> Any:
+    try:
+        return strict_loads(
+            data.encode("utf-8") if isinstance(data, str) else data, max_depth=UPSTREAM_JSON_DEPTH
+        )
+    except InvalidRequest as exc:
+        raise UpstreamError("the MCP server sent malformed JSON", reason="upstream_bad_json") from exc
+
+
+async def read_answer(response: aiohttp.ClientResponse, request_id: str | int, limit: int) -> dict[str, Any]:
+    """The JSON-RPC response to ``request_id`` from a JSON or SSE answer, read whole (bounded)."""
+    body = await read_bounded(response, limit)
+    if response.content_type == JSON:
+        message = parse_upstream(body)
+        if isinstance(message, dict) and message.get("id") == request_id:
+            return message
+    elif response.content_type == SSE:
+        parser = SseParser(max_event_bytes=limit)
+        try:
+            events = parser.feed(body) + parser.feed(b"\n\n")
+        except SseError as exc:
+            raise UpstreamError("the MCP server sent a malformed stream", reason=exc.reason) from exc
+        for event in events:
+            if event.data:
+                message = parse_upstream(event.data)
+                if isinstance(message, dict) and message.get("id") == request_id and "method" not in message:
+                    return message
+    raise UpstreamError("the MCP server gave no answer", reason="upstream_no_answer")
+
+
+@dataclass
+class Catalog:
+    """The broker's own protocol session with one upstream: it lists the upstream's tools for pinning.
+
+    Tried stateless (2026-07-28) first; an upstream that refuses is spoken to in a kept-open ``initialize``d
+    session instead (its session id renewed when the upstream forgets it)."""
+
+    upstream: McpUpstream
+    max_bytes: int
+    era: Literal["modern", "handshake"] | None = None
+    session_id: str | None = None
+    version: str = rpc.HANDSHAKE_VERSIONS[-1]
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    async def list_tools(self, session: aiohttp.ClientSession) -> list[dict[str, Any]]:
+        """Every tool entry the upstream lists (all pages); raises UpstreamError/UpstreamTimeout."""
+        for attempt in range(2):
+            try:
+                if self.era is None:
+                    self.era = "modern" if await self._probe_modern(session) else "handshake"
+                    if self.era == "handshake":
+                        await self._initialize(session)
+                return await self._pages(session)
+            except UpstreamError:
+                if attempt:
+                    raise
+                self.era, self.session_id = None, None  # the upstream changed or forgot us: start over
+        raise AssertionError("unreachable")
+
+    def _message(self, method: str, params: dict[str, Any], *, notification: bool = False) -> dict[str, Any]:
+        message: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "params": params}
+        if not notification:
+            message["id"] = f"broker-catalog-{next(self._ids)}"
+        return message
+
+    def _headers(self, method: str) -> dict[str, str]:
+        headers = {"Content-Type": JSON, "Accept": f"{JSON}, {SSE}", "Accept-Encoding": "identity"}
+        if self.era == "modern":
+            headers.update({"MCP-Protocol-Version": rpc.MODERN_VERSIONS[-1], "Mcp-Method": method})
+        elif self.era == "handshake" and method != "initialize":
+            headers["MCP-Protocol-Version"] = self.version
+            if self.session_id is not None:
+                headers["Mcp-Session-Id"] = self.session_id
+        return headers
+
+    async def _call(
+        self, session: aiohttp.ClientSession, message: dict[str, Any]
+    ) -> tuple[dict[str, Any], str | None]:
+        async with exchange(
+            session,
+            self.upstream,
+            "POST",
+            headers=self._headers(message["method"]),
+            body=canonicalize(message),
+        ) as response:
+            if response.status != 200:
+                raise UpstreamError("the MCP server refused the catalog request", reason="catalog_refused")
+            answer = await read_answer(response, message["id"], self.max_bytes)
+            return answer, response.headers.get("Mcp-Session-Id")
+
+    async def _probe_modern(self, session: aiohttp.ClientSession) -> bool:
+        self.era = "modern"
+        envelope = {rpc.PROTOCOL_VERSION_META: rpc.MODERN_VERSIONS[-1], rpc.CLIENT_CAPABILITIES_META: {}}
+        try:
+            answer, _ = await self._call(session, self._message("tools/list", {"_meta": envelope}))
+        except UpstreamError:
+            return False
+        return isinstance(answer.get("result"), dict)
+
+    async def _initialize(self, session: aiohttp.ClientSession) -> None:
+        params = {
+            "protocolVersion": rpc.HANDSHAKE_VERSIONS[-1],
+            "capabilities": {},
+            "clientInfo": CLIENT_INFO,
+        }
+        answer, session_id = await self._call(session, self._message("initialize", params))
+        result = answer.get("result")
+        if not isinstance(result, dict) or result.get("protocolVersion") not in rpc.HANDSHAKE_VERSIONS:
+            raise UpstreamError("the MCP server refused to initialize", reason="catalog_initialize_failed")
+        self.version, self.session_id = str(result["protocolVersion"]), session_id
+        notification = self._message("notifications/initialized", {}, notification=True)
+        async with exchange(
+            session,
+            self.upstream,
+            "POST",
+            headers=self._headers(notification["method"]),
+            body=canonicalize(notification),
+        ) as response:
+            await read_bounded(response, self.max_bytes)
+
+    async def _pages(self, session: aiohttp.ClientSession) -> list[dict[str, Any]]:
+        tools: list[dict[str, Any]] = []
+        cursor: str | None = None
+        for _ in range(MAX_CATALOG_PAGES):
+            params: dict[str, Any] = {} if cursor is None else {"cursor": cursor}
+            if self.era == "modern":
+                params["_meta"] = {
+                    rpc.PROTOCOL_VERSION_META: rpc.MODERN_VERSIONS[-1],
+                    rpc.CLIENT_CAPABILITIES_META: {},
+                }
+            answer, _ = await self._call(session, self._message("tools/list", params))
+            result = answer.get("result")
+            if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
+                raise UpstreamError("the MCP server's tool list is malformed", reason="catalog_malformed")
+            tools.extend(t for t in result["tools"] if isinstance(t, dict))
+            next_cursor = result.get("nextCursor")
+            if not isinstance(next_cursor, str) or not next_cursor:
+                return tools
+            cursor = next_cursor
+        return tools
+
+    async def close(self, session: aiohttp.ClientSession) -> None:
+        """End the broker's own upstream session (best effort, at shutdown)."""
+        if self.era != "handshake" or self.session_id is None:
+            return
+        try:
+            async with exchange(session, self.upstream, "DELETE", headers=self._headers("DELETE")):
+                pass
+        except (UpstreamError, UpstreamTimeout) as exc:
+            log.info("could not end the catalog session", server=self.upstream.name, reason=exc.reason)
