@@ -74,6 +74,12 @@ class Metrics:
             ["tool"],
             registry=r,
         )
+        self.rotations = Counter(
+            "broker_rotations_total",
+            "Certificate, key and signing-key files reloaded without restart",
+            ["what", "result"],
+            registry=r,
+        )
         self.audit_records = Counter("broker_audit_records_total", "Audit records written", registry=r)
         self.audit_errors = Counter(
             "broker_audit_errors_total", "Audit records that could not be written", registry=r

@@ -56,6 +56,8 @@ class Runtime:
     #: a candidate policy set evaluated beside the active one, never deciding (CONTRACT: shadow policies)
     shadow: PolicySet | None
     counters: Counters
+    #: the pooled upstream TLS contexts by (ca, cert, key) files: rotation reloads them in place
+    upstream_tls: dict[tuple[str, str, str], ssl.SSLContext]
 
     @property
     def config(self) -> Config:
@@ -171,4 +173,5 @@ def build_runtime(loaded: LoadedConfig) -> Runtime:
         policies=policies,
         shadow=shadow,
         counters=Counters(tuple(config.counters)),
+        upstream_tls=contexts,
     )

@@ -20,6 +20,7 @@ from broker.app import build_admin_app, build_app
 from broker.config.loader import LoadedConfig
 from broker.config.models import Server, split_hostport
 from broker.resources import DRAINING
+from broker.rotation import WATCHER, Watcher, watch_files
 
 log = structlog.get_logger("broker.server")
 
@@ -75,6 +76,8 @@ async def start(loaded: LoadedConfig, *, reuse_port: bool = False) -> RunningBro
     server = config.server
     app = build_app(loaded)
     ssl_ctx = server_ssl_context(server)
+    app[WATCHER] = Watcher(app, ssl_ctx)
+    app.cleanup_ctx.append(watch_files)
     limits = server.limits
     main = web.AppRunner(
         app,

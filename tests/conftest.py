@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import pytest
@@ -263,6 +264,32 @@ class Caller:
             except ValueError:
                 parsed = payload
             return Reply(resp.status, parsed, CIMultiDict(resp.headers))
+
+    async def exchange(
+        self, tool: str, arguments: dict[str, Any], *, approval_id: str | None = None
+    ) -> Reply:
+        """``POST /v1/token`` (RFC 8693 form) for a txn token bound to ``tool`` and ``arguments``."""
+        form = {
+            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+            "requested_token_type": "urn:ietf:params:oauth:token-type:txn_token",
+            "audience": self.broker.pki.trust_domain,
+            "subject_token": self.token,
+            "subject_token_type": "urn:ietf:params:oauth:token-type:access_token",
+            "scope": f"tool:{tool}",
+            "request_details": json.dumps({"tool": tool, "arguments": arguments}),
+            **({"approval_id": approval_id} if approval_id else {}),
+        }
+        raw = urlencode(form).encode()
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        async with (
+            self.broker.session(agent=None, cert=self.cert, key=self.key) as session,
+            session.post(
+                self.broker.url + "/v1/token",
+                data=raw,
+                headers={**headers, **self.auth_headers("POST", "/v1/token")},
+            ) as resp,
+        ):
+            return Reply(resp.status, await resp.json(content_type=None), CIMultiDict(resp.headers))
 
 
 BrokerFactory = Callable[..., Awaitable[BrokerUnderTest]]

@@ -84,6 +84,12 @@ class ServerTls(Strict):
         "without one, while agent routes still demand a valid SVID (401 invalid_client)",
     )
     min_version: Literal["1.2", "1.3"] = "1.2"
+    reload_interval_seconds: float = Field(
+        10.0,
+        ge=0.5,
+        le=3600,
+        description="how often cert, key, bundle and signing key files are checked for rotation",
+    )
 
 
 class Server(Strict):

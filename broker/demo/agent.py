@@ -7,7 +7,9 @@ Tokens come from the development IdP (:mod:`broker.idp`, the certs folder's ``id
 decide with their own DPoP-bound MFA tokens and no client certificate. Each step prints one line: the stages of
 a multi-call step, then its final answer::
 
-    ok    7    alice (MFA) approves 6000: manager approval    -> exchange 403 approval_required [...]; ...; 200 ...
+    ok    6    alice, no MFA, exchanges for 6000             -> 401 insufficient_user_authentication acr_values="mfa"
+    ok    7    alice (MFA) approves 6000: one manager        -> exchange 403 approval_required manager_approval;
+               carol approves: approved; exchange with approval_id 200; invoke 200 INV-9001 approved ...  (one line)
 
 and the exit status is 0 when every stage of every step got the expected status and error code, else 1 with
 the mismatches listed. ``--broker`` must be the broker's ``server.public_url``: DPoP proofs are bound to it.
@@ -297,7 +299,8 @@ async def _approve(demo: Demo, approval_id: str, approver: str, state: str) -> N
 def _check_approved(reply: ClientReply, invoice: Mapping[str, Any]) -> None:
     """A backend answer for ``invoice``: approved, in department 42, bank account masked to ``****`` + 4."""
     body = body_of(reply)
-    account = str(body.get("vendor", {}).get("bank_account", ""))
+    vendor = body.get("vendor")
+    account = str(vendor.get("bank_account", "")) if isinstance(vendor, dict) else ""
     if body.get("invoice_id") != invoice["invoice_id"] or body.get("status") != "approved":
         raise Mismatch(f"the backend answered {body.get('invoice_id')} {body.get('status')}")
     if body.get("department") != "42":
@@ -499,7 +502,7 @@ async def _velocity(demo: Demo) -> ClientReply:
     alice = await demo.client(demo.token("alice", sub=f"{demo.subject('alice')}-velocity"))
     for number in range(1, VELOCITY_LIMIT + 1):
         token = await _txn_token(demo, alice, INV_8831, f"exchange {number}")
-        demo.notes.pop()
+        demo.notes.pop()  # one line per step: the five rounds are summarised below
         invoked = await alice.call_tool(TOOL, INV_8831, txn_token=token)
         demo.expect(invoked, Expect(200), f"invoke {number}")
         demo.notes.pop()
@@ -611,6 +614,9 @@ async def _run_step(demo: Demo, step: Step) -> Outcome:
     except Mismatch as exc:
         done = "; ".join([*demo.notes, str(exc)])
         return Outcome(step, False, f"FAIL  {label}-> {done}", str(exc))
+    except (AttributeError, TypeError, KeyError) as exc:  # a JSON answer of an unexpected shape
+        failure = f"unexpected answer: {type(exc).__name__}: {exc}"
+        return Outcome(step, False, f"FAIL  {label}-> {'; '.join([*demo.notes, failure])}", failure)
     described = "; ".join([*demo.notes, f"{demo.final} {_describe(reply, step)}".lstrip()])
     if not step.expect.matches(reply):
         mismatch = f"got {_brief(reply)}, expected {step.expect}"

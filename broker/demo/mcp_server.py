@@ -95,7 +95,7 @@ def build_server(db: sqlite3.Connection) -> MCPServer:
     mcp = MCPServer("expenses", version="1")
 
     @mcp.tool(name="approveExpense", description="Approve an invoice for payment.")
-    def approve_expense(
+    async def approve_expense(
         invoice_id: str, amount: float, ctx: Context, department: str | None = None
     ) -> dict[str, Any]:
         if department is None:
@@ -117,7 +117,7 @@ def build_server(db: sqlite3.Connection) -> MCPServer:
         return {**_invoice(row), "approved_by": row["approved_by"]}
 
     @mcp.tool(name="listInvoices", description="List invoices of your department.")
-    def list_invoices(department: str | None = None) -> dict[str, Any]:
+    async def list_invoices(department: str | None = None) -> dict[str, Any]:
         if department is None:
             rows = db.execute("SELECT * FROM invoices ORDER BY invoice_id").fetchall()
         else:
@@ -126,7 +126,7 @@ def build_server(db: sqlite3.Connection) -> MCPServer:
         return {"invoices": [_invoice(row) for row in rows]}
 
     @mcp.tool(name="purgeInvoices", description="Delete the invoices of a department.")
-    def purge_invoices(department: str | None = None) -> dict[str, Any]:
+    async def purge_invoices(department: str | None = None) -> dict[str, Any]:
         with db:
             if department is None:
                 cursor = db.execute("UPDATE invoices SET status = 'purged'")
@@ -136,11 +136,12 @@ def build_server(db: sqlite3.Connection) -> MCPServer:
                 )
         return {"purged": cursor.rowcount}
 
-    @mcp.custom_route("/healthz", methods=["GET"])
-    async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
-
+    mcp.custom_route("/healthz", methods=["GET"])(_healthz)
     return mcp
+
+
+async def _healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
 
 
 class Recorder:
@@ -212,9 +213,10 @@ async def serve(
         customize(mcp)
     received: deque[Received] = deque(maxlen=RECEIVED_LIMIT)
 
-    @mcp.custom_route("/_received", methods=["GET"])
     async def received_endpoint(request: Request) -> Response:
         return JSONResponse({"requests": [r.as_json() for r in received]})
+
+    mcp.custom_route("/_received", methods=["GET"])(received_endpoint)
 
     app = Recorder(mcp.streamable_http_app(stateless_http=stateless, json_response=json_response), received)
     host, port = parse_listen(listen)
@@ -222,7 +224,13 @@ async def serve(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     config = uvicorn.Config(
-        app, http="h11", lifespan="on", log_level="warning", access_log=False, **_ssl_files(certs)
+        app,
+        http="h11",
+        lifespan="on",
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=2,
+        **_ssl_files(certs),
     )
     server = uvicorn.Server(config)
     config.load()

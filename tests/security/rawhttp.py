@@ -1,0 +1,98 @@
+"""Raw HTTP/1.1 over real TLS: write exact bytes to the broker and read what comes back.
+
+aiohttp's client normalises what it sends (framing, header folding, paths); smuggling and path-confusion rows
+(HOSTILE P01–P05, P11, P12) need the exact bytes on the wire, so these helpers open a TLS connection with
+:mod:`ssl` and write them verbatim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+_STATUS_LINE = re.compile(rb"(?:^|\r\n)HTTP/1\.[01] (\d{3}) ")
+
+#: how long a raw exchange may take before we stop reading (a server that neither answers nor closes)
+DEFAULT_DEADLINE_SECONDS = 5.0
+
+
+@dataclass
+class RawReply:
+    data: bytes
+    #: the server closed the connection (EOF or reset) before the deadline
+    closed: bool
+
+    @property
+    def statuses(self) -> list[int]:
+        """Every status line in the reply stream (two means the server answered two requests)."""
+        return [int(code) for code in _STATUS_LINE.findall(self.data)]
+
+    @property
+    def status(self) -> int | None:
+        statuses = self.statuses
+        return statuses[0] if statuses else None
+
+    @property
+    def body(self) -> bytes:
+        return self.data.partition(b"\r\n\r\n")[2]
+
+
+def request(
+    method: str,
+    target: str,
+    headers: Sequence[tuple[str, str]],
+    body: bytes = b"",
+    *,
+    host: str = "localhost",
+    content_length: bool = True,
+) -> bytes:
+    """One well-formed request (``Host`` first, then ``headers``, then ``Content-Length`` if asked)."""
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    if content_length:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+async def exchange(
+    port: int,
+    context: ssl.SSLContext,
+    data: bytes | Sequence[bytes],
+    *,
+    deadline: float = DEFAULT_DEADLINE_SECONDS,
+) -> RawReply:
+    """Write ``data`` (one buffer, or several written one after the other) and read until the server closes
+    the connection or ``deadline`` seconds pass. Never raises for a refused or reset connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname="localhost")
+    chunks: list[bytes] = []
+    closed = False
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    try:
+        for part in [data] if isinstance(data, bytes) else data:
+            writer.write(part)
+            await writer.drain()
+        while True:
+            remaining = end - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                async with asyncio.timeout(remaining):
+                    chunk = await reader.read(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                closed = True
+                break
+            chunks.append(chunk)
+    except (ConnectionError, ssl.SSLError):
+        closed = True
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()
+    return RawReply(b"".join(chunks), closed)
