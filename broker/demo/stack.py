@@ -36,7 +36,14 @@ def _banner(broker_main: str, broker_admin: str, backend: str, certs: Path, conf
 
 
 async def _run(args: argparse.Namespace) -> int:
-    backend = await expense.serve(args.backend_listen, certs=args.certs, db_path=args.db)
+    # the backend verifies txn tokens issued by the broker's public URL (the same ${BROKER_PUBLIC_URL:-...} as
+    # expense.yaml); it starts first because the broker's config needs the backend's address
+    backend = await expense.serve(
+        args.backend_listen,
+        certs=args.certs,
+        db_path=args.db,
+        broker_url=os.environ.get("BROKER_PUBLIC_URL", expense.DEFAULT_BROKER_URL),
+    )
     try:
         os.environ.setdefault("EXPENSE_UPSTREAM", expense.https_url(backend))
         os.environ.setdefault("BROKER_CERTS", str(args.certs.resolve()))

@@ -29,8 +29,6 @@ Wiring (``broker.app``): ``app.router.add_route("*", "/mcp/{server}", mcp_endpoi
 
 from __future__ import annotations
 
-import asyncio
-import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -38,20 +36,17 @@ from typing import Any, Final
 
 from aiohttp import ClientResponse, web
 
-from broker.canonical import canonicalize, strict_loads
+from broker.canonical import canonicalize
 from broker.context import CTX
 from broker.errors import (
-    InvalidRequest,
     MethodNotAllowed,
     NotFound,
     UnknownTool,
-    UnsupportedMediaType,
     UpstreamError,
 )
 from broker.gateway import mcp_jsonrpc as rpc
 from broker.gateway.guard import final_guard
 from broker.gateway.mcp_calls import (
-    ENVELOPE_DEPTH,
     AuthorizedCall,
     Refusal,
     authorize_call,
@@ -62,10 +57,21 @@ from broker.gateway.mcp_calls import (
     unknown_tool,
     visible_tools,
 )
+from broker.gateway.mcp_checks import (
+    LAST_EVENT_ID,
+    SESSION_ID,
+    check_origin,
+    parse_body,
+    protocol_era,
+    require_accept,
+    require_json,
+    session_id_of,
+    single_header,
+)
 from broker.gateway.mcp_pins import MCP_PINS, PinBook, accept_pin_endpoint, drift_counter, pins_endpoint
 from broker.gateway.mcp_relay import AGENT_NOTIFICATIONS, Relay, Transform, dumps, relay
 from broker.gateway.mcp_sessions import SessionBinding, SessionStore
-from broker.gateway.mcp_upstream import JSON, SSE, Catalog, McpUpstream, ServerTable, exchange, read_answer
+from broker.gateway.mcp_upstream import JSON, SSE, Catalogs, McpUpstream, ServerTable, exchange, read_answer
 from broker.gateway.middleware import audit_decision
 from broker.gateway.stages import authenticate, read_body, runtime_of
 from broker.identity.principal import Principal
@@ -79,8 +85,6 @@ __all__ = ["MCP_STATE", "accept_pin_endpoint", "mcp_endpoint", "mcp_resources", 
 MAX_CATALOG_AGE: Final = 60.0
 POST_STREAM_SECONDS: Final = 300.0
 GET_STREAM_SECONDS: Final = 3600.0
-_SESSION_ID = re.compile(r"[\x21-\x7e]{1,256}")  # 2025-06-18 transports: visible ASCII only
-_LAST_EVENT_ID = re.compile(r"[\x20-\x7e]{1,256}")
 _FORWARD_ACCEPT: Final = f"{JSON}, {SSE}"
 
 
@@ -91,9 +95,7 @@ class McpState:
     pins: PinBook
     sessions: SessionStore
     servers: ServerTable = field(default_factory=ServerTable)
-    catalogs: dict[tuple[str, str], Catalog] = field(default_factory=dict)
-    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
-    refreshed_at: dict[str, float] = field(default_factory=dict)
+    catalogs: Catalogs = field(default_factory=Catalogs)
 
 
 MCP_STATE = web.AppKey("mcp_state", McpState)
@@ -105,8 +107,7 @@ async def mcp_resources(app: web.Application) -> AsyncIterator[None]:
     app[MCP_PINS] = pins
     app[MCP_STATE] = McpState(pins=pins, sessions=SessionStore(app[STATE]))
     yield
-    for catalog in list(app[MCP_STATE].catalogs.values()):
-        await catalog.close(app[SESSION])
+    await app[MCP_STATE].catalogs.close(app[SESSION])
 
 
 async def mcp_endpoint(request: web.Request) -> web.StreamResponse:
@@ -121,11 +122,12 @@ async def mcp_endpoint(request: web.Request) -> web.StreamResponse:
         raise NotFound("no such MCP server", reason="unknown_mcp_server")
     request_id: str | int | None = None
     try:
-        _check_origin(request, upstream)  # 3
-        era, version = _era(request)  # 4
+        check_origin(request, upstream)  # 3
+        era, version = protocol_era(request)  # 4
         if request.method == "POST":
-            body = await read_body(request, runtime.limits) if _is_json(request) else b""
-            message = _parse(body, runtime.limits.max_json_depth)  # 5
+            require_json(request)
+            body = await read_body(request, runtime.limits)
+            message = parse_body(body, runtime.limits.max_json_depth)  # 5
             request_id = message.id
             return await _post(request, runtime, principal, state, upstream, message, era, version)
         if request.method in ("GET", "DELETE"):
@@ -138,30 +140,10 @@ async def mcp_endpoint(request: web.Request) -> web.StreamResponse:
             "POST, GET or DELETE", reason="mcp_method", headers={"Allow": "POST, GET, DELETE"}
         )
     except Refusal as refusal:
-        return _render(request, refusal, request_id, decision=refusal.decision, code=_code(refusal))
+        return _render(request, refusal, request_id, decision=refusal.decision, code=refusal.label)
     except rpc.JsonRpcError as error:
-        return _render(request, error, request_id, decision="deny", code="invalid_request")
-
-
-def _is_json(request: web.Request) -> bool:
-    if request.content_type != JSON or request.charset not in (None, "utf-8"):
-        raise UnsupportedMediaType("send one JSON-RPC message as application/json", reason="body_not_json")
-    if request.headers.get("Content-Encoding", "identity").lower() != "identity":
-        raise UnsupportedMediaType("compressed request bodies are not accepted", reason="body_encoded")
-    return True
-
-
-def _parse(body: bytes, max_depth: int) -> rpc.Message:
-    try:
-        value = strict_loads(body, max_depth=max_depth + ENVELOPE_DEPTH)
-    except InvalidRequest as exc:
-        raise rpc.JsonRpcError(rpc.PARSE_ERROR, "Parse error", exc.reason) from exc
-    return rpc.parse_message(value)
-
-
-def _code(refusal: Refusal) -> str:
-    data = refusal.data
-    return str(data["error"]) if isinstance(data, dict) and "error" in data else "unknown_tool"
+        code = {403: "access_denied", 404: "not_found"}.get(error.http_status, "invalid_request")
+        return _render(request, error, request_id, decision="deny", code=code)
 
 
 def _render(
@@ -175,53 +157,6 @@ def _render(
     return web.Response(
         status=error.http_status, text=dumps(error.body(request_id)), content_type=JSON, headers=headers
     )
-
-
-def _single(request: web.Request, name: str) -> str | None:
-    values = request.headers.getall(name, [])
-    if len(values) > 1:
-        raise rpc.invalid(f"send at most one {name} header", f"duplicate_{name.lower()}")
-    return values[0] if values else None
-
-
-def _check_origin(request: web.Request, upstream: McpUpstream) -> None:
-    origin = _single(request, "Origin")
-    if origin is not None and origin not in upstream.allowed_origins:
-        raise rpc.JsonRpcError(
-            rpc.INVALID_REQUEST, "Origin not allowed", "origin_not_allowed", http_status=403
-        )
-
-
-def _era(request: web.Request) -> tuple[str, str]:
-    version = _single(request, "MCP-Protocol-Version")
-    if version in rpc.MODERN_VERSIONS:
-        return "modern", str(version)
-    if version is None or version in rpc.HANDSHAKE_VERSIONS:
-        return "handshake", version or rpc.DEFAULT_HANDSHAKE_VERSION
-    supported = [*rpc.HANDSHAKE_VERSIONS, *rpc.MODERN_VERSIONS]
-    raise rpc.JsonRpcError(
-        rpc.UNSUPPORTED_PROTOCOL_VERSION,
-        "Unsupported protocol version",
-        "unsupported_protocol_version",
-        data={"supported": supported, "requested": version[:64]},
-    )
-
-
-def _accepts(request: web.Request, *wanted: str) -> None:
-    offered = {part.split(";")[0].strip().lower() for part in request.headers.get("Accept", "").split(",")}
-    for media in wanted:
-        kind = media.split("/")[0]
-        if not offered & {media, "*/*", f"{kind}/*"}:
-            raise rpc.JsonRpcError(
-                rpc.INVALID_REQUEST, f"Accept must include {media}", "not_acceptable", http_status=406
-            )
-
-
-def _session_id(request: web.Request) -> str | None:
-    value = _single(request, "Mcp-Session-Id")
-    if value is not None and not _SESSION_ID.fullmatch(value):
-        raise rpc.invalid("malformed Mcp-Session-Id", "session_id_malformed")
-    return value
 
 
 async def _binding(
@@ -274,19 +209,16 @@ async def _post(
     binding: SessionBinding | None = None
     if era == "modern":
         rpc.check_modern_headers(message, raw)
-        if _single(request, "Mcp-Session-Id") is not None:
+        if single_header(request, "Mcp-Session-Id") is not None:
             raise rpc.invalid("sessions are not used at 2026-07-28", "session_in_stateless_era")
         if not message.is_request:
-            return web.Response(
-                status=202
-            )  # the 2026-07-28 wire defines no client notifications: nothing to do
+            # the 2026-07-28 wire defines no client-to-server notifications: acknowledged, nothing to forward
+            return web.Response(status=202)
         rpc.check_relayed(message, "modern")
     else:
-        session_id = _session_id(request)
+        session_id = session_id_of(request)
         if not message.is_request and message.method not in rpc.RELAYED_NOTIFICATIONS:
-            return web.Response(
-                status=202
-            )  # notifications the broker does not relay are acknowledged, dropped
+            return web.Response(status=202)  # a notification the broker does not relay: acknowledged, dropped
         if message.is_request:
             rpc.check_relayed(message, "handshake")
         if message.method == "initialize" and session_id is not None:
@@ -299,7 +231,7 @@ async def _post(
         if request.headers.get("MCP-Protocol-Version") is not None:
             headers["MCP-Protocol-Version"] = version
     if message.is_request:
-        _accepts(request, JSON, SSE)
+        require_accept(request, JSON, SSE)
     transform: Transform | None = None
     call: AuthorizedCall | None = None
     params: dict[str, Any] | None = None
@@ -311,7 +243,9 @@ async def _post(
             upstream,
             message,
             pins=state.pins,
-            refresh=lambda: _refresh(request.app, runtime, state, upstream),
+            refresh=lambda: state.catalogs.refresh(
+                request.app[SESSION], upstream, state.pins, max_bytes=runtime.limits.max_response_bytes
+            ),
             max_catalog_age=MAX_CATALOG_AGE,
             url_elicitation=binding is not None and binding.url_elicitation,
             param_headers=raw if era == "modern" else None,
@@ -323,10 +257,10 @@ async def _post(
         transform = listing_transform(state.pins, upstream, visible)
     elif message.method in ("initialize", "server/discover"):
         transform = capabilities_transform
-    try:
+    try:  # 8
         await final_guard(
             request.app[STATE], request.app[METRICS], principal, tool=call.name if call else None
-        )  # 8
+        )
     except UnknownTool as exc:  # a revoked grant hides the tool: answered like an unknown one
         raise unknown_tool(call.name if call else "", exc.reason) from exc
     if call is not None:
@@ -390,8 +324,8 @@ async def _initialized(
     session_id = response.headers.get("Mcp-Session-Id")
     result = answer.get("result")
     if session_id is not None and isinstance(result, dict):
-        if not _SESSION_ID.fullmatch(session_id):
-            raise _upstream_error("mcp_session_id_malformed")
+        if not SESSION_ID.fullmatch(session_id):
+            raise UpstreamError("the MCP server's session is unusable", reason="mcp_session_id_malformed")
         version = result.get("protocolVersion")
         version = version if version in rpc.HANDSHAKE_VERSIONS else rpc.DEFAULT_HANDSHAKE_VERSION
         capabilities = message.params.get("capabilities")
@@ -405,48 +339,23 @@ async def _initialized(
             url_elicitation=url_mode and version in rpc.URL_ELICITATION_VERSIONS,
         )
         if not await state.sessions.bind(session_id, binding):
-            raise _upstream_error("mcp_session_id_reused")
+            raise UpstreamError("the MCP server's session is unusable", reason="mcp_session_id_reused")
         headers["Mcp-Session-Id"] = session_id
     return web.Response(
         text=dumps(answer), content_type=JSON, headers={**headers, "Cache-Control": "no-store"}
     )
 
 
-def _upstream_error(reason: str) -> UpstreamError:
-    return UpstreamError("the MCP server's session is unusable", reason=reason)
-
-
-async def _refresh(app: web.Application, runtime: Runtime, state: McpState, upstream: McpUpstream) -> None:
-    """Re-list the upstream's tools through the broker's own session (one listing at a time per server)."""
-    asked = time.monotonic()
-    lock = state.locks.setdefault(upstream.name, asyncio.Lock())
-    async with lock:
-        if state.refreshed_at.get(upstream.name, 0.0) >= asked:
-            return  # someone else listed while we waited
-        key = (upstream.name, str(upstream.url))
-        catalog = state.catalogs.get(key)
-        if catalog is None:
-            catalog = state.catalogs[key] = Catalog(upstream, max_bytes=runtime.limits.max_response_bytes)
-        catalog.upstream = upstream  # same URL, possibly a reloaded config (TLS context, timeouts)
-        entries = await catalog.list_tools(app[SESSION])
-        now = time.time()
-        for entry in entries:
-            name = entry.get("name")
-            if isinstance(name, str) and name in upstream.digests:
-                state.pins.observe(upstream.name, name, upstream.digests[name], entry, now)
-        state.refreshed_at[upstream.name] = time.monotonic()
-
-
 async def _session_request(
     request: web.Request, principal: Principal, state: McpState, upstream: McpUpstream, version: str
 ) -> web.StreamResponse:
     """GET (the session's SSE stream) and DELETE (end the session), session era only."""
-    session_id = _session_id(request)
+    session_id = session_id_of(request)
     if session_id is None:
         raise rpc.invalid("Mcp-Session-Id is required", "session_id_missing")
     await _binding(state, upstream, principal, session_id)  # 6
     if request.method == "GET":
-        _accepts(request, SSE)
+        require_accept(request, SSE)
     await final_guard(request.app[STATE], request.app[METRICS], principal)  # 8
     ctx = request[CTX]
     ctx.decision, ctx.reason = "allow", f"{request.method} session"
@@ -454,8 +363,8 @@ async def _session_request(
     headers = {**_base_headers(request), "Mcp-Session-Id": session_id}
     if request.headers.get("MCP-Protocol-Version") is not None:
         headers["MCP-Protocol-Version"] = version
-    last_event = _single(request, "Last-Event-ID")
-    if last_event is not None and _LAST_EVENT_ID.fullmatch(last_event):
+    last_event = single_header(request, "Last-Event-ID")
+    if last_event is not None and LAST_EVENT_ID.fullmatch(last_event):
         headers["Last-Event-ID"] = last_event
     out_headers = {"X-Request-Id": ctx.request_id}
     async with exchange(request.app[SESSION], upstream, request.method, headers=headers) as response:  # 10

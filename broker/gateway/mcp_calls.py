@@ -57,21 +57,31 @@ __all__ = [
     "visible_tools",
 ]
 
-#: the agent's arguments nest two levels below the message (message → params → arguments)
-ENVELOPE_DEPTH = 2
-
 
 class Refusal(rpc.JsonRpcError):
     """A policy refusal of a ``tools/call``: a JSON-RPC error sent with HTTP 200 and audited as ``decision``."""
 
-    def __init__(self, code: int, message: str, reason: str, *, decision: str, data: Any = None) -> None:
+    def __init__(
+        self,
+        code: int,
+        message: str,
+        reason: str,
+        *,
+        decision: str,
+        data: Any = None,
+        label: str | None = None,
+    ) -> None:
         super().__init__(code, message, reason, http_status=200, data=data)
         self.decision = decision
+        #: the bounded ``code`` label of broker_requests_total (the broker error code this refusal stands for)
+        self.label = label or (
+            str(data["error"]) if isinstance(data, dict) and "error" in data else "invalid_request"
+        )
 
 
 def unknown_tool(name: str, reason: str) -> Refusal:
     # identical for a missing, unconfigured, hidden, drifted or revoked tool: only ``reason`` (audit) differs
-    return Refusal(rpc.UNKNOWN_TOOL, f"Unknown tool: {name}", reason, decision="deny")
+    return Refusal(rpc.UNKNOWN_TOOL, f"Unknown tool: {name}", reason, decision="deny", label="unknown_tool")
 
 
 async def _env(

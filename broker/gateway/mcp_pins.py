@@ -146,8 +146,8 @@ class PinBook:
         ok = digest is not None and digest == pin and state.validator is not None
         if ok:
             state.drift_reported = None  # reverted: a later swap is counted again
-        elif state.drift_reported != digest:
-            state.drift_reported = digest
+        elif state.drift_reported != (digest or "-"):  # "-": a definition without an exact JSON form
+            state.drift_reported = digest or "-"
             self._drift.labels(server=server, tool=tool).inc()
             log.warning(
                 "mcp tool definition differs from its pin; tool hidden until accepted",

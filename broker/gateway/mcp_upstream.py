@@ -9,8 +9,10 @@ and reused: stateless (2026-07-28) when the upstream speaks it, else one ``initi
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import ssl
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -24,12 +26,13 @@ from broker.canonical import canonicalize, strict_loads
 from broker.config.models import Config
 from broker.errors import InvalidRequest, UpstreamError, UpstreamTimeout
 from broker.gateway import mcp_jsonrpc as rpc
+from broker.gateway.mcp_pins import PinBook
 from broker.gateway.mcp_sse import SseError, SseParser
 from broker.runtime import Runtime, upstream_ssl_context
 
 log = structlog.get_logger("broker.mcp.upstream")
 
-__all__ = ["Catalog", "McpUpstream", "ServerTable", "exchange", "read_answer"]
+__all__ = ["Catalog", "Catalogs", "McpUpstream", "ServerTable", "exchange", "read_answer"]
 
 #: upstream JSON nests deeper than agents' arguments (tool input schemas inside a listing)
 UPSTREAM_JSON_DEPTH: Final = 64
@@ -308,3 +311,37 @@ class Catalog:
                 pass
         except (UpstreamError, UpstreamTimeout) as exc:
             log.info("could not end the catalog session", server=self.upstream.name, reason=exc.reason)
+
+
+class Catalogs:
+    """The broker's catalog sessions, one per upstream URL; one listing at a time per server."""
+
+    def __init__(self) -> None:
+        self._catalogs: dict[tuple[str, str], Catalog] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._listed_at: dict[str, float] = {}
+
+    async def refresh(
+        self, session: aiohttp.ClientSession, upstream: McpUpstream, pins: PinBook, *, max_bytes: int
+    ) -> None:
+        """List ``upstream``'s tools and show every configured one to ``pins`` (first sight, or drift)."""
+        asked = time.monotonic()
+        async with self._locks.setdefault(upstream.name, asyncio.Lock()):
+            if self._listed_at.get(upstream.name, 0.0) >= asked:
+                return  # listed by someone else while this caller waited
+            key = (upstream.name, str(upstream.url))
+            catalog = self._catalogs.get(key)
+            if catalog is None:
+                catalog = self._catalogs[key] = Catalog(upstream, max_bytes=max_bytes)
+            catalog.upstream = upstream  # same URL, possibly a reloaded config (TLS context, timeouts)
+            entries = await catalog.list_tools(session)
+            now = time.time()
+            for entry in entries:
+                name = entry.get("name")
+                if isinstance(name, str) and name in upstream.digests:
+                    pins.observe(upstream.name, name, upstream.digests[name], entry, now)
+            self._listed_at[upstream.name] = time.monotonic()
+
+    async def close(self, session: aiohttp.ClientSession) -> None:
+        for catalog in list(self._catalogs.values()):
+            await catalog.close(session)

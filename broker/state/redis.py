@@ -167,6 +167,7 @@ class RedisStore(StateStore):
         opened = open_client(target, timeout_seconds=timeout_seconds, max_connections=max_connections)
         self._redis = opened.client
         self._close = opened.close
+        self._prepare = opened.prepare
         # A burst must wait (within the op timeout) for a free connection rather than fail with "Too many
         # connections": the single-server pool blocks by itself; Sentinel and Cluster pools do not, so at most
         # max_connections operations run at once (each uses one connection at a time).
@@ -185,6 +186,8 @@ class RedisStore(StateStore):
                 if self._slots is None:
                     return await call()
                 async with self._slots:
+                    if self._prepare is not None:
+                        await self._prepare()
                     return await call()
         except _BACKEND_ERRORS as exc:
             if self._on_error is not None:

@@ -155,10 +155,12 @@ def parse_redis_url(url: str) -> RedisTarget:
 
 @dataclass(frozen=True)
 class RedisClient:
-    """An unconnected redis-py asyncio client and the coroutine that releases everything it opened."""
+    """An unconnected redis-py asyncio client, the coroutine that releases everything it opened, and the one
+    to await before each operation (None: nothing to do)."""
 
     client: Redis | RedisCluster
     close: Callable[[], Awaitable[None]]
+    prepare: Callable[[], Awaitable[object]] | None = None
 
 
 def open_client(target: RedisTarget, *, timeout_seconds: float, max_connections: int) -> RedisClient:
@@ -201,7 +203,11 @@ def open_client(target: RedisTarget, *, timeout_seconds: float, max_connections:
             **timeouts,
             **tls,
         )
-        return RedisClient(cluster, cluster.aclose)
+        # redis-py (8.1) chooses a command's routing BEFORE it discovers the topology, so a burst of commands on
+        # a client that has not discovered it yet (first use, or after an error reset the slot map) is sent to
+        # the wrong nodes and fails. Discovering first (no I/O once done; concurrent callers share one
+        # discovery) avoids it: 50 concurrent claims on a fresh client fail without this, never with it.
+        return RedisClient(cluster, cluster.aclose, cluster.initialize)
     from redis.asyncio.sentinel import Sentinel
 
     sentinel_auth: dict[str, Any] = {

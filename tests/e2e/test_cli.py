@@ -302,8 +302,13 @@ async def test_two_workers_share_one_port_and_replay_state(
     async with redis_stores() as stores:
         config = redis_config(pki, tmp_path, upstream.url, REDIS_URL, stores.prefix)
         admin = f"http://{config['server']['admin_listen']}"
+        audit = [tmp_path / "audit.w0.jsonl", tmp_path / "audit.w1.jsonl"]
         with broker_process(config, tmp_path, "workers", "--workers", "2") as proc:
             await wait_ready(admin, proc["proc"], proc["log"])
+            # /readyz answered for one worker; each worker writes its config_load record when it is up
+            deadline = time.monotonic() + READY_WITHIN
+            while not all(p.exists() for p in audit) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)  # readiness poll, bounded by the deadline
             url, path, agent = f"https://{config['server']['listen']}", "/v1/tools/approveExpense", Agent(pki)
             results = [await agent.post(url, path, agent.headers(path)) for _ in range(8)]
             headers = agent.headers(path)
@@ -319,7 +324,6 @@ async def test_two_workers_share_one_port_and_replay_state(
         'broker_requests_total{code="ok",decision="allow",route="invoke",tool="approveExpense"} 9.0'
         in metrics
     )
-    audit = [tmp_path / "audit.w0.jsonl", tmp_path / "audit.w1.jsonl"]
     assert all(p.exists() for p in audit)
     for p in audit:
         assert run_cli("audit", "verify", str(p), "--key", str(pki.signing_jwk)).returncode == 0

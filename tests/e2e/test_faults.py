@@ -248,14 +248,20 @@ async def test_redis_killed_under_load_refuses_503_consumes_nothing_and_recovers
     async with throwaway_redis() as redis:
         config = fault_config(pki, tmp_path, upstream.url)
         config["state"] = redis_state(redis.url)
-        async with running_broker(config, tmp_path, "redis-kill") as broker, agent_client(pki, broker.url) as agent:
-            txn = (await agent.exchange(TOOL, ARGS)).json()["access_token"]  # the exchange needs the store too
+        async with (
+            running_broker(config, tmp_path, "redis-kill") as broker,
+            agent_client(pki, broker.url) as agent,
+        ):
+            # exchanged before the outage: the exchange needs the store too
+            txn = (await agent.exchange(TOOL, ARGS)).json()["access_token"]
             async with Load(agent) as load:
                 t0 = asyncio.get_running_loop().time()
                 await load.until(answered(OK, after=t0, count=50), "50 calls allowed before the outage")
                 await redis.kill()
                 down = asyncio.get_running_loop().time()
-                await load.until(answered(STATE_DOWN, after=down, count=100), "100 refusals while Redis is down")
+                await load.until(
+                    answered(STATE_DOWN, after=down, count=100), "100 refusals while Redis is down"
+                )
                 # a proof and a txn token presented while the store is down
                 proof = agent.proof_for("POST", PATH)
                 proof_while_down = await agent.request("POST", PATH, json=ARGS, headers={"DPoP": proof})
@@ -298,7 +304,10 @@ async def test_a_persistent_redis_keeps_refusing_a_proof_and_a_txn_used_before_i
     async with throwaway_redis(aof) as redis:
         config = fault_config(pki, tmp_path, upstream.url)
         config["state"] = redis_state(redis.url)
-        async with running_broker(config, tmp_path, "redis-aof") as broker, agent_client(pki, broker.url) as agent:
+        async with (
+            running_broker(config, tmp_path, "redis-aof") as broker,
+            agent_client(pki, broker.url) as agent,
+        ):
             proof = agent.proof_for("POST", PATH)
             txn = (await agent.exchange(TOOL, ARGS)).json()["access_token"]
             before = [
@@ -343,7 +352,8 @@ class DemoBackend:
         ctx = client_ssl_context(self.pki, files.cert, files.key)
 
         async def healthy() -> bool:
-            assert self.proc is not None and self.proc.poll() is None, (self.tmp_path / "backend.log").read_text()
+            log = self.tmp_path / "backend.log"
+            assert self.proc is not None and self.proc.poll() is None, log.read_text()
             try:
                 async with aiohttp.ClientSession() as s, s.get(f"{self.url}/healthz", ssl=ctx) as resp:
                     return resp.status == 200
@@ -374,7 +384,9 @@ async def test_backend_killed_under_load_gives_502_then_recovers_on_the_same_por
             await load.until(answered(OK, after=t0, count=50), "50 calls answered by the backend")
             backend.kill()
             down = asyncio.get_running_loop().time()
-            await load.until(answered((502, "upstream_error"), after=down, count=50), "50 502s while it is down")
+            await load.until(
+                answered((502, "upstream_error"), after=down, count=50), "50 502s while it is down"
+            )
             restarting = asyncio.get_running_loop().time()
             await backend.start()
             up = asyncio.get_running_loop().time()
@@ -387,9 +399,10 @@ async def test_backend_killed_under_load_gives_502_then_recovers_on_the_same_por
     assert {o.answer for o in within(outcomes, down, restarting)} == {(502, "upstream_error")}
     records = audit_lines(broker.audit)
     # each failed forward: the allow record written before it, then an error record with the final status
-    assert sum(r.get("status") == 502 and r["decision"] == "error" for r in records) == tally(outcomes)[
-        (502, "upstream_error")
-    ]
+    assert (
+        sum(r.get("status") == 502 and r["decision"] == "error" for r in records)
+        == tally(outcomes)[(502, "upstream_error")]
+    )
 
 
 @dataclass
@@ -477,16 +490,17 @@ async def test_a_slow_or_garbage_backend_under_load_gets_its_status(
         async with (
             running_broker(config, tmp_path, "garbage") as broker,
             agent_client(pki, broker.url) as agent,
-            Load(agent) as load,
         ):
-            t0 = asyncio.get_running_loop().time()
-            await load.until(answered(expected, after=t0, count=100), f"100 answers {expected}")
-        assert (await admin_get(broker.admin, "/readyz"))[0] == 200
+            async with Load(agent) as load:
+                t0 = asyncio.get_running_loop().time()
+                await load.until(answered(expected, after=t0, count=100), f"100 answers {expected}")
+            ready = (await admin_get(broker.admin, "/readyz"))[0]
+    assert ready == 200  # a failing backend is the backend's problem: the broker stays ready
     assert tally(load.outcomes) == {expected: len(load.outcomes)}
     assert raw.received == len(load.outcomes)  # each call reached the backend exactly once: no retries
     if answer is None:
         latencies = sorted(o.ended - o.started for o in load.outcomes)
-        assert TOOL_TIMEOUT <= latencies[0] and latencies[-1] <= TOOL_TIMEOUT + TIMEOUT_SLACK, latencies
+        assert latencies[0] >= TOOL_TIMEOUT and latencies[-1] <= TOOL_TIMEOUT + TIMEOUT_SLACK, latencies
 
 
 # --- the audit file -------------------------------------------------------------------------------------------
@@ -509,7 +523,9 @@ async def test_unwritable_audit_under_load_refuses_503_and_forwards_nothing_unau
         resource.prlimit(pid, resource.RLIMIT_FSIZE, (broker.audit.stat().st_size, hard))
         down = asyncio.get_running_loop().time()
         unaudited = (503, "audit_unavailable")
-        await load.until(answered(unaudited, after=down, count=100), "100 refusals while the log is unwritable")
+        await load.until(
+            answered(unaudited, after=down, count=100), "100 refusals while the log is unwritable"
+        )
         restoring = asyncio.get_running_loop().time()
         resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, hard))
         up = asyncio.get_running_loop().time()
@@ -568,7 +584,9 @@ async def test_sighup_with_a_broken_config_under_load_fails_no_request(
     assert failures == 1.0
     assert after["policy_version"] == before["policy_version"]
     assert [p["id"] for p in after["policies"]] == ["any-agent"]
-    (record,) = [r for r in audit_lines(broker.audit) if r["event"] == "config_load" and r["decision"] == "error"]
+    (record,) = [
+        r for r in audit_lines(broker.audit) if r["event"] == "config_load" and r["decision"] == "error"
+    ]
     assert record["source"] == "sighup" and record["policy_version"] == before["policy_version"]
 
 
@@ -656,7 +674,10 @@ async def test_slowloris_connections_do_not_starve_normal_clients(
     stop = asyncio.Event()
     files = pki.agent(AGENT)
     ssl_ctx = client_ssl_context(pki, files.cert, files.key)
-    async with running_broker(config, tmp_path, "slowloris") as broker, agent_client(pki, broker.url) as agent:
+    async with (
+        running_broker(config, tmp_path, "slowloris") as broker,
+        agent_client(pki, broker.url) as agent,
+    ):
         trickles = [asyncio.create_task(trickle(broker.url, ssl_ctx, stop)) for _ in range(SLOW_CONNECTIONS)]
         async with Load(agent, rate=50) as load:
             t0 = asyncio.get_running_loop().time()
@@ -683,7 +704,8 @@ async def test_a_connection_that_never_finishes_its_headers_is_closed_at_the_req
     stop = asyncio.Event()
     async with running_broker(config, tmp_path, "slow-headers") as broker:
         task = asyncio.create_task(trickle(broker.url, client_ssl_context(pki, files.cert, files.key), stop))
-        done, _ = await asyncio.wait([task], timeout=2 + TIMEOUT_SLACK + 2)  # the deadline under test, bounded
+        # the deadline under test, plus slack, bounds the wait
+        done, _ = await asyncio.wait([task], timeout=2 + TIMEOUT_SLACK + 2)
         stop.set()
         sent, closed_by_broker = await task
     assert done and closed_by_broker, f"still open after {sent} bytes"

@@ -30,6 +30,7 @@ from tests.redisutil import (
     ThrowawayCluster,
     free_port,
     throwaway_cluster,
+    throwaway_redis,
     throwaway_sentinel,
 )
 
@@ -441,3 +442,146 @@ async def test_the_store_works_through_sentinel() -> None:
             assert errors == ["claim"]
         finally:
             await unknown.close()
+
+
+@on_cluster
+@pytest.mark.slow
+async def test_sentinel_failover_keeps_replicated_claims_and_the_store_follows() -> None:
+    """A replica is promoted (``SENTINEL FAILOVER``); the same store follows the new master without a restart,
+    and a claim made before the failover (replicated, which ``WAIT`` makes sure of here) is still refused."""
+    from redis.asyncio import Redis
+
+    async with throwaway_sentinel() as sentinel:
+        replica_args = ["--replicaof", "127.0.0.1", str(sentinel.master.port)]
+        async with throwaway_redis(replica_args) as replica, store_factory(sentinel.url) as make:
+            store = make()
+            assert await store.claim("dpop:before", 60) is True
+            master = Redis.from_url(sentinel.master.url)
+            await master.wait(1, 5000)  # S05: only a replicated claim survives a failover
+            sentinels = Redis(host="127.0.0.1", port=sentinel.sentinel_port)
+            try:
+                await _until(lambda: _failover_started(sentinels, sentinel.service), "failover accepted")
+                await _until(
+                    lambda: _master_port_is(sentinels, sentinel.service, replica.port), "failover done"
+                )
+                await _until(lambda: _accepts_writes(store), "store writes to the new master")
+                assert await store.claim("dpop:before", 60) is False
+                assert await store.guard({"sub": "alice"}, [("dpop:after", 60)]) == Guarded()
+            finally:
+                await master.aclose()
+                await sentinels.aclose()
+
+
+async def _until(probe: Callable[[], Awaitable[bool]], what: str) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if await probe():
+            return
+        await asyncio.sleep(0.1)  # bounded poll of a failover in progress
+    pytest.fail(f"timed out waiting until {what}")
+
+
+async def _failover_started(sentinels: Any, service: str) -> bool:
+    from redis.exceptions import ResponseError
+
+    try:
+        await sentinels.execute_command("SENTINEL", "FAILOVER", service)
+    except ResponseError:
+        return False  # NOGOODSLAVE until the Sentinel has the replica's INFO: ask again
+    return True
+
+
+async def _master_port_is(sentinels: Any, service: str, port: int) -> bool:
+    address = await sentinels.sentinel_get_master_addr_by_name(service)
+    return bool(address) and int(address[1]) == port
+
+
+async def _accepts_writes(store: RedisStore) -> bool:
+    try:
+        await store.claim(f"probe:{uuid.uuid4().hex}", 60)
+    except StateUnavailable:
+        return False  # refused while the roles change: fail closed, then recover
+    return True
+
+
+# -- cost and sizing (figures printed for the docs) ----------------------------------------------------------
+
+REVOCATIONS = {"sub": "alice", "act": "spiffe://example.org/agents/a", "jti": "j", "grant": "alice|a|t"}
+
+
+async def _guard_cost(store: RedisStore, n: int) -> tuple[float, float]:
+    """(µs per guard one after another, µs wall per guard with 32 concurrent), each with a jti and a txn."""
+    await store.ping()
+
+    async def one(tag: str) -> None:
+        found = await store.guard(
+            {**REVOCATIONS, "txn": tag}, [(f"dpop:{tag}", 60), (txn_replay_key(tag), 300)]
+        )
+        assert found.ok
+
+    started = time.perf_counter()
+    for i in range(n):
+        await one(f"s{i}")
+    sequential = (time.perf_counter() - started) / n * 1e6
+
+    async def worker(w: int) -> None:
+        for i in range(n // 32):
+            await one(f"c{w}:{i}")
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(32)))
+    concurrent = (time.perf_counter() - started) / (n // 32 * 32) * 1e6
+    return sequential, concurrent
+
+
+@on_cluster
+async def test_guard_cost_cluster_vs_single_redis(stores: Stores, capsys: pytest.CaptureFixture[str]) -> None:
+    n = 1000
+    async with throwaway_redis() as single, store_factory(single.url) as single_stores:
+        single_figures = await _guard_cost(single_stores(), n)
+    cluster_figures = await _guard_cost(stores(), n)
+    with capsys.disabled():
+        for name, (seq, conc) in (("single Redis", single_figures), ("3-master Cluster", cluster_figures)):
+            print(
+                f"\nRedisStore.guard on {name}: {seq:.0f} µs sequential, {conc:.0f} µs wall with 32 concurrent"
+            )
+    assert cluster_figures[0] < 50_000  # generous (shared machine): the printed figures are what matter
+
+
+@on_cluster
+async def test_memory_per_key(capsys: pytest.CaptureFixture[str]) -> None:
+    """``MEMORY USAGE`` of each kind of key with the default prefix and real key shapes (hashed parts)."""
+    async with throwaway_redis() as single, store_factory(single.url) as make:
+        store = make(key_prefix="broker:")
+        from redis.asyncio import Redis
+
+        raw = Redis.from_url(single.url)
+        try:
+            jti_key = "dpop:" + hash_key_part("a-jti")
+            txn_key = txn_replay_key("a-22-character-txn-id0")
+            await store.claim(jti_key, 60)
+            await store.claim(txn_key, 300)
+            await store.revoke("sub", "alice@example.org", 86_400)
+            scope = f"ctr:approvals_10m:600:{hash_key_part('alice')}"
+            await store.record_event(scope, 4800.0, T0, 600)
+            one_event = await raw.memory_usage("broker:ctr:" + scope)
+            for i in range(1, 101):
+                await store.record_event(scope, 4800.0, T0 + i, 600)
+            hundred_more = await raw.memory_usage("broker:ctr:" + scope)
+            approval = {"tool": "approveExpense", "subject": "alice", "arguments": {"invoice_id": "INV-1",
+                        "amount": 4800}, "requires": ["manager_approval"], "approvals": [], "status": "pending",
+                        "args_digest": hash_key_part("x"), "created_at": T0, "expires_at": T0 + 3600}  # fmt: skip
+            await store.put_json("approval:" + hash_key_part("id"), approval, 3600)
+            sizes = {
+                "DPoP jti claim": await raw.memory_usage("broker:claim:" + jti_key),
+                "txn token claim": await raw.memory_usage("broker:claim:" + txn_key),
+                "revocation": await raw.memory_usage("broker:" + revocation_key("sub", "alice@example.org")),
+                "counter, 1 event": one_event,
+                "counter, per further event": (hundred_more - one_event) / 100,
+                "approval record": await raw.memory_usage("broker:json:approval:" + hash_key_part("id")),
+            }
+        finally:
+            await raw.aclose()
+    with capsys.disabled():
+        print("\nMEMORY USAGE (bytes):", ", ".join(f"{k}: {v:.0f}" for k, v in sizes.items()))
+    assert all(0 < size < 4096 for size in sizes.values())

@@ -248,7 +248,9 @@ def collect_tests(
             check=False,
         )
         if not out.is_file():
-            raise RuntimeError(f"collection produced no test list (exit {result.returncode}):\n{result.stdout}")
+            raise RuntimeError(
+                f"collection produced no test list (exit {result.returncode}):\n{result.stdout}"
+            )
         items = json.loads(out.read_text(encoding="utf-8"))
     tests = [CollectedTest(item["nodeid"], frozenset(item["marks"])) for item in items]
     errors = ""
@@ -263,7 +265,8 @@ def pytest_collection_modifyitems(config: Any, items: Sequence[Any]) -> None:
     if not out:
         return
     listing = [
-        {"nodeid": item.nodeid, "marks": sorted({mark.name for mark in item.iter_markers()})} for item in items
+        {"nodeid": item.nodeid, "marks": sorted({mark.name for mark in item.iter_markers()})}
+        for item in items
     ]
     Path(out).write_text(json.dumps(listing), encoding="utf-8")
 
@@ -298,7 +301,9 @@ def current_report() -> Report:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.security.coverage", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.security.coverage", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--write-ids", action="store_true", help="rewrite hostile_ids.txt from HOSTILE.md")
     args = parser.parse_args(argv)
     if args.write_ids:

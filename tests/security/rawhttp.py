@@ -14,7 +14,7 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-_STATUS_LINE = re.compile(rb"(?:^|\r\n)HTTP/1\.[01] (\d{3}) ")
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3}) [^\r\n]*")
 
 #: how long a raw exchange may take before we stop reading (a server that neither answers nor closes)
 DEFAULT_DEADLINE_SECONDS = 5.0
@@ -27,9 +27,29 @@ class RawReply:
     closed: bool
 
     @property
+    def responses(self) -> list[RawResponse]:
+        """The responses in the reply stream, framed by their ``Content-Length`` (a response without one
+        runs to the end of the stream)."""
+        found: list[RawResponse] = []
+        rest = self.data
+        while rest:
+            match = _STATUS_LINE.match(rest)
+            head, sep, after = rest.partition(b"\r\n\r\n")
+            if match is None or not sep:
+                break
+            headers = {}
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                headers[name.strip().decode("latin-1").lower()] = value.strip().decode("latin-1")
+            length = int(headers["content-length"]) if "content-length" in headers else len(after)
+            found.append(RawResponse(int(match.group(1)), headers, after[:length]))
+            rest = after[length:]
+        return found
+
+    @property
     def statuses(self) -> list[int]:
-        """Every status line in the reply stream (two means the server answered two requests)."""
-        return [int(code) for code in _STATUS_LINE.findall(self.data)]
+        """The status of every response (two means the server answered two requests)."""
+        return [response.status for response in self.responses]
 
     @property
     def status(self) -> int | None:
@@ -38,7 +58,17 @@ class RawReply:
 
     @property
     def body(self) -> bytes:
-        return self.data.partition(b"\r\n\r\n")[2]
+        """The body of the first response."""
+        responses = self.responses
+        return responses[0].body if responses else b""
+
+
+@dataclass
+class RawResponse:
+    status: int
+    #: header names lowercased; a repeated header keeps its last value
+    headers: dict[str, str]
+    body: bytes
 
 
 def request(
@@ -67,7 +97,9 @@ async def exchange(
 ) -> RawReply:
     """Write ``data`` (one buffer, or several written one after the other) and read until the server closes
     the connection or ``deadline`` seconds pass. Never raises for a refused or reset connection."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname="localhost")
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=context, server_hostname="localhost"
+    )
     chunks: list[bytes] = []
     closed = False
     loop = asyncio.get_running_loop()

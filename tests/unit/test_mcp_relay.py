@@ -1,0 +1,195 @@
+"""broker.gateway.mcp_relay: what of an upstream MCP answer reaches the agent (HOSTILE P16, P24).
+
+A scripted upstream (real sockets, loopback) sends exactly the bytes of each row; a front handler relays them
+with :func:`relay`; the test reads what the agent would get.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from broker.errors import UpstreamError
+from broker.gateway import mcp_jsonrpc as rpc
+from broker.gateway.mcp_relay import AGENT_NOTIFICATIONS, Relay, Transform, relay
+from broker.gateway.mcp_sse import SseEvent, SseParser
+
+REQUEST_ID = 7
+Script = tuple[int, str, list[bytes]]
+
+
+def sse(message: Any, **fields: str) -> bytes:
+    head = "".join(f"{k}: {v}\n" for k, v in fields.items())
+    return f"{head}data: {json.dumps(message)}\n\n".encode()
+
+
+ANSWER = {"jsonrpc": "2.0", "id": REQUEST_ID, "result": {"content": [{"type": "text", "text": "ok"}]}}
+PROGRESS = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1, "message": "acct 1234"}}
+SAMPLING = {"jsonrpc": "2.0", "id": 99, "method": "sampling/createMessage", "params": {}}
+ELICIT = {"jsonrpc": "2.0", "id": 98, "method": "elicitation/create", "params": {"message": "password?"}}
+OTHER_ANSWER = {"jsonrpc": "2.0", "id": 8, "result": {"stolen": True}}
+ODD_NOTIFICATION = {"jsonrpc": "2.0", "method": "notifications/resources/updated", "params": {"uri": "x"}}
+
+
+def make_plan(
+    *, transform: Transform | None = None, masked: bool = False, max_event_bytes: int = 4096,
+    request_id: int | None = REQUEST_ID,
+) -> Relay:  # fmt: skip
+    return Relay(
+        request_id=request_id,
+        transform=transform,
+        notifications=frozenset({"notifications/progress"}) if masked else AGENT_NOTIFICATIONS,
+        strip_progress_messages=masked,
+        max_event_bytes=max_event_bytes,
+        max_stream_bytes=8 * max_event_bytes,
+        max_seconds=10.0,
+    )
+
+
+Relayed = Callable[[Script, Relay], Awaitable[tuple[int, str, list[dict[str, Any]]]]]
+
+
+@pytest.fixture
+async def relayed(aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]]) -> Relayed:
+    """Run one scripted upstream answer through :func:`relay`: (status, content type, messages the agent got)."""
+    script: dict[str, Any] = {}
+
+    async def upstream(request: web.Request) -> web.StreamResponse:
+        status, content_type, chunks = script["script"]
+        out = web.StreamResponse(status=status, headers={"Content-Type": content_type})
+        await out.prepare(request)
+        for chunk in chunks:
+            await out.write(chunk)
+        await out.write_eof()
+        return out
+
+    upstream_app = web.Application()
+    upstream_app.router.add_get("/", upstream)
+    upstream_client = await aiohttp_client(upstream_app)
+
+    async def front(request: web.Request) -> web.StreamResponse:
+        async with aiohttp.ClientSession() as session, session.get(upstream_client.make_url("/")) as answer:
+            try:
+                return await relay(request, answer, script["plan"], {"X-Request-Id": "r1"})
+            except UpstreamError as exc:
+                return web.json_response({"error": exc.reason}, status=502)
+
+    front_app = web.Application()
+    front_app.router.add_get("/", front)
+    front_client = await aiohttp_client(front_app)
+
+    async def run(scripted: Script, plan: Relay) -> tuple[int, str, list[dict[str, Any]]]:
+        script.update(script=scripted, plan=plan)
+        async with front_client.get("/") as response:
+            body = await response.read()
+            assert response.headers.get("X-Request-Id") == "r1"
+            if response.content_type == "text/event-stream":
+                assert response.headers["X-Accel-Buffering"] == "no"
+                events = SseParser(max_event_bytes=1 << 20).feed(body)
+                return response.status, response.content_type, [json.loads(e.data) for e in events if e.data]
+            return response.status, response.content_type, [json.loads(body)] if body else []
+
+    return run
+
+
+@pytest.mark.parametrize(
+    ("chunks", "expected"),
+    [
+        ([sse(ANSWER)], [ANSWER]),
+        ([sse(PROGRESS), sse(ANSWER)], [PROGRESS, ANSWER]),
+        ([sse(OTHER_ANSWER), sse(ANSWER)], [ANSWER]),
+        ([sse(SAMPLING), sse(ELICIT), sse(ANSWER)], [ANSWER]),
+        ([sse(ODD_NOTIFICATION), sse(ANSWER)], [ANSWER]),
+        ([b"data: not json\n\n", sse(ANSWER)], [ANSWER]),
+        ([sse({**ANSWER, "id": str(REQUEST_ID)}), sse(ANSWER)], [ANSWER]),
+        ([sse(ANSWER), sse({**ANSWER, "result": {"second": True}})], [ANSWER]),
+    ],
+    ids=[
+        "answer", "notification-then-answer", "another-requests-id", "server-to-client-requests",
+        "unlisted-notification", "not-json", "id-of-another-type", "second-answer",
+    ],
+)  # fmt: skip
+async def test_sse_events_reaching_the_agent(
+    relayed: Relayed, chunks: list[bytes], expected: list[dict[str, Any]]
+) -> None:
+    status, content_type, messages = await relayed((200, "text/event-stream", chunks), make_plan())
+    assert (status, content_type, messages) == (200, "text/event-stream", expected)
+
+
+async def test_a_masked_call_gets_progress_without_free_text(relayed: Relayed) -> None:
+    chunks = [sse(PROGRESS), sse({"jsonrpc": "2.0", "method": "notifications/message", "params": {}}), sse(ANSWER)]
+    _, _, messages = await relayed((200, "text/event-stream", chunks), make_plan(masked=True))
+    assert messages == [{"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}}, ANSWER]
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [sse(PROGRESS)],
+        [b"data: " + b"x" * 5000],
+        [sse(PROGRESS), b"data: \xff\n\n"],
+    ],
+    ids=["ended-without-answer", "oversized-event", "not-utf8"],
+)
+async def test_a_broken_stream_ends_with_an_error_for_the_request(relayed: Relayed, chunks: list[bytes]) -> None:
+    status, _, messages = await relayed((200, "text/event-stream", chunks), make_plan())
+    assert status == 200
+    assert messages[-1]["id"] == REQUEST_ID and messages[-1]["error"]["code"] == rpc.INTERNAL_ERROR
+
+
+async def test_events_are_reencoded_one_data_line_per_line(relayed: Relayed) -> None:
+    answer = {**ANSWER, "result": {"content": [{"type": "text", "text": "line1\nline2\n\ndata: fake"}]}}
+    raw = f"data: {json.dumps(answer)}\n\n".encode()
+    status, _, messages = await relayed((200, "text/event-stream", [raw]), make_plan())
+    assert messages == [answer]
+
+
+async def test_the_transform_rewrites_the_answer_and_may_refuse_it(relayed: Relayed) -> None:
+    async def mask(message: dict[str, Any]) -> dict[str, Any]:
+        return {**message, "result": {"masked": True}}
+
+    async def refuse(message: dict[str, Any]) -> dict[str, Any]:
+        raise rpc.JsonRpcError(rpc.INTERNAL_ERROR, "cannot filter", "response_unfilterable", http_status=200)
+
+    for content_type, chunks in (("text/event-stream", [sse(ANSWER)]), ("application/json", [json.dumps(ANSWER).encode()])):
+        _, _, masked = await relayed((200, content_type, chunks), make_plan(transform=mask))
+        assert masked == [{**ANSWER, "result": {"masked": True}}]
+        _, _, refused = await relayed((200, content_type, chunks), make_plan(transform=refuse))
+        assert refused == [rpc.error_body(REQUEST_ID, rpc.INTERNAL_ERROR, "cannot filter")]
+
+
+@pytest.mark.parametrize(
+    ("script", "status", "expected"),
+    [
+        ((200, "application/json", [json.dumps(OTHER_ANSWER).encode()]), 502, {"error": "upstream_no_answer"}),
+        ((200, "application/json", [json.dumps(SAMPLING).encode()]), 502, {"error": "upstream_no_answer"}),
+        ((200, "application/json", [b'{"jsonrpc":"2.0","id":7,"id":7,"result":{}}']), 502,
+         {"error": "upstream_bad_json"}),
+        ((200, "application/json", [b"x" * 5000]), 502, {"error": "upstream_too_large"}),
+        ((200, "text/html", [b"<html>"]), 502, {"error": "upstream_not_mcp"}),
+        ((500, "application/json", [b"{}"]), 502, {"error": "upstream_status_5xx"}),
+        ((404, "application/json", [json.dumps(rpc.error_body(None, -32600, "Session not found")).encode()]), 404,
+         rpc.error_body(None, -32600, "Session not found")),
+        ((405, "text/plain", [b"no"]), 405, rpc.error_body(REQUEST_ID, -32600, "the MCP server refused the request")),
+    ],
+    ids=["json-other-id", "json-request", "json-duplicate-member", "json-too-large", "html", "5xx", "404", "405"],
+)  # fmt: skip
+async def test_other_answers(relayed: Relayed, script: Script, status: int, expected: dict[str, Any]) -> None:
+    got_status, _, messages = await relayed(script, make_plan())
+    assert (got_status, messages) == (status, [expected])
+
+
+async def test_a_get_stream_passes_notifications_and_never_answers(relayed: Relayed) -> None:
+    chunks = [sse(PROGRESS), sse(ANSWER), sse(SAMPLING), sse({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})]
+    _, _, messages = await relayed((200, "text/event-stream", chunks), make_plan(request_id=None))
+    assert messages == [PROGRESS, {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}]
+
+
+def test_sse_event_type_is_importable() -> None:
+    assert SseEvent(data="x").data == "x"
