@@ -307,7 +307,7 @@ async def test_two_workers_share_one_port_and_replay_state(
             await wait_ready(admin, proc["proc"], proc["log"])
             # /readyz answered for one worker; each worker writes its config_load record when it is up
             deadline = time.monotonic() + READY_WITHIN
-            while not all(p.exists() for p in audit) and time.monotonic() < deadline:
+            while not all(p.exists() for p in audit) and time.monotonic() < deadline:  # noqa: ASYNC110 (another process)
                 await asyncio.sleep(0.05)  # readiness poll, bounded by the deadline
             url, path, agent = f"https://{config['server']['listen']}", "/v1/tools/approveExpense", Agent(pki)
             results = [await agent.post(url, path, agent.headers(path)) for _ in range(8)]

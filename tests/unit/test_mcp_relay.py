@@ -78,7 +78,7 @@ async def relayed(aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]]
             try:
                 return await relay(request, answer, script["plan"], {"X-Request-Id": "r1"})
             except UpstreamError as exc:
-                return web.json_response({"error": exc.reason}, status=502)
+                return web.json_response({"error": exc.reason}, status=502, headers={"X-Request-Id": "r1"})
 
     front_app = web.Application()
     front_app.router.add_get("/", front)
