@@ -365,11 +365,13 @@ def call_transform(
             if not isinstance(content, list):
                 raise UpstreamError("unfilterable", reason="response_unfilterable")
             masked["content"] = [_filtered_item(filters, principal, item) for item in content]
-        except (UpstreamError, InvalidRequest, ValueError, TypeError) as exc:
-            reason = getattr(exc, "reason", "response_unfilterable")
-            on_failure(reason)
+        except (UpstreamError, InvalidRequest, ValueError, TypeError) as exc:  # P26: fail closed
+            on_failure("response_unfilterable")
             raise rpc.JsonRpcError(
-                rpc.INTERNAL_ERROR, "the tool's answer could not be filtered", reason, http_status=200
+                rpc.INTERNAL_ERROR,
+                "the tool's answer could not be filtered",
+                "response_unfilterable",
+                http_status=200,
             ) from exc
         return {**message, "result": masked}
 

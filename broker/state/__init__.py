@@ -2,6 +2,11 @@
 
 ``make_store`` picks the backend named by ``state.backend``: ``memory`` (embedded, one process) or ``redis``
 (shared by workers and replicas). The interface and its fail-closed contract live in :mod:`broker.state.base`.
+
+``state.redis_url`` names one server (``redis://``, ``rediss://``), a Sentinel-managed master
+(``redis+sentinel://host:port[,host:port...]/service_name[/db]``) or a Redis Cluster
+(``redis+cluster://host:port[,host:port...]``); the formats are in :mod:`broker.state.redis_cluster`, whose
+:func:`~broker.state.redis_cluster.parse_redis_url` a config check can call without connecting.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ def make_store(
 ) -> StateStore:
     """Build the configured store. ``timeout_seconds`` applies to Redis, ``max_entries`` to memory.
 
-    Raises ``ValueError`` for an unknown backend, a missing or unsupported Redis URL, or a bad key prefix.
+    Raises ``ValueError`` for an unknown backend, a missing, unsupported or malformed Redis URL (the message
+    lists the supported formats and never repeats the URL, which may hold a password), or a bad key prefix.
     Creating a Redis store does not connect: call :meth:`StateStore.ping` for readiness.
     """
     if backend == "memory":

@@ -19,7 +19,9 @@ Contract common to every implementation:
   (:meth:`StateStore.claim_all`) need every key in one slot: build them with the same :func:`hash_tag`, e.g.
   ``f"{hash_tag(txn_digest)}:txn"`` and ``f"{hash_tag(txn_digest)}:dpop:{jti_digest}"``. A ``key_prefix`` that
   itself holds a tag (``"broker:{b}:"``) puts every key in one slot. Revocation keys share the tag ``{rev}``
-  so that :meth:`StateStore.is_revoked` is one ``MGET``.
+  so that :meth:`StateStore.is_revoked` is one ``MGET``. :meth:`StateStore.guard` spans several slots
+  (``{rev}``, the DPoP ``jti``, the txn token's tag), so on a Cluster ``RedisStore`` runs it as ordered steps
+  with the same single-use and replay guarantees (why, and what is weaker: :mod:`broker.state.redis`).
 - Value-level argument errors (a non-positive TTL, a non-finite amount, a record that is not JSON) raise
   ``ValueError``: they are bugs in the caller and must not be counted as backend failures.
 """
@@ -237,7 +239,12 @@ class StateStore(ABC):
     async def guard(self, revocations: Mapping[str, str], claims: Sequence[tuple[str, float]]) -> Guarded:
         """The last check of a request, in ONE atomic step (one Redis round trip): none of ``revocations``
         (kind -> raw value) is revoked, then every claim is recorded — all or none (its DPoP ``jti`` and, for
-        an invocation, its txn token). ``claims`` may be empty (a revocation check only)."""
+        an invocation, its txn token). ``claims`` may be empty (a revocation check only).
+
+        On Redis Cluster the step is not one script: revocations are read first (nothing is claimed when one
+        matches), then each claim is taken in order with ``SET NX`` and the first one taken refuses — claims
+        before it stay recorded (a refused txn token burns the request's own ``jti``). See
+        :mod:`broker.state.redis`."""
 
     @abstractmethod
     async def revoke(self, kind: str, value: str, ttl_seconds: float) -> None:

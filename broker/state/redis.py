@@ -2,7 +2,7 @@
 
 Topologies (URL formats in :mod:`broker.state.redis_cluster`): one server (``redis://``, ``rediss://``), a
 Sentinel-managed master (``redis+sentinel://``) and Redis Cluster (``redis+cluster://``). Everything below
-holds on all three; the only code that differs is :meth:`RedisStore.guard` on a Cluster (see "Redis Cluster").
+holds on all three; the one behaviour that differs is :meth:`RedisStore.guard` on a Cluster ("Redis Cluster").
 
 Every single-use check is ONE atomic server-side step (S03): ``SET key 1 NX PX ttl`` for
 :meth:`RedisStore.claim`, a Lua script for :meth:`RedisStore.claim_all` and the JSON compare-and-set. Every
@@ -12,9 +12,11 @@ local fallback (S04).
 
 Recovery: a connection that fails is dropped by redis-py; the next command opens a new one, so the store works
 again as soon as Redis answers, without a restart. Pooled connections left over from before an outage fail on
-first use; each command is therefore retried ONCE, immediately, on a connection error (never on a timeout, so
-the time bound holds). A retried claim whose first attempt reached Redis answers False: a spurious refusal,
-never a second use.
+first use; each command is therefore retried ONCE, immediately, on a connection error (the Cluster client also
+retries once after a timeout or CLUSTERDOWN, refreshing its slot map; ``asyncio.timeout`` bounds the whole
+operation either way). A retried claim whose first attempt reached Redis answers False: a spurious refusal,
+never a second use. Sentinel: a connection error makes redis-py ask the Sentinels for the master again, and a
+``READONLY`` answer (a demoted master) counts as one, so a failover is followed without a restart.
 
 Redis Cluster. A multi-key command or script must name keys of ONE slot, chosen by the first ``{...}`` hash tag
 of each key. Every operation but ``guard`` is single-slot by design: ``claim``, ``revoke``, counters
@@ -37,7 +39,9 @@ anyway (RFC 9449 §11.1) and the client signs a fresh one per request — so it 
 victim; the jti is checked first so that a replayed proof can never consume a victim's txn token. A store
 error at any step raises :class:`~broker.errors.StateUnavailable` (503), as everywhere. What is weaker than the
 single-server script: up to three round trips instead of one, and a crash or timeout between steps leaves a
-burnt ``jti`` (the client retries with a new proof) — never a token usable twice.
+burnt ``jti`` (the client retries with a new proof) or, after step 3 was sent, a consumed txn token on a
+request answered 503 (the agent exchanges again; the script has the same case when its answer is lost) —
+never a token usable twice.
 
 Limits, documented on purpose:
 - S05: Redis replication is asynchronous, so a failover (Sentinel or Cluster) can lose the last claims and

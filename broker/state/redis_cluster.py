@@ -76,7 +76,7 @@ class RedisTarget:
 
 
 def _bad(what: str) -> ValueError:
-    return ValueError(f"state.redis_url: {what}; formats: {URL_FORMATS}")
+    return ValueError(f"Redis URL: {what}; formats: {URL_FORMATS}")
 
 
 def _nodes(hosts: str, default_port: int) -> tuple[tuple[str, int], ...]:

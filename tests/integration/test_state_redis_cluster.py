@@ -551,34 +551,40 @@ async def test_guard_cost_cluster_vs_single_redis(stores: Stores, capsys: pytest
 @on_cluster
 async def test_memory_per_key(capsys: pytest.CaptureFixture[str]) -> None:
     """``MEMORY USAGE`` of each kind of key with the default prefix and real key shapes (hashed parts)."""
+    from redis.asyncio import Redis
+
     async with throwaway_redis() as single, store_factory(single.url) as make:
         store = make(key_prefix="broker:")
-        from redis.asyncio import Redis
-
         raw = Redis.from_url(single.url)
+
+        async def usage(key: str) -> int:
+            found = await raw.memory_usage("broker:" + key)
+            assert isinstance(found, int), key
+            return found
+
         try:
-            jti_key = "dpop:" + hash_key_part("a-jti")
-            txn_key = txn_replay_key("a-22-character-txn-id0")
-            await store.claim(jti_key, 60)
-            await store.claim(txn_key, 300)
+            jti_key = "claim:dpop:" + hash_key_part("a-jti")
+            txn_key = "claim:" + txn_replay_key("a-22-character-txn-id0")
+            await store.claim(jti_key.removeprefix("claim:"), 60)
+            await store.claim(txn_key.removeprefix("claim:"), 300)
             await store.revoke("sub", "alice@example.org", 86_400)
             scope = f"ctr:approvals_10m:600:{hash_key_part('alice')}"
             await store.record_event(scope, 4800.0, T0, 600)
-            one_event = await raw.memory_usage("broker:ctr:" + scope)
+            one_event = await usage("ctr:" + scope)
             for i in range(1, 101):
                 await store.record_event(scope, 4800.0, T0 + i, 600)
-            hundred_more = await raw.memory_usage("broker:ctr:" + scope)
+            hundred_more = await usage("ctr:" + scope)
             approval = {"tool": "approveExpense", "subject": "alice", "arguments": {"invoice_id": "INV-1",
                         "amount": 4800}, "requires": ["manager_approval"], "approvals": [], "status": "pending",
                         "args_digest": hash_key_part("x"), "created_at": T0, "expires_at": T0 + 3600}  # fmt: skip
             await store.put_json("approval:" + hash_key_part("id"), approval, 3600)
             sizes = {
-                "DPoP jti claim": await raw.memory_usage("broker:claim:" + jti_key),
-                "txn token claim": await raw.memory_usage("broker:claim:" + txn_key),
-                "revocation": await raw.memory_usage("broker:" + revocation_key("sub", "alice@example.org")),
-                "counter, 1 event": one_event,
+                "DPoP jti claim": float(await usage(jti_key)),
+                "txn token claim": float(await usage(txn_key)),
+                "revocation": float(await usage(revocation_key("sub", "alice@example.org"))),
+                "counter, 1 event": float(one_event),
                 "counter, per further event": (hundred_more - one_event) / 100,
-                "approval record": await raw.memory_usage("broker:json:approval:" + hash_key_part("id")),
+                "approval record": float(await usage("json:approval:" + hash_key_part("id"))),
             }
         finally:
             await raw.aclose()

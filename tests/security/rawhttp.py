@@ -42,6 +42,8 @@ class RawReply:
                 name, _, value = line.partition(b":")
                 headers[name.strip().decode("latin-1").lower()] = value.strip().decode("latin-1")
             length = int(headers["content-length"]) if "content-length" in headers else len(after)
+            if len(after) < length:
+                break  # not complete yet
             found.append(RawResponse(int(match.group(1)), headers, after[:length]))
             rest = after[length:]
         return found
@@ -94,9 +96,11 @@ async def exchange(
     data: bytes | Sequence[bytes],
     *,
     deadline: float = DEFAULT_DEADLINE_SECONDS,
+    responses: int | None = None,
 ) -> RawReply:
     """Write ``data`` (one buffer, or several written one after the other) and read until the server closes
-    the connection or ``deadline`` seconds pass. Never raises for a refused or reset connection."""
+    the connection, ``responses`` complete responses have arrived (when given), or ``deadline`` seconds pass.
+    Never raises for a refused or reset connection."""
     reader, writer = await asyncio.open_connection(
         "127.0.0.1", port, ssl=context, server_hostname="localhost"
     )
@@ -121,6 +125,8 @@ async def exchange(
                 closed = True
                 break
             chunks.append(chunk)
+            if responses is not None and len(RawReply(b"".join(chunks), False).responses) >= responses:
+                break
     except (ConnectionError, ssl.SSLError):
         closed = True
     finally:

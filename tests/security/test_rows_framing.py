@@ -216,7 +216,7 @@ async def test_p13_body_larger_than_declared_limit_is_refused_before_reading(
     """A Content-Length over the 1 MiB cap is refused from the header alone: the body is never sent."""
     caller = broker.caller()
     head = call_head(caller) + f"Content-Length: {2 * 1024 * 1024}\r\nConnection: close\r\n\r\n".encode()
-    reply = await rawhttp.exchange(main_port(broker), agent_tls(broker), head + b"{")
+    reply = await rawhttp.exchange(main_port(broker), agent_tls(broker), head + b"{", responses=1)
     assert reply.status == 413
     assert upstream.received == []
     assert broker.audit_records()[-1]["status"] == 413

@@ -116,3 +116,10 @@ def test_shipped_schema_is_current_and_validates_the_examples() -> None:
             continue
         data, _ = parse_yaml(path.read_text(), file=str(path), environ={"BROKER_CERTS": "/certs"})
         jsonschema.validate(data, schema)
+
+
+def test_shipped_config_reference_is_current() -> None:
+    from broker.config.reference import REFERENCE_FILE
+    from broker.config.reference import render as render_reference
+
+    assert REFERENCE_FILE.read_text() == render_reference(), "run: python -m broker.config.reference"

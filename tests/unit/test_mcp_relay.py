@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient
 from broker.errors import UpstreamError
 from broker.gateway import mcp_jsonrpc as rpc
 from broker.gateway.mcp_relay import AGENT_NOTIFICATIONS, Relay, Transform, relay
-from broker.gateway.mcp_sse import SseEvent, SseParser
+from broker.gateway.mcp_sse import SseParser
 
 REQUEST_ID = 7
 Script = tuple[int, str, list[bytes]]
@@ -191,5 +191,3 @@ async def test_a_get_stream_passes_notifications_and_never_answers(relayed: Rela
     assert messages == [PROGRESS, {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}]
 
 
-def test_sse_event_type_is_importable() -> None:
-    assert SseEvent(data="x").data == "x"
