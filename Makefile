@@ -38,6 +38,7 @@ test: install
 ## bench: requests/s and p50/p99 for backend direct, a bare aiohttp forwarder and the broker; writes var/bench.json
 bench: install
 	$(BIN)/python -m broker.bench --out var/bench.json
+	$(BIN)/python -m broker.bench.micro --out var/bench.json
 
 lint: install
 	$(BIN)/ruff check broker tests

@@ -7,7 +7,10 @@ Set-ups (each server in its own subprocess on 127.0.0.1, ephemeral ports):
 - ``broker``: ``broker run -c config/examples/expense.yaml`` in front of it, every request with the full
   identity checks (mTLS SVID + a fresh DPoP proof + the access token + the replay claim), memory state store;
 - ``broker-redis``: the same with the Redis state store (``BROKER_REDIS_URL``, default 127.0.0.1:6379);
-- ``broker-redis-2w``: the same with ``--workers 2`` (two processes on one port).
+- ``broker-redis-2w``: the same with ``--workers 2`` (two processes on one port);
+- ``mcp-direct``: the demo MCP server (official SDK, stateless, JSON responses: PERF.md's MCP peer set-up) called
+  directly with a 2026-07-28 ``tools/call listInvoices``; ``mcp-broker``: the same call through the broker's
+  ``/mcp/expenses`` with the full identity checks. The report adds ``mcp-broker/mcp-direct`` (target >= 0.5).
 
 All set-ups share one backend, started with ``--no-verify`` (a benchmarking aid of
 :mod:`broker.demo.expense`): it skips the Txn-Token check and takes the department from the body. The
@@ -55,6 +58,25 @@ from broker.idp import mint_access_token
 READY_TIMEOUT = 30.0  # seconds a server gets to answer its readiness probe
 STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
 LISTINVOICES_BODY = json.dumps({"department": "42"}).encode()
+_MCP_META = {
+    "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+    "io.modelcontextprotocol/clientCapabilities": {},
+}
+MCP_CALL_BODY = json.dumps(
+    {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {"name": "listInvoices", "arguments": {"department": "42"}, "_meta": _MCP_META},
+    }
+).encode()
+#: the 2026-07-28 Streamable HTTP headers of that call (CONTRACT §7)
+MCP_HEADERS = {
+    "Accept": "application/json, text/event-stream",
+    "MCP-Protocol-Version": "2026-07-28",
+    "Mcp-Method": "tools/call",
+    "Mcp-Name": "listInvoices",
+}
 
 
 class SetupFailed(Exception):
@@ -78,6 +100,7 @@ class BenchEnv:
     backend_url: str
     broker_config: Path
     probe_ssl: ssl.SSLContext  # presents the agent SVID; verifies servers against ca.pem
+    mcp_url: str = ""  # the demo MCP server's endpoint (the mcp-* set-ups start it)
 
 
 def free_port() -> int:
@@ -194,9 +217,19 @@ class IdentityRequests:
     if the pool runs dry, proofs are signed live.
     """
 
-    def __init__(self, env: BenchEnv, url: str, agent: str = "expense-assistant") -> None:
+    def __init__(
+        self,
+        env: BenchEnv,
+        url: str,
+        agent: str = "expense-assistant",
+        *,
+        body: bytes = LISTINVOICES_BODY,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         dpop_jwk = json.loads((env.certs / "agents" / f"{agent}-dpop.jwk").read_text())
         self.url = url
+        self.body = body
+        self.headers = headers or {}
         self.signer = DpopSigner(dpop_jwk)
         self.token = mint_access_token(
             json.loads((env.certs / "idp.jwk").read_text()),
@@ -216,7 +249,7 @@ class IdentityRequests:
     def __call__(self) -> tuple[dict[str, str], bytes]:
         proof = self.pool.pop() if self.pool else self.signer.proof("POST", self.url, access_token=self.token)
         headers = {"Content-Type": "application/json", "Authorization": self.authorization, "DPoP": proof}
-        return headers, LISTINVOICES_BODY
+        return {**headers, **self.headers}, self.body
 
 
 #: proofs signed ahead per second of load (above any rate one worker reaches here)
@@ -240,6 +273,7 @@ def start_broker(
         "BROKER_PUBLIC_URL": f"https://127.0.0.1:{port}",
         "BROKER_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
         "EXPENSE_UPSTREAM": env.backend_url,
+        "EXPENSE_MCP_UPSTREAM": env.mcp_url,
         "BROKER_AUDIT_FILE": str(env.work / "audit.jsonl"),
     }
     argv = [sys.executable, "-m", "broker", "run", "-c", str(env.broker_config), "--workers", str(workers)]
@@ -247,11 +281,39 @@ def start_broker(
     return server_process(name, argv, env=env, ready=ready, extra_env=overrides)
 
 
+def mcp_plain() -> tuple[dict[str, str], bytes]:
+    return {"Content-Type": "application/json", **MCP_HEADERS}, MCP_CALL_BODY
+
+
+def start_mcp_server(env: BenchEnv) -> AbstractAsyncContextManager[None]:
+    """The demo MCP server as PERF.md measured its peer: stateless, JSON responses (needs the ``demo`` extra)."""
+    listen = env.mcp_url.removeprefix("https://").removesuffix("/mcp")
+    argv = [sys.executable, "-m", "broker.demo.mcp_server", "--listen", listen]
+    argv += [
+        "--certs",
+        str(env.certs),
+        "--db",
+        str(env.work / "expense.db"),
+        "--stateless",
+        "--json-response",
+    ]
+    ready = probe(env.mcp_url.removesuffix("/mcp") + "/healthz", env.probe_ssl)
+    return server_process("mcp-server", argv, env=env, ready=ready, extra_env={})
+
+
+@contextlib.asynccontextmanager
+async def start_mcp_broker(env: BenchEnv, port: int, admin_port: int) -> AsyncIterator[None]:
+    async with start_mcp_server(env), start_broker(env, port, admin_port, name="mcp-broker"):
+        yield
+
+
 def build_setups(env: BenchEnv) -> list[Setup]:
     """All known set-ups, in report order. Ports are picked now, servers start only when a set-up runs."""
     bare_port, broker_port, admin_port = free_port(), free_port(), free_port()
     redis_port, redis_admin = free_port(), free_port()
     two_port, two_admin = free_port(), free_port()
+    mcp_port, mcp_admin = free_port(), free_port()
+    mcp_url = f"https://127.0.0.1:{mcp_port}/mcp/expenses"
     two_url = f"https://127.0.0.1:{two_port}/v1/tools/listInvoices"
     broker_url = f"https://127.0.0.1:{broker_port}/v1/tools/listInvoices"
     redis_url = f"https://127.0.0.1:{redis_port}/v1/tools/listInvoices"
@@ -281,6 +343,13 @@ def build_setups(env: BenchEnv) -> list[Setup]:
             IdentityRequests(env, two_url),
             lambda: start_broker(env, two_port, two_admin, name="broker-redis-2w", state="redis", workers=2),
         ),
+        Setup("mcp-direct", env.mcp_url, mcp_plain, lambda: start_mcp_server(env)),
+        Setup(
+            "mcp-broker",
+            mcp_url,
+            IdentityRequests(env, mcp_url, body=MCP_CALL_BODY, headers=MCP_HEADERS),
+            lambda: start_mcp_broker(env, mcp_port, mcp_admin),
+        ),
     ]
 
 
@@ -293,7 +362,8 @@ async def run_bench(args: argparse.Namespace, certs: Path, work: Path) -> dict[s
     probe_ssl = client_ssl_context(
         certs / "ca.pem", agents / f"{args.agent}.pem", agents / f"{args.agent}-key.pem"
     )
-    env = BenchEnv(certs, work, f"https://127.0.0.1:{free_port()}", args.broker_config, probe_ssl)
+    mcp_url = f"https://127.0.0.1:{free_port()}/mcp"
+    env = BenchEnv(certs, work, f"https://127.0.0.1:{free_port()}", args.broker_config, probe_ssl, mcp_url)
     setups = build_setups(env)
     if args.setups is not None:
         known = [setup.name for setup in setups]
@@ -350,6 +420,10 @@ def report(outcomes: dict[str, Result | str], args: argparse.Namespace) -> dict[
             f"{name:<10} {outcome.rps:>10.1f} {outcome.p50_ms:>9.2f} {outcome.p99_ms:>9.2f} "
             f"{outcome.errors:>8} {shown:>8}"
         )
+    direct, gated = outcomes.get("mcp-direct"), outcomes.get("mcp-broker")
+    if isinstance(direct, Result) and isinstance(gated, Result) and direct.rps > 0:
+        doc["ratios"]["mcp-broker/mcp-direct"] = round(gated.rps / direct.rps, 3)
+        print(f"mcp-broker / mcp-direct: {gated.rps / direct.rps:.2f} (tools/call through /mcp vs direct)")
     doc["meta"] = {
         "duration": args.duration,
         "warmup": args.warmup,

@@ -1,6 +1,8 @@
 """``make run``: the demo expense backend and the broker in one process, on the embedded defaults.
 
-The backend listens on ``--backend-listen`` (exported as ``EXPENSE_UPSTREAM`` for the config unless already set);
+The backend listens on ``--backend-listen`` (exported as ``EXPENSE_UPSTREAM`` for the config unless already set),
+the demo MCP server (:mod:`broker.demo.mcp_server`, needs the ``demo`` extra) on ``--mcp-listen`` beside it
+(``EXPENSE_MCP_UPSTREAM``; ``--mcp-listen none`` leaves it out);
 the broker uses the given config (memory state store, local audit file). SIGINT/SIGTERM stops both gracefully.
 """
 
@@ -12,6 +14,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from broker.config.loader import ConfigError, load_config
 from broker.demo import expense
@@ -19,10 +22,11 @@ from broker.observability import configure_logging
 from broker.server import start
 
 
-def _banner(broker_main: str, broker_admin: str, backend: str, certs: Path, config: Path) -> str:
+def _banner(broker_main: str, broker_admin: str, backend: str, certs: Path, config: Path, mcp: str) -> str:
     agent = certs / "agents" / "expense-assistant"
     return f"""
   expense backend   {backend}            (SQLite, mTLS: only CA-issued client certificates)
+  expense MCP       {mcp}  (behind the broker at /mcp/expenses)
   broker            {broker_main}         config {config}
   admin             {broker_admin}        /healthz /readyz /metrics
 
@@ -44,8 +48,12 @@ async def _run(args: argparse.Namespace) -> int:
         db_path=args.db,
         broker_url=os.environ.get("BROKER_PUBLIC_URL", expense.DEFAULT_BROKER_URL),
     )
+    mcp_server: Any = None
     try:
+        mcp_server = await _start_mcp(args)
         os.environ.setdefault("EXPENSE_UPSTREAM", expense.https_url(backend))
+        if mcp_server is not None:
+            os.environ.setdefault("EXPENSE_MCP_UPSTREAM", mcp_server.url)
         os.environ.setdefault("BROKER_CERTS", str(args.certs.resolve()))
         try:
             loaded = load_config(args.config)
@@ -63,6 +71,7 @@ async def _run(args: argparse.Namespace) -> int:
                     expense.https_url(backend),
                     args.certs,
                     args.config,
+                    mcp_server.url if mcp_server is not None else "not started",
                 ),
                 flush=True,
             )
@@ -74,8 +83,25 @@ async def _run(args: argparse.Namespace) -> int:
         finally:
             await running.stop()
     finally:
+        if mcp_server is not None:
+            await mcp_server.stop()
         await backend.cleanup()
     return 0
+
+
+async def _start_mcp(args: argparse.Namespace) -> Any:
+    """The demo MCP server on ``--mcp-listen`` (a RunningMcpServer), or None when disabled or not installed."""
+    if args.mcp_listen.lower() in ("", "none", "off"):
+        return None
+    try:
+        from broker.demo import mcp_server  # the optional ``demo`` extra (the official MCP SDK)
+    except ImportError:
+        print(
+            "demo MCP server not started: install the 'demo' extra (pip install -e '.[demo]')",
+            file=sys.stderr,
+        )
+        return None
+    return await mcp_server.serve(args.mcp_listen, certs=args.certs, db_path=args.db)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=Path("config/examples/expense.yaml"))
     parser.add_argument("--certs", type=Path, default=Path("certs"))
     parser.add_argument("--backend-listen", default="127.0.0.1:9443")
+    parser.add_argument(
+        "--mcp-listen", default="127.0.0.1:9444", help="demo MCP server; 'none' to leave it out"
+    )
     parser.add_argument("--db", type=Path, default=Path("var/expense.db"))
     parser.add_argument("--log-format", choices=("json", "console"), default="console")
     args = parser.parse_args(argv)
