@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from broker.state.redis_cluster import parse_redis_url
+
 _HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
 #: tool and MCP server names appear in URLs and metric labels: a closed, ASCII-only alphabet (HOSTILE T08).
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
@@ -166,6 +168,13 @@ class State(Strict):
     key_prefix: str = "broker:"
     timeout_ms: int = Field(200, ge=1, le=10_000)
     max_entries: int = Field(1_000_000, ge=1000, description="memory backend bound")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_redis_url(value)  # redis://, rediss://, redis+sentinel://, redis+cluster:// (ValueError says which)
+        return value
 
     @model_validator(mode="after")
     def _redis_needs_url(self) -> State:

@@ -36,7 +36,6 @@ from typing import Any, Final
 
 from aiohttp import ClientResponse, web
 
-from broker.canonical import canonicalize
 from broker.context import CTX
 from broker.errors import (
     MethodNotAllowed,
@@ -46,13 +45,11 @@ from broker.errors import (
 )
 from broker.gateway import mcp_jsonrpc as rpc
 from broker.gateway.guard import final_guard
+from broker.gateway.mcp_answers import call_transform, capabilities_transform, listing_transform
 from broker.gateway.mcp_calls import (
     AuthorizedCall,
     Refusal,
     authorize_call,
-    call_transform,
-    capabilities_transform,
-    listing_transform,
     mint_edge_token,
     unknown_tool,
     visible_tools,
@@ -280,7 +277,7 @@ async def _post(
     out_headers = {"X-Request-Id": ctx.request_id}
     started = time.perf_counter()
     async with exchange(
-        request.app[SESSION], upstream, "POST", headers=headers, body=canonicalize(forwarded)
+        request.app[SESSION], upstream, "POST", headers=headers, body=dumps(forwarded).encode("utf-8")
     ) as response:  # 10
         if call is not None:
             request.app[METRICS].upstream_duration.labels(tool=call.name).observe(

@@ -16,14 +16,15 @@
 6 injection   the ``/v1`` tool of the same name's ``inject`` sets server-side arguments.
 
 The edge txn token binds the agent's arguments (before injection) and lists the injected values (``tctx``).
-The answer is masked with the ``/v1`` tool of the same name's response filters, on ``structuredContent`` and on
-every text content that holds JSON; anything a filtered tool returns that cannot be filtered is refused.
+What the agent gets back is shaped in :mod:`broker.gateway.mcp_answers`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -31,18 +32,18 @@ from typing import Any
 import jsonschema
 from aiohttp import web
 
-from broker.canonical import args_digest, canonicalize, strict_loads
+from broker.canonical import args_digest, canonicalize
 from broker.context import CTX
-from broker.errors import AccessDenied, InvalidRequest, UpstreamError
+from broker.errors import AccessDenied
 from broker.gateway import mcp_jsonrpc as rpc
 from broker.gateway.approvals import APPROVALS
 from broker.gateway.filters import ToolFilters
 from broker.gateway.guard import grant_id
 from broker.gateway.mcp_pins import PinBook
-from broker.gateway.mcp_relay import Transform, dumps
 from broker.gateway.mcp_upstream import McpUpstream
 from broker.gateway.stages import approvals_needed, has_mfa
 from broker.identity.principal import Principal
+from broker.jose import b64url_encode
 from broker.policy.engine import Env
 from broker.resources import METRICS, SIGNER, STATE
 from broker.runtime import Runtime
@@ -52,8 +53,8 @@ __all__ = [
     "AuthorizedCall",
     "Refusal",
     "authorize_call",
-    "call_transform",
-    "listing_transform",
+    "mint_edge_token",
+    "unknown_tool",
     "visible_tools",
 ]
 
@@ -123,37 +124,6 @@ async def visible_tools(
     return frozenset(n for n, hit in zip(seen, revoked, strict=True) if hit is None)
 
 
-def listing_transform(pins: PinBook, upstream: McpUpstream, visible: frozenset[str]) -> Transform:
-    """tools/list: keep configured, pinned, visible tools; the result is this principal's (cacheScope private)."""
-
-    async def transform(message: dict[str, Any]) -> dict[str, Any]:
-        result = message.get("result")
-        if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
-            return message
-        now = time.time()
-        kept = []
-        for entry in result["tools"]:
-            name = entry.get("name") if isinstance(entry, dict) else None
-            if not isinstance(name, str) or name not in upstream.digests:
-                continue
-            # observe every configured tool, shown or not: a swap is detected whoever lists
-            if pins.observe(upstream.name, name, upstream.digests[name], entry, now) and name in visible:
-                kept.append(entry)
-        # 2026-07-28 caching: the list depends on who asks, so no shared cache may serve it to anyone else
-        return {**message, "result": {**result, "tools": kept, "cacheScope": "private"}}
-
-    return transform
-
-
-async def capabilities_transform(message: dict[str, Any]) -> dict[str, Any]:
-    """initialize / server/discover: advertise only what the broker relays (tools), nothing else."""
-    result = message.get("result")
-    if isinstance(result, dict) and isinstance(result.get("capabilities"), dict):
-        capabilities = {k: v for k, v in result["capabilities"].items() if k == "tools"}
-        return {**message, "result": {**result, "capabilities": capabilities}}
-    return message
-
-
 @dataclass(frozen=True)
 class AuthorizedCall:
     name: str
@@ -167,11 +137,44 @@ class AuthorizedCall:
 
 
 def _schema_error(validator: Any, arguments: dict[str, Any]) -> str | None:
+    if validator.is_valid(arguments):  # the common case, without collecting every error
+        return None
     error = jsonschema.exceptions.best_match(validator.iter_errors(arguments))
     if error is None:
         return None
     where = "arguments" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
     return f"{where}: {error.message}"[:300]
+
+
+class _Verdicts:
+    """A bounded memo of schema verdicts by (validator, RFC 8785 bytes of the arguments).
+
+    Validation is a pure function of the schema and the value, and the canonical bytes identify the value (up
+    to number spelling, which JSON Schema does not distinguish either); agents repeat the same arguments often,
+    and jsonschema costs ~100 µs per call. Small arguments only."""
+
+    MAX_ENTRIES = 4096
+    MAX_BYTES = 2048
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[tuple[int, bytes], tuple[Any, str | None]] = OrderedDict()
+
+    def error(self, validator: Any, arguments: dict[str, Any], canonical: bytes) -> str | None:
+        if len(canonical) > self.MAX_BYTES:
+            return _schema_error(validator, arguments)
+        key = (id(validator), canonical)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] is validator:  # an id can be reused after its validator is gone
+            self._entries.move_to_end(key)
+            return hit[1]
+        verdict = _schema_error(validator, arguments)
+        self._entries[key] = (validator, verdict)
+        if len(self._entries) > self.MAX_ENTRIES:
+            self._entries.popitem(last=False)
+        return verdict
+
+
+_verdicts = _Verdicts()
 
 
 async def authorize_call(
@@ -213,8 +216,9 @@ async def authorize_call(
             rpc.INVALID_PARAMS, "arguments must be an object", "arguments_not_object", decision="deny"
         )
     tool = runtime.tools.get(name)
+    canonical = canonicalize(arguments)
     for validator in (usable.validator, tool.validator if tool is not None else None):
-        problem = _schema_error(validator, arguments) if validator is not None else None
+        problem = _verdicts.error(validator, arguments, canonical) if validator is not None else None
         if problem is not None:
             raise Refusal(
                 rpc.INVALID_PARAMS, f"Invalid arguments: {problem}", "arguments_schema", decision="deny"
@@ -222,7 +226,7 @@ async def authorize_call(
     schema = usable.definition.get("inputSchema") or {}
     if param_headers is not None:  # 2026-07-28: Mcp-Param-* mirror the agent's arguments (-32020 otherwise)
         rpc.check_param_headers(schema, arguments, param_headers)
-    ctx.args_digest = args_digest(arguments)
+    ctx.args_digest = b64url_encode(hashlib.sha256(canonical).digest())  # CONTRACT §5 args_digest
     if tool is not None:
         ctx.audit_args = {k: arguments[k] for k in tool.config.audit_fields if k in arguments} or None
     env.bind_args(arguments)  # 3
@@ -341,48 +345,3 @@ def mint_edge_token(
     request.app[METRICS].txn_tokens.labels(tool=call.name, event="minted").inc()
     request[CTX].txn = minted.txn
     return minted.token
-
-
-def _filtered_json(filters: ToolFilters, principal: Principal, value: Any) -> Any:
-    body = filters.filter_response(canonicalize(value), subject=principal.claims, actor_id=principal.actor_id)
-    return strict_loads(body, max_depth=64)
-
-
-def call_transform(
-    filters: ToolFilters | None, principal: Principal, on_failure: Callable[[str], None]
-) -> Transform:
-    """tools/call: mask ``structuredContent`` and JSON text contents; anything else of a filtered tool is refused."""
-
-    async def transform(message: dict[str, Any]) -> dict[str, Any]:
-        result = message.get("result")
-        if filters is None or not filters.filters_response or not isinstance(result, dict):
-            return message
-        try:
-            masked = dict(result)
-            if "structuredContent" in result:
-                masked["structuredContent"] = _filtered_json(filters, principal, result["structuredContent"])
-            content = result.get("content", [])
-            if not isinstance(content, list):
-                raise UpstreamError("unfilterable", reason="response_unfilterable")
-            masked["content"] = [_filtered_item(filters, principal, item) for item in content]
-        except (UpstreamError, InvalidRequest, ValueError, TypeError) as exc:  # P26: fail closed
-            on_failure("response_unfilterable")
-            raise rpc.JsonRpcError(
-                rpc.INTERNAL_ERROR,
-                "the tool's answer could not be filtered",
-                "response_unfilterable",
-                http_status=200,
-            ) from exc
-        return {**message, "result": masked}
-
-    return transform
-
-
-def _filtered_item(filters: ToolFilters, principal: Principal, item: Any) -> Any:
-    # P26: only parsed JSON can be masked; text that is not JSON, images, resources … of a filtered tool: refused
-    if not isinstance(item, dict) or item.get("type") != "text" or not isinstance(item.get("text"), str):
-        raise UpstreamError("unfilterable", reason="response_unfilterable")
-    document = strict_loads(item["text"].encode("utf-8"), max_depth=64)
-    if not isinstance(document, dict | list):
-        raise UpstreamError("unfilterable", reason="response_unfilterable")
-    return {**item, "text": dumps(_filtered_json(filters, principal, document))}

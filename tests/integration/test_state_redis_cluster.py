@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from broker.errors import StateUnavailable
@@ -316,8 +317,6 @@ async def test_txn_keys_spread_over_the_masters(stores: Stores, cluster: Throwaw
     assert all(await asyncio.gather(*(store.claim(key, 60) for key in keys)))
     counts = []
     for node in cluster.nodes:
-        from redis.asyncio import Redis
-
         client = Redis.from_url(node.url)
         counts.append(len([k async for k in client.scan_iter(match=prefix_of(store) + "*", count=1000)]))
         await client.aclose()
@@ -449,8 +448,6 @@ async def test_the_store_works_through_sentinel() -> None:
 async def test_sentinel_failover_keeps_replicated_claims_and_the_store_follows() -> None:
     """A replica is promoted (``SENTINEL FAILOVER``); the same store follows the new master without a restart,
     and a claim made before the failover (replicated, which ``WAIT`` makes sure of here) is still refused."""
-    from redis.asyncio import Redis
-
     async with throwaway_sentinel() as sentinel:
         replica_args = ["--replicaof", "127.0.0.1", str(sentinel.master.port)]
         async with throwaway_redis(replica_args) as replica, store_factory(sentinel.url) as make:
@@ -551,8 +548,6 @@ async def test_guard_cost_cluster_vs_single_redis(stores: Stores, capsys: pytest
 @on_cluster
 async def test_memory_per_key(capsys: pytest.CaptureFixture[str]) -> None:
     """``MEMORY USAGE`` of each kind of key with the default prefix and real key shapes (hashed parts)."""
-    from redis.asyncio import Redis
-
     async with throwaway_redis() as single, store_factory(single.url) as make:
         store = make(key_prefix="broker:")
         raw = Redis.from_url(single.url)

@@ -11,6 +11,7 @@ import ssl
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 
@@ -63,6 +64,27 @@ def auth_lines(
     path = htu_path if htu_path is not None else target.split("?")[0]
     proof = caller.proof(method, path)
     return [("Authorization", f"DPoP {caller.token}"), ("DPoP", proof)]
+
+
+async def exchange_txn_token(caller: Caller, arguments: dict[str, Any], tool: str = "approveExpense") -> str:
+    """A txn token for ``arguments`` from ``POST /v1/token`` (RFC 8693 form, CONTRACT §5)."""
+    form = urlencode(
+        {
+            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+            "requested_token_type": "urn:ietf:params:oauth:token-type:txn_token",
+            "audience": caller.broker.pki.trust_domain,
+            "subject_token": caller.token,
+            "subject_token_type": "urn:ietf:params:oauth:token-type:access_token",
+            "scope": f"tool:{tool}",
+            "request_details": json.dumps({"tool": tool, "arguments": arguments}),
+        }
+    ).encode()
+    reply = await caller.call(
+        "POST", "/v1/token", raw=form, headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    assert reply.status == 200, reply.body
+    token: str = reply.body["access_token"]
+    return token
 
 
 async def admin(broker: BrokerUnderTest, method: str, path: str, body: Any = None) -> tuple[int, Any]:

@@ -53,7 +53,10 @@ async def test_p07_headers_named_in_connection_and_hop_by_hop_headers_are_stripp
 ) -> None:
     """The client names the broker's own headers (and its credentials) in ``Connection``: hop-by-hop headers are
     stripped, the call still authenticates, and the broker-added headers are added after stripping."""
-    connection = "keep-alive, X-Forwarded-For, Authorization, DPoP, X-Broker-Identity, Txn-Token, X-Request-Id, traceparent"
+    connection = (
+        "keep-alive, X-Forwarded-For, Authorization, DPoP, X-Broker-Identity, Txn-Token, X-Request-Id, "
+        "traceparent"
+    )
     reply = await raw_call(
         broker,
         ("Connection", connection),
@@ -80,7 +83,7 @@ async def test_p07_headers_named_in_connection_and_hop_by_hop_headers_are_stripp
     }
     assert not names & hop_by_hop
     assert not names & {"x-forwarded-for", "x-broker-identity", "authorization", "dpop"}
-    assert BROKER_ADDED <= names
+    assert names >= BROKER_ADDED
     assert forwarded.headers["X-Request-Id"] == "req-p07"
 
 

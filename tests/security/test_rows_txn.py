@@ -14,7 +14,6 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import pytest
 
@@ -23,12 +22,10 @@ from broker.errors import InvalidTxnToken
 from broker.jose import Signer, b64url_encode, compact_json
 from broker.txn.tokens import MAX_LIFETIME, TXN_TYP, mint_txn_token, verification_keys, verify_txn_token
 from tests.certfactory import Pki
-from tests.conftest import BrokerFactory, BrokerUnderTest, Caller, RecordingUpstream, base_config
+from tests.conftest import BrokerFactory, BrokerUnderTest, RecordingUpstream, base_config
 from tests.redisutil import redis_stores, throwaway_redis
-from tests.security.support import INVOICE, TOOL, claims_of
+from tests.security.support import INVOICE, TOOL, claims_of, exchange_txn_token
 from tests.tokenfactory import NOW, ec_jwk
-
-GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 
 # -- through the broker ----------------------------------------------------------------------------------------
 
@@ -39,26 +36,6 @@ def txn_config(pki: Pki, tmp_path: Path, upstream_url: str, **state: Any) -> dic
     if state:
         config["state"] = state
     return config
-
-
-async def exchange(caller: Caller, arguments: dict[str, Any]) -> str:
-    form = urlencode(
-        {
-            "grant_type": GRANT,
-            "requested_token_type": "urn:ietf:params:oauth:token-type:txn_token",
-            "audience": caller.broker.pki.trust_domain,
-            "subject_token": caller.token,
-            "subject_token_type": "urn:ietf:params:oauth:token-type:access_token",
-            "scope": "tool:approveExpense",
-            "request_details": json.dumps({"tool": "approveExpense", "arguments": arguments}),
-        }
-    ).encode()
-    reply = await caller.call(
-        "POST", "/v1/token", raw=form, headers={"Content-Type": "application/x-www-form-urlencoded"}
-    )
-    assert reply.status == 200, reply.body
-    token: str = reply.body["access_token"]
-    return token
 
 
 def txn_refusals(*brokers: BrokerUnderTest) -> Counter[str]:
@@ -75,7 +52,7 @@ async def test_t01_txn_token_used_twice_in_sequence(
 ) -> None:
     broker = await broker_factory(txn_config(pki, tmp_path, upstream.url))
     caller = broker.caller()
-    token = await exchange(caller, INVOICE)
+    token = await exchange_txn_token(caller, INVOICE)
     first = await caller.call("POST", TOOL, INVOICE, headers={"Txn-Token": token})
     second = await caller.call("POST", TOOL, INVOICE, headers={"Txn-Token": token})
     assert first.status == 200
@@ -95,7 +72,7 @@ async def test_t02_fifty_parallel_consumes_on_two_replicas_one_succeeds(
         replica_a, replica_b = await broker_factory(config), await broker_factory(config_b)
         caller_a = replica_a.caller()
         caller_b = replace(caller_a, broker=replica_b)
-        token = await exchange(caller_a, INVOICE)
+        token = await exchange_txn_token(caller_a, INVOICE)
         # each call has its own fresh DPoP proof: only the txn token is shared
         replies = await asyncio.gather(
             *(c.call("POST", TOOL, INVOICE, headers={"Txn-Token": token}) for c in [caller_a, caller_b] * 25)
@@ -115,7 +92,7 @@ async def test_t17_state_store_down_at_consume_time_is_503_and_consumes_nothing(
             txn_config(pki, tmp_path, upstream.url, backend="redis", redis_url=server.url, timeout_ms=500)
         )
         caller = broker.caller()
-        token = await exchange(caller, INVOICE)
+        token = await exchange_txn_token(caller, INVOICE)
         await server.kill()
         down = await caller.call("POST", TOOL, INVOICE, headers={"Txn-Token": token})
         assert (down.status, down.error) == (503, "state_unavailable")

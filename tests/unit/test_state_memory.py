@@ -439,11 +439,11 @@ async def test_make_store_redis_does_not_connect_at_build() -> None:
     ("backend", "url"),
     [
         ("redis", None),
-        ("redis", "redis+sentinel://127.0.0.1:26379/mymaster"),
+        ("redis", "redis+sentinel://127.0.0.1:26379"),
         ("redis", "http://127.0.0.1:6379"),
         ("etcd", None),
     ],
-    ids=["redis-without-url", "sentinel-not-yet", "not-redis-url", "unknown-backend"],
+    ids=["redis-without-url", "sentinel-without-service", "not-redis-url", "unknown-backend"],
 )
 def test_make_store_refuses_bad_settings(backend: str, url: str | None) -> None:
     with pytest.raises(ValueError):
