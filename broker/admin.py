@@ -10,6 +10,7 @@ runtime they started with; the swap is one reference assignment. Settings that n
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ RESTART_ONLY = (
     ("server", "listen"),
     ("server", "admin_listen"),
     ("server", "tls"),
+    ("server", "admin_token_file"),
     ("state",),
     ("audit",),
     ("signing",),
@@ -217,6 +219,28 @@ async def revocations_endpoint(request: web.Request) -> web.StreamResponse:
 
 def _bad(description: str) -> web.Response:
     return web.json_response({"error": "invalid_request", "error_description": description}, status=400)
+
+
+def admin_token_middleware(token: bytes) -> Any:
+    """``/admin/*`` needs ``Authorization: Bearer <token>`` (constant-time compare); probes and metrics do not."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.startswith("/admin/"):
+            scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(presented.encode(), token):
+                return web.json_response(
+                    {
+                        "error": "invalid_token",
+                        "error_description": "admin endpoints need the admin bearer token",
+                    },
+                    status=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="broker-admin"'},
+                )
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    return check
 
 
 def add_admin_routes(admin: web.Application) -> None:

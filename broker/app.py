@@ -14,7 +14,13 @@ from datetime import UTC, datetime
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from broker.admin import RELOAD, ReloadState, add_admin_routes, config_load_record
+from broker.admin import (
+    RELOAD,
+    ReloadState,
+    add_admin_routes,
+    admin_token_middleware,
+    config_load_record,
+)
 from broker.audit.sink import AuditLog
 from broker.config.loader import LoadedConfig
 from broker.context import CTX
@@ -37,7 +43,7 @@ from broker.resources import (
     STATE,
     RuntimeHolder,
 )
-from broker.runtime import build_runtime
+from broker.runtime import build_runtime, read_admin_token
 from broker.state import make_store
 from broker.verify import public_jwks_from_file
 
@@ -151,7 +157,9 @@ async def jwks(request: web.Request) -> web.StreamResponse:
 
 def build_admin_app(main: web.Application) -> web.Application:
     """Plain-HTTP admin listener (loopback by default): health, readiness, metrics."""
-    admin = web.Application()
+    token_file = main[RUNTIME].current.config.server.admin_token_file
+    middlewares = [admin_token_middleware(read_admin_token(token_file))] if token_file else []
+    admin = web.Application(middlewares=middlewares)
     admin[MAIN] = main
     admin.router.add_get("/healthz", healthz)
     admin.router.add_get("/readyz", readyz)

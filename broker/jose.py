@@ -294,7 +294,9 @@ class SigningKey(Protocol):
 
     def public_jwk(self) -> dict[str, str]: ...
 
-    def sign(self, claims: Mapping[str, Any], *, typ: str, extra_headers: Mapping[str, Any] | None = None) -> str: ...
+    def sign(
+        self, claims: Mapping[str, Any], *, typ: str, extra_headers: Mapping[str, Any] | None = None
+    ) -> str: ...
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,9 @@ class KeyRing:
     def public_jwk(self) -> dict[str, str]:
         return self._current.public_jwk()
 
-    def sign(self, claims: Mapping[str, Any], *, typ: str, extra_headers: Mapping[str, Any] | None = None) -> str:
+    def sign(
+        self, claims: Mapping[str, Any], *, typ: str, extra_headers: Mapping[str, Any] | None = None
+    ) -> str:
         return self._current.sign(claims, typ=typ, extra_headers=extra_headers)
 
     # -- publication --------------------------------------------------------------------------------------

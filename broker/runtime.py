@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -78,6 +79,14 @@ def upstream_ssl_context(*, ca: str, cert: str, key: str) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert, key)
     return ctx
+
+
+def read_admin_token(path: Path) -> bytes:
+    """The admin listener's bearer token (``server.admin_token_file``): at least 16 characters."""
+    token = path.read_bytes().strip()
+    if len(token) < 16:
+        raise ValueError("the admin token must be at least 16 characters")
+    return token
 
 
 def build_runtime(loaded: LoadedConfig) -> Runtime:
@@ -154,6 +163,12 @@ def build_runtime(loaded: LoadedConfig) -> Runtime:
             policies = compiled
         else:
             shadow = compiled
+    if config.server.admin_token_file is not None:
+        try:
+            read_admin_token(config.server.admin_token_file)
+        except (OSError, ValueError) as exc:
+            where = loaded.line_of(("server", "admin_token_file"))
+            problems.append(ConfigProblem(file, where, f"server.admin_token_file: {exc}"))
     try:
         Eligibility.compile(config.approvals)
     except PolicyCompileError as exc:

@@ -482,7 +482,7 @@ async def soak(args: argparse.Namespace, certs: Path, work: Path) -> dict[str, A
             sampler = asyncio.create_task(sample_rss(proc.pid, args.sample_every, samples))
             try:
                 elapsed = await drive(traffic, rate, args.duration)
-                await asyncio.sleep(0)  # let the sampler take its last reading if it is due
+                samples.append((round(elapsed, 1), rss_kb(proc.pid)))  # the end of the run, too
             finally:
                 sampler.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

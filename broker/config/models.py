@@ -100,6 +100,11 @@ class Server(Strict):
         description="external base URL; DPoP htu and txn-token iss are built from it, never from Host"
     )
     admin_listen: HostPort = "127.0.0.1:9090"
+    admin_token_file: ConfigPath | None = Field(
+        None,
+        description="file holding a bearer token that /admin/* requires (health, readiness and metrics stay open); "
+        "set it whenever the admin listener is reachable beyond loopback",
+    )
     tls: ServerTls
     limits: Limits = Limits()
     shutdown_grace_seconds: float = Field(10.0, ge=0, le=600)
@@ -173,7 +178,9 @@ class State(Strict):
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:
         if value is not None:
-            parse_redis_url(value)  # redis://, rediss://, redis+sentinel://, redis+cluster:// (ValueError says which)
+            parse_redis_url(
+                value
+            )  # redis://, rediss://, redis+sentinel://, redis+cluster:// (ValueError says which)
         return value
 
     @model_validator(mode="after")

@@ -1,7 +1,7 @@
 """The configuration reference, generated from the JSON Schema (itself generated from the models).
 
-    python -m broker.config.reference            # rewrite deploy/config-reference.md
-    python -m broker.config.reference --check    # exit 1 if it is out of date (a test runs this)
+python -m broker.config.reference            # rewrite deploy/config-reference.md
+python -m broker.config.reference --check    # exit 1 if it is out of date (a test runs this)
 """
 
 from __future__ import annotations

@@ -175,3 +175,29 @@ async def test_admin_config_describes_what_is_loaded(broker: BrokerUnderTest) ->
     assert status == 200
     assert body["tools"] == ["approveExpense"] and body["previous_policy_version"] is None
     assert body["policies"] == [{"id": "any-agent", "effect": "allow", "tools": ["*"]}]
+
+
+async def test_admin_token_guards_the_admin_endpoints_but_not_probes(
+    broker_factory: BrokerFactory, upstream: RecordingUpstream, pki: Pki, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "admin-token"
+    token_file.write_text("s3cret-admin-token-123\n")
+    config = base_config(pki, tmp_path, upstream_url=upstream.url)
+    config["server"]["admin_token_file"] = str(token_file)
+    broker = await broker_factory(config)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(broker.admin_url + "/admin/config") as resp:
+            assert resp.status == 401
+        async with s.post(broker.admin_url + "/admin/revocations", json={"kind": "sub", "value": "alice"}) as resp:
+            assert resp.status == 401
+        wrong = {"Authorization": "Bearer not-the-token-at-all"}
+        async with s.get(broker.admin_url + "/admin/config", headers=wrong) as resp:
+            assert resp.status == 401
+        right = {"Authorization": "Bearer s3cret-admin-token-123"}
+        async with s.get(broker.admin_url + "/admin/config", headers=right) as resp:
+            assert resp.status == 200
+        for probe in ("/healthz", "/readyz", "/metrics"):
+            async with s.get(broker.admin_url + probe) as resp:
+                assert resp.status == 200, probe
+    # the refused revocation did nothing
+    assert (await broker.caller().call("GET", "/v1/tools")).status == 200
