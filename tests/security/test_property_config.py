@@ -114,22 +114,25 @@ def test_y03_an_unknown_key_anywhere_is_located_at_its_line(
 
 
 @SETTINGS
-@given(st.data())
-def test_y03_a_duplicate_key_anywhere_is_refused(valid: dict[str, Any], workdir: Path, data: st.DataObject) -> None:
-    text = yaml.safe_dump(valid, sort_keys=False)
-    lines = text.splitlines()
-    keyed = [i for i, line in enumerate(lines) if line.lstrip() and ":" in line and not line.lstrip().startswith("-")]
+@given(st.data(), st.sampled_from([1, "x", "[]", "{}", "null"]))
+def test_y03_a_duplicate_key_anywhere_is_refused(
+    valid: dict[str, Any], workdir: Path, data: st.DataObject, value: Any
+) -> None:
+    """Any key of the block-style config repeated in its own mapping (inserted just before it, same indent)."""
+    lines = yaml.safe_dump(valid, sort_keys=False).splitlines()
+    keyed = [i for i, line in enumerate(lines) if ":" in line and not line.lstrip().startswith("-")]
     index = data.draw(st.sampled_from(keyed))
     indent = len(lines[index]) - len(lines[index].lstrip())
-    duplicate = lines[index][:indent] + lines[index].lstrip().split(":")[0] + ": 1"
-    # insert it right after the block that starts at `index` (same indentation level, same mapping)
-    end = index + 1
-    while end < len(lines) and (len(lines[end]) - len(lines[end].lstrip()) > indent or lines[end].startswith(" " * indent + "- ") and indent > 0 and False):
-        end += 1
-    lines.insert(end, duplicate)
+    name = lines[index].lstrip().split(":")[0]
+    lines.insert(index, f"{' ' * indent}{name}: {value}")
     with pytest.raises(ConfigError) as caught:
         _load(workdir, "\n".join(lines) + "\n")
-    assert any("duplicate key" in p.message or "YAML syntax" in p.message for p in caught.value.problems)
+    assert any(
+        p.line == index + 2 and f"duplicate key {name!r}" in p.message for p in caught.value.problems
+    ), (
+        lines[index : index + 2],
+        caught.value.problems,
+    )
 
 
 @SETTINGS
@@ -168,7 +171,9 @@ def test_policy_version_is_a_function_of_the_content(
         return node
 
     first = _load(workdir, yaml.safe_dump(valid, sort_keys=True)).policy_version
-    respelled = "# operators' comment\n" + yaml.safe_dump(shuffled(valid), sort_keys=False, default_flow_style=flow)
+    respelled = "# operators' comment\n" + yaml.safe_dump(
+        shuffled(valid), sort_keys=False, default_flow_style=flow
+    )
     assert _load(workdir, respelled).policy_version == first
     changed = copy.deepcopy(valid)
     changed["policies"][0]["when"] += f" && {rng.randint(0, 9)} == {rng.randint(0, 9)}"
