@@ -40,6 +40,12 @@ bench: install
 	$(BIN)/python -m broker.bench --out var/bench.json
 	$(BIN)/python -m broker.bench.micro --out var/bench.json
 
+## soak: 10 minutes of mixed traffic at half the measured capacity; checks every answer, the broker's RSS and
+## the audit log; writes var/soak.json (e.g. make soak SOAK_ARGS="--duration 120 --state redis --rate 200")
+.PHONY: soak
+soak: install
+	$(BIN)/python -m broker.bench.soak --out var/soak.json $(SOAK_ARGS)
+
 lint: install
 	$(BIN)/ruff check broker tests
 	$(BIN)/ruff format --check broker tests

@@ -25,7 +25,7 @@ from broker.audit.sink import AuditLog
 from broker.config.loader import LoadedConfig
 from broker.context import CTX
 from broker.errors import StateUnavailable
-from broker.gateway import exchange, tools
+from broker.gateway import exchange, mcp, tools
 from broker.gateway.approvals import APPROVALS, ApprovalService, decide_approval, get_approval, list_approvals
 from broker.gateway.forward import Forwarder, client_session, close_session
 from broker.gateway.middleware import broker_middleware
@@ -41,6 +41,7 @@ from broker.resources import (
     SESSION,
     SIGNER,
     STATE,
+    Drain,
     RuntimeHolder,
 )
 from broker.runtime import build_runtime, read_admin_token
@@ -72,13 +73,14 @@ def build_app(loaded: LoadedConfig, *, metrics: Metrics | None = None) -> web.Ap
         checkpoint_every=config.audit.checkpoint_every,
         fsync=config.audit.fsync,
     )
-    app[DRAINING] = {"draining": False}
+    app[DRAINING] = Drain()
     app[RELOAD] = ReloadState()
     app.cleanup_ctx.append(_audit_log)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_state_store)
     app.cleanup_ctx.append(_issuer_keys)
     app.cleanup_ctx.append(_approvals)
+    app.cleanup_ctx.append(mcp.mcp_resources)
 
     app.router.add_post("/v1/tools/{name}", tools.invoke_tool)
     app.router.add_get("/v1/tools", tools.list_tools)
@@ -86,6 +88,7 @@ def build_app(loaded: LoadedConfig, *, metrics: Metrics | None = None) -> web.Ap
     app.router.add_get("/v1/approvals", list_approvals)
     app.router.add_get("/v1/approvals/{id}", get_approval)
     app.router.add_post("/v1/approvals/{id}", decide_approval)
+    app.router.add_route("*", "/mcp/{server}", mcp.mcp_endpoint)
     app.router.add_get("/.well-known/jwks.json", jwks)
     app.router.add_get("/.well-known/oauth-protected-resource", protected_resource_metadata)
     return app
@@ -165,6 +168,8 @@ def build_admin_app(main: web.Application) -> web.Application:
     admin.router.add_get("/readyz", readyz)
     admin.router.add_get("/metrics", metrics_endpoint)
     add_admin_routes(admin)
+    admin.router.add_get("/admin/mcp/pins", mcp.pins_endpoint)
+    admin.router.add_post("/admin/mcp/pins/{server}/{tool}/accept", mcp.accept_pin_endpoint)
     return admin
 
 
@@ -183,7 +188,7 @@ async def readyz(request: web.Request) -> web.StreamResponse:
         "config": True,
         "audit": main[AUDIT].healthy,
         "state": state_ok,
-        "draining": not main[DRAINING]["draining"],
+        "draining": not main[DRAINING].draining,
     }
     ready = all(checks.values())
     body = {

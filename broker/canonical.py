@@ -74,7 +74,10 @@ def _parse_int(text: str) -> int:
 
 def _parse_float(text: str) -> float:
     value = float(text)
-    if math.isinf(value):  # 1e400 overflows to inf (HOSTILE T10)
+    # 1e400 overflows to inf (HOSTILE T10); at or beyond 2**53 a double no longer holds every integer, so
+    # 9007199254740993.0 silently becomes ...992 and 1e16 canonicalises to a 17-digit integer this parser
+    # refuses: the same I-JSON range as integers (RFC 7493 §2.2, HOSTILE T11).
+    if math.isinf(value) or abs(value) > I_JSON_MAX_INT:
         raise _refuse("number out of range", "json_number_out_of_range")
     return value
 
@@ -92,14 +95,15 @@ _FAST_DECODER = json.JSONDecoder(
     object_pairs_hook=_pairs_to_dict, parse_constant=_parse_constant, strict=True
 )
 # Number shape: digits -> "0", exponent marks -> "e", "+" -> "-". With no run of 16 digits every integer
-# is below 10**15 < 2**53, and with no 3-digit exponent every number is below 1e114, far from overflow.
+# is below 10**16, and with no exponent of two or more digits every number is below 10**16 too; the checked
+# path refuses what is above 2**53 (about 9.007e15), so both shapes go there.
 _NUMBER_SHAPE = bytes.maketrans(b"0123456789Ee+", b"0000000000ee-")
 _SIXTEEN_DIGITS = b"0" * 16
 
 
 def _decoder_for(data: bytes) -> json.JSONDecoder:
     shape = data.translate(_NUMBER_SHAPE)
-    if _SIXTEEN_DIGITS in shape or b"e000" in shape or b"e-000" in shape:
+    if _SIXTEEN_DIGITS in shape or b"e00" in shape or b"e-00" in shape:
         return _CHECKED_DECODER  # also taken for digits inside strings: slower, never wrong
     return _FAST_DECODER
 

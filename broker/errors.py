@@ -140,6 +140,11 @@ class MethodNotAllowed(BrokerError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(BrokerError):
+    status = 408
+    code = "request_timeout"
+
+
 class PayloadTooLarge(BrokerError):
     status = 413
     code = "payload_too_large"

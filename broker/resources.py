@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
@@ -34,5 +35,26 @@ SIGNER = web.AppKey("signer", KeyRing)
 SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 STATE = web.AppKey("state_store", StateStore)
-#: set when SIGTERM starts a graceful shutdown: /readyz turns 503 so load balancers drain us first
-DRAINING = web.AppKey("draining", dict)
+
+
+@dataclass
+class Drain:
+    """Graceful shutdown state: while ``draining``, new requests are refused (503 ``shutting_down``, Connection:
+    close) and ``stop`` waits until ``in_flight`` reaches zero before the resources under them close."""
+
+    draining: bool = False
+    in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.idle.set()
+
+
+#: SIGTERM starts draining: /readyz turns 503 so load balancers drain us first
+DRAINING = web.AppKey("draining", Drain)

@@ -163,6 +163,12 @@ def build_runtime(loaded: LoadedConfig) -> Runtime:
             policies = compiled
         else:
             shadow = compiled
+    try:
+        from broker.gateway.mcp_upstream import compile_servers  # it builds on this module: import when used
+
+        compile_servers(config)  # MCP upstream TLS files: a bad path is a config error, not a 502 later
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        problems.append(ConfigProblem(file, loaded.line_of(("mcp_servers",)), f"mcp_servers: {exc}"))
     if config.server.admin_token_file is not None:
         try:
             read_admin_token(config.server.admin_token_file)

@@ -7,6 +7,7 @@ SIGTERM/SIGINT: /readyz turns 503 (load balancers drain us), the listeners stop 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import ssl
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from broker.admin import reload_config
 from broker.app import build_admin_app, build_app
 from broker.config.loader import LoadedConfig
 from broker.config.models import Server, split_hostport
-from broker.resources import DRAINING
+from broker.resources import DRAINING, RUNTIME
 from broker.rotation import WATCHER, Watcher, watch_files
 
 log = structlog.get_logger("broker.server")
@@ -60,10 +61,20 @@ class RunningBroker:
         return str(host), int(port)
 
     async def stop(self) -> None:
-        """Idempotent graceful stop."""
-        if self.app[DRAINING]["draining"]:
+        """Idempotent graceful stop: refuse new requests, let the ones in flight finish (bounded by the grace
+        period), then close listeners, connections and resources (the audit log's final checkpoint last).
+
+        The in-app count matters: aiohttp drains only the connections it knew of when shutdown began, so a
+        connection whose TLS handshake completes later would otherwise be served while the upstream session and
+        the audit log close under it."""
+        drain = self.app[DRAINING]
+        if drain.draining:
             return
-        self.app[DRAINING]["draining"] = True
+        drain.draining = True
+        if drain.in_flight:
+            grace = self.app[RUNTIME].current.config.server.shutdown_grace_seconds
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(drain.idle.wait(), timeout=grace)
         await (
             self.main.cleanup()
         )  # stop accepting, wait for in-flight calls, then cleanup_ctx (final checkpoint)
@@ -84,6 +95,12 @@ async def start(loaded: LoadedConfig, *, reuse_port: bool = False) -> RunningBro
         access_log=None,  # every request is logged (and audited) by the broker middleware instead
         shutdown_timeout=server.shutdown_grace_seconds,
         handler_cancellation=True,
+        # the idle and header-read bound of a connection (aiohttp arms it from the first byte until a request
+        # is parsed): a client trickling headers (slowloris, HOSTILE P14) is closed after it, not after an hour
+        keepalive_timeout=server.request_timeout_seconds,
+        # after an early answer (413, 408, a refusal before the body was read) discard what is left of the body
+        # for at most a second, then close — not aiohttp's 10 s of reading for a client that may never send it
+        lingering_time=1.0,
         max_line_size=limits.max_header_line_bytes,
         max_field_size=limits.max_header_line_bytes,
         max_headers=128,

@@ -46,6 +46,7 @@ import math
 import os
 import random
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -74,7 +75,7 @@ from broker.idp import mint_access_token
 
 AGENT = "expense-assistant"
 APPROVE_ARGS = {"invoice_id": "INV-8831", "amount": 4800, "department": "42"}
-#: scenario → weight (per 100 scenarios); their request counts average 1.3 requests per scenario
+#: scenario → weight (per 100 scenarios)
 MIX = {
     "list": 45,
     "approve": 6,
@@ -84,7 +85,9 @@ MIX = {
     "bad_proof": 12,
     "exchange": 13,
 }
-REQUESTS_PER_SCENARIO = {"approve": 2, "txn_replay": 3, "proof_replay": 2}
+REQUESTS_PER_SCENARIO = {"approve": 2, "txn_replay": 3, "proof_replay": 2}  # the others: 1
+#: requests per scenario on average (1.2): the open loop starts scenarios at rate / MEAN_REQUESTS per second
+MEAN_REQUESTS = sum(w * REQUESTS_PER_SCENARIO.get(s, 1) for s, w in MIX.items()) / sum(MIX.values())
 #: the reference config's velocity rule (counters.approvals_10m.count >= 5 in 600 s) with margin
 VELOCITY_WINDOW, APPROVALS_PER_WINDOW = 600.0 + 30.0, 4
 FLAT_TOLERANCE = 0.10
@@ -120,9 +123,8 @@ class Traffic:
         self.signer = DpopSigner(json.loads((agents / f"{AGENT}-dpop.jwk").read_text()))
         self.stranger = DpopSigner(json.loads((agents / "travel-bot-dpop.jwk").read_text()))
         self.idp = json.loads((certs / "idp.jwk").read_text())
-        self.run_id = uuid.uuid4().hex[
-            :8
-        ]  # subjects unique per run: a shared Redis keeps counters per subject
+        # subjects unique per run: a shared Redis keeps their velocity counters for 10 minutes
+        self.run_id = uuid.uuid4().hex[:8]
         self.pool: deque[Subject] = deque(self._subject(i) for i in range(pool_size))
         self.approvers: deque[Subject] = deque(self.pool)
         self.tally = Tally()
@@ -261,15 +263,13 @@ class Traffic:
 
 def pool_size_for(rate: float, duration: float) -> int:
     """Subjects needed so that no one approves more than APPROVALS_PER_WINDOW times in a velocity window."""
-    per_scenario = sum(w * REQUESTS_PER_SCENARIO.get(s, 1) for s, w in MIX.items()) / sum(MIX.values())
-    approvals_per_s = rate / per_scenario * (MIX["approve"] + MIX["txn_replay"]) / sum(MIX.values())
+    approvals_per_s = rate / MEAN_REQUESTS * (MIX["approve"] + MIX["txn_replay"]) / sum(MIX.values())
     window = min(duration, VELOCITY_WINDOW)
     return max(50, math.ceil(approvals_per_s * window / APPROVALS_PER_WINDOW * 1.25))
 
 
 async def drive(traffic: Traffic, rate: float, duration: float) -> float:
     """Start scenarios open-loop so that requests arrive at ``rate``/s for ``duration`` s; returns the elapsed."""
-    per_scenario = sum(w * REQUESTS_PER_SCENARIO.get(s, 1) for s, w in MIX.items()) / sum(MIX.values())
     deck = [s for s, w in MIX.items() for _ in range(w)]
     random.Random(7).shuffle(deck)  # a fixed interleaving: runs are comparable
     loop = asyncio.get_running_loop()
@@ -284,7 +284,7 @@ async def drive(traffic: Traffic, rate: float, duration: float) -> float:
             running.add(task)
             task.add_done_callback(running.discard)
         index += 1
-        next_at += per_scenario / rate
+        next_at += MEAN_REQUESTS / rate
         await asyncio.sleep(max(0.0, next_at - now))  # the open loop's pace
     await asyncio.gather(*running)
     return loop.time() - started
@@ -381,9 +381,7 @@ def start_backend(env: BenchEnv, public_url: str) -> contextlib.AbstractAsyncCon
 
 def check_audit(path: Path, certs: Path, tally: Tally, capacity_requests: int) -> dict[str, Any]:
     """``broker audit verify`` and one record per decision (module docstring, point 4)."""
-    import subprocess
-
-    verify = subprocess.run(  # noqa: S603 - our own CLI, fixed arguments
+    verify = subprocess.run(  # noqa: S603 - our own CLI with fixed arguments
         [
             sys.executable,
             "-m",
@@ -525,6 +523,7 @@ def passed(doc: dict[str, Any]) -> bool:
         and doc["memory"]["flat"] is True
         and doc["broker_exit"] == 0
         and audit["verify_exit"] == 0
+        and audit["ends_with_checkpoint"]
         and audit["one_record_per_decision"]
     )
 
@@ -559,7 +558,7 @@ def report(doc: dict[str, Any]) -> None:
     audit = doc["audit"]
     print(
         f"broker exit status {doc['broker_exit']}; audit verify exit {audit['verify_exit']}; "
-        f"{audit['records']} records {audit['events']}"
+        f"{audit['records']} records {audit['events']}; last is a checkpoint: {audit['ends_with_checkpoint']}"
     )
     print(
         f"one record per decision: {'yes' if audit['one_record_per_decision'] else 'NO'} "

@@ -138,7 +138,10 @@ class _Builder:
         if expanded != text and node.style is None and _VAR.fullmatch(text):
             # A plain scalar that is one whole reference takes the type of what it expands to, so
             # `checkpoint_every: ${N:-100}` is an int. Quote it ("${N}") to keep a string.
-            typed = yaml.safe_load(expanded) if expanded.strip() else expanded
+            try:
+                typed = yaml.safe_load(expanded) if expanded.strip() else expanded
+            except yaml.YAMLError:
+                typed = expanded  # not a scalar: the model's type check reports it at this line
             if isinstance(typed, bool | int | float):
                 return typed
         return expanded

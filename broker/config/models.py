@@ -108,7 +108,12 @@ class Server(Strict):
     tls: ServerTls
     limits: Limits = Limits()
     shutdown_grace_seconds: float = Field(10.0, ge=0, le=600)
-    request_timeout_seconds: float = Field(30.0, gt=0, description="whole-request deadline incl. body read")
+    request_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="how long a connection may take to send a request's headers (and may stay idle), "
+        "and to send its body (408)",
+    )
 
     @field_validator("listen", "admin_listen")
     @classmethod

@@ -92,7 +92,7 @@ def _txn_subject(ctx: Context) -> str:
 
 def build_server(db: sqlite3.Connection) -> MCPServer:
     """The expense tools on ``db`` (see :func:`broker.demo.expense.open_db`)."""
-    mcp = MCPServer("expenses", version="1")
+    mcp = MCPServer("expenses", version="1", log_level="WARNING")
 
     @mcp.tool(name="approveExpense", description="Approve an invoice for payment.")
     async def approve_expense(

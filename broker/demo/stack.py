@@ -101,7 +101,11 @@ async def _start_mcp(args: argparse.Namespace) -> Any:
             file=sys.stderr,
         )
         return None
-    return await mcp_server.serve(args.mcp_listen, certs=args.certs, db_path=args.db)
+    try:
+        return await mcp_server.serve(args.mcp_listen, certs=args.certs, db_path=args.db)
+    except OSError as exc:  # e.g. the port is taken: the REST demo still runs, /mcp/expenses answers 502
+        print(f"demo MCP server not started on {args.mcp_listen}: {exc}", file=sys.stderr)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

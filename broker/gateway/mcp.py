@@ -65,6 +65,7 @@ from broker.gateway.mcp_checks import (
     session_id_of,
     single_header,
 )
+from broker.gateway.mcp_params import param_headers
 from broker.gateway.mcp_pins import MCP_PINS, PinBook, accept_pin_endpoint, drift_counter, pins_endpoint
 from broker.gateway.mcp_relay import AGENT_NOTIFICATIONS, Relay, Transform, dumps, relay
 from broker.gateway.mcp_sessions import SessionBinding, SessionStore
@@ -262,15 +263,19 @@ async def _post(
         raise unknown_tool(call.name if call else "", exc.reason) from exc
     if call is not None:
         await runtime.counters.record(
-            request.app[STATE], call.name, call.arguments,
-            subject=principal.subject, actor_id=principal.actor_id, now=time.time(),
-        )  # fmt: skip
+            request.app[STATE],
+            call.name,
+            call.arguments,
+            subject=principal.subject,
+            actor_id=principal.actor_id,
+            now=time.time(),
+        )
         headers["Txn-Token"] = mint_edge_token(request, runtime, principal, call)
     forwarded = message.as_json(params)
     if era == "modern":
         headers.update(rpc.routing_headers(message, version))
         if call is not None:
-            headers.update(rpc.param_headers(call.schema, call.forwarded))
+            headers.update(param_headers(call.schema, call.forwarded))
     ctx = request[CTX]
     ctx.decision, ctx.reason = "allow", message.method  # 9
     audit_decision(request.app, ctx)

@@ -5,8 +5,9 @@
 ``/v1/tools``. ``tools/call`` is authorised in the order of ``/v1`` invocation, each refusal a JSON-RPC error
 (HTTP 200: MCP clients handle HTTP errors badly) whose ``data`` says what would make it pass:
 
-1 visible     configured ∧ pinned ∧ visible ∧ grant not revoked — else exactly the unknown-tool error (-32602),
-              before the arguments are read, so a schema error cannot reveal a hidden tool (HOSTILE P21);
+1 visible     configured ∧ pinned (and listed lately) ∧ visible — else exactly the unknown-tool error (-32602),
+              before the arguments are read, so a schema error cannot reveal a hidden tool (HOSTILE P21); a
+              revoked grant is found by the final guard and answered the same way;
 2 arguments   an object valid against the *pinned* upstream input schema, and against the ``/v1`` tool's
               schema when one of the same name is configured (policy only sees well-typed arguments);
 3 policy      deny rules first: ``-32010`` with the violated constraint (a deny beats any obligation);
@@ -25,7 +26,7 @@ import asyncio
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,12 +40,13 @@ from broker.gateway import mcp_jsonrpc as rpc
 from broker.gateway.approvals import APPROVALS
 from broker.gateway.filters import ToolFilters
 from broker.gateway.guard import grant_id
+from broker.gateway.mcp_params import check_param_headers
 from broker.gateway.mcp_pins import PinBook
 from broker.gateway.mcp_upstream import McpUpstream
 from broker.gateway.stages import approvals_needed, has_mfa
 from broker.identity.principal import Principal
 from broker.jose import b64url_encode
-from broker.policy.engine import Env
+from broker.policy.engine import Decision, Env
 from broker.resources import METRICS, SIGNER, STATE
 from broker.runtime import Runtime
 from broker.txn.tokens import mint_txn_token
@@ -86,7 +88,7 @@ def unknown_tool(name: str, reason: str) -> Refusal:
 
 
 async def _env(
-    request: web.Request, runtime: Runtime, principal: Principal, names: Iterable[str], now: int
+    request: web.Request, runtime: Runtime, principal: Principal, names: Sequence[str], now: int
 ) -> Env:
     policies = runtime.policies
     needed = frozenset().union(*(policies.counters_needed(n) for n in names))
@@ -204,7 +206,7 @@ async def authorize_call(
     if usable is None or time.time() - usable.seen_at > max_catalog_age:
         await refresh()  # the broker's own listing: first sight, or a pin not re-checked for a while
         usable = pins.usable(upstream.name, name, configured)
-    if usable is None:
+    if usable is None or time.time() - usable.seen_at > max_catalog_age:  # drifted, invalid, or not listed
         raise unknown_tool(name, "tool_unpinned_or_drifted")
     now = int(time.time())
     env = await _env(request, runtime, principal, [name], now)  # 1
@@ -225,7 +227,7 @@ async def authorize_call(
             )
     schema = usable.definition.get("inputSchema") or {}
     if param_headers is not None:  # 2026-07-28: Mcp-Param-* mirror the agent's arguments (-32020 otherwise)
-        rpc.check_param_headers(schema, arguments, param_headers)
+        check_param_headers(schema, arguments, param_headers)
     ctx.args_digest = b64url_encode(hashlib.sha256(canonical).digest())  # CONTRACT §5 args_digest
     if tool is not None:
         ctx.audit_args = {k: arguments[k] for k in tool.config.audit_fields if k in arguments} or None
@@ -235,12 +237,17 @@ async def authorize_call(
         raise unknown_tool(name, f"hidden: {decision.reason}"[:200])
     if decision.outcome == "deny":
         data = {"error": "access_denied", "rule": decision.rule, "constraint": decision.message}
-        raise Refusal(rpc.ACCESS_DENIED, decision.message, f"{decision.rule}: {decision.reason}"[:300],
-                      decision="deny", data=data)  # fmt: skip
+        raise Refusal(
+            rpc.ACCESS_DENIED,
+            decision.message,
+            f"{decision.rule}: {decision.reason}"[:300],
+            decision="deny",
+            data=data,
+        )
+    # the reasons of the obligate rules that fired (aligned with decision.obligation_rules, not obligations)
+    reasons = "; ".join(r for r in decision.obligation_reasons if r)
     if "mfa" in decision.obligations and not has_mfa(principal.claims):  # 4
-        index = decision.obligations.index("mfa")
-        why = decision.obligation_reasons[index] if index < len(decision.obligation_reasons) else ""
-        why = why or "this call needs multi-factor authentication"
+        why = reasons or "this call needs multi-factor authentication"
         data = {
             "error": "insufficient_user_authentication",
             "acr_values": "mfa",
@@ -249,21 +256,17 @@ async def authorize_call(
         }
         raise Refusal(rpc.STEP_UP_REQUIRED, why, "mfa_required", decision="step_up", data=data)
     approval_id = await _approvals(
-        request, runtime, principal, name, arguments, decision, url_elicitation
-    )  # 5
-    filters = tool.filters if tool is not None else None
-    try:  # 6
-        forwarded = (
-            filters.inject(arguments, subject=principal.claims, actor_id=principal.actor_id)
-            if filters
-            else (dict(arguments))
-        )
-    except AccessDenied as exc:
-        data = {"error": "access_denied", "constraint": exc.description}
-        raise Refusal(rpc.ACCESS_DENIED, exc.description, exc.reason, decision="deny", data=data) from exc
-    return AuthorizedCall(
-        name, arguments, forwarded, usable.definition.get("inputSchema") or {}, filters, approval_id
+        request, runtime, principal, name, arguments, decision, reasons, url_elicitation
     )
+    filters = tool.filters if tool is not None else None
+    forwarded = dict(arguments)
+    if filters is not None:  # 6
+        try:
+            forwarded = filters.inject(arguments, subject=principal.claims, actor_id=principal.actor_id)
+        except AccessDenied as exc:  # a server-side argument that cannot be computed refuses the call
+            data = {"error": "access_denied", "constraint": exc.description}
+            raise Refusal(rpc.ACCESS_DENIED, exc.description, exc.reason, decision="deny", data=data) from exc
+    return AuthorizedCall(name, arguments, forwarded, schema, filters, approval_id)
 
 
 async def _approvals(
@@ -272,19 +275,16 @@ async def _approvals(
     principal: Principal,
     name: str,
     arguments: dict[str, Any],
-    decision: Any,
+    decision: Decision,
+    reasons: str,
     url_elicitation: bool,
 ) -> str | None:
+    """Stage 5: the id of the granted approval covering exactly this call, else a refusal naming it."""
     required = approvals_needed(decision)
     if not required:
         return None
     service = request.app[APPROVALS]
     digest = request[CTX].args_digest or args_digest(arguments)
-    reasons = "; ".join(
-        r
-        for o, r in zip(decision.obligations, decision.obligation_reasons, strict=False)
-        if o in required and r
-    )
     now = time.time()
     approval, _ = await service.request(
         subject=principal.subject,
@@ -309,8 +309,12 @@ async def _approvals(
         return str(approval.id)
     url = service.approval_url(approval.id)
     message = reasons or "this call needs approval"
-    data: dict[str, Any] = {"error": "approval_required", "approval_id": approval.id, "approval_url": url,
-                            "required": list(required)}  # fmt: skip
+    data: dict[str, Any] = {
+        "error": "approval_required",
+        "approval_id": approval.id,
+        "approval_url": url,
+        "required": list(required),
+    }
     reason = f"approval_required: {', '.join(required)}"
     if url_elicitation:
         # 2025-11-25 URLElicitationRequiredError: the client sends its user to the URL, then retries the call

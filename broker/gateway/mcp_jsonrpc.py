@@ -14,8 +14,8 @@ A well-formed method the broker does not relay (resources, prompts, …) is ``-3
 method at all is ``-32600`` (the allowlist is exact-match; deny by default).
 
 Stateless era (2026-07-28): ``MCP-Protocol-Version``, ``Mcp-Method`` and ``Mcp-Name`` must agree with the body
-(HTTP 400 + ``-32020``), as must ``Mcp-Param-*`` with the arguments named by ``x-mcp-header`` annotations of the
-tool's (pinned) input schema; header values use the spec's ``=?base64?…?=`` sentinel for non-token text.
+(HTTP 400 + ``-32020``); header values use the spec's ``=?base64?…?=`` sentinel for non-token text. ``Mcp-Param-*``
+headers are checked in :mod:`broker.gateway.mcp_params`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -33,11 +33,9 @@ __all__ = [
     "JsonRpcError",
     "Message",
     "check_modern_headers",
-    "check_param_headers",
     "decode_header_value",
     "encode_header_value",
     "error_body",
-    "param_headers",
     "parse_message",
 ]
 
@@ -73,18 +71,36 @@ UNKNOWN_TOOL: Final = INVALID_PARAMS
 #: every client-to-server request method of 2025-03-26 … 2026-07-28 (anything else is not MCP: -32600)
 KNOWN_REQUESTS: Final = frozenset(
     {
-        "initialize", "ping", "tools/list", "tools/call", "resources/list", "resources/templates/list",
-        "resources/read", "resources/subscribe", "resources/unsubscribe", "prompts/list", "prompts/get",
-        "completion/complete", "logging/setLevel", "tasks/get", "tasks/list", "tasks/result", "tasks/cancel",
-        "server/discover", "subscriptions/listen",
+        "initialize",
+        "ping",
+        "tools/list",
+        "tools/call",
+        "resources/list",
+        "resources/templates/list",
+        "resources/read",
+        "resources/subscribe",
+        "resources/unsubscribe",
+        "prompts/list",
+        "prompts/get",
+        "completion/complete",
+        "logging/setLevel",
+        "tasks/get",
+        "tasks/list",
+        "tasks/result",
+        "tasks/cancel",
+        "server/discover",
+        "subscriptions/listen",
     }
-)  # fmt: skip
+)
 KNOWN_NOTIFICATIONS: Final = frozenset(
     {
-        "notifications/initialized", "notifications/cancelled", "notifications/progress",
-        "notifications/roots/list_changed", "notifications/elicitation/complete",
+        "notifications/initialized",
+        "notifications/cancelled",
+        "notifications/progress",
+        "notifications/roots/list_changed",
+        "notifications/elicitation/complete",
     }
-)  # fmt: skip
+)
 #: what the broker forwards: the tool surface and the lifecycle around it (deny by default)
 RELAYED_REQUESTS: Final = {
     "handshake": frozenset({"initialize", "ping", "tools/list", "tools/call"}),
@@ -211,7 +227,6 @@ def check_relayed(message: Message, era: str) -> None:
 
 _B64_SENTINEL = re.compile(r"^=\?base64\?(?P<payload>.*)\?=$")
 _HEADER_SAFE = re.compile(r"^[\x20-\x7e]*$")
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
 def encode_header_value(value: str) -> str:
@@ -238,24 +253,30 @@ def decode_header_value(value: str | None) -> str | None:
         return None
 
 
-def _mismatch(what: str) -> JsonRpcError:
+def mismatch(what: str) -> JsonRpcError:
     return JsonRpcError(HEADER_MISMATCH, f"{what} does not match the request body", f"header_mismatch:{what}")
 
 
-def _single(headers: Iterable[tuple[str, str]], name: str) -> str | None:
-    values = [v for k, v in headers if k.lower() == name]
-    if len(values) > 1:
-        raise _mismatch(f"{name} (sent more than once)")
-    return values[0] if values else None
+_ROUTING: Final = ("mcp-protocol-version", "mcp-method", "mcp-name")
+
+
+def _routing(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The routing headers, each at most once: first-copy and last-copy readers would disagree."""
+    found: dict[str, str] = {}
+    for name, value in headers:
+        key = name.lower()
+        if key in _ROUTING:
+            if key in found:
+                raise mismatch(f"{key} (sent more than once)")
+            found[key] = value
+    return found
 
 
 def check_modern_headers(message: Message, headers: Iterable[tuple[str, str]]) -> str:
     """The 2026-07-28 ladder: envelope present (-32602), headers agree with the body (-32020), version
     supported (-32022). Returns the protocol version. ``headers`` are the raw (name, value) pairs."""
-    pairs = list(headers)
-    version = _single(pairs, "mcp-protocol-version")
-    method = _single(pairs, "mcp-method")
-    name = _single(pairs, "mcp-name")
+    routing = _routing(headers)
+    version, method, name = (routing.get(key) for key in _ROUTING)
     meta = message.params.get("_meta")
     if message.is_request:
         if not isinstance(meta, dict) or PROTOCOL_VERSION_META not in meta:
@@ -264,14 +285,14 @@ def check_modern_headers(message: Message, headers: Iterable[tuple[str, str]]) -
             )
         # presence checked explicitly: an absent header must not equal a null body value
         if version is None or version != meta[PROTOCOL_VERSION_META]:
-            raise _mismatch("mcp-protocol-version")
+            raise mismatch("mcp-protocol-version")
     if method != message.method:
-        raise _mismatch("mcp-method")
+        raise mismatch("mcp-method")
     key = NAME_BEARING.get(message.method)
     if key is not None:
         body_value = message.params.get(key)
         if body_value is not None and decode_header_value(name) != body_value:
-            raise _mismatch("mcp-name")
+            raise mismatch("mcp-name")
     if version not in MODERN_VERSIONS:
         raise JsonRpcError(
             UNSUPPORTED_PROTOCOL_VERSION,
@@ -290,90 +311,3 @@ def routing_headers(message: Message, version: str) -> dict[str, str]:
     if isinstance(value, str):
         headers["Mcp-Name"] = encode_header_value(value)
     return headers
-
-
-# --- Mcp-Param-* (x-mcp-header annotations) ----------------------------------------------------------------
-
-PARAM_PREFIX: Final = "mcp-param-"
-_ANNOTATED_TYPES: Final = frozenset({"string", "integer", "boolean"})
-_DECIMAL = re.compile(r"^-?[0-9]+(\.[0-9]+)?$")
-
-
-def _annotations(schema: Any) -> Iterator[tuple[tuple[str, ...], str, str]]:
-    """(property path, header token, JSON type) of every ``x-mcp-header`` on a pure ``properties`` chain."""
-    stack: list[tuple[tuple[str, ...], Any]] = [((), schema)]
-    while stack:
-        path, node = stack.pop()
-        if not isinstance(node, dict):
-            continue
-        token = node.get("x-mcp-header")
-        if (
-            path
-            and isinstance(token, str)
-            and _TOKEN.fullmatch(token)
-            and node.get("type") in _ANNOTATED_TYPES
-        ):
-            yield path, token, node["type"]
-        properties = node.get("properties")
-        if isinstance(properties, dict):
-            stack.extend(((*path, name), sub) for name, sub in properties.items())
-
-
-def _value_at(arguments: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-    node: Any = arguments
-    for key in path:
-        if not isinstance(node, dict):
-            return None
-        node = node.get(key)
-    return node
-
-
-def _render(value: Any) -> str | None:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str | int | float):
-        return str(value)
-    return None
-
-
-def param_headers(schema: Any, arguments: Mapping[str, Any]) -> dict[str, str]:
-    """The ``Mcp-Param-*`` headers for ``arguments`` (what is forwarded, after injection)."""
-    headers: dict[str, str] = {}
-    for path, token, _ in _annotations(schema):
-        rendered = _render(_value_at(arguments, path))
-        if rendered is not None:
-            headers[f"Mcp-Param-{token}"] = encode_header_value(rendered)
-    return headers
-
-
-def check_param_headers(
-    schema: Any, arguments: Mapping[str, Any], headers: Iterable[tuple[str, str]]
-) -> None:
-    """Each annotated argument and its ``Mcp-Param-*`` header are present together and equal (-32020)."""
-    sent: dict[str, list[str]] = {}
-    for name, value in headers:
-        if name.lower().startswith(PARAM_PREFIX):
-            sent.setdefault(name.lower()[len(PARAM_PREFIX) :], []).append(value)
-    for path, token, kind in _annotations(schema):
-        values = sent.get(token.lower(), [])
-        label = f"mcp-param-{token.lower()}"
-        if len(values) > 1:
-            raise _mismatch(f"{label} (sent more than once)")
-        value = _value_at(arguments, path)
-        rendered = None if value is None else _render(value)
-        if rendered is None:
-            if values:
-                raise _mismatch(label)
-            continue
-        decoded = decode_header_value(values[0]) if values else None
-        if decoded is None or not _param_matches(kind, value, rendered, decoded):
-            raise _mismatch(label)
-
-
-def _param_matches(kind: str, value: Any, rendered: str, decoded: str) -> bool:
-    # 2026-07-28: integer-typed values SHOULD compare numerically (42 equals 42.0), exactly, without floats
-    integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-    if kind == "integer" and not isinstance(value, bool) and integral and _DECIMAL.fullmatch(decoded):
-        whole, _, fraction = decoded.partition(".")
-        return (not fraction or set(fraction) == {"0"}) and int(whole) == int(value)
-    return decoded == rendered

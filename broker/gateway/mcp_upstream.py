@@ -85,24 +85,25 @@ def compile_servers(config: Config) -> dict[str, McpUpstream]:
 
 
 class ServerTable:
-    """Compiled MCP servers per config version (a reload compiles the new version once, on first use)."""
+    """Compiled MCP servers per loaded runtime: a reload compiles its servers once, on first use (the /v1
+    tools' TLS contexts are likewise built per runtime), and requests in flight keep the runtime they began with."""
 
     def __init__(self) -> None:
-        self._by_version: dict[str, dict[str, McpUpstream]] = {}
+        self._compiled: dict[int, tuple[Runtime, dict[str, McpUpstream]]] = {}
 
     def servers(self, runtime: Runtime) -> dict[str, McpUpstream]:
-        version = runtime.policy_version
-        found = self._by_version.get(version)
-        if found is None:
-            try:
-                found = compile_servers(runtime.config)
-            except (OSError, ssl.SSLError) as exc:
-                log.error("mcp upstream TLS cannot be set up", error=str(exc))
-                raise UpstreamError("the MCP server is misconfigured", reason="mcp_upstream_tls") from exc
-            while len(self._by_version) >= 4:
-                self._by_version.pop(next(iter(self._by_version)))
-            self._by_version[version] = found
-        return found
+        found = self._compiled.get(id(runtime))
+        if found is not None and found[0] is runtime:
+            return found[1]
+        try:
+            servers = compile_servers(runtime.config)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("mcp upstream TLS cannot be set up", error=str(exc))
+            raise UpstreamError("the MCP server is misconfigured", reason="mcp_upstream_tls") from exc
+        while len(self._compiled) >= 4:  # the current runtime and the ones a rollback may return to
+            self._compiled.pop(next(iter(self._compiled)))
+        self._compiled[id(runtime)] = (runtime, servers)
+        return servers
 
 
 @asynccontextmanager

@@ -27,10 +27,11 @@ from broker.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    ShuttingDown,
     UseDpopNonce,
 )
 from broker.observability import request_id_from
-from broker.resources import AUDIT, METRICS, RUNTIME
+from broker.resources import AUDIT, DRAINING, METRICS, RUNTIME
 from broker.runtime import Challenge
 
 log = structlog.get_logger("broker.request")
@@ -89,6 +90,23 @@ def _check_header_size(request: web.Request, limit: int) -> None:
 
 @web.middleware
 async def broker_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    app = request.app
+    drain = app[DRAINING]
+    if drain.draining:
+        # nothing decided, nothing forwarded: the client retries elsewhere (the load balancer drains us)
+        error = ShuttingDown("the broker is shutting down; retry", reason="shutting_down")
+        response = error_response(error, request_id_from(request.headers.get("X-Request-Id")))
+        response.headers["Connection"] = "close"
+        response.headers["Retry-After"] = "1"
+        return response
+    drain.enter()
+    try:
+        return await _handle(request, handler)
+    finally:
+        drain.leave()
+
+
+async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
     app = request.app
     runtime = app[RUNTIME].current
     ctx = RequestContext(request_id=request_id_from(request.headers.get("X-Request-Id")))

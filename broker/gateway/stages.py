@@ -3,6 +3,7 @@ the order in which a route runs them is written in that route's module (tools.py
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from broker.errors import (
     InsufficientUserAuthentication,
     InvalidRequest,
     PayloadTooLarge,
+    RequestTimeout,
     UnknownTool,
     UnsupportedMediaType,
 )
@@ -90,13 +92,25 @@ async def read_json_body(request: web.Request, limits: Limits) -> Any:
 
 
 async def read_body(request: web.Request, limits: Limits) -> bytes:
+    """The body, bounded in size and in time (a slow-body client cannot hold a handler: HOSTILE P14)."""
     limit = limits.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body is larger than {limit} bytes", reason="body_too_large")
-    body = await request.content.read(limit + 1)
-    if len(body) > limit or not request.content.at_eof():
-        raise PayloadTooLarge(f"request body is larger than {limit} bytes", reason="body_too_large")
-    return body
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(runtime_of(request).config.server.request_timeout_seconds):
+            # read() returns what has arrived so far (b"" only at the end): loop until the end or the limit
+            while chunk := await request.content.read(limit + 1 - size):
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(
+                        f"request body is larger than {limit} bytes", reason="body_too_large"
+                    )
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout("the request body did not arrive in time", reason="body_timeout") from None
+    return b"".join(chunks)
 
 
 def check_arguments(request: web.Request, tool: CompiledTool, arguments: Any) -> dict[str, Any]:
@@ -174,8 +188,8 @@ def has_mfa(claims: Any) -> bool:
 
 def require_mfa(decision: Decision, principal: Principal) -> None:
     if "mfa" in decision.obligations and not has_mfa(principal.claims):
-        index = decision.obligations.index("mfa")
-        reason = decision.obligation_reasons[index] if index < len(decision.obligation_reasons) else ""
+        # the reasons are those of the rules that fired (aligned with obligation_rules, not obligations)
+        reason = "; ".join(r for r in decision.obligation_reasons if r)
         raise InsufficientUserAuthentication(
             reason or "this call needs multi-factor authentication",
             reason="mfa_required",
@@ -235,11 +249,7 @@ async def discharge_approvals(
             now=visible.now,
         ):
             return str(approval.id)
-    reasons = "; ".join(
-        r
-        for o, r in zip(decision.obligations, decision.obligation_reasons, strict=False)
-        if o in required and r
-    )
+    reasons = "; ".join(r for r in decision.obligation_reasons if r)  # aligned with obligation_rules
     approval, _ = await service.request(
         subject=subject,
         actor=actor,

@@ -165,7 +165,12 @@ class Authenticator:
                 raise InvalidToken(
                     "this resource accepts certificate-bound tokens only", reason="dpop_not_accepted"
                 )
-            htu = _expected_htu(self.public_url, request.raw_path)
+            try:
+                htu = _expected_htu(self.public_url, request.raw_path)
+            except ValueError:  # absolute-form target, dot segments: not a URL we serve (HOSTILE P11, P12)
+                raise InvalidRequest(
+                    "request target must be an origin-form path", reason="request_target"
+                ) from None
             proof = verify_proof(
                 single_dpop_header(dpop_values),
                 policy=self.dpop_policy,

@@ -178,7 +178,7 @@ class Env:
         decides with them — one Env, one context. The engine's visibility cache does not depend on ``args``."""
         if self.context is not None:
             try:
-                self.context.add_variable("args", _only(args, self.needs, "args"))
+                self.context.add_variable("args", bounded_args(_only(args, self.needs, "args")))
             except ValueError as exc:
                 self.context, self.error = None, type(exc).__name__
 
@@ -213,6 +213,31 @@ def actor_view(actor_id: str | None) -> dict[str, str]:
     return {"id": actor_id, "trust_domain": "", "path": ""}
 
 
+#: HOSTILE Y07: CEL has no cost limit, and a comprehension nested in another over request data costs n**2 (about
+#: 30 s for 10,000 items). Arguments the rules read are bounded before conversion: a longer list, or more values in
+#: all, makes every decision of the request fail — a deny — instead of a stall of the event loop.
+MAX_POLICY_LIST = 1000
+MAX_POLICY_VALUES = 10_000
+
+
+def bounded_args(args: dict[str, Any]) -> dict[str, Any]:
+    """``args`` if it is small enough to evaluate rules over, else ValueError (the Env then denies)."""
+    budget = MAX_POLICY_VALUES
+    stack: list[Any] = list(args.values())
+    while stack:
+        value = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise ValueError("arguments too large for policy evaluation")
+        if isinstance(value, list):
+            if len(value) > MAX_POLICY_LIST:
+                raise ValueError("an argument list is too long for policy evaluation")
+            stack.extend(value)
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+    return args
+
+
 def _only(value: Mapping[str, Any], needs: Needs | None, variable: str) -> dict[str, Any]:
     """The part of ``value`` the rules can read: all of it without ``needs``; nothing if no rule reads it."""
     fields = None if needs is None else needs.get(variable, frozenset())
@@ -242,7 +267,7 @@ def build_env(
         "subject": _only(subject, needs, "subject"),
         "actor": _only(actor_view(actor_id), needs, "actor"),
         "tool": {"name": tool},
-        "args": _only(args or {}, needs, "args"),
+        "args": bounded_args(_only(args or {}, needs, "args")),
         "risk": {"score": risk_score(subject)},
         "counters": {name: dict(value) for name, value in counters.items()},
         "now": int(now),

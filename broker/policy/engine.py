@@ -302,6 +302,14 @@ class PolicySet:
         gate = self._gate(tool, env).decision
         if gate.outcome != "allow":
             return gate
+        if env.context is None:  # the arguments could not be bound (too large for evaluation, not CEL values)
+            return Decision(
+                "deny",
+                None,
+                f"policy environment invalid ({env.error})",
+                "the arguments cannot be evaluated against policy",
+                error=env.error,
+            )
         env.bind_tool(tool)
         rules = self._rules_for(tool)
         for rule in rules.deny:

@@ -188,7 +188,9 @@ async def test_admin_token_guards_the_admin_endpoints_but_not_probes(
     async with aiohttp.ClientSession() as s:
         async with s.get(broker.admin_url + "/admin/config") as resp:
             assert resp.status == 401
-        async with s.post(broker.admin_url + "/admin/revocations", json={"kind": "sub", "value": "alice"}) as resp:
+        async with s.post(
+            broker.admin_url + "/admin/revocations", json={"kind": "sub", "value": "alice"}
+        ) as resp:
             assert resp.status == 401
         wrong = {"Authorization": "Bearer not-the-token-at-all"}
         async with s.get(broker.admin_url + "/admin/config", headers=wrong) as resp:

@@ -343,7 +343,9 @@ async def test_row8_dual_approval_needs_two_distinct_managers(stack: Expense) ->
 
 async def test_row11_a_risky_session_needs_a_manager(stack: Expense) -> None:
     alice = await stack.agent("alice", {**ALICE, "risk_score": 85})
-    reply = await alice.exchange("approveExpense", {"invoice_id": "INV-9004", "amount": 100, "department": "42"})
+    reply = await alice.exchange(
+        "approveExpense", {"invoice_id": "INV-9004", "amount": 100, "department": "42"}
+    )
     assert (reply.status, reply.error) == (403, "approval_required")
     assert reply.json()["required"] == ["manager_approval"]
 
@@ -351,7 +353,7 @@ async def test_row11_a_risky_session_needs_a_manager(stack: Expense) -> None:
 async def test_row12_the_sixth_approval_in_ten_minutes_needs_security_review(stack: Expense) -> None:
     alice = await stack.agent("alice", ALICE)
     for _ in range(5):
-        exchanged, invoked = await exchange_and_invoke(alice, "approveExpense", INV_8831)
+        _, invoked = await exchange_and_invoke(alice, "approveExpense", INV_8831)
         assert invoked.status == 200, invoked.body
     sixth = await alice.exchange("approveExpense", INV_8831)
     assert (sixth.status, sixth.error) == (403, "approval_required")
@@ -361,4 +363,6 @@ async def test_row12_the_sixth_approval_in_ten_minutes_needs_security_review(sta
     assert (not_security.status, not_security.error) == (403, "access_denied")
     sam = await stack.human("sam", SAM)
     assert (await sam.decide(sixth.json()["approval_id"], "approve")).json()["state"] == "approved"
-    assert (await alice.exchange("approveExpense", INV_8831, approval_id=sixth.json()["approval_id"])).status == 200
+    assert (
+        await alice.exchange("approveExpense", INV_8831, approval_id=sixth.json()["approval_id"])
+    ).status == 200

@@ -396,7 +396,9 @@ async def test_guard_is_atomic_across_replicas() -> None:
         one, two = stores.store(), stores.store()
         await one.revoke("sub", "mallory", 60)
         assert await two.guard({"sub": "mallory"}, [("x", 10)]) == Guarded(revoked="sub")
-        results = await asyncio.gather(*(s.guard({"sub": "alice"}, [("d", 10), ("t", 10)]) for s in [one, two] * 10))
+        results = await asyncio.gather(
+            *(s.guard({"sub": "alice"}, [("d", 10), ("t", 10)]) for s in [one, two] * 10)
+        )
         assert sum(r.ok for r in results) == 1
         assert all(r.replayed == 0 for r in results if not r.ok)
         assert await one.guard({}, [("t2", 10), ("t", 10)]) == Guarded(replayed=1)

@@ -64,8 +64,8 @@ def test_y09_parsing_is_total(text: str) -> None:
         assert error.problems and all(p.file == "fuzz.yaml" and p.line >= 0 for p in error.problems)
 
 
-@SETTINGS
-@given(st.integers(1, 12), st.integers(2, 12))
+@settings(SETTINGS, max_examples=15)
+@given(st.integers(1, 8), st.integers(2, 10))
 def test_y09_alias_expansion_is_bounded(depth: int, width: int) -> None:
     """Billion laughs of any shape: loads (small) or is refused as too large; never expands without bound."""
     lines = ["l0: &l0 [x]"] + [
@@ -87,6 +87,13 @@ def _mappings(node: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any
     elif isinstance(node, list):
         for index, value in enumerate(node):
             yield from _mappings(value, (*path, index))
+
+
+def _yaml_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        return text
 
 
 # free-form sections (JSON Schema, arbitrary-name maps) where any key is legal by design
@@ -135,22 +142,32 @@ def test_y03_a_duplicate_key_anywhere_is_refused(
     )
 
 
+def _yaml_readable(text: str) -> bool:
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    return True
+
+
 @SETTINGS
-@given(st.text(max_size=60))
+@given(st.text(max_size=60).filter(_yaml_readable))
 def test_environment_values_never_add_structure(valid: dict[str, Any], workdir: Path, value: str) -> None:
     """A ``${VAR}`` reference becomes exactly the variable's text, whatever YAML it looks like."""
     config = copy.deepcopy(valid)
     config["tools"][0]["description"] = "${TOOL_DESCRIPTION}"
     config["policies"][0]["reason"] = "prefix ${TOOL_DESCRIPTION:-unset} suffix"
     text = yaml.safe_dump(config, sort_keys=False)
+    typed = _yaml_scalar(value)
     try:
         loaded = _load(workdir, text, {"TOOL_DESCRIPTION": value})
-    except ConfigError as error:  # only the empty value with no default, which is "not set"
-        assert value == "" and any("TOOL_DESCRIPTION" in p.message for p in error.problems)
+    except ConfigError as error:
+        # A whole-value plain reference takes the type of a number or boolean (documented: quote it to keep a
+        # string), so `description` then fails its type check, located at its line. Nothing else may fail.
+        assert isinstance(typed, bool | int | float), error.problems
+        assert [p.message for p in error.problems] == ["tools[0].description: Input should be a valid string"]
         return
-    described = loaded.config.tools[0].description
-    # a whole-value plain reference to a number or boolean takes that type; quoted or mixed text never does
-    assert described == value or yaml.safe_load(value) == described
+    assert loaded.config.tools[0].description == value
     assert loaded.config.policies[0].reason == f"prefix {value or 'unset'} suffix"
     assert [t.name for t in loaded.config.tools] == ["approveExpense"]
     assert len(loaded.config.policies) == len(valid["policies"])
@@ -178,3 +195,21 @@ def test_policy_version_is_a_function_of_the_content(
     changed = copy.deepcopy(valid)
     changed["policies"][0]["when"] += f" && {rng.randint(0, 9)} == {rng.randint(0, 9)}"
     assert _load(workdir, yaml.safe_dump(changed)).policy_version != first
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["[", "\x1b", "a: b: c", "'"],
+    ids=["Y09-open-bracket", "Y09-control-character", "Y09-nested-colon", "Y09-quote"],
+)
+def test_y09_an_environment_value_that_is_not_yaml_is_a_located_error(
+    valid: dict[str, Any], workdir: Path, value: str
+) -> None:
+    config = copy.deepcopy(valid)
+    text = yaml.safe_dump(config, sort_keys=False).replace(
+        "checkpoint_every: 5", "checkpoint_every: ${EVERY}"
+    )
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if "${EVERY}" in t)
+    with pytest.raises(ConfigError) as caught:
+        _load(workdir, text, {"EVERY": value})
+    assert [p.line for p in caught.value.problems] == [line]

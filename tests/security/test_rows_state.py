@@ -8,12 +8,14 @@ stopped with SIGSTOP for "slow" (S02). Shared-Redis tests use a unique key prefi
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 
@@ -60,10 +62,25 @@ async def test_s01_redis_down_refuses_every_call_with_503(
         redis_config(pki, tmp_path, upstream.url, f"redis://127.0.0.1:{free_port()}/0", timeout_ms=500)
     )
     caller = broker.caller()
-    for method, path in (("POST", TOOL), ("GET", "/v1/tools"), ("POST", "/v1/token")):
-        reply = await caller.call(method, path, INVOICE if path == TOOL else None)
-        if path != "/v1/token":  # the exchange refuses its (empty) form before touching the store
-            assert (reply.status, reply.error) == (503, "state_unavailable"), path
+    form = urlencode(
+        {
+            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+            "requested_token_type": "urn:ietf:params:oauth:token-type:txn_token",
+            "audience": pki.trust_domain,
+            "subject_token": caller.token,
+            "subject_token_type": "urn:ietf:params:oauth:token-type:access_token",
+            "scope": "tool:approveExpense",
+            "request_details": json.dumps({"tool": "approveExpense", "arguments": INVOICE}),
+        }
+    ).encode()
+    replies = [
+        await caller.call("POST", TOOL, INVOICE),
+        await caller.call("GET", "/v1/tools"),
+        await caller.call(
+            "POST", "/v1/token", raw=form, headers={"Content-Type": "application/x-www-form-urlencoded"}
+        ),
+    ]
+    assert [(r.status, r.error) for r in replies] == [(503, "state_unavailable")] * 3
     assert (await admin(broker, "GET", "/readyz"))[0] == 503
     assert upstream.received == []
     assert state_refusals(broker) and set(state_refusals(broker)) <= {
@@ -211,17 +228,17 @@ async def test_s07_a_flood_of_invalid_proofs_records_nothing(
     attacker = ec_key()
     now = int(time.time())
     broken = [
-        lambda i: caller.proof("POST", TOOL, signature=b"\x00" * 64),
-        lambda i: caller.proof("GET", TOOL),
-        lambda i: caller.proof("POST", "/v1/tools/other"),
-        lambda i: caller.proof("POST", TOOL, payload_overrides={"iat": now - 3600}),
-        lambda i: caller.proof("POST", TOOL, payload_overrides={"ath": "A" * 43}),
-        lambda i: replace(caller, dpop_jwk=attacker).proof(
+        lambda: caller.proof("POST", TOOL, signature=b"\x00" * 64),
+        lambda: caller.proof("GET", TOOL),
+        lambda: caller.proof("POST", "/v1/tools/other"),
+        lambda: caller.proof("POST", TOOL, payload_overrides={"iat": now - 3600}),
+        lambda: caller.proof("POST", TOOL, payload_overrides={"ath": "A" * 43}),
+        lambda: replace(caller, dpop_jwk=attacker).proof(
             "POST", TOOL
         ),  # valid proof, wrong key for the token
     ]
     for i in range(30):
-        auth = {"Authorization": f"DPoP {caller.token}", "DPoP": broken[i % len(broken)](i)}
+        auth = {"Authorization": f"DPoP {caller.token}", "DPoP": broken[i % len(broken)]()}
         assert (await caller.call("POST", TOOL, INVOICE, auth=auth)).status == 401
     assert [k async for k in redis.raw.scan_iter(match=redis.prefix + "claim:*")] == []
     assert (await caller.call("POST", TOOL, INVOICE)).status == 200

@@ -168,7 +168,8 @@ VECTORS = [
     ],
 )
 def test_rfc8785_vectors(body: bytes, expected: str) -> None:
-    assert canonicalize(strict_loads(body)) == expected.encode("utf-8")
+    # the RFC's values include 1e30, beyond what strict_loads admits (I-JSON, T11): parse with plain json here
+    assert canonicalize(json.loads(body)) == expected.encode("utf-8")
 
 
 @pytest.mark.parametrize(
@@ -328,6 +329,9 @@ REFUSED = [
     ("t10-infinity", b'{"amount":Infinity}', "json_non_finite_number"),
     ("t10-minus-infinity", b'{"amount":-Infinity}', "json_non_finite_number"),
     ("t10-overflow", b'{"amount":1e400}', "json_number_out_of_range"),
+    ("t11-float-beyond-2-53", b"[1e16]", "json_number_out_of_range"),
+    ("t11-inexact-double", b"[9007199254740993.0]", "json_number_out_of_range"),
+    ("t11-big-double", b"[1.7976931348623157e308]", "json_number_out_of_range"),
     ("t10-overflow-negative", b'{"amount":-1e400}', "json_number_out_of_range"),
     ("t10-overflow-exponent-plus", b"[1E+400]", "json_number_out_of_range"),
     ("t10-overflow-fraction", b"[0.5e309]", "json_number_out_of_range"),
@@ -399,9 +403,9 @@ ACCEPTED = [
     ("surrogate-pair", b'{"e":"\\ud83d\\ude00"}', {"e": "\U0001f600"}),
     ("i-json-max", b"[9007199254740991,-9007199254740991]", [I_JSON_MAX_INT, -I_JSON_MAX_INT]),
     ("15-digit-ints", b"[999999999999999,-999999999999999]", [999999999999999, -999999999999999]),
-    ("two-digit-exponent", b"[999999999999999e99]", [999999999999999e99]),
+    ("two-digit-exponent", b"[9e15, 1.5e-10]", [9e15, 1.5e-10]),
     ("long-digits-inside-strings", b'["12345678901234567890","1e400"]', ["12345678901234567890", "1e400"]),
-    ("big-double", b"[1e308, 1.7976931348623157e308]", [1e308, 1.7976931348623157e308]),
+    ("largest-exact-double", b"[9007199254740991.0]", [9007199254740991.0]),
     ("underflow-to-zero", b"[1e-400]", [0.0]),
     ("minus-zero-int", b"-0", 0),
     ("surrounding-whitespace", b' \t\r\n{"a":1} \n', {"a": 1}),

@@ -39,9 +39,20 @@ FILTERS = compile_tool_filters(
 def make_principal(claims: dict[str, Any] | None = None) -> Principal:
     claims = {"sub": "alice", "department": "42", **(claims or {})}
     token = AccessToken(
-        claims=claims, sub="alice", iss="https://idp.example.org", jti=None, exp=2**31, iat=0, nbf=None,
-        cnf_jkt=None, cnf_x5t=None, act_sub=AGENT, client_id=None, token_hash="x", leeway=0,
-    )  # fmt: skip
+        claims=claims,
+        sub="alice",
+        iss="https://idp.example.org",
+        jti=None,
+        exp=2**31,
+        iat=0,
+        nbf=None,
+        cnf_jkt=None,
+        cnf_x5t=None,
+        act_sub=AGENT,
+        client_id=None,
+        token_hash="x",
+        leeway=0,
+    )
     return Principal(subject="alice", claims=claims, actor=parse_spiffe_id(AGENT), token=token, jkt=None)
 
 
@@ -64,7 +75,9 @@ async def masked(result: dict[str, Any]) -> tuple[dict[str, Any] | None, list[st
 
 
 async def test_structured_and_json_text_content_are_both_masked() -> None:
-    result, failures = await masked({"content": [text(INVOICE)], "structuredContent": INVOICE, "isError": False})
+    result, failures = await masked(
+        {"content": [text(INVOICE)], "structuredContent": INVOICE, "isError": False}
+    )
     assert result is not None and failures == []
     assert result["structuredContent"]["vendor"]["bank_account"] == "****3000"
     assert json.loads(result["content"][0]["text"])["vendor"]["bank_account"] == "****3000"
@@ -82,8 +95,15 @@ async def test_structured_and_json_text_content_are_both_masked() -> None:
         {"content": text(INVOICE)},
         {"content": [text(INVOICE)], "structuredContent": "not an object " + BANK},
     ],
-    ids=["plain-text", "json-string", "image", "embedded-resource", "duplicate-keys", "content-not-list",
-         "structured-not-object"],  # fmt: skip
+    ids=[
+        "plain-text",
+        "json-string",
+        "image",
+        "embedded-resource",
+        "duplicate-keys",
+        "content-not-list",
+        "structured-not-object",
+    ],
 )
 async def test_what_cannot_be_masked_is_refused(result: dict[str, Any]) -> None:
     masked_result, failures = await masked(result)
@@ -100,20 +120,32 @@ async def test_unfiltered_tools_and_errors_pass_unchanged() -> None:
 
 def upstream(*tools: str) -> McpUpstream:
     return McpUpstream(
-        name="expenses", url=None, ssl_context=None, timeout=1, connect_timeout=1,  # type: ignore[arg-type]
-        digests={t: None for t in tools}, allowed_origins=frozenset(),
-    )  # fmt: skip
+        name="expenses",
+        url=None,
+        ssl_context=None,
+        timeout=1,
+        connect_timeout=1,  # type: ignore[arg-type]
+        digests={t: None for t in tools},
+        allowed_origins=frozenset(),
+    )
 
 
 def listing(*names: str) -> dict[str, Any]:
-    return answer({"tools": [{"name": n, "inputSchema": {"type": "object"}} for n in names], "nextCursor": "c2"})
+    return answer(
+        {"tools": [{"name": n, "inputSchema": {"type": "object"}} for n in names], "nextCursor": "c2"}
+    )
 
 
 async def test_listing_keeps_configured_pinned_visible_tools_and_is_private() -> None:
     pins = PinBook(drift_counter(CollectorRegistry()))
-    transform = listing_transform(pins, upstream("approveExpense", "listInvoices", "purgeInvoices"),
-                                  frozenset({"approveExpense", "listInvoices"}))  # fmt: skip
-    result = (await transform(listing("approveExpense", "listInvoices", "purgeInvoices", "unconfigured")))["result"]
+    transform = listing_transform(
+        pins,
+        upstream("approveExpense", "listInvoices", "purgeInvoices"),
+        frozenset({"approveExpense", "listInvoices"}),
+    )
+    result = (await transform(listing("approveExpense", "listInvoices", "purgeInvoices", "unconfigured")))[
+        "result"
+    ]
     assert [t["name"] for t in result["tools"]] == ["approveExpense", "listInvoices"]
     assert result["cacheScope"] == "private" and result["nextCursor"] == "c2"
     # every configured tool was pinned, shown or not
@@ -125,7 +157,9 @@ async def test_listing_hides_a_drifted_tool() -> None:
     pins = PinBook(drift_counter(CollectorRegistry()))
     transform = listing_transform(pins, upstream("listInvoices"), frozenset({"listInvoices"}))
     await transform(listing("listInvoices"))
-    swapped = answer({"tools": [{"name": "listInvoices", "description": "new", "inputSchema": {"type": "object"}}]})
+    swapped = answer(
+        {"tools": [{"name": "listInvoices", "description": "new", "inputSchema": {"type": "object"}}]}
+    )
     assert (await transform(swapped))["result"]["tools"] == []
 
 
@@ -141,8 +175,18 @@ async def test_malformed_listing_entries_are_dropped(entry: Any) -> None:
 
 
 async def test_capabilities_are_narrowed_to_tools() -> None:
-    message = answer({"protocolVersion": "2025-11-25", "capabilities": {
-        "tools": {"listChanged": True}, "resources": {}, "prompts": {}, "completions": {}, "logging": {}}})  # fmt: skip
+    message = answer(
+        {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {
+                "tools": {"listChanged": True},
+                "resources": {},
+                "prompts": {},
+                "completions": {},
+                "logging": {},
+            },
+        }
+    )
     narrowed = await capabilities_transform(message)
     assert narrowed["result"]["capabilities"] == {"tools": {"listChanged": True}}
     assert narrowed["result"]["protocolVersion"] == "2025-11-25"

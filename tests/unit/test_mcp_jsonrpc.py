@@ -78,13 +78,33 @@ def headers_with(**changes: str | None) -> list[tuple[str, str]]:
         ({"jsonrpc": "2.0", "id": 3, "method": "notifications/initialized"}, "jsonrpc_unknown_method"),
     ],
     ids=[
-        "batch", "empty-batch", "not-object", "null-id", "bool-id", "float-id", "object-id", "long-id",
-        "case", "trailing-space", "nul", "homoglyph", "method-not-string", "no-method", "no-jsonrpc",
-        "jsonrpc-1.0", "jsonrpc-number", "params-array", "extra-member", "result", "error",
-        "request-with-result", "request-without-id", "notification-with-id",
+        "batch",
+        "empty-batch",
+        "not-object",
+        "null-id",
+        "bool-id",
+        "float-id",
+        "object-id",
+        "long-id",
+        "case",
+        "trailing-space",
+        "nul",
+        "homoglyph",
+        "method-not-string",
+        "no-method",
+        "no-jsonrpc",
+        "jsonrpc-1.0",
+        "jsonrpc-number",
+        "params-array",
+        "extra-member",
+        "result",
+        "error",
+        "request-with-result",
+        "request-without-id",
+        "notification-with-id",
     ],
-)  # fmt: skip
-def test_refused_messages_are_invalid_requests(value: Any, reason: str) -> None:
+)
+def test_p20_p22_p23_refused_messages_are_invalid_requests(value: Any, reason: str) -> None:
     with pytest.raises(rpc.JsonRpcError) as refused:
         rpc.parse_message(value)
     assert (refused.value.code, refused.value.http_status, refused.value.reason) == (-32600, 400, reason)
@@ -132,7 +152,12 @@ def test_methods_outside_the_relayed_set_are_method_not_found(method: str, era: 
 
 @pytest.mark.parametrize(
     ("method", "era"),
-    [("tools/call", "modern"), ("tools/list", "handshake"), ("initialize", "handshake"), ("server/discover", "modern")],
+    [
+        ("tools/call", "modern"),
+        ("tools/list", "handshake"),
+        ("initialize", "handshake"),
+        ("server/discover", "modern"),
+    ],
 )
 def test_relayed_methods_pass(method: str, era: str) -> None:
     rpc.check_relayed(rpc.parse_message({"jsonrpc": "2.0", "id": 1, "method": method}), era)
@@ -154,21 +179,47 @@ def test_matching_modern_headers_give_the_version() -> None:
         (modern_call(), headers_with(mcp_name="listinvoices"), -32020, "header_mismatch:mcp-name"),
         (modern_call(), headers_with(mcp_method="tools/list"), -32020, "header_mismatch:mcp-method"),
         (modern_call(), headers_with(mcp_method=None), -32020, "header_mismatch:mcp-method"),
-        (modern_call(), headers_with(mcp_protocol_version=None), -32020, "header_mismatch:mcp-protocol-version"),
-        (modern_call(), [*MODERN_HEADERS, ("mcp-name", "listInvoices")], -32020,
-         "header_mismatch:mcp-name (sent more than once)"),
-        (modern_call(_meta={**META, rpc.PROTOCOL_VERSION_META: "2025-11-25"}), MODERN_HEADERS, -32020,
-         "header_mismatch:mcp-protocol-version"),
+        (
+            modern_call(),
+            headers_with(mcp_protocol_version=None),
+            -32020,
+            "header_mismatch:mcp-protocol-version",
+        ),
+        (
+            modern_call(),
+            [*MODERN_HEADERS, ("mcp-name", "listInvoices")],
+            -32020,
+            "header_mismatch:mcp-name (sent more than once)",
+        ),
+        (
+            modern_call(_meta={**META, rpc.PROTOCOL_VERSION_META: "2025-11-25"}),
+            MODERN_HEADERS,
+            -32020,
+            "header_mismatch:mcp-protocol-version",
+        ),
         (modern_call(_meta={rpc.CLIENT_CAPABILITIES_META: {}}), MODERN_HEADERS, -32602, "envelope_missing"),
         (rpc.parse_message(CALL), MODERN_HEADERS, -32602, "envelope_missing"),
-        (modern_call(_meta={**META, rpc.PROTOCOL_VERSION_META: "2099-01-01"}),
-         headers_with(mcp_protocol_version="2099-01-01"), -32022, "unsupported_protocol_version"),
+        (
+            modern_call(_meta={**META, rpc.PROTOCOL_VERSION_META: "2099-01-01"}),
+            headers_with(mcp_protocol_version="2099-01-01"),
+            -32022,
+            "unsupported_protocol_version",
+        ),
     ],
     ids=[
-        "other-name", "no-name", "name-case", "other-method", "no-method", "no-version", "name-twice",
-        "body-version", "no-envelope-version", "no-envelope", "unsupported",
+        "other-name",
+        "no-name",
+        "name-case",
+        "other-method",
+        "no-method",
+        "no-version",
+        "name-twice",
+        "body-version",
+        "no-envelope-version",
+        "no-envelope",
+        "unsupported",
     ],
-)  # fmt: skip
+)
 def test_modern_header_mismatches(
     message: rpc.Message, headers: list[tuple[str, str]], code: int, reason: str
 ) -> None:
@@ -208,59 +259,3 @@ def test_routing_headers_are_rebuilt_from_the_forwarded_body() -> None:
 )
 def test_decode_header_value(value: str | None, decoded: str | None) -> None:
     assert rpc.decode_header_value(value) == decoded
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Mcp-Param-* (x-mcp-header)
-
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "region": {"type": "string", "x-mcp-header": "Region"},
-        "count": {"type": "integer", "x-mcp-header": "Count"},
-        "nested": {"type": "object", "properties": {"flag": {"type": "boolean", "x-mcp-header": "Flag"}}},
-        "amount": {"type": "number", "x-mcp-header": "Amount"},  # numbers may not be mirrored: ignored
-    },
-}
-
-
-def test_param_headers_mirror_annotated_arguments() -> None:
-    arguments = {"region": "eu west", "count": 3, "nested": {"flag": True}, "amount": 1.5}
-    assert rpc.param_headers(SCHEMA, arguments) == {
-        "Mcp-Param-Region": "eu west",
-        "Mcp-Param-Count": "3",
-        "Mcp-Param-Flag": "true",
-    }
-
-
-@pytest.mark.parametrize(
-    ("arguments", "headers"),
-    [
-        ({"region": "eu"}, [("mcp-param-region", "eu")]),
-        ({"count": 42.0}, [("Mcp-Param-Count", "42")]),
-        ({"count": 42}, [("Mcp-Param-Count", "42.0")]),
-        ({}, []),
-    ],
-    ids=["string", "integral-float", "decimal-header", "none"],
-)
-def test_matching_param_headers_pass(arguments: dict[str, Any], headers: list[tuple[str, str]]) -> None:
-    rpc.check_param_headers(SCHEMA, arguments, headers)
-
-
-@pytest.mark.parametrize(
-    ("arguments", "headers"),
-    [
-        ({"region": "eu"}, [("Mcp-Param-Region", "us")]),
-        ({"region": "eu"}, []),
-        ({}, [("Mcp-Param-Region", "eu")]),
-        ({"region": "eu"}, [("Mcp-Param-Region", "eu"), ("mcp-param-region", "eu")]),
-        ({"count": 42}, [("Mcp-Param-Count", "42.5")]),
-        ({"nested": {"flag": False}}, [("Mcp-Param-Flag", "true")]),
-        ({"region": "eu"}, [("Mcp-Param-Region", "=?base64?!!?=")]),
-    ],
-    ids=["other-value", "missing-header", "header-without-argument", "twice", "fraction", "nested", "bad-base64"],
-)
-def test_param_header_mismatches_are_refused(arguments: dict[str, Any], headers: list[tuple[str, str]]) -> None:
-    with pytest.raises(rpc.JsonRpcError) as refused:
-        rpc.check_param_headers(SCHEMA, arguments, headers)
-    assert refused.value.code == -32020

@@ -51,7 +51,15 @@ def test_the_digest_is_sha256_of_the_rfc8785_name_description_and_schema() -> No
         ({k: v for k, v in TOOL.items() if k != "description"}, False),
         (make_tool(description=None), False),
     ],
-    ids=["other-members-ignored", "member-order", "description", "schema", "name-case", "no-description", "null"],
+    ids=[
+        "other-members-ignored",
+        "member-order",
+        "description",
+        "schema",
+        "name-case",
+        "no-description",
+        "null",
+    ],
 )
 def test_what_the_digest_covers(other: dict[str, Any], same: bool) -> None:
     assert (definition_digest(other) == definition_digest(TOOL)) is same

@@ -30,7 +30,11 @@ def sse(message: Any, **fields: str) -> bytes:
 
 
 ANSWER = {"jsonrpc": "2.0", "id": REQUEST_ID, "result": {"content": [{"type": "text", "text": "ok"}]}}
-PROGRESS = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1, "message": "acct 1234"}}
+PROGRESS = {
+    "jsonrpc": "2.0",
+    "method": "notifications/progress",
+    "params": {"progress": 1, "message": "acct 1234"},
+}
 SAMPLING = {"jsonrpc": "2.0", "id": 99, "method": "sampling/createMessage", "params": {}}
 ELICIT = {"jsonrpc": "2.0", "id": 98, "method": "elicitation/create", "params": {"message": "password?"}}
 OTHER_ANSWER = {"jsonrpc": "2.0", "id": 8, "result": {"stolen": True}}
@@ -38,9 +42,12 @@ ODD_NOTIFICATION = {"jsonrpc": "2.0", "method": "notifications/resources/updated
 
 
 def make_plan(
-    *, transform: Transform | None = None, masked: bool = False, max_event_bytes: int = 4096,
+    *,
+    transform: Transform | None = None,
+    masked: bool = False,
+    max_event_bytes: int = 4096,
     request_id: int | None = REQUEST_ID,
-) -> Relay:  # fmt: skip
+) -> Relay:
     return Relay(
         request_id=request_id,
         transform=transform,
@@ -111,11 +118,17 @@ async def relayed(aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]]
         ([sse(ANSWER), sse({**ANSWER, "result": {"second": True}})], [ANSWER]),
     ],
     ids=[
-        "answer", "notification-then-answer", "another-requests-id", "server-to-client-requests",
-        "unlisted-notification", "not-json", "id-of-another-type", "second-answer",
+        "answer",
+        "notification-then-answer",
+        "another-requests-id",
+        "server-to-client-requests",
+        "unlisted-notification",
+        "not-json",
+        "id-of-another-type",
+        "second-answer",
     ],
-)  # fmt: skip
-async def test_sse_events_reaching_the_agent(
+)
+async def test_p24_sse_events_reaching_the_agent(
     relayed: Relayed, chunks: list[bytes], expected: list[dict[str, Any]]
 ) -> None:
     status, content_type, messages = await relayed((200, "text/event-stream", chunks), make_plan())
@@ -123,9 +136,16 @@ async def test_sse_events_reaching_the_agent(
 
 
 async def test_a_masked_call_gets_progress_without_free_text(relayed: Relayed) -> None:
-    chunks = [sse(PROGRESS), sse({"jsonrpc": "2.0", "method": "notifications/message", "params": {}}), sse(ANSWER)]
+    chunks = [
+        sse(PROGRESS),
+        sse({"jsonrpc": "2.0", "method": "notifications/message", "params": {}}),
+        sse(ANSWER),
+    ]
     _, _, messages = await relayed((200, "text/event-stream", chunks), make_plan(masked=True))
-    assert messages == [{"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}}, ANSWER]
+    assert messages == [
+        {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}},
+        ANSWER,
+    ]
 
 
 @pytest.mark.parametrize(
@@ -137,7 +157,9 @@ async def test_a_masked_call_gets_progress_without_free_text(relayed: Relayed) -
     ],
     ids=["ended-without-answer", "oversized-event", "not-utf8"],
 )
-async def test_a_broken_stream_ends_with_an_error_for_the_request(relayed: Relayed, chunks: list[bytes]) -> None:
+async def test_a_broken_stream_ends_with_an_error_for_the_request(
+    relayed: Relayed, chunks: list[bytes]
+) -> None:
     status, _, messages = await relayed((200, "text/event-stream", chunks), make_plan())
     assert status == 200
     assert messages[-1]["id"] == REQUEST_ID and messages[-1]["error"]["code"] == rpc.INTERNAL_ERROR
@@ -146,7 +168,7 @@ async def test_a_broken_stream_ends_with_an_error_for_the_request(relayed: Relay
 async def test_events_are_reencoded_one_data_line_per_line(relayed: Relayed) -> None:
     answer = {**ANSWER, "result": {"content": [{"type": "text", "text": "line1\nline2\n\ndata: fake"}]}}
     raw = f"data: {json.dumps(answer)}\n\n".encode()
-    status, _, messages = await relayed((200, "text/event-stream", [raw]), make_plan())
+    _status, _, messages = await relayed((200, "text/event-stream", [raw]), make_plan())
     assert messages == [answer]
 
 
@@ -157,7 +179,10 @@ async def test_the_transform_rewrites_the_answer_and_may_refuse_it(relayed: Rela
     async def refuse(message: dict[str, Any]) -> dict[str, Any]:
         raise rpc.JsonRpcError(rpc.INTERNAL_ERROR, "cannot filter", "response_unfilterable", http_status=200)
 
-    for content_type, chunks in (("text/event-stream", [sse(ANSWER)]), ("application/json", [json.dumps(ANSWER).encode()])):
+    for content_type, chunks in (
+        ("text/event-stream", [sse(ANSWER)]),
+        ("application/json", [json.dumps(ANSWER).encode()]),
+    ):
         _, _, masked = await relayed((200, content_type, chunks), make_plan(transform=mask))
         assert masked == [{**ANSWER, "result": {"masked": True}}]
         _, _, refused = await relayed((200, content_type, chunks), make_plan(transform=refuse))
@@ -167,27 +192,57 @@ async def test_the_transform_rewrites_the_answer_and_may_refuse_it(relayed: Rela
 @pytest.mark.parametrize(
     ("script", "status", "expected"),
     [
-        ((200, "application/json", [json.dumps(OTHER_ANSWER).encode()]), 502, {"error": "upstream_no_answer"}),
+        (
+            (200, "application/json", [json.dumps(OTHER_ANSWER).encode()]),
+            502,
+            {"error": "upstream_no_answer"},
+        ),
         ((200, "application/json", [json.dumps(SAMPLING).encode()]), 502, {"error": "upstream_no_answer"}),
-        ((200, "application/json", [b'{"jsonrpc":"2.0","id":7,"id":7,"result":{}}']), 502,
-         {"error": "upstream_bad_json"}),
+        (
+            (200, "application/json", [b'{"jsonrpc":"2.0","id":7,"id":7,"result":{}}']),
+            502,
+            {"error": "upstream_bad_json"},
+        ),
         ((200, "application/json", [b"x" * 5000]), 502, {"error": "upstream_too_large"}),
         ((200, "text/html", [b"<html>"]), 502, {"error": "upstream_not_mcp"}),
         ((500, "application/json", [b"{}"]), 502, {"error": "upstream_status_5xx"}),
-        ((404, "application/json", [json.dumps(rpc.error_body(None, -32600, "Session not found")).encode()]), 404,
-         rpc.error_body(None, -32600, "Session not found")),
-        ((405, "text/plain", [b"no"]), 405, rpc.error_body(REQUEST_ID, -32600, "the MCP server refused the request")),
+        (
+            (
+                404,
+                "application/json",
+                [json.dumps(rpc.error_body(None, -32600, "Session not found")).encode()],
+            ),
+            404,
+            rpc.error_body(None, -32600, "Session not found"),
+        ),
+        (
+            (405, "text/plain", [b"no"]),
+            405,
+            rpc.error_body(REQUEST_ID, -32600, "the MCP server refused the request"),
+        ),
     ],
-    ids=["json-other-id", "json-request", "json-duplicate-member", "json-too-large", "html", "5xx", "404", "405"],
-)  # fmt: skip
+    ids=[
+        "json-other-id",
+        "json-request",
+        "json-duplicate-member",
+        "json-too-large",
+        "html",
+        "5xx",
+        "404",
+        "405",
+    ],
+)
 async def test_other_answers(relayed: Relayed, script: Script, status: int, expected: dict[str, Any]) -> None:
     got_status, _, messages = await relayed(script, make_plan())
     assert (got_status, messages) == (status, [expected])
 
 
 async def test_a_get_stream_passes_notifications_and_never_answers(relayed: Relayed) -> None:
-    chunks = [sse(PROGRESS), sse(ANSWER), sse(SAMPLING), sse({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})]
+    chunks = [
+        sse(PROGRESS),
+        sse(ANSWER),
+        sse(SAMPLING),
+        sse({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}),
+    ]
     _, _, messages = await relayed((200, "text/event-stream", chunks), make_plan(request_id=None))
     assert messages == [PROGRESS, {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}]
-
-

@@ -44,10 +44,25 @@ STREAM = b'event: message\nid: 1\ndata: {"a":1}\n\n'
         ((b"data: unfinished\n",), []),
     ],
     ids=[
-        "lf", "crlf", "cr", "crlf-split", "bom", "comment", "no-space", "one-space-removed", "bare-data",
-        "priming", "id-only", "retry", "bad-retry", "nul-id", "unknown-field", "blank-lines", "no-terminator",
+        "lf",
+        "crlf",
+        "cr",
+        "crlf-split",
+        "bom",
+        "comment",
+        "no-space",
+        "one-space-removed",
+        "bare-data",
+        "priming",
+        "id-only",
+        "retry",
+        "bad-retry",
+        "nul-id",
+        "unknown-field",
+        "blank-lines",
+        "no-terminator",
     ],
-)  # fmt: skip
+)
 def test_parsing(chunks: tuple[bytes, ...], events: list[SseEvent]) -> None:
     assert parse(*chunks) == events
 
@@ -73,7 +88,7 @@ def test_an_event_is_dispatched_as_soon_as_its_blank_line_arrives() -> None:
     ],
     ids=["endless-line", "many-lines", "not-utf8"],
 )
-def test_refused_streams(chunks: tuple[bytes, ...], reason: str) -> None:
+def test_p24_refused_streams(chunks: tuple[bytes, ...], reason: str) -> None:
     with pytest.raises(SseError) as refused:
         parse(*chunks, max_event_bytes=100)
     assert refused.value.reason == reason
