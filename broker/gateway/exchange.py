@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import hmac
-import time
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -40,14 +39,15 @@ from broker.gateway.stages import (
     check_arguments,
     decide,
     discharge_approvals,
+    mint_for_call,
     read_body,
     require_mfa,
     runtime_of,
     visible_tool,
 )
 from broker.identity.dpop import ath_for
-from broker.resources import METRICS, SIGNER, STATE
-from broker.txn.tokens import MAX_LIFETIME, mint_txn_token
+from broker.resources import METRICS, STATE
+from broker.txn.tokens import MAX_LIFETIME
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 TXN_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:txn_token"
@@ -144,25 +144,9 @@ async def token_exchange(request: web.Request) -> web.StreamResponse:
     # the server-side arguments are fixed now and carried in the token, so the backend can verify the whole body
     forwarded = visible.tool.filters.inject(arguments, subject=principal.claims, actor_id=principal.actor_id)
     await final_guard(app[STATE], app[METRICS], principal, tool=name)  # 7
-    minted = mint_txn_token(  # 8
-        app[SIGNER],
-        issuer=config.server.public_url,
-        audience=config.identity.trust_domain,
-        subject=principal.subject,
-        scope=scope,
-        actor_id=principal.actor_id or "",
-        tool=name,
-        arguments=arguments,
-        policy_version=runtime.policy_version,
-        cnf_jkt=principal.jkt,
-        req_ip=request.remote,
-        authn="dpop" if principal.jkt else "mtls",
-        approval_id=granted,
-        injected={key: forwarded[key] for key in visible.tool.config.inject},
-        now=time.time(),
-    )
-    app[METRICS].txn_tokens.labels(tool=name, event="minted").inc()
-    ctx.txn, ctx.decision, ctx.status = minted.txn, "allow", 200  # 9
+    injected = {key: forwarded[key] for key in visible.tool.config.inject}
+    minted = mint_for_call(request, runtime, principal, name, arguments, injected, approval_id=granted)  # 8
+    ctx.decision, ctx.status = "allow", 200  # 9
     audit_decision(app, ctx)
     body: dict[str, Any] = {
         "access_token": minted.token,

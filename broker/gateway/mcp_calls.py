@@ -43,13 +43,12 @@ from broker.gateway.guard import grant_id
 from broker.gateway.mcp_params import check_param_headers
 from broker.gateway.mcp_pins import PinBook
 from broker.gateway.mcp_upstream import McpUpstream
-from broker.gateway.stages import approvals_needed, has_mfa
+from broker.gateway.stages import approvals_needed, has_mfa, mint_for_call
 from broker.identity.principal import Principal
 from broker.jose import b64url_encode
 from broker.policy.engine import Decision, Env
-from broker.resources import METRICS, SIGNER, STATE
+from broker.resources import STATE
 from broker.runtime import Runtime
-from broker.txn.tokens import mint_txn_token
 
 __all__ = [
     "AuthorizedCall",
@@ -327,25 +326,7 @@ def mint_edge_token(
     request: web.Request, runtime: Runtime, principal: Principal, call: AuthorizedCall
 ) -> str:
     """The txn token the upstream gets for this call (CONTRACT §5 propagation), recorded in the request record."""
-    config = runtime.config
     injected = {k: call.forwarded[k] for k, _ in call.filters.injections} if call.filters else None
-    minted = mint_txn_token(
-        request.app[SIGNER],
-        issuer=config.server.public_url,
-        audience=config.identity.trust_domain,
-        subject=principal.subject,
-        scope=f"tool:{call.name}",
-        actor_id=principal.actor_id or "",
-        tool=call.name,
-        arguments=call.arguments,
-        policy_version=runtime.policy_version,
-        cnf_jkt=principal.jkt,
-        req_ip=request.remote,
-        authn="dpop" if principal.jkt else "mtls",
-        approval_id=call.approval_id,
-        now=time.time(),
-        injected=injected,
-    )
-    request.app[METRICS].txn_tokens.labels(tool=call.name, event="minted").inc()
-    request[CTX].txn = minted.txn
-    return minted.token
+    return mint_for_call(
+        request, runtime, principal, call.name, call.arguments, injected, approval_id=call.approval_id
+    ).token

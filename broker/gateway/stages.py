@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +28,9 @@ from broker.errors import (
 )
 from broker.identity.principal import Principal
 from broker.policy.engine import Decision, Env
-from broker.resources import METRICS, RUNTIME, STATE
+from broker.resources import METRICS, RUNTIME, SIGNER, STATE
 from broker.runtime import CompiledTool, Runtime
+from broker.txn.tokens import MintedTxn, mint_txn_token
 
 log = structlog.get_logger("broker.policy")
 
@@ -262,6 +264,41 @@ async def discharge_approvals(
         now=visible.now,
     )
     raise approval_required(approval.id, required, runtime.config.server.public_url, reasons)
+
+
+def mint_for_call(
+    request: web.Request,
+    runtime: Runtime,
+    principal: Principal,
+    tool: str,
+    arguments: Mapping[str, Any],
+    injected: Mapping[str, Any] | None,
+    *,
+    approval_id: str | None = None,
+) -> MintedTxn:
+    """The txn token for this call (CONTRACT §5): the exchange's answer, or the one minted at the edge for a call
+    that came without one (the backend always gets one). Counted, and recorded in the request's audit record."""
+    config = runtime.config
+    minted = mint_txn_token(
+        request.app[SIGNER],
+        issuer=config.server.public_url,
+        audience=config.identity.trust_domain,
+        subject=principal.subject,
+        scope=f"tool:{tool}",
+        actor_id=principal.actor_id or "",
+        tool=tool,
+        arguments=arguments,
+        policy_version=runtime.policy_version,
+        cnf_jkt=principal.jkt,
+        req_ip=request.remote,
+        authn="dpop" if principal.jkt else "mtls",
+        approval_id=approval_id,
+        injected=injected,
+        now=time.time(),
+    )
+    request.app[METRICS].txn_tokens.labels(tool=tool, event="minted").inc()
+    request[CTX].txn = minted.txn
+    return minted
 
 
 def runtime_of(request: web.Request) -> Runtime:

@@ -38,6 +38,7 @@ from broker.gateway.stages import (
     check_arguments,
     decide,
     discharge_approvals,
+    mint_for_call,
     read_json_body,
     require_mfa,
     runtime_of,
@@ -51,7 +52,6 @@ from broker.runtime import Runtime
 from broker.txn.tokens import (
     TxnClaims,
     check_invocation,
-    mint_txn_token,
     txn_replay_key,
     verify_txn_token,
 )
@@ -99,7 +99,7 @@ async def invoke_tool(request: web.Request) -> web.StreamResponse:
         app[METRICS].txn_tokens.labels(tool=tool.name, event="consumed").inc()
         txn_token = request.headers["Txn-Token"]
     else:
-        txn_token = mint_edge_token(request, runtime, principal, tool.name, arguments, injected, now)
+        txn_token = mint_for_call(request, runtime, principal, tool.name, arguments, injected).token
 
     ctx.decision = "allow"  # 8
     audit_decision(app, ctx)
@@ -156,38 +156,6 @@ def presented_txn_token(
         metrics.txn_tokens.labels(tool=tool.name, event="rejected").inc()
         raise
     return claims
-
-
-def mint_edge_token(
-    request: web.Request,
-    runtime: Runtime,
-    principal: Principal,
-    tool: str,
-    arguments: dict[str, Any],
-    injected: dict[str, Any],
-    now: float,
-) -> str:
-    """A txn token minted at the edge for a call that came without one: the backend always gets one."""
-    config = runtime.config
-    minted = mint_txn_token(
-        request.app[SIGNER],
-        issuer=config.server.public_url,
-        audience=config.identity.trust_domain,
-        subject=principal.subject,
-        scope=f"tool:{tool}",
-        actor_id=principal.actor_id or "",
-        tool=tool,
-        arguments=arguments,
-        policy_version=runtime.policy_version,
-        cnf_jkt=principal.jkt,
-        req_ip=request.remote,
-        authn="dpop" if principal.jkt else "mtls",
-        injected=injected,
-        now=now,
-    )
-    request.app[METRICS].txn_tokens.labels(tool=tool, event="minted").inc()
-    request[CTX].txn = minted.txn
-    return minted.token
 
 
 async def list_tools(request: web.Request) -> web.StreamResponse:
