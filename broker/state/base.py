@@ -35,7 +35,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, get_args
 
 from broker.errors import StateUnavailable
 from broker.jose import b64url_encode
@@ -54,19 +54,7 @@ Op = Literal[
     "ping",
 ]
 #: the closed set of ``op`` values (the ``op`` label of ``broker_state_errors_total``)
-OPS: Final[tuple[Op, ...]] = (
-    "claim",
-    "claim_all",
-    "guard",
-    "is_revoked",
-    "revoke",
-    "record_event",
-    "window_stats",
-    "put_json",
-    "get_json",
-    "compare_and_set_json",
-    "ping",
-)
+OPS: Final[tuple[Op, ...]] = get_args(Op)
 
 #: called with the failed operation's name before :class:`StateUnavailable` is raised (metrics hook)
 ErrorCallback = Callable[[str], None]

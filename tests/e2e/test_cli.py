@@ -329,54 +329,6 @@ async def test_two_workers_share_one_port_and_replay_state(
         assert run_cli("audit", "verify", str(p), "--key", str(pki.signing_jwk)).returncode == 0
 
 
-async def test_make_run_stack_comes_up_and_shuts_down_cleanly(pki: Pki, tmp_path: Path) -> None:
-    listen, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    audit = tmp_path / "audit.jsonl"
-    env = {
-        **os.environ,
-        "BROKER_LISTEN": listen,
-        "BROKER_ADMIN_LISTEN": admin,
-        "BROKER_AUDIT_FILE": str(audit),
-    }
-    env.pop("EXPENSE_UPSTREAM", None)
-    log = tmp_path / "stack.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "broker.demo.stack",
-                "--certs",
-                str(pki.root),
-                "--backend-listen",
-                "127.0.0.1:0",
-                "--db",
-                str(tmp_path / "expense.db"),
-            ],
-            stdout=out,
-            stderr=out,
-            env=env,
-            cwd=ROOT,
-        )
-        try:
-            await wait_ready(f"http://{admin}", proc, log)
-            agent = Agent(pki)
-            path = "/v1/tools/listInvoices"
-            async with (
-                aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=agent.ssl)) as s,
-                s.post(
-                    f"https://{listen}{path}", json={"department": "42"}, headers=agent.headers(path)
-                ) as resp,
-            ):
-                assert resp.status == 200, await resp.text()
-                assert all(row["department"] == "42" for row in (await resp.json())["invoices"])
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0, log.read_text()
-    result = run_cli("audit", "verify", str(audit), "--key", str(pki.signing_jwk))
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
 def test_audit_verify_names_the_first_bad_record(pki: Pki, tmp_path: Path) -> None:
     from broker.audit.sink import AuditLog
     from broker.jose import Signer
