@@ -47,6 +47,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 
@@ -254,6 +255,64 @@ class IdentityRequests:
 
 #: proofs signed ahead per second of load (above any rate one worker reaches here)
 PROOFS_PER_SECOND = 4000
+#: txn tokens obtained ahead (by real exchanges) per second of load for the invoke-with-txn-token set-up
+TXN_TOKENS_PER_SECOND = 1200
+APPROVE_ARGUMENTS = {"invoice_id": "INV-8831", "amount": 4800, "department": "42"}
+
+
+def exchange_form(token: str, tool: str, arguments: dict[str, Any]) -> bytes:
+    """The RFC 8693 form of a txn-token exchange (CONTRACT §5)."""
+    return urlencode(
+        {
+            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+            "requested_token_type": "urn:ietf:params:oauth:token-type:txn_token",
+            "audience": "example.org",
+            "subject_token": token,
+            "subject_token_type": "urn:ietf:params:oauth:token-type:access_token",
+            "scope": f"tool:{tool}",
+            "request_details": json.dumps({"tool": tool, "arguments": arguments}),
+        }
+    ).encode()
+
+
+class ExchangeRequests(IdentityRequests):
+    """Per request: ``POST /v1/token`` exchanging the agent's token for a txn token (approveExpense, 4800)."""
+
+    def __init__(self, env: BenchEnv, base: str) -> None:
+        super().__init__(
+            env, base + "/v1/token", headers={"Content-Type": "application/x-www-form-urlencoded"}
+        )
+        self.body = exchange_form(self.token, "approveExpense", APPROVE_ARGUMENTS)
+
+
+class TxnInvocations(IdentityRequests):
+    """Per request: approveExpense presenting a txn token that a real exchange issued before the measured window
+    (:meth:`prepare_live`), so what is measured is the invocation: verification, binding, single use, forward."""
+
+    def __init__(self, env: BenchEnv, base: str) -> None:
+        super().__init__(env, base + "/v1/tools/approveExpense", body=json.dumps(APPROVE_ARGUMENTS).encode())
+        self.exchange = ExchangeRequests(env, base)
+        self.exchange.signer, self.exchange.token = self.signer, self.token  # one agent key, one access token
+        self.exchange.authorization = self.authorization
+        self.exchange.body = exchange_form(self.token, "approveExpense", APPROVE_ARGUMENTS)
+        self.txns: list[str] = []
+
+    async def prepare_live(self, count: int, ssl_ctx: ssl.SSLContext) -> None:
+        connector = aiohttp.TCPConnector(ssl=ssl_ctx, limit=32)
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def one() -> str | None:
+                headers, body = self.exchange()
+                async with session.post(self.exchange.url, data=body, headers=headers) as resp:
+                    return str((await resp.json())["access_token"]) if resp.status == 200 else None
+
+            self.txns = [t for t in await asyncio.gather(*(one() for _ in range(count))) if t]
+
+    def __call__(self) -> tuple[dict[str, str], bytes]:
+        headers, body = super().__call__()
+        if self.txns:  # dry: the call goes without one and is refused (counted as an error)
+            headers["Txn-Token"] = self.txns.pop()
+        return headers, body
 
 
 def start_broker(
@@ -313,6 +372,8 @@ def build_setups(env: BenchEnv) -> list[Setup]:
     redis_port, redis_admin = free_port(), free_port()
     two_port, two_admin = free_port(), free_port()
     mcp_port, mcp_admin = free_port(), free_port()
+    ex_port, ex_admin = free_port(), free_port()
+    txn_port, txn_admin = free_port(), free_port()
     mcp_url = f"https://127.0.0.1:{mcp_port}/mcp/expenses"
     two_url = f"https://127.0.0.1:{two_port}/v1/tools/listInvoices"
     broker_url = f"https://127.0.0.1:{broker_port}/v1/tools/listInvoices"
@@ -342,6 +403,18 @@ def build_setups(env: BenchEnv) -> list[Setup]:
             two_url,
             IdentityRequests(env, two_url),
             lambda: start_broker(env, two_port, two_admin, name="broker-redis-2w", state="redis", workers=2),
+        ),
+        Setup(
+            "broker-exchange",
+            f"https://127.0.0.1:{ex_port}/v1/token",
+            ExchangeRequests(env, f"https://127.0.0.1:{ex_port}"),
+            lambda: start_broker(env, ex_port, ex_admin, name="broker-exchange"),
+        ),
+        Setup(
+            "broker-txn-invoke",
+            f"https://127.0.0.1:{txn_port}/v1/tools/approveExpense",
+            TxnInvocations(env, f"https://127.0.0.1:{txn_port}"),
+            lambda: start_broker(env, txn_port, txn_admin, name="broker-txn-invoke"),
         ),
         Setup("mcp-direct", env.mcp_url, mcp_plain, lambda: start_mcp_server(env)),
         Setup(
@@ -386,6 +459,9 @@ async def run_bench(args: argparse.Namespace, certs: Path, work: Path) -> dict[s
                 setup.make_request.prepare(int(PROOFS_PER_SECOND * (args.duration + args.warmup)))
             try:
                 async with setup.start():
+                    if isinstance(setup.make_request, TxnInvocations):
+                        count = int(TXN_TOKENS_PER_SECOND * (args.duration + args.warmup))
+                        await setup.make_request.prepare_live(count, probe_ssl)
                     outcomes[setup.name] = await run_load(
                         setup.url,
                         concurrency=args.concurrency,
@@ -424,6 +500,17 @@ def report(outcomes: dict[str, Result | str], args: argparse.Namespace) -> dict[
     if isinstance(direct, Result) and isinstance(gated, Result) and direct.rps > 0:
         doc["ratios"]["mcp-broker/mcp-direct"] = round(gated.rps / direct.rps, 3)
         print(f"mcp-broker / mcp-direct: {gated.rps / direct.rps:.2f} (tools/call through /mcp vs direct)")
+    exchanged, invoked = outcomes.get("broker-exchange"), outcomes.get("broker-txn-invoke")
+    if (
+        isinstance(exchanged, Result)
+        and isinstance(invoked, Result)
+        and exchanged.rps > 0
+        and invoked.rps > 0
+    ):
+        # one transaction = one exchange then one invocation, each at its measured rate
+        flows = 1 / (1 / exchanged.rps + 1 / invoked.rps)
+        doc["flows_per_second"] = {"exchange+invoke": round(flows, 1)}
+        print(f"exchange + invoke round trips per second: {flows:.0f}")
     doc["meta"] = {
         "duration": args.duration,
         "warmup": args.warmup,
