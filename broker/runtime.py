@@ -22,9 +22,9 @@ from broker.config.models import Config, Limits, Tool
 from broker.gateway.filters import FilterCompileError, ToolFilters, compile_tool_filters
 from broker.gateway.forward import UpstreamTarget
 from broker.identity.principal import Authenticator
+from broker.policy.approvers import Eligibility
 from broker.policy.counters import Counters
 from broker.policy.engine import PolicyCompileError, PolicySet
-from broker.txn.approvals import Eligibility
 
 
 @dataclass(frozen=True)

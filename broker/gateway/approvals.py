@@ -37,9 +37,10 @@ from broker.gateway.stages import has_mfa, read_json_body
 from broker.identity.principal import Principal
 from broker.jose import SigningKey
 from broker.observability import Metrics
+from broker.policy.approvers import Eligibility
 from broker.resources import METRICS, RUNTIME, STATE
 from broker.state.base import StateStore
-from broker.txn.approvals import Approval, ApprovalBook, Eligibility, Verdict, refusal
+from broker.txn.approvals import Approval, ApprovalBook, Verdict, refusal
 from broker.txn.webhooks import WebhookNotifier
 
 __all__ = [

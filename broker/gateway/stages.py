@@ -27,14 +27,13 @@ from broker.errors import (
     UnsupportedMediaType,
 )
 from broker.identity.principal import Principal
+from broker.policy.approvers import APPROVAL_OBLIGATIONS
 from broker.policy.engine import Decision, Env
 from broker.resources import METRICS, RUNTIME, SIGNER, STATE
 from broker.runtime import CompiledTool, Runtime
 from broker.txn.tokens import MintedTxn, mint_txn_token
 
 log = structlog.get_logger("broker.policy")
-
-APPROVAL_OBLIGATIONS = ("manager_approval", "dual_approval", "security_review")
 
 
 async def authenticate(request: web.Request, runtime: Runtime, *, require_actor: bool = True) -> Principal:

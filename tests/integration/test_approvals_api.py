@@ -26,8 +26,9 @@ from broker.canonical import args_digest
 from broker.config.models import Approvals, Webhook
 from broker.gateway.approvals import APPROVALS, ApprovalService
 from broker.jose import Signer, b64url_decode, generate_ec_jwk, public_key_from_jwk, verify_signature
+from broker.policy.approvers import Eligibility
 from broker.state.base import StateStore
-from broker.txn.approvals import Approval, ApprovalBook, Eligibility
+from broker.txn.approvals import Approval, ApprovalBook
 from broker.txn.webhooks import ANNOUNCEMENT_TYP, WebhookNotifier
 from tests.certfactory import Pki
 from tests.conftest import BrokerFactory, BrokerUnderTest, Caller, Reply, base_config

@@ -19,12 +19,11 @@ from broker.errors import AccessDenied, NotFound, PayloadTooLarge
 from broker.gateway.approvals import ApprovalService
 from broker.jose import Signer, generate_ec_jwk
 from broker.observability import Metrics
+from broker.policy.approvers import Eligibility, EligibilityCompileError
 from broker.state.memory import MemoryStore
 from broker.txn.approvals import (
     Approval,
     ApprovalBook,
-    Eligibility,
-    EligibilityCompileError,
     apply_decision,
     approval_requirements,
     covers,
