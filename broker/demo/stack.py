@@ -23,17 +23,15 @@ from broker.server import start
 
 
 def _banner(broker_main: str, broker_admin: str, backend: str, certs: Path, config: Path, mcp: str) -> str:
-    agent = certs / "agents" / "expense-assistant"
     return f"""
-  expense backend   {backend}            (SQLite, mTLS: only CA-issued client certificates)
+  expense backend   {backend}            (SQLite, mTLS; verifies the broker's txn tokens)
   expense MCP       {mcp}  (behind the broker at /mcp/expenses)
   broker            {broker_main}         config {config}
-  admin             {broker_admin}        /healthz /readyz /metrics
+  admin             {broker_admin}        /healthz /readyz /metrics /admin/config
 
-  Try it (an agent's X.509-SVID over mTLS):
-    curl --cacert {certs}/ca.pem --cert {agent}.pem --key {agent}-key.pem \\
-         -H 'Content-Type: application/json' -d '{{"department": "42"}}' \\
-         {broker_main}/v1/tools/listInvoices
+  Try it: every call needs the agent's X.509-SVID, an access token and a fresh DPoP proof, so use an agent:
+    make demo                      (walks the whole expense scenario, one line per step)
+    README "Trying it by hand"     (one call with broker.client.AgentClient and `broker token`)
   Audit log: broker audit verify <audit file> --key {certs}/broker-signing.jwk
   Stop with Ctrl-C.
 """
