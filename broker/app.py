@@ -188,7 +188,7 @@ async def readyz(request: web.Request) -> web.StreamResponse:
         "config": True,
         "audit": main[AUDIT].healthy,
         "state": state_ok,
-        "draining": not main[DRAINING].draining,
+        "accepting": not main[DRAINING].draining,  # false once SIGTERM started the drain
     }
     ready = all(checks.values())
     body = {
