@@ -18,7 +18,7 @@ from jsonschema.protocols import Validator
 from yarl import URL
 
 from broker.config.loader import ConfigError, ConfigProblem, LoadedConfig
-from broker.config.models import Config, Limits, Tool
+from broker.config.models import Config, Limits, Tool, Upstream
 from broker.gateway.filters import FilterCompileError, ToolFilters, compile_tool_filters
 from broker.gateway.forward import UpstreamTarget
 from broker.identity.principal import Authenticator
@@ -73,6 +73,16 @@ class Runtime:
         return self.loaded.config.server.limits
 
 
+def upstream_tls_files(upstream: Upstream, config: Config) -> tuple[str, str, str]:
+    """(CA, certificate, key) towards an upstream: its own, else the server's trust bundle and certificate."""
+    tls = upstream.tls
+    return (
+        str(tls.ca or config.server.tls.client_ca),
+        str(tls.cert or config.server.tls.cert),
+        str(tls.key or config.server.tls.key),
+    )
+
+
 def upstream_ssl_context(*, ca: str, cert: str, key: str) -> ssl.SSLContext:
     """Client-side TLS towards a backend: verify it against ``ca``, present the broker's own certificate."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
@@ -109,12 +119,7 @@ def build_runtime(loaded: LoadedConfig) -> Runtime:
                 ConfigProblem(file, loaded.line_of((*loc, "input_schema")), f"input_schema: {exc.message}")
             )
             continue
-        tls = tool.upstream.tls
-        files = (
-            str(tls.ca or config.server.tls.client_ca),
-            str(tls.cert or config.server.tls.cert),
-            str(tls.key or config.server.tls.key),
-        )
+        files = upstream_tls_files(tool.upstream, config)
         if files not in contexts:
             try:
                 contexts[files] = upstream_ssl_context(ca=files[0], cert=files[1], key=files[2])

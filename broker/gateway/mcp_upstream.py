@@ -28,7 +28,7 @@ from broker.errors import InvalidRequest, UpstreamError, UpstreamTimeout
 from broker.gateway import mcp_jsonrpc as rpc
 from broker.gateway.mcp_pins import PinBook
 from broker.gateway.mcp_sse import SseError, SseParser
-from broker.runtime import Runtime, upstream_ssl_context
+from broker.runtime import Runtime, upstream_ssl_context, upstream_tls_files
 
 log = structlog.get_logger("broker.mcp.upstream")
 
@@ -64,12 +64,7 @@ def compile_servers(config: Config) -> dict[str, McpUpstream]:
     contexts: dict[tuple[str, str, str], ssl.SSLContext] = {}
     servers: dict[str, McpUpstream] = {}
     for server in config.mcp_servers:
-        tls = server.upstream.tls
-        files = (
-            str(tls.ca or config.server.tls.client_ca),
-            str(tls.cert or config.server.tls.cert),
-            str(tls.key or config.server.tls.key),
-        )
+        files = upstream_tls_files(server.upstream, config)
         if files not in contexts:
             contexts[files] = upstream_ssl_context(ca=files[0], cert=files[1], key=files[2])
         servers[server.name] = McpUpstream(
