@@ -33,7 +33,7 @@ from typing import Any
 import jsonschema
 from aiohttp import web
 
-from broker.canonical import args_digest, canonicalize
+from broker.canonical import canonicalize
 from broker.context import CTX
 from broker.errors import AccessDenied
 from broker.gateway import mcp_jsonrpc as rpc
@@ -43,7 +43,7 @@ from broker.gateway.guard import grant_id
 from broker.gateway.mcp_params import check_param_headers
 from broker.gateway.mcp_pins import PinBook
 from broker.gateway.mcp_upstream import McpUpstream
-from broker.gateway.stages import approvals_needed, has_mfa, mint_for_call
+from broker.gateway.stages import approval_for_call, has_mfa, mint_for_call
 from broker.identity.principal import Principal
 from broker.jose import b64url_encode
 from broker.policy.engine import Decision, Env
@@ -279,34 +279,13 @@ async def _approvals(
     url_elicitation: bool,
 ) -> str | None:
     """Stage 5: the id of the granted approval covering exactly this call, else a refusal naming it."""
-    required = approvals_needed(decision)
-    if not required:
+    state = await approval_for_call(request, runtime, principal, name, arguments, decision)
+    if state is None:
         return None
-    service = request.app[APPROVALS]
-    digest = request[CTX].args_digest or args_digest(arguments)
-    now = time.time()
-    approval, _ = await service.request(
-        subject=principal.subject,
-        actor=principal.actor_id,
-        tool=name,
-        arguments=arguments,
-        args_digest=digest,
-        required=required,
-        reason=reasons,
-        policy_version=runtime.policy_version,
-        now=now,
-    )
-    if service.book.covers(
-        approval,
-        subject=principal.subject,
-        actor=principal.actor_id,
-        tool=name,
-        args_digest=digest,
-        required=required,
-        now=now,
-    ):
-        return str(approval.id)
-    url = service.approval_url(approval.id)
+    if state.covered:
+        return str(state.approval.id)
+    approval, required = state.approval, state.required
+    url = request.app[APPROVALS].approval_url(approval.id)
     message = reasons or "this call needs approval"
     data: dict[str, Any] = {
         "error": "approval_required",

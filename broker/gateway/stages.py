@@ -31,6 +31,7 @@ from broker.policy.approvers import APPROVAL_OBLIGATIONS
 from broker.policy.engine import Decision, Env
 from broker.resources import METRICS, RUNTIME, SIGNER, STATE
 from broker.runtime import CompiledTool, Runtime
+from broker.txn.approvals import Approval
 from broker.txn.tokens import MintedTxn, mint_txn_token
 
 log = structlog.get_logger("broker.policy")
@@ -217,6 +218,71 @@ def approval_required(
     )
 
 
+@dataclass(frozen=True)
+class ApprovalState:
+    """The approval a call needs: the record (bound to subject, actor, tool, args digest), whether it covers the
+    call now, which obligations it answers and why they apply."""
+
+    approval: Approval
+    covered: bool
+    required: tuple[str, ...]
+    reasons: str
+
+
+async def approval_for_call(
+    request: web.Request,
+    runtime: Runtime,
+    principal: Principal,
+    tool: str,
+    arguments: dict[str, Any],
+    decision: Decision,
+    *,
+    approval_id: str | None = None,
+) -> ApprovalState | None:
+    """None if the decision needs no approval; else the approval bound to exactly this call — the one named by
+    ``approval_id`` if it covers the call, else the (new or pending, idempotent per binding) one of the book."""
+    from broker.gateway.approvals import APPROVALS  # the approvals service imports this module's stages
+
+    required = approvals_needed(decision)
+    if not required:
+        return None
+    service = request.app[APPROVALS]
+    now = time.time()
+    reasons = "; ".join(r for r in decision.obligation_reasons if r)  # aligned with obligation_rules
+    digest = request[CTX].args_digest or args_digest(arguments)
+    subject, actor = principal.subject, principal.actor_id
+
+    def covers(approval: Approval) -> bool:
+        return bool(
+            service.book.covers(
+                approval,
+                subject=subject,
+                actor=actor,
+                tool=tool,
+                args_digest=digest,
+                required=required,
+                now=now,
+            )
+        )
+
+    if approval_id is not None:
+        named = await service.book.get(approval_id, now)
+        if named is not None and covers(named):
+            return ApprovalState(named, True, required, reasons)
+    approval, _ = await service.request(
+        subject=subject,
+        actor=actor,
+        tool=tool,
+        arguments=arguments,
+        args_digest=digest,
+        required=required,
+        reason=reasons,
+        policy_version=runtime.policy_version,
+        now=now,
+    )
+    return ApprovalState(approval, covers(approval), required, reasons)
+
+
 async def discharge_approvals(
     request: web.Request,
     runtime: Runtime,
@@ -230,39 +296,16 @@ async def discharge_approvals(
     """Approval obligations: satisfied by a granted approval bound to exactly this (subject, actor, tool,
     arguments), or refused with ``approval_required`` naming the (new or pending) approval. Returns the id of
     the approval that covers the call, if one was needed."""
-    required = approvals_needed(decision)
-    if not required:
-        return None
-    from broker.gateway.approvals import APPROVALS  # the approvals service imports this module's stages
-
-    service = request.app[APPROVALS]
-    digest = request[CTX].args_digest or args_digest(arguments)
-    subject, actor, tool = principal.subject, principal.actor_id, visible.tool.name
-    if approval_id is not None:
-        approval = await service.book.get(approval_id, visible.now)
-        if approval is not None and service.book.covers(
-            approval,
-            subject=subject,
-            actor=actor,
-            tool=tool,
-            args_digest=digest,
-            required=required,
-            now=visible.now,
-        ):
-            return str(approval.id)
-    reasons = "; ".join(r for r in decision.obligation_reasons if r)  # aligned with obligation_rules
-    approval, _ = await service.request(
-        subject=subject,
-        actor=actor,
-        tool=tool,
-        arguments=arguments,
-        args_digest=digest,
-        required=required,
-        reason=reasons,
-        policy_version=runtime.policy_version,
-        now=visible.now,
+    state = await approval_for_call(
+        request, runtime, principal, visible.tool.name, arguments, decision, approval_id=approval_id
     )
-    raise approval_required(approval.id, required, runtime.config.server.public_url, reasons)
+    if state is None:
+        return None
+    if state.covered:
+        return str(state.approval.id)
+    raise approval_required(
+        state.approval.id, state.required, runtime.config.server.public_url, state.reasons
+    )
 
 
 def mint_for_call(
