@@ -80,7 +80,8 @@ async def invoke_tool(request: web.Request) -> web.StreamResponse:
         await discharge_approvals(request, runtime, principal, visible, arguments, decision, approval_id=None)
     forwarded = tool.filters.inject(arguments, subject=principal.claims, actor_id=principal.actor_id)  # 6
     injected = {name: forwarded[name] for name in tool.config.inject}
-    if presented is not None and canonicalize(presented.forwarded_arguments()) != canonicalize(forwarded):
+    body = canonicalize(forwarded)  # what executes is exactly what was decided on (and, with a token, locked)
+    if presented is not None and canonicalize(presented.forwarded_arguments()) != body:
         # the backend verifies the body against the token: refuse here, before the token is consumed
         raise TxnTokenMismatch(
             "server-side arguments changed since the exchange; exchange again", reason="txn_injected_mismatch"
@@ -109,12 +110,12 @@ async def invoke_tool(request: web.Request) -> web.StreamResponse:
         traceparent=traceparent_for(request.headers.get("traceparent")),
         extra={"Txn-Token": txn_token},
     )
-    answer = await app[FORWARDER].call(tool.target, canonicalize(forwarded), headers)
+    answer = await app[FORWARDER].call(tool.target, body, headers)
     if tool.filters.filters_response:  # 10
-        body = tool.filters.filter_response(
+        filtered = tool.filters.filter_response(
             answer.body, subject=principal.claims, actor_id=principal.actor_id
         )
-        answer = answer.with_body(body)
+        answer = answer.with_body(filtered)
     return json_response(answer, ctx.request_id)
 
 
