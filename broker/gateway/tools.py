@@ -172,18 +172,17 @@ async def list_tools(request: web.Request) -> web.StreamResponse:
     counters = await runtime.counters.fetch(
         app[STATE], counters_needed, subject=principal.subject, actor_id=principal.actor_id, now=now
     )
-    env = None
+    # one evaluation environment for the whole listing: it re-points `tool` per tool (broker.policy.cel.Env)
+    env = policies.build_env(
+        subject=principal.claims,
+        actor_id=principal.actor_id,
+        tool=next(iter(runtime.tools), ""),
+        args=None,
+        counters=counters,
+        now=now,
+    )
     visible: list[tuple[str, dict[str, Any]]] = []
     for name in runtime.tools:
-        if env is None:
-            env = policies.build_env(
-                subject=principal.claims,
-                actor_id=principal.actor_id,
-                tool=name,
-                args=None,
-                counters=counters,
-                now=now,
-            )
         env.bind_tool(name)
         if not policies.visible(name, env):
             continue
