@@ -315,16 +315,9 @@ class TxnInvocations(IdentityRequests):
         return headers, body
 
 
-def start_broker(
-    env: BenchEnv,
-    port: int,
-    admin_port: int,
-    *,
-    name: str = "broker",
-    state: str = "memory",
-    workers: int = 1,
-) -> AbstractAsyncContextManager[None]:
-    overrides = {
+def broker_env(env: BenchEnv, port: int, admin_port: int, state: str) -> dict[str, str]:
+    """The expense.yaml variables of a broker on these ports, in front of the bench's backends."""
+    return {
         "BROKER_STATE": state,
         "BROKER_REDIS_URL": os.environ.get("BROKER_REDIS_URL", "redis://127.0.0.1:6379/0"),
         "BROKER_CERTS": str(env.certs),
@@ -335,6 +328,18 @@ def start_broker(
         "EXPENSE_MCP_UPSTREAM": env.mcp_url,
         "BROKER_AUDIT_FILE": str(env.work / "audit.jsonl"),
     }
+
+
+def start_broker(
+    env: BenchEnv,
+    port: int,
+    admin_port: int,
+    *,
+    name: str = "broker",
+    state: str = "memory",
+    workers: int = 1,
+) -> AbstractAsyncContextManager[None]:
+    overrides = broker_env(env, port, admin_port, state)
     argv = [sys.executable, "-m", "broker", "run", "-c", str(env.broker_config), "--workers", str(workers)]
     ready = probe(f"http://127.0.0.1:{admin_port}/readyz", None)
     return server_process(name, argv, env=env, ready=ready, extra_env=overrides)

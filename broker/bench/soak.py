@@ -64,6 +64,7 @@ from broker.bench.__main__ import (
     BenchEnv,
     IdentityRequests,
     SetupFailed,
+    broker_env,
     free_port,
     probe,
     server_process,
@@ -331,16 +332,7 @@ async def broker_process(
     env: BenchEnv, port: int, admin_port: int, state: str
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """``broker run`` (one process: its pid is the one whose RSS is sampled), ready on enter, killed on error."""
-    overrides = {
-        "BROKER_STATE": state,
-        "BROKER_REDIS_URL": os.environ.get("BROKER_REDIS_URL", "redis://127.0.0.1:6379/0"),
-        "BROKER_CERTS": str(env.certs),
-        "BROKER_LISTEN": f"127.0.0.1:{port}",
-        "BROKER_PUBLIC_URL": f"https://127.0.0.1:{port}",
-        "BROKER_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
-        "EXPENSE_UPSTREAM": env.backend_url,
-        "BROKER_AUDIT_FILE": str(env.work / "audit.jsonl"),
-    }
+    overrides = broker_env(env, port, admin_port, state)
     log_path = env.work / "broker.log"
     ready = probe(f"http://127.0.0.1:{admin_port}/readyz", None)
     with log_path.open("wb") as log:

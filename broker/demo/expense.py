@@ -118,14 +118,14 @@ def open_db(db_path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _fetch_invoice(db: sqlite3.Connection, invoice_id: str) -> sqlite3.Row | None:
+def fetch_invoice(db: sqlite3.Connection, invoice_id: str) -> sqlite3.Row | None:
     row: sqlite3.Row | None = db.execute(
         "SELECT * FROM invoices WHERE invoice_id = ?", (invoice_id,)
     ).fetchone()
     return row
 
 
-def _invoice_json(row: sqlite3.Row) -> dict[str, Any]:
+def invoice_json(row: sqlite3.Row) -> dict[str, Any]:
     return {
         "invoice_id": row["invoice_id"],
         "amount": row["amount"],
@@ -214,7 +214,7 @@ async def approve(request: web.Request) -> web.Response:
     if not isinstance(invoice_id, str) or not _is_number(amount):
         return _error(400, "invalid_request", "need invoice_id (string) and amount (number)")
     db = request.app[DB]
-    row = _fetch_invoice(db, invoice_id)
+    row = fetch_invoice(db, invoice_id)
     if row is None:
         return _error(404, "unknown_invoice", "no such invoice")
     if row["department"] != caller.department:  # row-level security, from the token
@@ -227,9 +227,9 @@ async def approve(request: web.Request) -> web.Response:
                 "UPDATE invoices SET status = 'approved', approved_by = ? WHERE invoice_id = ?",
                 (caller.subject, invoice_id),
             )
-        row = _fetch_invoice(db, invoice_id)
+        row = fetch_invoice(db, invoice_id)
         assert row is not None  # rows are never deleted
-    return web.json_response({**_invoice_json(row), "approved_by": row["approved_by"]})
+    return web.json_response({**invoice_json(row), "approved_by": row["approved_by"]})
 
 
 async def list_invoices(request: web.Request) -> web.Response:
@@ -242,7 +242,7 @@ async def list_invoices(request: web.Request) -> web.Response:
     # The body's department is ignored: the rows are the token's department's, whatever was asked for.
     query = "SELECT * FROM invoices WHERE department = ? ORDER BY invoice_id"
     rows = request.app[DB].execute(query, (caller.department,)).fetchall()
-    return web.json_response({"invoices": [_invoice_json(row) for row in rows]})
+    return web.json_response({"invoices": [invoice_json(row) for row in rows]})
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -38,7 +38,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from broker.demo.expense import open_db, parse_listen, run_event_loop
+from broker.demo.expense import fetch_invoice, invoice_json, open_db, parse_listen, run_event_loop
 from broker.jose import JoseError, b64url_decode
 
 __all__ = ["RunningMcpServer", "build_server", "main", "serve"]
@@ -66,16 +66,6 @@ class Received:
         return {"method": self.method, "path": self.path, "headers": self.headers, "json": self.json()}
 
 
-def _invoice(row: sqlite3.Row) -> dict[str, Any]:
-    return {
-        "invoice_id": row["invoice_id"],
-        "amount": row["amount"],
-        "department": row["department"],
-        "status": row["status"],
-        "vendor": {"name": row["vendor_name"], "bank_account": row["vendor_bank_account"]},
-    }
-
-
 def _txn_subject(ctx: Context) -> str:
     """The ``sub`` of the Txn-Token header. NOT VERIFIED (demo label only, like broker.demo.expense)."""
     token = (ctx.headers or {}).get("txn-token", "")
@@ -100,7 +90,7 @@ def build_server(db: sqlite3.Connection) -> MCPServer:
     ) -> dict[str, Any]:
         if department is None:
             raise ToolError("department is required")
-        row = db.execute("SELECT * FROM invoices WHERE invoice_id = ?", (invoice_id,)).fetchone()
+        row = fetch_invoice(db, invoice_id)
         if row is None:
             raise ToolError("unknown invoice")
         if amount != row["amount"]:
@@ -113,8 +103,9 @@ def build_server(db: sqlite3.Connection) -> MCPServer:
                     "UPDATE invoices SET status = 'approved', approved_by = ? WHERE invoice_id = ?",
                     (_txn_subject(ctx), invoice_id),
                 )
-            row = db.execute("SELECT * FROM invoices WHERE invoice_id = ?", (invoice_id,)).fetchone()
-        return {**_invoice(row), "approved_by": row["approved_by"]}
+            row = fetch_invoice(db, invoice_id)
+            assert row is not None  # it was there a moment ago, in the same connection
+        return {**invoice_json(row), "approved_by": row["approved_by"]}
 
     @mcp.tool(name="listInvoices", description="List invoices of your department.")
     async def list_invoices(department: str | None = None) -> dict[str, Any]:
@@ -123,7 +114,7 @@ def build_server(db: sqlite3.Connection) -> MCPServer:
         else:
             query = "SELECT * FROM invoices WHERE department = ? ORDER BY invoice_id"
             rows = db.execute(query, (department,)).fetchall()
-        return {"invoices": [_invoice(row) for row in rows]}
+        return {"invoices": [invoice_json(row) for row in rows]}
 
     @mcp.tool(name="purgeInvoices", description="Delete the invoices of a department.")
     async def purge_invoices(department: str | None = None) -> dict[str, Any]:
