@@ -203,13 +203,22 @@ def _caller(request: web.Request, body: dict[str, Any]) -> Caller | web.Response
     return Caller(subject, department)
 
 
-async def approve(request: web.Request) -> web.Response:
+async def _verified_call(request: web.Request) -> tuple[dict[str, Any], Caller] | web.Response:
+    """The JSON body and the caller the verified txn token names, or the refusal to send."""
     body = await _json_object(request)
     if body is None:
         return _error(400, "invalid_request", "body must be a JSON object")
     caller = _caller(request, body)
     if isinstance(caller, web.Response):
         return caller
+    return body, caller
+
+
+async def approve(request: web.Request) -> web.Response:
+    call = await _verified_call(request)
+    if isinstance(call, web.Response):
+        return call
+    body, caller = call
     invoice_id, amount = body.get("invoice_id"), body.get("amount")
     if not isinstance(invoice_id, str) or not _is_number(amount):
         return _error(400, "invalid_request", "need invoice_id (string) and amount (number)")
@@ -233,12 +242,10 @@ async def approve(request: web.Request) -> web.Response:
 
 
 async def list_invoices(request: web.Request) -> web.Response:
-    body = await _json_object(request)
-    if body is None:
-        return _error(400, "invalid_request", "body must be a JSON object")
-    caller = _caller(request, body)
-    if isinstance(caller, web.Response):
-        return caller
+    call = await _verified_call(request)
+    if isinstance(call, web.Response):
+        return call
+    _, caller = call
     # The body's department is ignored: the rows are the token's department's, whatever was asked for.
     query = "SELECT * FROM invoices WHERE department = ? ORDER BY invoice_id"
     rows = request.app[DB].execute(query, (caller.department,)).fetchall()
