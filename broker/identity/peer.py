@@ -25,8 +25,8 @@ def peer_certificate(request: web.Request) -> bytes | None:
     return ssl_object.getpeercert(binary_form=True)
 
 
-def peer_actor(request: web.Request, trust_domain: str) -> SpiffeId:
-    der = peer_certificate(request)
+def peer_actor(der: bytes | None, trust_domain: str) -> SpiffeId:
+    """The actor of the certificate this connection presented (``peer_certificate``), or InvalidClient."""
     if der is None:
         raise InvalidClient("a client certificate (X.509-SVID) is required", reason="svid_missing")
     return actor_from_certificate(der, trust_domain=trust_domain, now=datetime.now(UTC))

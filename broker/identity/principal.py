@@ -149,7 +149,7 @@ class Authenticator:
     ) -> Principal:
         """Every identity check of one request, or the BrokerError of the first that fails."""
         der = peer_certificate(request)
-        actor = peer_actor(request, self.trust_domain) if require_actor or der is not None else None
+        actor = peer_actor(der, self.trust_domain) if require_actor or der is not None else None
 
         if "access_token" in request.query:
             raise InvalidRequest(
