@@ -22,11 +22,10 @@ What the agent gets back is shaped in :mod:`broker.gateway.mcp_answers`.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,15 +38,13 @@ from broker.errors import AccessDenied
 from broker.gateway import mcp_jsonrpc as rpc
 from broker.gateway.approvals import APPROVALS
 from broker.gateway.filters import ToolFilters
-from broker.gateway.guard import grant_id
 from broker.gateway.mcp_params import check_param_headers
 from broker.gateway.mcp_pins import PinBook
 from broker.gateway.mcp_upstream import McpUpstream
-from broker.gateway.stages import approval_for_call, has_mfa, mint_for_call
+from broker.gateway.stages import approval_for_call, has_mfa, mint_for_call, policy_env, visible_names
 from broker.identity.principal import Principal
 from broker.jose import b64url_encode
-from broker.policy.engine import Decision, Env
-from broker.resources import STATE
+from broker.policy.engine import Decision
 from broker.runtime import Runtime
 
 __all__ = [
@@ -86,25 +83,6 @@ def unknown_tool(name: str, reason: str) -> Refusal:
     return Refusal(rpc.UNKNOWN_TOOL, f"Unknown tool: {name}", reason, decision="deny", label="unknown_tool")
 
 
-async def _env(
-    request: web.Request, runtime: Runtime, principal: Principal, names: Sequence[str], now: int
-) -> Env:
-    policies = runtime.policies
-    needed = frozenset().union(*(policies.counters_needed(n) for n in names))
-    counters = await runtime.counters.fetch(
-        request.app[STATE], needed, subject=principal.subject, actor_id=principal.actor_id, now=now
-    )
-    first = next(iter(names), "")
-    return policies.build_env(
-        subject=principal.claims,
-        actor_id=principal.actor_id,
-        tool=first,
-        args=None,
-        counters=counters,
-        now=now,
-    )
-
-
 async def visible_tools(
     request: web.Request, runtime: Runtime, principal: Principal, upstream: McpUpstream
 ) -> frozenset[str]:
@@ -112,17 +90,8 @@ async def visible_tools(
     names = list(upstream.digests)
     if not names:
         return frozenset()
-    env = await _env(request, runtime, principal, names, int(time.time()))
-    seen = []
-    for name in names:
-        env.bind_tool(name)
-        if runtime.policies.visible(name, env):
-            seen.append(name)
-    store = request.app[STATE]
-    revoked = await asyncio.gather(
-        *(store.is_revoked({"grant": grant_id(principal.subject, principal.actor_id, n)}) for n in seen)
-    )
-    return frozenset(n for n, hit in zip(seen, revoked, strict=True) if hit is None)
+    env, _ = await policy_env(request, runtime, principal, names, int(time.time()))
+    return frozenset(await visible_names(request, runtime, principal, names, env))
 
 
 @dataclass(frozen=True)
@@ -208,7 +177,7 @@ async def authorize_call(
     if usable is None or time.time() - usable.seen_at > max_catalog_age:  # drifted, invalid, or not listed
         raise unknown_tool(name, "tool_unpinned_or_drifted")
     now = int(time.time())
-    env = await _env(request, runtime, principal, [name], now)  # 1
+    env, _ = await policy_env(request, runtime, principal, [name], now)  # 1
     visibility = runtime.policies.visibility(name, env)
     if visibility.outcome != "allow":
         raise unknown_tool(name, f"hidden: {visibility.reason}"[:200])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from broker.errors import (
     UnknownTool,
     UnsupportedMediaType,
 )
+from broker.gateway.guard import grant_id
 from broker.identity.principal import Principal
 from broker.policy.approvers import APPROVAL_OBLIGATIONS
 from broker.policy.engine import Decision, Env
@@ -55,6 +56,44 @@ class Visible:
     now: int
 
 
+async def policy_env(
+    request: web.Request, runtime: Runtime, principal: Principal, names: Sequence[str], now: int
+) -> tuple[Env, dict[str, dict[str, Any]]]:
+    """One evaluation environment (and the counters in it) for deciding on ``names``: the counters their rules
+    read come from the state store once; the Env re-points ``tool`` per name (``Env.bind_tool``)."""
+    policies = runtime.policies
+    needed = frozenset().union(*(policies.counters_needed(name) for name in names))
+    counters = await runtime.counters.fetch(
+        request.app[STATE], needed, subject=principal.subject, actor_id=principal.actor_id, now=now
+    )
+    env = policies.build_env(
+        subject=principal.claims,
+        actor_id=principal.actor_id,
+        tool=next(iter(names), ""),
+        args=None,
+        counters=counters,
+        now=now,
+    )
+    return env, counters
+
+
+async def visible_names(
+    request: web.Request, runtime: Runtime, principal: Principal, names: Sequence[str], env: Env
+) -> list[str]:
+    """Discovery: the names policy lets this (subject, actor) see, minus revoked grants (a revoked grant hides
+    its tool at once, as invocation refuses it)."""
+    seen = []
+    for name in names:
+        env.bind_tool(name)
+        if runtime.policies.visible(name, env):
+            seen.append(name)
+    store = request.app[STATE]
+    revoked = await asyncio.gather(
+        *(store.is_revoked({"grant": grant_id(principal.subject, principal.actor_id, n)}) for n in seen)
+    )
+    return [name for name, hit in zip(seen, revoked, strict=True) if hit is None]
+
+
 async def visible_tool(request: web.Request, runtime: Runtime, principal: Principal, name: str) -> Visible:
     """The tool, if this (subject, actor) may see it; else exactly what a missing tool answers (404)."""
     ctx = request[CTX]
@@ -63,21 +102,7 @@ async def visible_tool(request: web.Request, runtime: Runtime, principal: Princi
         raise UnknownTool("no such tool", reason="unknown_tool")
     ctx.tool = tool.name
     now = int(time.time())
-    counters = await runtime.counters.fetch(
-        request.app[STATE],
-        runtime.policies.counters_needed(name),
-        subject=principal.subject,
-        actor_id=principal.actor_id,
-        now=now,
-    )
-    env = runtime.policies.build_env(
-        subject=principal.claims,
-        actor_id=principal.actor_id,
-        tool=name,
-        args=None,
-        counters=counters,
-        now=now,
-    )
+    env, counters = await policy_env(request, runtime, principal, [name], now)
     visibility = runtime.policies.visibility(name, env)
     if visibility.outcome != "allow":
         raise UnknownTool("no such tool", reason=f"hidden: {visibility.reason}"[:200])

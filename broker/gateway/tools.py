@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -30,7 +29,7 @@ from broker.canonical import canonicalize
 from broker.context import CTX
 from broker.errors import InvalidTxnToken, TxnTokenMismatch
 from broker.gateway.forward import json_response, upstream_headers
-from broker.gateway.guard import final_guard, grant_id
+from broker.gateway.guard import final_guard
 from broker.gateway.middleware import audit_decision
 from broker.gateway.stages import (
     Visible,
@@ -39,9 +38,11 @@ from broker.gateway.stages import (
     decide,
     discharge_approvals,
     mint_for_call,
+    policy_env,
     read_json_body,
     require_mfa,
     runtime_of,
+    visible_names,
     visible_tool,
 )
 from broker.identity.principal import Principal
@@ -168,39 +169,17 @@ async def list_tools(request: web.Request) -> web.StreamResponse:
     principal = await authenticate(request, runtime)
     now = int(time.time())
     policies = runtime.policies
-    counters_needed = frozenset().union(*(policies.counters_needed(name) for name in runtime.tools))
-    counters = await runtime.counters.fetch(
-        app[STATE], counters_needed, subject=principal.subject, actor_id=principal.actor_id, now=now
-    )
-    # one evaluation environment for the whole listing: it re-points `tool` per tool (broker.policy.cel.Env)
-    env = policies.build_env(
-        subject=principal.claims,
-        actor_id=principal.actor_id,
-        tool=next(iter(runtime.tools), ""),
-        args=None,
-        counters=counters,
-        now=now,
-    )
+    await final_guard(app[STATE], app[METRICS], principal)
+    env, _ = await policy_env(request, runtime, principal, list(runtime.tools), now)
     visible: list[tuple[str, dict[str, Any]]] = []
-    for name in runtime.tools:
+    for name in await visible_names(request, runtime, principal, list(runtime.tools), env):
         env.bind_tool(name)
-        if not policies.visible(name, env):
-            continue
         try:
             constraints = policies.grant_constraints(name, env)
         except PolicyError as exc:  # a constraint that cannot be evaluated hides the tool (fail closed)
             log.warning("grant constraints failed; tool hidden", tool=name, error=str(exc))
             continue
         visible.append((name, constraints))
-    await final_guard(app[STATE], app[METRICS], principal)
-    # a revoked grant hides its tool from this (subject, actor) at once, as invocation refuses it
-    revoked = await asyncio.gather(
-        *(
-            app[STATE].is_revoked({"grant": grant_id(principal.subject, principal.actor_id, n)})
-            for n, _ in visible
-        )
-    )
-    visible = [entry for entry, hit in zip(visible, revoked, strict=True) if hit is None]
     signer = app[SIGNER]
     tools = []
     for name, constraints in visible:
