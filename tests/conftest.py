@@ -8,6 +8,7 @@ import json
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,8 +81,9 @@ def backend_ssl_context(pki: Pki) -> ssl.SSLContext:
     return ctx
 
 
-@pytest.fixture
-async def upstream(pki: Pki) -> AsyncIterator[RecordingUpstream]:
+@asynccontextmanager
+async def recording_upstream(pki: Pki) -> AsyncIterator[RecordingUpstream]:
+    """A :class:`RecordingUpstream` serving HTTPS on 127.0.0.1 (an ephemeral port) for the block."""
     recorder = RecordingUpstream()
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", recorder.handle)
@@ -89,10 +91,17 @@ async def upstream(pki: Pki) -> AsyncIterator[RecordingUpstream]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=backend_ssl_context(pki))
     await site.start()
-    port = runner.addresses[0][1]
-    recorder.url = f"https://127.0.0.1:{port}"
-    yield recorder
-    await runner.cleanup()
+    recorder.url = f"https://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        yield recorder
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def upstream(pki: Pki) -> AsyncIterator[RecordingUpstream]:
+    async with recording_upstream(pki) as recorder:
+        yield recorder
 
 
 def base_config(pki: Pki, tmp: Path, *, upstream_url: str, **overrides: Any) -> dict[str, Any]:

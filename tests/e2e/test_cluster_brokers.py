@@ -23,13 +23,12 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
-from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from broker.client import AgentClient
 from broker.jose import jwk_thumbprint
 from tests.certfactory import Pki
-from tests.conftest import RecordingUpstream, backend_ssl_context
+from tests.conftest import RecordingUpstream, recording_upstream
 from tests.e2e.test_cli import broker_process, redis_config, wait_ready
 from tests.redisutil import ThrowawayCluster, throwaway_cluster
 from tests.tokenfactory import make_token
@@ -105,16 +104,8 @@ async def cluster() -> AsyncIterator[ThrowawayCluster]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def upstream(pki: Pki) -> AsyncIterator[RecordingUpstream]:
-    recorder = RecordingUpstream()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", recorder.handle)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=backend_ssl_context(pki))
-    await site.start()
-    recorder.url = f"https://127.0.0.1:{runner.addresses[0][1]}"
-    yield recorder
-    await runner.cleanup()
+    async with recording_upstream(pki) as recorder:
+        yield recorder
 
 
 @pytest.fixture(scope="module")

@@ -3,23 +3,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from broker.demo.agent import STEPS
 from tests.certfactory import Pki
+from tests.e2e.test_cli import wait_ready as wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 READY_WITHIN = 30.0
@@ -42,18 +40,7 @@ class Stack:
 
 
 async def wait_ready(stack: Stack) -> None:
-    deadline = time.monotonic() + READY_WITHIN
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            assert stack.proc.poll() is None, stack.log.read_text()
-            try:
-                async with s.get(f"{stack.admin_url}/readyz") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)  # readiness poll interval, bounded by the deadline
-    pytest.fail(f"stack not ready: {stack.log.read_text()[-2000:]}")
+    await wait_until_ready(stack.admin_url, stack.proc, stack.log)
 
 
 @pytest.fixture
