@@ -23,11 +23,11 @@ $(CERTS)/ca.pem:
 
 ## run: the demo expense backend and the broker on the embedded defaults (memory state, var/audit.jsonl)
 run: certs
-	$(BIN)/python -m broker.demo.stack --config $(CONFIG) --certs $(CERTS)
+	$(BIN)/python -m broker.dev.demo.stack --config $(CONFIG) --certs $(CERTS)
 
 ## demo: an agent walks the expense scenario against a running `make run`
 demo: certs
-	$(BIN)/python -m broker.demo.agent --certs $(CERTS)
+	$(BIN)/python -m broker.dev.demo.agent --certs $(CERTS)
 
 check: install
 	$(BIN)/broker check -c $(CONFIG)
@@ -37,14 +37,14 @@ test: install
 
 ## bench: requests/s and p50/p99 for backend direct, a bare aiohttp forwarder and the broker; writes var/bench.json
 bench: install
-	$(BIN)/python -m broker.bench --out var/bench.json
-	$(BIN)/python -m broker.bench.micro --out var/bench.json
+	$(BIN)/python -m broker.dev.bench --out var/bench.json
+	$(BIN)/python -m broker.dev.bench.micro --out var/bench.json
 
 ## soak: 10 minutes of mixed traffic at half the measured capacity; checks every answer, the broker's RSS and
 ## the audit log; writes var/soak.json (e.g. make soak SOAK_ARGS="--duration 120 --state redis --rate 200")
 .PHONY: soak
 soak: install
-	$(BIN)/python -m broker.bench.soak --out var/soak.json $(SOAK_ARGS)
+	$(BIN)/python -m broker.dev.bench.soak --out var/soak.json $(SOAK_ARGS)
 
 lint: install
 	$(BIN)/ruff check broker tests

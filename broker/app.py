@@ -25,12 +25,13 @@ from broker.audit.sink import AuditLog
 from broker.config.loader import LoadedConfig
 from broker.context import CTX
 from broker.errors import StateUnavailable
-from broker.gateway import exchange, mcp, tools
+from broker.gateway import exchange, tools
 from broker.gateway.approvals import APPROVALS, ApprovalService, decide_approval, get_approval, list_approvals
 from broker.gateway.forward import Forwarder, client_session, close_session
 from broker.gateway.middleware import broker_middleware
 from broker.jose import Signer
-from broker.keys import KeyRing
+from broker.keys import KeyRing, public_jwks_from_file
+from broker.mcp import endpoint as mcp
 from broker.observability import Metrics
 from broker.resources import (
     AUDIT,
@@ -46,7 +47,6 @@ from broker.resources import (
 )
 from broker.runtime import build_runtime, read_admin_token
 from broker.state import make_store
-from broker.verify import public_jwks_from_file
 
 MAIN = web.AppKey("main_app", web.Application)
 

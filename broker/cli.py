@@ -9,9 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from broker.approvals_cli import add_approvals_parser
 from broker.config.loader import ConfigError, LoadedConfig, load_config
-from broker.idp import add_token_parser
 from broker.observability import configure_logging
 
 DESCRIPTION = """\
@@ -75,7 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from broker.devpki import generate
+    from broker.dev.pki import generate
 
     try:
         paths = generate(
@@ -95,7 +93,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from broker.audit.verify import verify_log
-    from broker.verify import public_jwks_from_file
+    from broker.keys import public_jwks_from_file
 
     jwks = None
     if args.key:
@@ -173,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="human DPoP key to write (repeatable; default carol, dave, sam)",
     )
     certs.set_defaults(func=cmd_certs)
+
+    # dev/ and sdk/ are never imported by the server path: only when the parser is built
+    from broker.dev.idp import add_token_parser
+    from broker.sdk.approvals_cli import add_approvals_parser
 
     add_token_parser(sub)
     add_approvals_parser(sub)

@@ -10,10 +10,12 @@ live ≤ 300 s). Audit checkpoints outlive that: verify old logs with a JWKS tha
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from broker.identity.jwks import KeyEntry
-from broker.jose import Signer
+from broker.identity.jws import JwsError, loads_strict
+from broker.jose import PRIVATE_MEMBERS, JoseError, Signer, jwk_thumbprint, public_jwk, public_key_from_jwk
 from broker.txn.tokens import verification_keys
 
 DEFAULT_OVERLAP_SECONDS = 900
@@ -79,3 +81,36 @@ class KeyRing:
         keys: list[dict[str, Any]] = [self._current.public_jwk(), *(jwk for jwk, _ in self._retired)]
         self._jwks = {"keys": keys}
         self._keys = verification_keys(*keys)
+
+
+def public_jwks_from_file(path: Path) -> dict[str, Any]:
+    """A static ``jwks`` document for :func:`txn_token_middleware` from a file holding the broker's JWKS
+    ``{"keys": [...]}`` or a single JWK.
+
+    A private JWK (e.g. the broker's own ``broker-signing.jwk`` on a development machine) contributes only its
+    public part, with its ``kid`` (or, lacking one, its RFC 7638 thumbprint, as the broker's signer uses) and
+    ``alg``: private members never reach the key set. Raises ``ValueError`` naming the path for an unreadable
+    file, bad JSON or an unusable private key; public keys are judged by the middleware (J25).
+    """
+    try:
+        document = loads_strict(path.read_bytes())
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read broker keys: {exc.strerror}") from exc
+    except JwsError as exc:
+        raise ValueError(f"{path}: not JSON ({exc.reason})") from exc
+    members = document.get("keys") if isinstance(document, dict) and "keys" in document else [document]
+    if not isinstance(members, list):
+        raise ValueError(f"{path}: 'keys' must be an array")
+    keys: list[Any] = []
+    for jwk in members:
+        if isinstance(jwk, dict) and PRIVATE_MEMBERS.intersection(jwk):
+            try:
+                public = public_jwk(public_key_from_jwk(jwk))
+                public["kid"] = str(jwk.get("kid") or jwk_thumbprint(jwk))
+            except JoseError as exc:
+                raise ValueError(f"{path}: unusable private key: {exc}") from exc
+            if "alg" in jwk:
+                public["alg"] = jwk["alg"]
+            jwk = public
+        keys.append(jwk)
+    return {"keys": keys}

@@ -169,7 +169,7 @@ def build_runtime(loaded: LoadedConfig) -> Runtime:
         else:
             shadow = compiled
     try:
-        from broker.gateway.mcp_upstream import compile_servers  # it builds on this module: import when used
+        from broker.mcp.upstream import compile_servers  # it builds on this module: import when used
 
         compile_servers(config)  # MCP upstream TLS files: a bad path is a config error, not a 502 later
     except (OSError, ssl.SSLError, ValueError) as exc:

@@ -2,7 +2,7 @@
 
 Usage from any test (unit or integration, real TLS)::
 
-    pki = make_pki(tmp_path_factory.mktemp("pki"))          # broker.devpki.generate() into a folder
+    pki = make_pki(tmp_path_factory.mktemp("pki"))          # broker.dev.pki.generate() into a folder
     cert, key, dpop = pki.agent("expense-assistant")         # the genuine SVID and DPoP key files
     bad_cert, bad_key = mint_client_cert(pki, tmp, "ca-leaf", is_ca=True,
                                          key_usage={"key_cert_sign", "digital_signature"})  # M03
@@ -10,7 +10,7 @@ Usage from any test (unit or integration, real TLS)::
     ctx = client_ssl_context(pki, cert, key)                 # for aiohttp.TCPConnector(ssl=ctx)
 
 ``mint_client_cert`` starts from a valid SVID for ``spiffe://<td>/agents/<name>`` and lets keyword arguments
-of :func:`broker.devpki.issue_certificate` override any field, so each hostile row breaks exactly one thing.
+of :func:`broker.dev.pki.issue_certificate` override any field, so each hostile row breaks exactly one thing.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from broker.devpki import (
+from broker.dev.pki import (
     CA_KEY_USAGE,
     CLIENT_AUTH,
     CODE_SIGNING,
@@ -133,7 +133,7 @@ def make_pki(
     humans: tuple[str, ...] = ("carol", "dave", "sam"),
     now: datetime | None = None,
 ) -> Pki:
-    """Generate the §10 layout into ``tmp_dir`` with :func:`broker.devpki.generate` and describe it."""
+    """Generate the §10 layout into ``tmp_dir`` with :func:`broker.dev.pki.generate` and describe it."""
     now = now if now is not None else datetime.now(UTC)
     generate(Path(tmp_dir), trust_domain=trust_domain, agents=agents, humans=humans, now=now)
     return Pki(root=Path(tmp_dir), trust_domain=trust_domain, now=now)
@@ -158,7 +158,7 @@ def mint_client_cert(pki: Pki, tmp_dir: Path, name: str, **issue_kwargs: Any) ->
     """A client certificate signed by ``pki``'s CA, written to ``tmp_dir/NAME.pem`` and ``NAME-key.pem``.
 
     Without keyword arguments it is a valid SVID for ``spiffe://<td>/agents/NAME``; any keyword of
-    :func:`broker.devpki.issue_certificate` (``uris``, ``is_ca``, ``key_usage``, ``eku``, ``not_after``, …)
+    :func:`broker.dev.pki.issue_certificate` (``uris``, ``is_ca``, ``key_usage``, ``eku``, ``not_after``, …)
     overrides that one field.
     """
     ca_cert, ca_key = pki.load_ca()

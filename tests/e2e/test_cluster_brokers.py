@@ -5,7 +5,7 @@ a txn token consumed on one is refused on the other (CONTRACT §5, single use), 
 (CONTRACT §6), and a revocation posted to one broker's admin API refuses the other's next call (CONTRACT §9).
 
 Both brokers have the same ``public_url`` (``https://localhost:8443``), as replicas behind a load balancer do:
-proofs (``htu``) and txn tokens (``iss``) name it. The clients are :class:`broker.client.AgentClient` with a
+proofs (``htu``) and txn tokens (``iss``) name it. The clients are :class:`broker.sdk.agent.AgentClient` with a
 resolver that sends ``localhost:8443`` to one broker's real port — the load balancer's choice, made by the test.
 """
 
@@ -25,8 +25,8 @@ import pytest
 import pytest_asyncio
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from broker.client import AgentClient
 from broker.jose import jwk_thumbprint
+from broker.sdk.agent import AgentClient
 from tests.certfactory import Pki
 from tests.conftest import RecordingUpstream, recording_upstream
 from tests.e2e.test_cli import broker_process, redis_config, wait_ready

@@ -1,5 +1,5 @@
-"""``make run`` + ``make demo`` as a user runs them: the stack (``python -m broker.demo.stack``) and the demo agent
-(``python -m broker.demo.agent``) as subprocesses, real TLS, real files; the agent walks CONTRACT §11 rows 1-14."""
+"""``make run`` + ``make demo`` as a user runs them: the stack (``python -m broker.dev.demo.stack``) and the demo agent
+(``python -m broker.dev.demo.agent``) as subprocesses, real TLS, real files; the agent walks CONTRACT §11 rows 1-14."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.demo.agent import STEPS
+from broker.dev.demo.agent import STEPS
 from tests.certfactory import Pki
 from tests.e2e.test_cli import wait_ready as wait_until_ready
 
@@ -62,7 +62,7 @@ def stack(pki: Pki, tmp_path: Path) -> Iterator[Stack]:
             [
                 sys.executable,
                 "-m",
-                "broker.demo.stack",
+                "broker.dev.demo.stack",
                 "--certs",
                 str(pki.root),
                 "--backend-listen",
@@ -85,7 +85,7 @@ def stack(pki: Pki, tmp_path: Path) -> Iterator[Stack]:
 
 def run_agent(pki: Pki, broker_url: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "broker.demo.agent", "--certs", str(pki.root), "--broker", broker_url],
+        [sys.executable, "-m", "broker.dev.demo.agent", "--certs", str(pki.root), "--broker", broker_url],
         capture_output=True,
         text=True,
         timeout=120,
@@ -145,7 +145,7 @@ def test_the_demo_agent_reports_failure(pki: Pki, tmp_path: Path, certs: str, st
         [
             sys.executable,
             "-m",
-            "broker.demo.agent",
+            "broker.dev.demo.agent",
             "--certs",
             root,
             "--broker",

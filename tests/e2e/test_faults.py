@@ -37,9 +37,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from broker.client import AgentClient
-from broker.idp import mint_access_token
+from broker.dev.idp import mint_access_token
 from broker.jose import jwk_thumbprint
+from broker.sdk.agent import AgentClient
 from tests.certfactory import Pki, client_ssl_context
 from tests.conftest import Recorded, RecordingUpstream, backend_ssl_context, base_config
 from tests.e2e.test_cli import broker_process, free_port, run_cli, wait_ready
@@ -333,7 +333,7 @@ async def test_a_persistent_redis_keeps_refusing_a_proof_and_a_txn_used_before_i
 
 @dataclass
 class DemoBackend:
-    """``python -m broker.demo.expense --no-verify`` on a fixed port: it can be SIGKILLed and come back."""
+    """``python -m broker.dev.demo.expense --no-verify`` on a fixed port: it can be SIGKILLed and come back."""
 
     pki: Pki
     tmp_path: Path
@@ -345,7 +345,7 @@ class DemoBackend:
         return f"https://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        argv = [sys.executable, "-m", "broker.demo.expense", "--listen", f"127.0.0.1:{self.port}"]
+        argv = [sys.executable, "-m", "broker.dev.demo.expense", "--listen", f"127.0.0.1:{self.port}"]
         argv += ["--certs", str(self.pki.root), "--db", str(self.tmp_path / "expense.db"), "--no-verify"]
         with (self.tmp_path / "backend.log").open("a") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log)

@@ -1,4 +1,4 @@
-"""broker.verify: the Txn-Token middleware for aiohttp tool backends, on real sockets (CONTRACT §5 "Propagation").
+"""broker.sdk.backend: the Txn-Token middleware for aiohttp tool backends, on real sockets (CONTRACT §5 "Propagation").
 
 A real aiohttp backend runs the middleware; the broker's JWKS is served by a real HTTPS server whose certificate
 comes from the session's throwaway CA (tests.certfactory.make_pki). Every refusal row also asserts that the
@@ -22,8 +22,8 @@ from multidict import CIMultiDict
 
 from broker.canonical import canonicalize
 from broker.jose import Signer, generate_ec_jwk
+from broker.sdk.backend import TXN, SeenTxns, TxnTokenMiddleware, public_jwks_from_file, txn_token_middleware
 from broker.txn.tokens import TxnClaims, mint_txn_token
-from broker.verify import TXN, SeenTxns, TxnTokenMiddleware, public_jwks_from_file, txn_token_middleware
 from tests.certfactory import Pki, client_ssl_context
 
 ISSUER = "https://localhost:8443"

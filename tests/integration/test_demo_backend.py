@@ -25,12 +25,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from broker.bench import bareproxy
-from broker.bench.loadgen import run_load
-from broker.demo.expense import TOOLS, build_app, https_url, serve, serve_unverified
+from broker.dev.bench import bareproxy
+from broker.dev.bench.loadgen import run_load
+from broker.dev.demo.expense import TOOLS, build_app, https_url, serve, serve_unverified
 from broker.jose import Signer, generate_ec_jwk
+from broker.sdk.backend import public_jwks_from_file, txn_token_middleware
 from broker.txn.tokens import mint_txn_token
-from broker.verify import public_jwks_from_file, txn_token_middleware
 from tests.certfactory import Pki, client_ssl_context, mint_untrusted_cert
 
 BROKER_URL = "https://localhost:8443"
@@ -551,7 +551,7 @@ async def test_cli_prints_where_it_listens_and_stops_on_sigterm(
     pki: Pki, tmp_path: Path, client: aiohttp.ClientSession, flags: list[str], no_token_status: int
 ) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "broker.demo.expense", "--listen", "127.0.0.1:0",
+        sys.executable, "-m", "broker.dev.demo.expense", "--listen", "127.0.0.1:0",
         "--certs", str(pki.root), "--db", str(tmp_path / "cli.db"), *flags,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
@@ -576,7 +576,7 @@ def test_cli_refuses_an_unreadable_broker_key_file(pki: Pki, tmp_path: Path) -> 
 
     missing = tmp_path / "missing.jwk"
     result = subprocess.run(
-        [sys.executable, "-m", "broker.demo.expense", "--listen", "127.0.0.1:0", "--certs", str(pki.root),
+        [sys.executable, "-m", "broker.dev.demo.expense", "--listen", "127.0.0.1:0", "--certs", str(pki.root),
          "--db", str(tmp_path / "cli.db"), "--broker-jwks", str(missing)],
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip

@@ -2,7 +2,7 @@
 
 The agent is the SDK's ``Client`` over ``streamable_http_client`` with an ``httpx2`` client that presents the
 agent's SVID and adds a fresh DPoP proof per request (:class:`DpopAuth`); the upstream is the demo MCP server
-(:mod:`broker.demo.mcp_server`, built with the SDK) on HTTPS with client-certificate verification; the broker runs
+(:mod:`broker.dev.demo.mcp_server`, built with the SDK) on HTTPS with client-certificate verification; the broker runs
 ``config/examples/expense.yaml``. Everything in-process, on 127.0.0.1 ephemeral ports, real TLS.
 """
 
@@ -28,12 +28,12 @@ from mcp.shared.exceptions import MCPError
 from pydantic import Field
 
 from broker.audit.verify import verify_log
-from broker.client import DpopSigner
 from broker.config.loader import load_config
-from broker.demo import mcp_server
-from broker.idp import mint_access_token
+from broker.dev.demo import mcp_server
+from broker.dev.idp import mint_access_token
 from broker.jose import jwk_thumbprint
 from broker.resources import SIGNER
+from broker.sdk.agent import DpopSigner
 from broker.server import RunningBroker, start
 from broker.txn.tokens import verify_txn_token
 from tests.certfactory import Pki, client_ssl_context
@@ -335,7 +335,7 @@ async def test_mfa_step_up_is_a_jsonrpc_error_naming_acr_values(stack: McpStack)
 
 
 async def _approve_as(stack: McpStack, approver: str, claims: dict[str, Any], approval_id: str) -> None:
-    from broker.client import AgentClient
+    from broker.sdk.agent import AgentClient
 
     key = json.loads(stack.pki.human_dpop(approver).read_text())
     token = mint_access_token(

@@ -1,5 +1,5 @@
 """The reference expense scenario (CONTRACT §11) as a user runs it: config/examples/expense.yaml, the demo expense
-backend, the agent-side client (broker.client) with real SVIDs, DPoP proofs and tokens from the dev IdP."""
+backend, the agent-side client (broker.sdk.agent) with real SVIDs, DPoP proofs and tokens from the dev IdP."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ import jwt
 import pytest
 
 from broker.audit.verify import verify_log
-from broker.client import AgentClient, ClientReply
 from broker.config.loader import load_config
-from broker.demo import expense
-from broker.idp import mint_access_token
+from broker.dev.demo import expense
+from broker.dev.idp import mint_access_token
 from broker.jose import Signer, jwk_thumbprint
+from broker.sdk.agent import AgentClient, ClientReply
 from broker.server import RunningBroker, start
 from tests.certfactory import Pki, client_ssl_context
 

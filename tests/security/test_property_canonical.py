@@ -275,7 +275,7 @@ def test_t11_large_numbers_spelled_as_floats_are_consistent(spelling: bytes) -> 
     Today neither: ``strict_loads`` refuses integer literals beyond ±(2**53-1) but accepts the same magnitude as a
     float (``1e16``, ``9007199254740993.0``, which silently becomes 9007199254740992), and ``canonicalize`` then
     writes it as an integer literal (ECMAScript form below 1e21) that ``strict_loads`` refuses. The broker forwards
-    those bytes, so a backend that checks the body with ``broker.verify`` (strict_loads) refuses an allowed call,
+    those bytes, so a backend that checks the body with ``broker.sdk.backend`` (strict_loads) refuses an allowed call,
     and T11's range rule depends on how the number is spelled."""
     try:
         value = strict_loads(spelling)

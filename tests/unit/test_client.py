@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from multidict import CIMultiDict
 
-from broker.client import AgentClient, ClientReply, DpopSigner, challenge_error, htu_of
+from broker.dev.idp import jkt_of, mint_access_token, read_jwk
 from broker.errors import BrokerError, InvalidDpopProof
 from broker.identity.dpop import (
     DpopPolicy,
@@ -35,8 +35,8 @@ from broker.identity.dpop import (
 from broker.identity.htu import expected_htu
 from broker.identity.jwks import IssuerKeys
 from broker.identity.tokens import AccessTokenVerifier, IssuerPolicy
-from broker.idp import jkt_of, mint_access_token, read_jwk
 from broker.jose import b64url_decode, generate_ec_jwk, private_jwk
+from broker.sdk.agent import AgentClient, ClientReply, DpopSigner, challenge_error, htu_of
 from tests.certfactory import Pki
 
 NOW = 1_800_000_000

@@ -1,4 +1,4 @@
-"""broker.devpki: the CONTRACT §10 layout, file modes, certificate profiles, and that OpenSSL accepts them.
+"""broker.dev.pki: the CONTRACT §10 layout, file modes, certificate profiles, and that OpenSSL accepts them.
 
 The TLS rows run real handshakes over in-memory BIOs (no sockets, no threads): the same ssl module and
 OpenSSL code the broker uses, with ``VERIFY_X509_STRICT`` on both sides.
@@ -20,7 +20,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from broker import devpki, jose
+from broker import jose
+from broker.dev import pki as devpki
 from broker.errors import InvalidClient
 from broker.identity.spiffe import actor_from_certificate
 from tests.certfactory import (

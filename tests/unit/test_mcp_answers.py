@@ -1,4 +1,4 @@
-"""broker.gateway.mcp_answers: the tools/list, tools/call and capability transforms (CONTRACT §7, §11; HOSTILE P26).
+"""broker.mcp.answers: the tools/list, tools/call and capability transforms (CONTRACT §7, §11; HOSTILE P26).
 
 The authorisation stages themselves run against a real broker in tests/integration/test_mcp.py.
 """
@@ -12,14 +12,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from broker.config.models import Tool
-from broker.gateway import mcp_jsonrpc as rpc
 from broker.gateway.filters import compile_tool_filters
-from broker.gateway.mcp_answers import call_transform, capabilities_transform, listing_transform
-from broker.gateway.mcp_pins import PinBook, drift_counter
-from broker.gateway.mcp_upstream import McpUpstream
 from broker.identity.principal import Principal
 from broker.identity.spiffe import parse_spiffe_id
 from broker.identity.tokens import AccessToken
+from broker.mcp import jsonrpc as rpc
+from broker.mcp.answers import call_transform, capabilities_transform, listing_transform
+from broker.mcp.pins import PinBook, drift_counter
+from broker.mcp.upstream import McpUpstream
 
 AGENT = "spiffe://example.org/agents/expense-assistant"
 BANK = "DE89370400440532013000"

@@ -1,4 +1,4 @@
-"""broker.gateway.mcp_jsonrpc: client message rules and 2026-07-28 header checks (HOSTILE P20–P23; CONTRACT §7)."""
+"""broker.mcp.jsonrpc: client message rules and 2026-07-28 header checks (HOSTILE P20–P23; CONTRACT §7)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from broker.gateway import mcp_jsonrpc as rpc
+from broker.mcp import jsonrpc as rpc
 
 # ---------------------------------------------------------------------------------------------------------
 # factories

@@ -1,4 +1,4 @@
-"""broker.gateway.mcp_params: Mcp-Param-* headers mirror x-mcp-header arguments (MCP 2026-07-28; -32020)."""
+"""broker.mcp.params: Mcp-Param-* headers mirror x-mcp-header arguments (MCP 2026-07-28; -32020)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from broker.gateway import mcp_jsonrpc as rpc
-from broker.gateway.mcp_params import check_param_headers, param_headers
+from broker.mcp import jsonrpc as rpc
+from broker.mcp.params import check_param_headers, param_headers
 
 SCHEMA = {
     "type": "object",

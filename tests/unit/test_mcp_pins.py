@@ -1,4 +1,4 @@
-"""broker.gateway.mcp_pins: tool-definition digests, pins, drift (a defence against tool-definition swaps)."""
+"""broker.mcp.pins: tool-definition digests, pins, drift (a defence against tool-definition swaps)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from broker.canonical import canonicalize
-from broker.gateway.mcp_pins import PinBook, definition_digest, drift_counter
+from broker.mcp.pins import PinBook, definition_digest, drift_counter
 
 SCHEMA = {"type": "object", "properties": {"department": {"type": "string"}}}
 TOOL: dict[str, Any] = {

@@ -1,4 +1,4 @@
-"""broker.gateway.mcp_relay: what of an upstream MCP answer reaches the agent (HOSTILE P16, P24).
+"""broker.mcp.relay: what of an upstream MCP answer reaches the agent (HOSTILE P16, P24).
 
 A scripted upstream (real sockets, loopback) sends exactly the bytes of each row; a front handler relays them
 with :func:`relay`; the test reads what the agent would get.
@@ -16,9 +16,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from broker.errors import UpstreamError
-from broker.gateway import mcp_jsonrpc as rpc
-from broker.gateway.mcp_relay import AGENT_NOTIFICATIONS, Relay, Transform, relay
-from broker.gateway.mcp_sse import SseParser
+from broker.mcp import jsonrpc as rpc
+from broker.mcp.relay import AGENT_NOTIFICATIONS, Relay, Transform, relay
+from broker.mcp.sse import SseParser
 
 REQUEST_ID = 7
 Script = tuple[int, str, list[bytes]]

@@ -1,10 +1,10 @@
-"""broker.gateway.mcp_sse: incremental SSE parsing and re-encoding (WHATWG "Server-sent events"; HOSTILE P24)."""
+"""broker.mcp.sse: incremental SSE parsing and re-encoding (WHATWG "Server-sent events"; HOSTILE P24)."""
 
 from __future__ import annotations
 
 import pytest
 
-from broker.gateway.mcp_sse import SseError, SseEvent, SseParser, encode_event
+from broker.mcp.sse import SseError, SseEvent, SseParser, encode_event
 
 
 def parse(*chunks: bytes, max_event_bytes: int = 1024) -> list[SseEvent]:

@@ -1,7 +1,7 @@
 """broker.identity.spiffe: strict SPIFFE IDs (SPIFFE-ID §2) and X.509-SVID leaf checks (X509-SVID §5.2).
 
 HOSTILE.md §1.3: M03, M04, M05, M07, M08, M10 (certificates), M09, M11–M14 (parsing), M18 (prefixes).
-Certificates are real, minted per module by :func:`broker.devpki.issue_certificate` under one CA.
+Certificates are real, minted per module by :func:`broker.dev.pki.issue_certificate` under one CA.
 """
 
 from __future__ import annotations

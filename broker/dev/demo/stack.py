@@ -1,7 +1,7 @@
 """``make run``: the demo expense backend and the broker in one process, on the embedded defaults.
 
 The backend listens on ``--backend-listen`` (exported as ``EXPENSE_UPSTREAM`` for the config unless already set),
-the demo MCP server (:mod:`broker.demo.mcp_server`, needs the ``demo`` extra) on ``--mcp-listen`` beside it
+the demo MCP server (:mod:`broker.dev.demo.mcp_server`, needs the ``demo`` extra) on ``--mcp-listen`` beside it
 (``EXPENSE_MCP_UPSTREAM``; ``--mcp-listen none`` leaves it out);
 the broker uses the given config (memory state store, local audit file). SIGINT/SIGTERM stops both gracefully.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.config.loader import ConfigError, load_config
-from broker.demo import expense
+from broker.dev.demo import expense
 from broker.observability import configure_logging
 from broker.server import start
 
@@ -31,7 +31,7 @@ def _banner(broker_main: str, broker_admin: str, backend: str, certs: Path, conf
 
   Try it: every call needs the agent's X.509-SVID, an access token and a fresh DPoP proof, so use an agent:
     make demo                      (walks the whole expense scenario, one line per step)
-    README "Trying it by hand"     (one call with broker.client.AgentClient and `broker token`)
+    README "Trying it by hand"     (one call with broker.sdk.agent.AgentClient and `broker token`)
   Audit log: broker audit verify <audit file> --key {certs}/broker-signing.jwk
   Stop with Ctrl-C.
 """
@@ -92,7 +92,7 @@ async def _start_mcp(args: argparse.Namespace) -> Any:
     if args.mcp_listen.lower() in ("", "none", "off"):
         return None
     try:
-        from broker.demo import mcp_server  # the optional ``demo`` extra (the official MCP SDK)
+        from broker.dev.demo import mcp_server  # the optional ``demo`` extra (the official MCP SDK)
     except ImportError:
         print(
             "demo MCP server not started: install the 'demo' extra (pip install -e '.[demo]')",
@@ -108,7 +108,7 @@ async def _start_mcp(args: argparse.Namespace) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m broker.demo.stack",
+        prog="python -m broker.dev.demo.stack",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

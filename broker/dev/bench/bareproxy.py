@@ -1,4 +1,4 @@
-"""A bare aiohttp forwarder: the yardstick every broker set-up in ``python -m broker.bench`` is compared with.
+"""A bare aiohttp forwarder: the yardstick every broker set-up in ``python -m broker.dev.bench`` is compared with.
 
 It does no checks at all: no identity beyond the TLS handshake, no policy, no audit, no header hygiene. What
 it does share with the broker is the cost floor of the path: server TLS with client certificates verified
@@ -9,7 +9,7 @@ against ``certs/ca.pem``, upstream mTLS with ``certs/broker.pem`` over ONE poole
 status, body and ``Content-Type`` come back unchanged. Unknown names get ``404 unknown_tool``.
 ``GET /healthz`` answers locally (readiness).
 
-    python -m broker.bench.bareproxy --listen 127.0.0.1:8443 --certs certs \\
+    python -m broker.dev.bench.bareproxy --listen 127.0.0.1:8443 --certs certs \\
         --route listInvoices=https://127.0.0.1:9443/invoices
 """
 
@@ -24,8 +24,14 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from broker.bench.loadgen import client_ssl_context
-from broker.demo.expense import https_url, run_event_loop, run_until_signalled, server_ssl_context, start_site
+from broker.dev.bench.loadgen import client_ssl_context
+from broker.dev.demo.expense import (
+    https_url,
+    run_event_loop,
+    run_until_signalled,
+    server_ssl_context,
+    start_site,
+)
 
 ROUTES: web.AppKey[dict[str, str]] = web.AppKey("bare_routes")
 SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("bare_session")
@@ -83,7 +89,7 @@ def parse_route(text: str) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m broker.bench.bareproxy", description="Bare mTLS forwarder."
+        prog="python -m broker.dev.bench.bareproxy", description="Bare mTLS forwarder."
     )
     parser.add_argument("--listen", default="127.0.0.1:8443", help="host:port (default %(default)s)")
     parser.add_argument(

@@ -3,7 +3,7 @@
 Every request the broker forwards carries a ``Txn-Token`` header signed by the broker's key. A backend that
 trusts the broker checks it with the broker's public JWKS (``GET <broker>/.well-known/jwks.json``)::
 
-    from broker.verify import TXN, txn_token_middleware
+    from broker.sdk.backend import TXN, txn_token_middleware
 
     verifier = txn_token_middleware(
         jwks_url="https://broker.example.org/.well-known/jwks.json",
@@ -56,7 +56,6 @@ from __future__ import annotations
 import hmac
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
-from pathlib import Path
 from ssl import SSLContext
 from typing import Any, Final
 
@@ -67,8 +66,7 @@ from aiohttp import web
 from broker.canonical import args_digest, strict_loads
 from broker.errors import InvalidRequest, InvalidTxnToken
 from broker.identity.jwks import IssuerKeys, KeyEntry
-from broker.identity.jws import JwsError, loads_strict
-from broker.jose import PRIVATE_MEMBERS, JoseError, jwk_thumbprint, public_jwk, public_key_from_jwk
+from broker.keys import public_jwks_from_file
 from broker.txn.tokens import TxnClaims, unverified_kid, verify_txn_token
 
 __all__ = [
@@ -89,39 +87,6 @@ TXN_HEADER: Final = "Txn-Token"
 KID_REFETCH_COOLDOWN: Final = 30.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def public_jwks_from_file(path: Path) -> dict[str, Any]:
-    """A static ``jwks`` document for :func:`txn_token_middleware` from a file holding the broker's JWKS
-    ``{"keys": [...]}`` or a single JWK.
-
-    A private JWK (e.g. the broker's own ``broker-signing.jwk`` on a development machine) contributes only its
-    public part, with its ``kid`` (or, lacking one, its RFC 7638 thumbprint, as the broker's signer uses) and
-    ``alg``: private members never reach the key set. Raises ``ValueError`` naming the path for an unreadable
-    file, bad JSON or an unusable private key; public keys are judged by the middleware (J25).
-    """
-    try:
-        document = loads_strict(path.read_bytes())
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read broker keys: {exc.strerror}") from exc
-    except JwsError as exc:
-        raise ValueError(f"{path}: not JSON ({exc.reason})") from exc
-    members = document.get("keys") if isinstance(document, dict) and "keys" in document else [document]
-    if not isinstance(members, list):
-        raise ValueError(f"{path}: 'keys' must be an array")
-    keys: list[Any] = []
-    for jwk in members:
-        if isinstance(jwk, dict) and PRIVATE_MEMBERS.intersection(jwk):
-            try:
-                public = public_jwk(public_key_from_jwk(jwk))
-                public["kid"] = str(jwk.get("kid") or jwk_thumbprint(jwk))
-            except JoseError as exc:
-                raise ValueError(f"{path}: unusable private key: {exc}") from exc
-            if "alg" in jwk:
-                public["alg"] = jwk["alg"]
-            jwk = public
-        keys.append(jwk)
-    return {"keys": keys}
 
 
 def body_matches(claims: TxnClaims, body_args: Any, injected: Collection[str] = ()) -> bool:

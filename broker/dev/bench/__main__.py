@@ -1,9 +1,9 @@
-"""``python -m broker.bench``: whole-path throughput of the broker against a bare forwarder, in one run.
+"""``python -m broker.dev.bench``: whole-path throughput of the broker against a bare forwarder, in one run.
 
 Set-ups (each server in its own subprocess on 127.0.0.1, ephemeral ports):
 
 - ``backend``: the demo expense backend called directly (``POST /invoices``), i.e. the raw backend;
-- ``bare``: :mod:`broker.bench.bareproxy` in front of it (``POST /v1/tools/listInvoices``), the yardstick;
+- ``bare``: :mod:`broker.dev.bench.bareproxy` in front of it (``POST /v1/tools/listInvoices``), the yardstick;
 - ``broker``: ``broker run -c config/examples/expense.yaml`` in front of it, every request with the full
   identity checks (mTLS SVID + a fresh DPoP proof + the access token + the replay claim), memory state store;
 - ``broker-redis``: the same with the Redis state store (``BROKER_REDIS_URL``, default 127.0.0.1:6379);
@@ -13,12 +13,12 @@ Set-ups (each server in its own subprocess on 127.0.0.1, ephemeral ports):
   ``/mcp/expenses`` with the full identity checks. The report adds ``mcp-broker/mcp-direct`` (target >= 0.5).
 
 All set-ups share one backend, started with ``--no-verify`` (a benchmarking aid of
-:mod:`broker.demo.expense`): it skips the Txn-Token check and takes the department from the body. The
+:mod:`broker.dev.demo.expense`): it skips the Txn-Token check and takes the department from the body. The
 ``backend`` and ``bare`` rows send no Txn-Token, so a verifying backend would refuse them; and every row then
 pays the same backend cost, so the ratios measure the broker alone. (The broker still mints and forwards its
 tokens; the backend just does not verify them here.)
 
-Every set-up is loaded with ``{"department":"42"}`` by :func:`broker.bench.loadgen.run_load` over mTLS with an
+Every set-up is loaded with ``{"department":"42"}`` by :func:`broker.dev.bench.loadgen.run_load` over mTLS with an
 agent SVID. The table and ``--out`` JSON give rps, p50/p99 and each set-up's ratio to ``bare``. The load
 generator shares the cores with the servers, so only ratios within one run mean anything (PERF.md).
 
@@ -51,10 +51,10 @@ from urllib.parse import urlencode
 
 import aiohttp
 
-from broker.bench.loadgen import MakeRequest, Result, client_ssl_context, run_load
-from broker.client import DpopSigner
-from broker.demo.expense import run_event_loop
-from broker.idp import mint_access_token
+from broker.dev.bench.loadgen import MakeRequest, Result, client_ssl_context, run_load
+from broker.dev.demo.expense import run_event_loop
+from broker.dev.idp import mint_access_token
+from broker.sdk.agent import DpopSigner
 
 READY_TIMEOUT = 30.0  # seconds a server gets to answer its readiness probe
 STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
@@ -196,7 +196,13 @@ def probe(url: str, ssl_ctx: ssl.SSLContext | None) -> Callable[[], Awaitable[bo
 
 def start_backend(env: BenchEnv) -> AbstractAsyncContextManager[None]:
     """The shared backend, raw: ``--no-verify`` (module docstring) -- never a way to run it outside the bench."""
-    argv = [sys.executable, "-m", "broker.demo.expense", "--listen", env.backend_url.removeprefix("https://")]
+    argv = [
+        sys.executable,
+        "-m",
+        "broker.dev.demo.expense",
+        "--listen",
+        env.backend_url.removeprefix("https://"),
+    ]
     argv += ["--certs", str(env.certs), "--db", str(env.work / "expense.db"), "--no-verify"]
     return server_process(
         "backend", argv, env=env, ready=probe(env.backend_url + "/healthz", env.probe_ssl), extra_env={}
@@ -204,7 +210,7 @@ def start_backend(env: BenchEnv) -> AbstractAsyncContextManager[None]:
 
 
 def start_bare(env: BenchEnv, port: int) -> AbstractAsyncContextManager[None]:
-    argv = [sys.executable, "-m", "broker.bench.bareproxy", "--listen", f"127.0.0.1:{port}"]
+    argv = [sys.executable, "-m", "broker.dev.bench.bareproxy", "--listen", f"127.0.0.1:{port}"]
     argv += ["--certs", str(env.certs), "--route", f"listInvoices={env.backend_url}/invoices"]
     ready = probe(f"https://127.0.0.1:{port}/healthz", env.probe_ssl)
     return server_process("bare", argv, env=env, ready=ready, extra_env={})
@@ -352,7 +358,7 @@ def mcp_plain() -> tuple[dict[str, str], bytes]:
 def start_mcp_server(env: BenchEnv) -> AbstractAsyncContextManager[None]:
     """The demo MCP server as PERF.md measured its peer: stateless, JSON responses (needs the ``demo`` extra)."""
     listen = env.mcp_url.removeprefix("https://").removesuffix("/mcp")
-    argv = [sys.executable, "-m", "broker.demo.mcp_server", "--listen", listen]
+    argv = [sys.executable, "-m", "broker.dev.demo.mcp_server", "--listen", listen]
     argv += [
         "--certs",
         str(env.certs),
@@ -530,7 +536,7 @@ def report(outcomes: dict[str, Result | str], args: argparse.Namespace) -> dict[
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     default_config = Path(__file__).resolve().parents[2] / "config" / "examples" / "expense.yaml"
     parser = argparse.ArgumentParser(
-        prog="python -m broker.bench", description="Broker vs bare forwarder benchmark."
+        prog="python -m broker.dev.bench", description="Broker vs bare forwarder benchmark."
     )
     parser.add_argument(
         "--duration", type=float, default=10.0, help="measured seconds per set-up (default %(default)s)"
@@ -562,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         certs = args.certs
         if certs is None:
-            from broker.devpki import generate  # only needed when no PKI was given
+            from broker.dev.pki import generate  # only needed when no PKI was given
 
             certs = work / "certs"
             generate(certs)

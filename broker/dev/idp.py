@@ -12,7 +12,7 @@ Not an authorization server: it signs whatever it is asked with ``DIR/idp.jwk`` 
 
 :func:`mint_access_token` is pure (it takes ``now``); the command-line layer (:func:`add_token_parser`,
 :func:`cmd_token`) reads the certs folder and the clock. :func:`read_jwk` and :func:`trust_domain_of` read the
-§10 layout and are shared with :mod:`broker.client` and the demo agent.
+§10 layout and are shared with :mod:`broker.sdk.agent` and the demo agent.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 from cryptography import x509
 
-from broker.devpki import NAME_RE
+from broker.dev.pki import NAME_RE
 from broker.errors import InvalidClient
 from broker.identity.spiffe import SpiffeId, parse_spiffe_id, validate_trust_domain
 from broker.jose import JoseError, Signer, jwk_thumbprint, public_jwk, public_key_from_jwk

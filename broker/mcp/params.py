@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
-from broker.gateway.mcp_jsonrpc import decode_header_value, encode_header_value, mismatch
+from broker.mcp.jsonrpc import decode_header_value, encode_header_value, mismatch
 
 __all__ = ["check_param_headers", "param_headers"]
 

@@ -1,4 +1,4 @@
-"""``python -m broker.bench.micro``: what each per-call stage costs, in µs (medians), on this machine.
+"""``python -m broker.dev.bench.micro``: what each per-call stage costs, in µs (medians), on this machine.
 
 Run by ``make bench`` after the whole-path set-ups; the figures are merged into ``var/bench.json`` under
 ``micro``. Every case runs the real code on realistic inputs (the expense scenario's config, alice's claims, an
@@ -20,12 +20,12 @@ from typing import Any
 
 from broker.audit.sink import AuditLog
 from broker.canonical import args_digest, canonicalize, strict_loads
-from broker.client import DpopSigner
 from broker.config.loader import load_config
-from broker.devpki import generate
+from broker.dev.pki import generate
 from broker.identity.dpop import DpopPolicy, verify_proof
 from broker.jose import Signer, generate_ec_jwk
 from broker.policy.engine import PolicySet
+from broker.sdk.agent import DpopSigner
 from broker.txn.tokens import mint_txn_token, verification_keys, verify_txn_token
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,7 +132,7 @@ def cases(work: Path) -> dict[str, Callable[[], Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m broker.bench.micro",
+        prog="python -m broker.dev.bench.micro",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -25,9 +25,9 @@ from yarl import URL
 from broker.canonical import canonicalize, strict_loads
 from broker.config.models import Config
 from broker.errors import InvalidRequest, UpstreamError, UpstreamTimeout
-from broker.gateway import mcp_jsonrpc as rpc
-from broker.gateway.mcp_pins import PinBook
-from broker.gateway.mcp_sse import SseError, SseParser
+from broker.mcp import jsonrpc as rpc
+from broker.mcp.pins import PinBook
+from broker.mcp.sse import SseError, SseParser
 from broker.runtime import Runtime, upstream_ssl_context, upstream_tls_files
 
 log = structlog.get_logger("broker.mcp.upstream")

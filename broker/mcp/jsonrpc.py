@@ -15,7 +15,7 @@ method at all is ``-32600`` (the allowlist is exact-match; deny by default).
 
 Stateless era (2026-07-28): ``MCP-Protocol-Version``, ``Mcp-Method`` and ``Mcp-Name`` must agree with the body
 (HTTP 400 + ``-32020``); header values use the spec's ``=?base64?…?=`` sentinel for non-token text. ``Mcp-Param-*``
-headers are checked in :mod:`broker.gateway.mcp_params`.
+headers are checked in :mod:`broker.mcp.params`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Demo tool backend of the reference scenario (CONTRACT.md §11): expense invoices in SQLite, over mTLS.
 
 Every tool call must carry the broker's ``Txn-Token`` (CONTRACT §5 "Propagation"), checked by
-:func:`broker.verify.txn_token_middleware` with the broker's public key: signature, ``typ``, ``iss`` (the
+:func:`broker.sdk.backend.txn_token_middleware` with the broker's public key: signature, ``typ``, ``iss`` (the
 broker's public URL), ``aud`` (the trust domain), expiry, the tool the token was minted for, the body equal to
 what the token says the broker forwards (``tctx.arguments`` with ``tctx.injected`` set over them), and single
 use. Every refusal there is ``401 {"error": "invalid_txn_token"}`` and reaches no handler.
@@ -23,7 +23,7 @@ injected (``tctx.injected.department``, taken from the subject's claim). A token
 Only holders of a certificate issued by ``certs/ca.pem`` (in the scenario: the broker) can connect; the
 TLS handshake fails for anyone else (``require_client_cert=True``, TLS 1.2+).
 
-``--no-verify`` is a benchmarking aid and nothing else (``python -m broker.bench`` uses it for the backend all
+``--no-verify`` is a benchmarking aid and nothing else (``python -m broker.dev.bench`` uses it for the backend all
 its rows share, so that the ``backend`` row measures the raw backend): no ``Txn-Token`` is checked, the
 department is the body's, ``approved_by`` is ``"unverified"``. Never run a reachable backend with it.
 
@@ -51,7 +51,7 @@ from typing import Any, Final, TypeVar
 
 from aiohttp import web
 
-from broker.verify import TXN, TxnTokenMiddleware, public_jwks_from_file, txn_token_middleware
+from broker.sdk.backend import TXN, TxnTokenMiddleware, public_jwks_from_file, txn_token_middleware
 
 T = TypeVar("T")
 
@@ -142,7 +142,7 @@ def backend_verifier(
     broker_jwks: Path, *, broker_url: str = DEFAULT_BROKER_URL, trust_domain: str = DEFAULT_TRUST_DOMAIN
 ) -> TxnTokenMiddleware:
     """The Txn-Token middleware for this backend: static keys from ``broker_jwks`` (a JWKS or one JWK; a private
-    JWK contributes its public part only: :func:`broker.verify.public_jwks_from_file`), ``iss`` = ``broker_url``
+    JWK contributes its public part only: :func:`broker.sdk.backend.public_jwks_from_file`), ``iss`` = ``broker_url``
     (the broker's ``server.public_url``), ``aud`` = ``trust_domain``, one tool per path, single use.
 
     ``injected=("department",)`` only matters for a token without ``tctx.injected``: its department cannot
@@ -345,7 +345,7 @@ def build_app(
     return app
 
 
-# --- TLS and serving (shared with broker.bench.bareproxy) ---------------------------------------------------
+# --- TLS and serving (shared with broker.dev.bench.bareproxy) ---------------------------------------------------
 
 
 def server_ssl_context(
@@ -458,7 +458,7 @@ def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m broker.demo.expense", description="Demo expense tool backend (mTLS + Txn-Token)."
+        prog="python -m broker.dev.demo.expense", description="Demo expense tool backend (mTLS + Txn-Token)."
     )
     parser.add_argument("--listen", default="127.0.0.1:9443", help="host:port (default %(default)s)")
     parser.add_argument(
@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-verify",
         action="store_true",
-        help="benchmarking aid ONLY (python -m broker.bench): accept tool calls without a Txn-Token",
+        help="benchmarking aid ONLY (python -m broker.dev.bench): accept tool calls without a Txn-Token",
     )
     args = parser.parse_args(argv)
     if args.no_verify:

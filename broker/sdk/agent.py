@@ -28,7 +28,7 @@ from urllib.parse import quote
 import aiohttp
 from multidict import CIMultiDictProxy
 
-from broker.idp import DEFAULT_TRUST_DOMAIN, read_jwk, trust_domain_of
+from broker.dev.idp import DEFAULT_TRUST_DOMAIN, read_jwk, trust_domain_of
 from broker.jose import (
     JoseError,
     b64url_encode,

@@ -1,7 +1,7 @@
 """Relaying an upstream MCP answer to the agent, as it comes (CONTRACT §7; HOSTILE P16, P24).
 
 A JSON answer is one JSON-RPC message: read (bounded), checked to answer *this* request, transformed, sent.
-An SSE answer is streamed: each event is parsed as it completes (:mod:`broker.gateway.mcp_sse`) and written at
+An SSE answer is streamed: each event is parsed as it completes (:mod:`broker.mcp.sse`) and written at
 once (``X-Accel-Buffering: no``, so the first event reaches the agent before the upstream finishes). Per event:
 
 - the response to this request's id → the request's transform (tools/list filtered, tools/call masked), then
@@ -31,9 +31,9 @@ import structlog
 from aiohttp import web
 
 from broker.errors import UpstreamError
-from broker.gateway import mcp_jsonrpc as rpc
-from broker.gateway.mcp_sse import SseError, SseEvent, SseParser, encode_event
-from broker.gateway.mcp_upstream import JSON, SSE, parse_upstream, read_bounded
+from broker.mcp import jsonrpc as rpc
+from broker.mcp.sse import SseError, SseEvent, SseParser, encode_event
+from broker.mcp.upstream import JSON, SSE, parse_upstream, read_bounded
 
 log = structlog.get_logger("broker.mcp.relay")
 

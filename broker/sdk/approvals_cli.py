@@ -22,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from broker.client import AgentClient, ClientReply
+from broker.sdk.agent import AgentClient, ClientReply
 
 __all__ = ["add_approvals_parser", "cmd_approvals"]
 

@@ -1,9 +1,9 @@
 """``make demo``: an agent walks the expense scenario (CONTRACT §11, rows 1-14) against a running ``make run``.
 
-    python -m broker.demo.agent --certs certs [--broker https://localhost:8443]
+    python -m broker.dev.demo.agent --certs certs [--broker https://localhost:8443]
 
-Tokens come from the development IdP (:mod:`broker.idp`, the certs folder's ``idp.jwk``); calls go through
-:class:`broker.client.AgentClient` with the agents' X.509-SVIDs and DPoP keys, and approvers (carol, dave, sam)
+Tokens come from the development IdP (:mod:`broker.dev.idp`, the certs folder's ``idp.jwk``); calls go through
+:class:`broker.sdk.agent.AgentClient` with the agents' X.509-SVIDs and DPoP keys, and approvers (carol, dave, sam)
 decide with their own DPoP-bound MFA tokens and no client certificate. Each step prints one line: the stages of
 a multi-call step, then its final answer::
 
@@ -40,8 +40,7 @@ from typing import Any
 
 import aiohttp
 
-from broker.client import AgentClient, ClientReply
-from broker.idp import (
+from broker.dev.idp import (
     DEFAULT_TRUST_DOMAIN,
     agent_spiffe_id,
     jkt_of,
@@ -50,6 +49,7 @@ from broker.idp import (
     trust_domain_of,
 )
 from broker.jose import JoseError, b64url_decode, generate_ec_jwk, public_key_from_jwk, verify_signature
+from broker.sdk.agent import AgentClient, ClientReply
 
 __all__ = [
     "AGENT",
@@ -89,7 +89,7 @@ ALICE_CONSTRAINTS: Mapping[str, Any] = {
         {"above": 10000, "requires": ["mfa", "dual_approval"]},
     ],
 }
-# the dev backend's invoices (broker.demo.expense.SEED_INVOICES): the backend refuses any other amount (409)
+# the dev backend's invoices (broker.dev.demo.expense.SEED_INVOICES): the backend refuses any other amount (409)
 INV_8831 = {"invoice_id": "INV-8831", "amount": 4800, "department": "42"}
 INV_9001 = {"invoice_id": "INV-9001", "amount": 6000, "department": "42"}
 INV_9002 = {"invoice_id": "INV-9002", "amount": 12000, "department": "42"}
@@ -652,10 +652,10 @@ async def run_steps(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m broker.demo.agent",
+        prog="python -m broker.dev.demo.agent",
         description="Walk the expense scenario (CONTRACT §11) against a running broker (`make run`), "
         "one line per step; exit 0 when every step had the expected outcome, else 1.",
-        epilog="example:\n  python -m broker.demo.agent --certs certs --broker https://localhost:8443",
+        epilog="example:\n  python -m broker.dev.demo.agent --certs certs --broker https://localhost:8443",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(

@@ -1,7 +1,7 @@
 """What an agent may see and call through ``/mcp/{server}``: the same decisions as ``/v1`` (CONTRACT §6, §7).
 
 ``tools/list`` shows a tool iff it is configured for the server, its definition matches its pin
-(:mod:`broker.gateway.mcp_pins`) and policy lets this (subject, actor) see it — the visibility decision of
+(:mod:`broker.mcp.pins`) and policy lets this (subject, actor) see it — the visibility decision of
 ``/v1/tools``. ``tools/call`` is authorised in the order of ``/v1`` invocation, each refusal a JSON-RPC error
 (HTTP 200: MCP clients handle HTTP errors badly) whose ``data`` says what would make it pass:
 
@@ -17,7 +17,7 @@
 6 injection   the ``/v1`` tool of the same name's ``inject`` sets server-side arguments.
 
 The edge txn token binds the agent's arguments (before injection) and lists the injected values (``tctx``).
-What the agent gets back is shaped in :mod:`broker.gateway.mcp_answers`.
+What the agent gets back is shaped in :mod:`broker.mcp.answers`.
 """
 
 from __future__ import annotations
@@ -35,15 +35,15 @@ from aiohttp import web
 from broker.canonical import canonicalize
 from broker.context import CTX
 from broker.errors import AccessDenied
-from broker.gateway import mcp_jsonrpc as rpc
 from broker.gateway.approvals import APPROVALS
 from broker.gateway.filters import ToolFilters
-from broker.gateway.mcp_params import check_param_headers
-from broker.gateway.mcp_pins import PinBook
-from broker.gateway.mcp_upstream import McpUpstream
 from broker.gateway.stages import approval_for_call, has_mfa, mint_for_call, policy_env, visible_names
 from broker.identity.principal import Principal
 from broker.jose import b64url_encode
+from broker.mcp import jsonrpc as rpc
+from broker.mcp.params import check_param_headers
+from broker.mcp.pins import PinBook
+from broker.mcp.upstream import McpUpstream
 from broker.policy.engine import Decision
 from broker.runtime import Runtime
 

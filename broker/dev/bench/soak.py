@@ -1,10 +1,10 @@
-"""``python -m broker.bench.soak`` (``make soak``): mixed traffic at half capacity for a long time (issue 7 item 2).
+"""``python -m broker.dev.bench.soak`` (``make soak``): mixed traffic at half capacity for a long time (issue 7 item 2).
 
 Starts the demo expense backend (verifying every Txn-Token, single use) and ``broker run -c
 config/examples/expense.yaml`` with the memory or the Redis state store (``--state``; Redis at
 ``BROKER_REDIS_URL``, default 127.0.0.1:6379), each in its own subprocess on loopback ports. Then:
 
-1. **capacity**: ``listInvoices`` in a closed loop (:func:`broker.bench.loadgen.run_load`, fresh DPoP proofs) for
+1. **capacity**: ``listInvoices`` in a closed loop (:func:`broker.dev.bench.loadgen.run_load`, fresh DPoP proofs) for
    ``--capacity-seconds``; the soak rate is half of it. ``--rate R`` skips this and uses R requests/s.
 2. **soak**: an open-loop mix at the rate for ``--duration`` seconds — **600 s (10 minutes) by default**; every
    response is checked against the status (and error code) it must have:
@@ -59,7 +59,7 @@ from typing import Any
 
 import aiohttp
 
-from broker.bench.__main__ import (
+from broker.dev.bench.__main__ import (
     READY_TIMEOUT,
     BenchEnv,
     IdentityRequests,
@@ -69,10 +69,10 @@ from broker.bench.__main__ import (
     probe,
     server_process,
 )
-from broker.bench.loadgen import client_ssl_context, percentile, run_load
-from broker.client import ACCESS_TOKEN_TYPE, TOKEN_EXCHANGE, TXN_TOKEN_TYPE, DpopSigner
-from broker.demo.expense import run_event_loop
-from broker.idp import mint_access_token
+from broker.dev.bench.loadgen import client_ssl_context, percentile, run_load
+from broker.dev.demo.expense import run_event_loop
+from broker.dev.idp import mint_access_token
+from broker.sdk.agent import ACCESS_TOKEN_TYPE, TOKEN_EXCHANGE, TXN_TOKEN_TYPE, DpopSigner
 
 AGENT = "expense-assistant"
 APPROVE_ARGS = {"invoice_id": "INV-8831", "amount": 4800, "department": "42"}
@@ -365,7 +365,13 @@ async def broker_process(
 
 def start_backend(env: BenchEnv, public_url: str) -> contextlib.AbstractAsyncContextManager[None]:
     """The demo backend as in production: it verifies every Txn-Token (issuer = the broker's public URL)."""
-    argv = [sys.executable, "-m", "broker.demo.expense", "--listen", env.backend_url.removeprefix("https://")]
+    argv = [
+        sys.executable,
+        "-m",
+        "broker.dev.demo.expense",
+        "--listen",
+        env.backend_url.removeprefix("https://"),
+    ]
     argv += ["--certs", str(env.certs), "--db", str(env.work / "expense.db"), "--broker-url", public_url]
     ready = probe(env.backend_url + "/healthz", env.probe_ssl)
     return server_process("backend", argv, env=env, ready=ready, extra_env={})
@@ -562,7 +568,9 @@ def report(doc: dict[str, Any]) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     default_config = Path(__file__).resolve().parents[2] / "config" / "examples" / "expense.yaml"
-    parser = argparse.ArgumentParser(prog="python -m broker.bench.soak", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m broker.dev.bench.soak", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--duration", type=float, default=600.0, help="soak seconds (default %(default)s)")
     parser.add_argument("--rate", type=float, help="requests/s (default: half the measured capacity)")
     parser.add_argument("--state", choices=("memory", "redis"), default="memory", help="broker state store")
@@ -589,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         certs = args.certs
         if certs is None:
-            from broker.devpki import generate
+            from broker.dev.pki import generate
 
             certs = work / "certs"
             generate(certs)

@@ -1,4 +1,4 @@
-"""Closed-loop asyncio load generator over mTLS, for ``python -m broker.bench`` (a benchmark, not a test).
+"""Closed-loop asyncio load generator over mTLS, for ``python -m broker.dev.bench`` (a benchmark, not a test).
 
 ``concurrency`` workers share one ``ClientSession`` whose pool holds exactly ``concurrency`` keep-alive
 connections (like ``wrk -c``); each worker sends a request, reads the whole response, and sends the next.

@@ -2,7 +2,7 @@
 
 Built with the official ``mcp`` SDK (``MCPServer``, optional dependency group ``demo``) and served by uvicorn on
 HTTPS that requires a client certificate issued by ``certs/ca.pem`` (in the scenario: the broker's), on the same
-SQLite invoices as :mod:`broker.demo.expense`. Tools:
+SQLite invoices as :mod:`broker.dev.demo.expense`. Tools:
 
 - ``approveExpense(invoice_id, amount, department)`` → the approved invoice, the same JSON as the REST backend's
   ``POST /approve`` (``{"invoice_id","status","amount","department","vendor":{"name","bank_account"},
@@ -38,7 +38,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from broker.demo.expense import fetch_invoice, invoice_json, open_db, parse_listen, run_event_loop
+from broker.dev.demo.expense import fetch_invoice, invoice_json, open_db, parse_listen, run_event_loop
 from broker.jose import JoseError, b64url_decode
 
 __all__ = ["RunningMcpServer", "build_server", "main", "serve"]
@@ -67,7 +67,7 @@ class Received:
 
 
 def _txn_subject(ctx: Context) -> str:
-    """The ``sub`` of the Txn-Token header. NOT VERIFIED (demo label only, like broker.demo.expense)."""
+    """The ``sub`` of the Txn-Token header. NOT VERIFIED (demo label only, like broker.dev.demo.expense)."""
     token = (ctx.headers or {}).get("txn-token", "")
     parts = token.split(".")
     if len(parts) != 3:
@@ -81,7 +81,7 @@ def _txn_subject(ctx: Context) -> str:
 
 
 def build_server(db: sqlite3.Connection) -> MCPServer:
-    """The expense tools on ``db`` (see :func:`broker.demo.expense.open_db`)."""
+    """The expense tools on ``db`` (see :func:`broker.dev.demo.expense.open_db`)."""
     mcp = MCPServer("expenses", version="1", log_level="WARNING")
 
     @mcp.tool(name="approveExpense", description="Approve an invoice for payment.")
@@ -238,7 +238,7 @@ async def serve(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m broker.demo.mcp_server", description=__doc__.splitlines()[0]
+        prog="python -m broker.dev.demo.mcp_server", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--listen", default="127.0.0.1:9444", help="host:port (default %(default)s)")
     parser.add_argument(

@@ -10,7 +10,7 @@
               nothing forwarded). Stateless: headers must agree with the body (400 ``-32020``).
  6 session    a presented ``Mcp-Session-Id`` must be bound to this (subject, actor) on this server, else 404 as
               for an unknown session; ``initialize`` must not carry one.
- 7 authorize  tools/call: :func:`broker.gateway.mcp_calls.authorize_call` (visibility, pinned schema, policy,
+ 7 authorize  tools/call: :func:`broker.mcp.calls.authorize_call` (visibility, pinned schema, policy,
               MFA, approvals, injection); refusals are JSON-RPC errors (HTTP 200), audited here.
               tools/list: the visible set, computed by the ``/v1/tools`` decision.
  8 guard      revocations and the DPoP replay claim in one store step — last, so a refusal never burns a proof.
@@ -18,7 +18,7 @@
 10 forward    fresh headers only (Txn-Token minted here for tools/call, X-Request-Id, traceparent, the MCP
               headers, the session id) over the broker's mTLS identity; the body re-serialised from what was
               decided on (arguments after injection). The agent's token never goes upstream.
-11 relay      JSON or SSE, streamed (:mod:`broker.gateway.mcp_relay`): tools/list filtered and pinned,
+11 relay      JSON or SSE, streamed (:mod:`broker.mcp.relay`): tools/list filtered and pinned,
               tools/call masked, initialize narrowed to the tool surface and its session bound to the principal.
 
 Wiring (``broker.app``): ``app.router.add_route("*", "/mcp/{server}", mcp_endpoint)``,
@@ -43,10 +43,13 @@ from broker.errors import (
     UnknownTool,
     UpstreamError,
 )
-from broker.gateway import mcp_jsonrpc as rpc
 from broker.gateway.guard import final_guard
-from broker.gateway.mcp_answers import call_transform, capabilities_transform, listing_transform
-from broker.gateway.mcp_calls import (
+from broker.gateway.middleware import audit_decision
+from broker.gateway.stages import authenticate, read_body, runtime_of
+from broker.identity.principal import Principal
+from broker.mcp import jsonrpc as rpc
+from broker.mcp.answers import call_transform, capabilities_transform, listing_transform
+from broker.mcp.calls import (
     AuthorizedCall,
     Refusal,
     authorize_call,
@@ -54,7 +57,7 @@ from broker.gateway.mcp_calls import (
     unknown_tool,
     visible_tools,
 )
-from broker.gateway.mcp_checks import (
+from broker.mcp.checks import (
     LAST_EVENT_ID,
     SESSION_ID,
     check_origin,
@@ -65,14 +68,11 @@ from broker.gateway.mcp_checks import (
     session_id_of,
     single_header,
 )
-from broker.gateway.mcp_params import param_headers
-from broker.gateway.mcp_pins import MCP_PINS, PinBook, accept_pin_endpoint, drift_counter, pins_endpoint
-from broker.gateway.mcp_relay import AGENT_NOTIFICATIONS, Relay, Transform, dumps, relay
-from broker.gateway.mcp_sessions import SessionBinding, SessionStore
-from broker.gateway.mcp_upstream import JSON, SSE, Catalogs, McpUpstream, ServerTable, exchange, read_answer
-from broker.gateway.middleware import audit_decision
-from broker.gateway.stages import authenticate, read_body, runtime_of
-from broker.identity.principal import Principal
+from broker.mcp.params import param_headers
+from broker.mcp.pins import MCP_PINS, PinBook, accept_pin_endpoint, drift_counter, pins_endpoint
+from broker.mcp.relay import AGENT_NOTIFICATIONS, Relay, Transform, dumps, relay
+from broker.mcp.sessions import SessionBinding, SessionStore
+from broker.mcp.upstream import JSON, SSE, Catalogs, McpUpstream, ServerTable, exchange, read_answer
 from broker.observability import traceparent_for
 from broker.resources import METRICS, SESSION, STATE
 from broker.runtime import Runtime

@@ -1,6 +1,6 @@
 """The HTTP-level checks of a request to ``/mcp/{server}`` (MCP Streamable HTTP transports; HOSTILE P18, P19, P25).
 
-Each raises :class:`broker.gateway.mcp_jsonrpc.JsonRpcError` (a JSON-RPC error body with its HTTP status) or a
+Each raises :class:`broker.mcp.jsonrpc.JsonRpcError` (a JSON-RPC error body with its HTTP status) or a
 :class:`broker.errors.BrokerError`; none reads anything but the request's headers and the body it is given.
 A header the broker relies on may appear at most once: first-copy and last-copy readers would disagree.
 """
@@ -14,8 +14,8 @@ from aiohttp import web
 
 from broker.canonical import strict_loads
 from broker.errors import InvalidRequest, UnsupportedMediaType
-from broker.gateway import mcp_jsonrpc as rpc
-from broker.gateway.mcp_upstream import JSON, McpUpstream
+from broker.mcp import jsonrpc as rpc
+from broker.mcp.upstream import JSON, McpUpstream
 
 __all__ = [
     "LAST_EVENT_ID",

@@ -18,12 +18,12 @@ from collections.abc import Callable
 from typing import Any
 
 from broker.errors import UpstreamError
-from broker.gateway import mcp_jsonrpc as rpc
 from broker.gateway.filters import ToolFilters
-from broker.gateway.mcp_pins import PinBook
-from broker.gateway.mcp_relay import Transform, dumps
-from broker.gateway.mcp_upstream import McpUpstream
 from broker.identity.principal import Principal
+from broker.mcp import jsonrpc as rpc
+from broker.mcp.pins import PinBook
+from broker.mcp.relay import Transform, dumps
+from broker.mcp.upstream import McpUpstream
 
 __all__ = ["call_transform", "capabilities_transform", "listing_transform"]
 
