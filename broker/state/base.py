@@ -24,6 +24,17 @@ Contract common to every implementation:
   with the same single-use and replay guarantees (why, and what is weaker: :mod:`broker.state.redis`).
 - Value-level argument errors (a non-positive TTL, a non-finite amount, a record that is not JSON) raise
   ``ValueError``: they are bugs in the caller and must not be counted as backend failures.
+- **Limits are reserved, not read then recorded** (CONTRACT §12: a limit of N calls, or a sum, per window is
+  never exceeded whatever the interleaving — tokens minted ahead, parallel calls, several replicas or
+  workers). Reading a counter with :meth:`StateStore.window_stats` and adding the event later with
+  :meth:`StateStore.record_event` leaves a gap in which 20 parallel calls all read ``count=4`` against a limit
+  of 5 and all pass. :meth:`StateStore.reserve_events` closes it: in one atomic step it reads what each
+  counter held and adds this call's event, so concurrent callers see distinct counts (0, 1, 2, ...) and a rule
+  ``count >= 5`` lets exactly 5 through. A call that is then refused hands its events back with
+  :meth:`StateStore.release_events` (they must not count against the caller). Between the reservation and
+  the release a refused call is counted: a concurrent call may be refused because of it — the safe side.
+  A backend failure during a reservation may leave its events recorded (over-counting, also the safe side);
+  it never under-counts.
 """
 
 from __future__ import annotations
@@ -48,9 +59,12 @@ Op = Literal[
     "revoke",
     "record_event",
     "window_stats",
+    "reserve_events",
+    "release_events",
     "put_json",
     "get_json",
     "compare_and_set_json",
+    "delete_json",
     "ping",
 ]
 #: the closed set of ``op`` values (the ``op`` label of ``broker_state_errors_total``)
@@ -175,6 +189,49 @@ def check_items(items: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
     return checked
 
 
+def check_reservation_items(items: Sequence[tuple[str, float, float]]) -> list[tuple[str, float, float]]:
+    """Validate ``reserve_events`` items ``(scope, amount, window_seconds)``: valid keys, finite amounts, valid
+    windows, distinct scopes (a scope has one window, and two events of one reservation in one scope would
+    each have to see the other: refused as a caller bug). May be empty."""
+    checked = [
+        (check_key(scope), check_finite("amount", amount), check_ttl(window))
+        for scope, amount, window in items
+    ]
+    if len({scope for scope, _, _ in checked}) != len(checked):
+        raise ValueError("reserve_events scopes must be distinct")
+    return checked
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What :meth:`StateStore.reserve_events` saw and added, enough to hand exactly those events back.
+
+    ``seen[i]`` is the ``(count, sum)`` of item ``i`` BEFORE its event was added (what a limit compares with);
+    ``events[i]`` is ``(scope, member)``: the unique id of the event added to that scope, and ``at`` the
+    timestamp every event of the reservation carries. Opaque to callers beyond ``seen``: pass it back to
+    :meth:`StateStore.release_events` of a store with the same ``key_prefix`` (any replica).
+    """
+
+    seen: tuple[tuple[int, float], ...] = ()
+    at: float = 0.0
+    events: tuple[tuple[str, str], ...] = ()
+
+
+#: the reservation of no items (no store call was made; releasing it does nothing)
+NO_RESERVATION: Final = Reservation()
+
+
+def check_reservation(reservation: Reservation) -> list[tuple[str, str]]:
+    """The ``(scope, member)`` pairs of a reservation to release; ``ValueError`` for anything else."""
+    if not isinstance(reservation, Reservation):
+        raise ValueError("release_events needs the Reservation returned by reserve_events")
+    events = [(check_key(scope), member) for scope, member in reservation.events]
+    if any(not isinstance(member, str) or not member for _, member in events):
+        raise ValueError("reservation members must be non-empty strings")
+    check_finite("reservation time", reservation.at)
+    return events
+
+
 @dataclass(frozen=True, slots=True)
 class Guarded:
     """What :meth:`StateStore.guard` found: a revoked kind, the index of a claim already taken, or neither."""
@@ -255,6 +312,28 @@ class StateStore(ABC):
         """
 
     @abstractmethod
+    async def reserve_events(self, items: Sequence[tuple[str, float, float]], now: float) -> Reservation:
+        """Reserve-then-decide (CONTRACT §12, module docstring): for every ``(scope, amount, window_seconds)``
+        of ``items``, in ONE atomic step for all of them, read the ``(count, sum)`` of the scope's events in
+        ``(now - window_seconds, +inf)`` — without the new one — then add an event of ``amount`` at ``now``,
+        drop the events out of the window and re-arm the key's expiry, as :meth:`record_event` does.
+
+        Returns the counts seen (in item order) and the ids of the events added, for
+        :meth:`release_events`. Scopes must be distinct (``ValueError``). Empty ``items``: an empty
+        reservation, without calling the backend. Reserved events are ordinary events afterwards:
+        :meth:`window_stats` counts them and :meth:`record_event` may add to the same scopes.
+
+        On Redis Cluster the step is atomic per hash slot, not across slots (see :mod:`broker.state.redis`):
+        each counter stays exact on its own.
+        """
+
+    @abstractmethod
+    async def release_events(self, reservation: Reservation) -> None:
+        """Remove exactly the events of ``reservation`` (the call was refused after reserving: it must not
+        count). Idempotent: releasing twice, or after the events left the window, does nothing more. Other
+        events of the same scopes are untouched."""
+
+    @abstractmethod
     async def put_json(self, key: str, value: Mapping[str, Any], ttl_seconds: float) -> None:
         """Store a JSON object unconditionally. Its ``version`` becomes the previous version + 1 (1 if new),
         so a rewrite never lets a stale :meth:`compare_and_set_json` succeed (no ABA)."""
@@ -272,6 +351,14 @@ class StateStore(ABC):
         ``expected_version == 0`` means "only if absent" (create). Returns False when another writer got there
         first: re-read and retry. Any ``version`` member in ``value`` is ignored.
         """
+
+    @abstractmethod
+    async def delete_json(self, key: str) -> bool:
+        """Remove a JSON record now; True if it existed. For records that are only ever created with
+        ``compare_and_set_json(key, 0, …)`` or read (e.g. MCP session bindings evicted by a per-principal quota,
+        CONTRACT §12): a record created again afterwards starts over at version 1, so a caller holding a version
+        read before the delete could compare-and-set the new record (ABA) — never delete records that are
+        updated by compare-and-set from a version read earlier."""
 
     @abstractmethod
     async def ping(self) -> None:

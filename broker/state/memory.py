@@ -9,12 +9,16 @@ check-and-set of S03 cannot interleave). Expiry uses an injectable monotonic ``c
 not shorten a replay window) and a min-heap of ``(expires_at, key)``, drained lazily at the start of each
 operation: O(log n) per write, O(1) per read when nothing has expired. Cost: about 1 µs per
 :meth:`MemoryStore.claim` (see the report of ``tests/unit/test_state_memory.py::test_claim_cost``).
+
+:meth:`MemoryStore.reserve_events` is atomic the same way: every counter of a reservation is read and
+written with no ``await`` in between, so concurrent tasks each see a distinct count (CONTRACT §12).
 """
 
 from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,14 +28,18 @@ from broker.state.base import (
     GUARD_OK,
     KEY_PATTERN,
     MAX_TTL_SECONDS,
+    NO_RESERVATION,
     ErrorCallback,
     Guarded,
     Op,
+    Reservation,
     StateStore,
     check_finite,
     check_items,
     check_key,
     check_prefix,
+    check_reservation,
+    check_reservation_items,
     check_ttl,
     check_version,
     decode_record,
@@ -60,8 +68,9 @@ class _Record:
 
 @dataclass(slots=True)
 class _Events:
-    # sorted (timestamp, amount) pairs; bisect keeps insertion O(log n) + shift even if clocks disagree
-    items: list[tuple[float, float]] = field(default_factory=list)
+    # sorted (timestamp, amount, member) triples; bisect keeps insertion O(log n) + shift even if clocks
+    # disagree. ``member`` is "" for record_event and a unique id for reserve_events (what release removes).
+    items: list[tuple[float, float, str]] = field(default_factory=list)
 
 
 _Value = _Claimed | _Record | _Events
@@ -95,6 +104,7 @@ class MemoryStore(StateStore):
         self._data: dict[str, tuple[float, _Value]] = {}
         self._heap: list[tuple[float, str]] = []
         self._event_count = 0
+        self._member_ids = itertools.count(1)  # reserved event ids: unique within this store
 
     # -- bookkeeping -----------------------------------------------------------------------------------------
 
@@ -229,9 +239,58 @@ class MemoryStore(StateStore):
         del events.items[:cut]
         self._event_count -= cut
         self._reserve("record_event", 1 + (value is None))
-        bisect.insort(events.items, (now, amount))
+        bisect.insort(events.items, (now, amount, ""))
         self._event_count += 1
         self._set(key, clock_now + window, events)
+
+    async def reserve_events(self, items: Sequence[tuple[str, float, float]], now: float) -> Reservation:
+        checked = check_reservation_items(items)
+        now = check_finite("now", now)
+        if not checked:
+            return NO_RESERVATION
+        clock_now = self._clock()
+        self._expire(clock_now)
+        keys = [self._prefix + "ctr:" + scope for scope, _, _ in checked]
+        # Everything that can refuse (a key of another type, capacity) is checked before anything changes, so a
+        # refused reservation adds nothing. No await below: the read and the add of every counter are one step.
+        values = [self._live(key) for key in keys]
+        if any(value is not None and not isinstance(value, _Events) for value in values):
+            self._fail("reserve_events", "state key holds another type")
+        series = [value if isinstance(value, _Events) else _Events() for value in values]
+        for events, (_, _, window) in zip(series, checked, strict=True):
+            cut = bisect.bisect_right(events.items, (now - window, _INF))
+            del events.items[:cut]
+            self._event_count -= cut
+        self._reserve("reserve_events", len(checked) + sum(value is None for value in values))
+        seen: list[tuple[int, float]] = []
+        reserved: list[tuple[str, str]] = []
+        for key, events, (scope, amount, window) in zip(keys, series, checked, strict=True):
+            # after the trim every event left is in (now - window, +inf), as window_stats counts them
+            seen.append((len(events.items), float(sum(a for _, a, _ in events.items))))
+            member = f"m{next(self._member_ids)}"
+            bisect.insort(events.items, (now, amount, member))
+            self._event_count += 1
+            self._set(key, clock_now + window, events)
+            reserved.append((scope, member))
+        return Reservation(seen=tuple(seen), at=now, events=tuple(reserved))
+
+    async def release_events(self, reservation: Reservation) -> None:
+        events = check_reservation(reservation)
+        self._expire(self._clock())
+        at = reservation.at
+        for scope, member in events:
+            key = self._prefix + "ctr:" + scope
+            value = self._live(key)
+            if not isinstance(value, _Events):
+                continue  # expired, or never there: nothing of this reservation is left to remove
+            # the event sits among those stamped ``at``; (at,) sorts before every (at, amount, member)
+            index = bisect.bisect_left(value.items, (at,))
+            while index < len(value.items) and value.items[index][0] == at:
+                if value.items[index][2] == member:
+                    del value.items[index]
+                    self._event_count -= 1
+                    break
+                index += 1
 
     async def window_stats(self, scope: str, now: float, window_seconds: float) -> tuple[int, float]:
         key = self._prefix + "ctr:" + check_key(scope)
@@ -245,7 +304,7 @@ class MemoryStore(StateStore):
             self._fail("window_stats", "state key holds another type")
         start = bisect.bisect_right(value.items, (now - window, _INF))
         in_window = value.items[start:]
-        return len(in_window), float(sum(amount for _, amount in in_window))
+        return len(in_window), float(sum(amount for _, amount, _ in in_window))
 
     # -- JSON records ----------------------------------------------------------------------------------------
 
@@ -288,6 +347,15 @@ class MemoryStore(StateStore):
         if current is None:
             self._reserve("compare_and_set_json", 1)
         self._set(full_key, now + ttl, _Record(expected + 1, text))
+        return True
+
+    async def delete_json(self, key: str) -> bool:
+        full_key = self._prefix + "json:" + check_key(key)
+        self._expire(self._clock())
+        current = self._current_record("delete_json", full_key)
+        if current is None:
+            return False
+        self._drop(full_key, current)  # its heap item stays behind and is skipped when it comes due
         return True
 
     # -- lifecycle -------------------------------------------------------------------------------------------

@@ -2,10 +2,13 @@
 
 Topologies (URL formats in :mod:`broker.state.redis_cluster`): one server (``redis://``, ``rediss://``), a
 Sentinel-managed master (``redis+sentinel://``) and Redis Cluster (``redis+cluster://``). Everything below
-holds on all three; the one behaviour that differs is :meth:`RedisStore.guard` on a Cluster ("Redis Cluster").
+holds on all three; what differs on a Cluster is :meth:`RedisStore.guard` and the scope of a counter
+reservation's atomicity ("Redis Cluster", "Counter reservations on a Cluster").
 
 Every single-use check is ONE atomic server-side step (S03): ``SET key 1 NX PX ttl`` for
-:meth:`RedisStore.claim`, a Lua script for :meth:`RedisStore.claim_all` and the JSON compare-and-set. Every
+:meth:`RedisStore.claim`, a Lua script for :meth:`RedisStore.claim_all` and the JSON compare-and-set. So is a
+counter reservation (CONTRACT §12): one Lua script reads every counter of the call and adds its event
+(:meth:`RedisStore.reserve_events`; per hash slot on a Cluster, see below). Every
 operation runs under ``asyncio.timeout(timeout_seconds)`` on top of the socket timeouts; any error or timeout
 becomes :class:`broker.errors.StateUnavailable` (S01, S02) and is reported to ``on_error(op)``. There is no
 local fallback (S04).
@@ -19,12 +22,12 @@ never a second use. Sentinel: a connection error makes redis-py ask the Sentinel
 ``READONLY`` answer (a demoted master) counts as one, so a failover is followed without a restart.
 
 Redis Cluster. A multi-key command or script must name keys of ONE slot, chosen by the first ``{...}`` hash tag
-of each key. Every operation but ``guard`` is single-slot by design: ``claim``, ``revoke``, counters
-(``record_event``: one MULTI/EXEC on one key) and JSON records (one script on one key) touch one key;
-``is_revoked`` is one ``MGET`` because every revocation key carries ``{rev}``; ``claim_all`` needs its callers
-to share one hash tag (checked on a Cluster: ``ValueError`` otherwise, a caller bug). ``guard`` cannot be one
-script there: revocations live in ``{rev}``, the DPoP ``jti`` under its own key and the txn token under its
-own tag. On a Cluster it runs three steps, in this order, and stops at the first refusal:
+of each key. Every operation but ``guard`` and the counter reservations is single-slot by design: ``claim``,
+``revoke``, counters (``record_event``: one MULTI/EXEC on one key) and JSON records (one script on one key) touch
+one key; ``is_revoked`` is one ``MGET`` because every revocation key carries ``{rev}``; ``claim_all`` needs
+its callers to share one hash tag (checked on a Cluster: ``ValueError`` otherwise, a caller bug). ``guard``
+cannot be one script there: revocations live in ``{rev}``, the DPoP ``jti`` under its own key and the txn token
+under its own tag. On a Cluster it runs three steps, in this order, and stops at the first refusal:
 
 1. ``MGET`` of the revocation keys (slot of ``{rev}``) — any hit: refuse, and nothing has been claimed;
 2. ``SET NX PX`` of the DPoP ``jti`` — taken: refuse as replayed (index 0);
@@ -42,6 +45,18 @@ single-server script: up to three round trips instead of one, and a crash or tim
 burnt ``jti`` (the client retries with a new proof) or, after step 3 was sent, a consumed txn token on a
 request answered 503 (the agent exchanges again; the script has the same case when its answer is lost) —
 never a token usable twice.
+
+Counter reservations on a Cluster. The counters of one call have no common hash tag (a counter's key is its
+name, window and hashed subject), so :meth:`RedisStore.reserve_events` runs one script per slot — per key,
+unless the ``key_prefix`` carries a tag, which makes it one script as on a single server — one after the other
+(one connection per operation, like every other operation). Why each counter stays exact on its own: a limit
+compares ONE counter's count with its bound, and each counter's read-and-add is one atomic script on the one
+master that owns its key, so concurrent calls on any number of replicas see distinct counts of that counter
+(0, 1, 2, ...) and ``count >= N`` admits exactly N — the same guarantee as one script. What is weaker: the
+counts of two counters of one call are not one snapshot (a rule adding two counters together may see an
+interleaving no single order produces); if a later slot fails, the events already added stay recorded
+(over-counting, the safe side) and the call is answered 503. :meth:`RedisStore.release_events` removes each
+event with its own ``ZREM`` (idempotent, so a retry is harmless).
 
 Limits, documented on purpose:
 - S05: Redis replication is asynchronous, so a failover (Sentinel or Cluster) can lose the last claims and
@@ -66,14 +81,18 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from broker.state.base import (
     GUARD_OK,
+    NO_RESERVATION,
     ErrorCallback,
     Guarded,
     Op,
+    Reservation,
     StateStore,
     check_finite,
     check_items,
     check_key,
     check_prefix,
+    check_reservation,
+    check_reservation_items,
     check_version,
     decode_record,
     encode_record,
@@ -108,6 +127,27 @@ for i = 1, nrev do if redis.call('EXISTS', KEYS[i]) == 1 then return -i end end
 for i = nrev + 1, #KEYS do if redis.call('EXISTS', KEYS[i]) == 1 then return i - nrev end end
 for i = nrev + 1, #KEYS do redis.call('SET', KEYS[i], '1', 'PX', ARGV[i - nrev + 1]) end
 return 0
+"""
+
+# Counter reservation (CONTRACT §12). KEYS: counter sorted sets (distinct); ARGV[1]: the event's score (now);
+# then for key i, ARGV[3i-1..3i+1]: window cut-off (now - window: events at or below it are out), PX, member.
+# Returns, per key, the members in the window BEFORE this event (the caller parses count and sum from them,
+# exactly as window_stats does). Types are checked before any write: a key of another type refuses the whole
+# reservation with nothing added (a script error does not roll back writes already made).
+_RESERVE: Final = """
+for i = 1, #KEYS do
+  local t = redis.call('TYPE', KEYS[i])['ok']
+  if t ~= 'zset' and t ~= 'none' then return redis.error_reply('WRONGTYPE counter key holds another type') end
+end
+local seen = {}
+for i = 1, #KEYS do
+  local cut, px, member = ARGV[3 * i - 1], ARGV[3 * i], ARGV[3 * i + 1]
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', cut)
+  seen[i] = redis.call('ZRANGE', KEYS[i], 0, -1)
+  redis.call('ZADD', KEYS[i], ARGV[1], member)
+  redis.call('PEXPIRE', KEYS[i], px)
+end
+return seen
 """
 
 # KEYS[1]: revocation; ARGV[1]: PX. PTTL is -2 when absent, -1 without expiry: never shorten a revocation.
@@ -182,6 +222,7 @@ class RedisStore(StateStore):
         self._guard_script = self._redis.register_script(_GUARD)
         self._put_json_script = self._redis.register_script(_PUT_JSON)
         self._cas_json_script = self._redis.register_script(_CAS_JSON)
+        self._reserve_script = self._redis.register_script(_RESERVE)
 
     async def _run(self, op: Op, call: Callable[[], Awaitable[T]]) -> T:
         """Run one operation under the time bound; backend failures become StateUnavailable (fail closed)."""
@@ -317,6 +358,70 @@ class RedisStore(StateStore):
 
         return await self._run("window_stats", call)
 
+    async def reserve_events(self, items: Sequence[tuple[str, float, float]], now: float) -> Reservation:
+        checked = check_reservation_items(items)
+        now = check_finite("now", now)
+        if not checked:
+            return NO_RESERVATION
+        keys: list[str] = []
+        args: list[str | int] = []
+        members: list[str] = []
+        for scope, amount, window_seconds in checked:
+            px = ttl_ms(window_seconds)
+            # the same member format as record_event: a random id, then the amount (repr round-trips a float)
+            member = f"{uuid.uuid4().hex}:{amount!r}"
+            keys.append(self._prefix + "ctr:" + scope)
+            args += [repr(now - px / 1000), px, member]
+            members.append(member)
+        # One script over all keys (single server, Sentinel); on a Cluster one per slot, in order (docstring).
+        groups = self._slot_groups(keys) if self._cluster else [list(range(len(keys)))]
+
+        async def call() -> list[tuple[int, float]]:
+            # A retry after a lost answer re-adds the same members (ZADD updates, no duplicate) and reads its
+            # own first attempt's events: at worst a count one too high, the safe side.
+            seen: list[tuple[int, float]] = [(0, 0.0)] * len(keys)
+            for group in groups:
+                group_args = [repr(now)] + [arg for i in group for arg in args[3 * i : 3 * i + 3]]
+                found = await self._reserve_script(keys=[keys[i] for i in group], args=group_args)
+                if not isinstance(found, list) or len(found) != len(group):
+                    raise ValueError("unexpected answer of the reservation script")
+                for i, window_members in zip(group, found, strict=True):
+                    # a member that does not decode raises ValueError: the counter is not trusted (fail closed)
+                    amounts = [_amount_of(member) for member in window_members]
+                    seen[i] = (len(amounts), float(sum(amounts)))
+            return seen
+
+        seen = await self._run("reserve_events", call)
+        scopes = [scope for scope, _, _ in checked]
+        return Reservation(seen=tuple(seen), at=now, events=tuple(zip(scopes, members, strict=True)))
+
+    async def release_events(self, reservation: Reservation) -> None:
+        events = check_reservation(reservation)
+        if not events:
+            return
+        pairs = [(self._prefix + "ctr:" + scope, member) for scope, member in events]
+
+        async def call() -> None:
+            # ZREM is idempotent: a retry, or a second release, removes nothing more.
+            if self._cluster:
+                for key, member in pairs:  # each key may live on another master
+                    await self._redis.zrem(key, member)
+                return
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for key, member in pairs:
+                    pipe.zrem(key, member)
+                await pipe.execute()
+
+        await self._run("release_events", call)
+
+    @staticmethod
+    def _slot_groups(keys: Sequence[str]) -> list[list[int]]:
+        """Indexes of ``keys`` grouped by Cluster slot, groups in order of first appearance."""
+        groups: dict[int, list[int]] = {}
+        for index, key in enumerate(keys):
+            groups.setdefault(key_slot(key.encode()), []).append(index)
+        return list(groups.values())
+
     # -- JSON records ----------------------------------------------------------------------------------------
 
     async def put_json(self, key: str, value: Mapping[str, Any], ttl_seconds: float) -> None:
@@ -354,6 +459,14 @@ class RedisStore(StateStore):
             return int(await self._cas_json_script(keys=[full_key], args=[expected, text, px])) == 1
 
         return await self._run("compare_and_set_json", call)
+
+    async def delete_json(self, key: str) -> bool:
+        full_key = self._prefix + "json:" + check_key(key)
+
+        async def call() -> bool:
+            return int(await self._redis.delete(full_key)) > 0
+
+        return await self._run("delete_json", call)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 

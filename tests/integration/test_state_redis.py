@@ -15,7 +15,7 @@ import pytest
 
 from broker.errors import StateUnavailable
 from broker.state import StateStore, hash_tag
-from broker.state.base import OPS
+from broker.state.base import OPS, Reservation
 from broker.state.redis import RedisStore
 from tests.redisutil import RedisStores, free_port, redis_stores, throwaway_redis
 
@@ -261,9 +261,12 @@ OPERATIONS: dict[str, Callable[[StateStore], Awaitable[object]]] = {
     "revoke": lambda s: s.revoke("sub", "alice", 60),
     "record_event": lambda s: s.record_event("ctr:s", 1, T0, 600),
     "window_stats": lambda s: s.window_stats("ctr:s", T0, 600),
+    "reserve_events": lambda s: s.reserve_events([("ctr:s", 1, 600)], T0),
+    "release_events": lambda s: s.release_events(Reservation(at=T0, events=(("ctr:s", "m1"),))),
     "put_json": lambda s: s.put_json("r", {"a": 1}, 60),
     "get_json": lambda s: s.get_json("r"),
     "compare_and_set_json": lambda s: s.compare_and_set_json("r", 0, {"a": 1}, 60),
+    "delete_json": lambda s: s.delete_json("r"),
     "ping": lambda s: s.ping(),
 }
 
