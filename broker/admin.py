@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,9 +22,18 @@ from aiohttp import web
 
 from broker.config.loader import ConfigError, ConfigProblem, load_config
 from broker.config.models import Config
-from broker.errors import AuditUnavailable, StateUnavailable
-from broker.gateway.approvals import APPROVALS
-from broker.resources import AUDIT, METRICS, RUNTIME, SESSION, STATE
+from broker.errors import (
+    AccessDenied,
+    AuditUnavailable,
+    BrokerError,
+    InvalidToken,
+    MethodNotAllowed,
+    NotFound,
+    StateUnavailable,
+    UnsupportedMediaType,
+)
+from broker.observability import new_request_id
+from broker.resources import APPROVALS, AUDIT, MAIN, METRICS, RELOAD, RUNTIME, SESSION, STATE
 from broker.runtime import Runtime, build_runtime
 
 log = structlog.get_logger("broker.admin")
@@ -33,11 +44,15 @@ RESTART_ONLY = (
     ("server", "admin_listen"),
     ("server", "tls"),
     ("server", "admin_token_file"),
+    # the HTTP parser's line limit is set when the listener starts
+    ("server", "limits", "max_header_line_bytes"),
+    ("server", "limits", "max_header_bytes"),
     ("state",),
     ("audit",),
     ("signing",),
 )
-REVOCATION_KINDS = ("txn", "jti", "sub", "act", "grant")
+REVOCATION_KINDS = ("txn", "jti", "sub", "act", "grant", "policy_version")
+_POLICY_VERSION = re.compile(r"[0-9a-f]{12}")
 DEFAULT_REVOCATION_TTL = 86_400
 
 
@@ -46,9 +61,6 @@ class ReloadState:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     loaded_at: float = field(default_factory=time.time)
     previous_loaded_at: float | None = None
-
-
-RELOAD = web.AppKey("reload_state", ReloadState)
 
 
 def _get(config: Config, path: tuple[str, ...]) -> Any:
@@ -151,7 +163,6 @@ async def rollback_config(app: web.Application) -> tuple[bool, str]:
 
 
 def _admin_main(request: web.Request) -> web.Application:
-    from broker.app import MAIN
 
     return request.app[MAIN]
 
@@ -188,7 +199,8 @@ async def config_endpoint(request: web.Request) -> web.StreamResponse:
 
 
 async def revocations_endpoint(request: web.Request) -> web.StreamResponse:
-    """``{"kind": txn|jti|sub|act|grant, "value": "...", "ttl_seconds": 86400}`` → revoked on every replica."""
+    """``{"kind": txn|jti|sub|act|grant|policy_version, "value": "...", "ttl_seconds": 86400}`` → revoked on
+    every replica."""
     main = _admin_main(request)
     try:
         body = await request.json()
@@ -201,6 +213,8 @@ async def revocations_endpoint(request: web.Request) -> web.StreamResponse:
         return _bad(f"kind must be one of {', '.join(REVOCATION_KINDS)}")
     if not isinstance(value, str) or not value or len(value) > 4096:
         return _bad("value must be a non-empty string")
+    if kind == "policy_version" and not _POLICY_VERSION.fullmatch(value):
+        return _bad("a policy_version is 12 lowercase hex digits (GET /admin/config shows the one in force)")
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= 366 * 86400:
         return _bad("ttl_seconds must be a number of seconds up to 366 days")
     try:
@@ -221,26 +235,119 @@ def _bad(description: str) -> web.Response:
     return web.json_response({"error": "invalid_request", "error_description": description}, status=400)
 
 
-def admin_token_middleware(token: bytes) -> Any:
-    """``/admin/*`` needs ``Authorization: Bearer <token>`` (constant-time compare); probes and metrics do not."""
+class MisdirectedRequest(BrokerError):
+    """RFC 9110 §15.5.20: the ``Host`` is not a name of this listener (DNS rebinding, HOSTILE P12)."""
+
+    status = 421
+    code = "misdirected_request"
+
+
+#: the only admin endpoints open without the admin token (probes; CONTRACT §12)
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped  # a dual-stack socket's ::ffff:a.b.c.d
+    return address
+
+
+def host_of(value: str) -> str | None:
+    """The host of a ``Host`` header value (``name``, ``name:port``, ``[v6]``, ``[v6]:port``), lowercased; None
+    when it is not one of those forms."""
+    if value.startswith("["):
+        host, closed, rest = value[1:].partition("]")
+        if not closed:
+            return None
+    else:
+        host, colon, port = value.partition(":")
+        rest = f":{port}" if colon else ""
+    if rest and not (rest.startswith(":") and rest[1:].isascii() and rest[1:].isdigit()):
+        return None
+    return host.lower() if host else None
+
+
+def is_own_host(value: str, configured: str, local_address: str | None) -> bool:
+    """Whether a ``Host`` value names this listener: ``localhost``, a loopback address, the configured host of
+    ``server.admin_listen``, or the address the connection arrived at (the pod IP the kubelet and Prometheus use
+    on a wildcard bind), each with or without a port. A DNS-rebinding page's ``Host`` is the attacker's name."""
+    host = host_of(value)
+    if host is None:
+        return False
+    configured = configured.lower().strip("[]")
+    configured_ip = _ip(configured)
+    wildcard = configured_ip is not None and configured_ip.is_unspecified  # 0.0.0.0 / :: bind, not a name
+    if host == "localhost" or (host == configured and not wildcard):
+        return True
+    address = _ip(host)
+    if address is None:
+        return False
+    if address.is_loopback:
+        return True
+    local = _ip(local_address) if local_address else None
+    return local is not None and address == local
+
+
+def _refusal(error: BrokerError, headers: dict[str, str] | None = None) -> web.Response:
+    request_id = new_request_id()
+    log.info("admin request refused", code=error.code, reason=error.reason, request_id=request_id)
+    return web.json_response(
+        error.body(request_id),
+        status=error.status,
+        headers={"X-Request-Id": request_id, "Cache-Control": "no-store", **(headers or {})},
+    )
+
+
+def _admin_check(request: web.Request, configured_host: str, token: bytes | None) -> None:
+    """CONTRACT §12 "The admin listener cannot be driven by a browser"; raises the BrokerError to answer."""
+    hosts = request.headers.getall("Host", [])
+    sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    local = str(sockname[0]) if sockname else None
+    if len(hosts) != 1 or not is_own_host(hosts[0], configured_host, local):
+        raise MisdirectedRequest("this listener does not serve that host", reason="admin_host")
+    if request.method not in _SAFE_METHODS:
+        # a page can make a browser send a "simple" cross-site POST, but never without Origin, never as JSON
+        fetch_site = request.headers.get("Sec-Fetch-Site", "").lower()
+        if "Origin" in request.headers or fetch_site in ("cross-site", "same-site"):
+            raise AccessDenied("admin endpoints do not take browser requests", reason="admin_cross_origin")
+        if request.content_type != "application/json":
+            raise UnsupportedMediaType(
+                "admin POSTs need Content-Type: application/json", reason="admin_content_type"
+            )
+    if token is not None and request.path not in OPEN_PATHS:
+        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.encode(), token):
+            raise InvalidToken("admin endpoints need the admin bearer token", reason="admin_token")
+
+
+def admin_guard(configured_host: str, token: bytes | None) -> Any:
+    """The admin listener's one middleware: :func:`_admin_check` first (``Host`` 421, browser requests 403,
+    non-JSON POST 415, the ``server.admin_token_file`` bearer token 401 on all but ``/healthz``/``/readyz``),
+    then the endpoint; aiohttp's own 404/405 become JSON too."""
 
     @web.middleware
-    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path.startswith("/admin/"):
-            scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(presented.encode(), token):
-                return web.json_response(
-                    {
-                        "error": "invalid_token",
-                        "error_description": "admin endpoints need the admin bearer token",
-                    },
-                    status=401,
-                    headers={"WWW-Authenticate": 'Bearer realm="broker-admin"'},
-                )
-        response: web.StreamResponse = await handler(request)
+    async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            _admin_check(request, configured_host, token)
+            response: web.StreamResponse = await handler(request)
+        except InvalidToken as error:
+            return _refusal(error, {"WWW-Authenticate": 'Bearer realm="broker-admin"'})
+        except BrokerError as error:
+            return _refusal(error)
+        except web.HTTPException as exc:
+            if exc.status == 404:
+                return _refusal(NotFound("no such endpoint", reason="no_route"))
+            if exc.status == 405:
+                return _refusal(MethodNotAllowed("method not allowed here", reason="method_not_allowed"))
+            raise
         return response
 
-    return check
+    return guard
 
 
 def add_admin_routes(admin: web.Application) -> None:

@@ -15,30 +15,35 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from broker.admin import (
-    RELOAD,
     ReloadState,
     add_admin_routes,
-    admin_token_middleware,
+    admin_guard,
     config_load_record,
 )
 from broker.audit.sink import AuditLog
 from broker.config.loader import LoadedConfig
+from broker.config.models import split_hostport
 from broker.context import CTX
 from broker.errors import StateUnavailable
 from broker.gateway import exchange, tools
-from broker.gateway.approvals import APPROVALS, ApprovalService, decide_approval, get_approval, list_approvals
+from broker.gateway.approvals import ApprovalService, decide_approval, get_approval, list_approvals
 from broker.gateway.forward import Forwarder, client_session, close_session
 from broker.gateway.middleware import broker_middleware
+from broker.gateway.services import Services
 from broker.jose import Signer
 from broker.keys import KeyRing, public_jwks_from_file
 from broker.mcp import endpoint as mcp
 from broker.observability import Metrics
 from broker.resources import (
+    APPROVALS,
     AUDIT,
     DRAINING,
     FORWARDER,
+    MAIN,
     METRICS,
+    RELOAD,
     RUNTIME,
+    SERVICES,
     SESSION,
     SIGNER,
     STATE,
@@ -47,8 +52,6 @@ from broker.resources import (
 )
 from broker.runtime import build_runtime, read_admin_token
 from broker.state import make_store
-
-MAIN = web.AppKey("main_app", web.Application)
 
 
 def build_app(loaded: LoadedConfig, *, metrics: Metrics | None = None) -> web.Application:
@@ -80,6 +83,7 @@ def build_app(loaded: LoadedConfig, *, metrics: Metrics | None = None) -> web.Ap
     app.cleanup_ctx.append(_state_store)
     app.cleanup_ctx.append(_issuer_keys)
     app.cleanup_ctx.append(_approvals)
+    app.cleanup_ctx.append(_services)
     app.cleanup_ctx.append(mcp.mcp_resources)
 
     app.router.add_post("/v1/tools/{name}", tools.invoke_tool)
@@ -145,6 +149,20 @@ async def _approvals(app: web.Application) -> AsyncIterator[None]:
     await service.close()  # before the upstream session closes
 
 
+async def _services(app: web.Application) -> AsyncIterator[None]:
+    """The pipeline's collaborators, frozen once every resource they name exists."""
+    app[SERVICES] = Services(
+        runtime=app[RUNTIME],
+        store=app[STATE],
+        signer=app[SIGNER],
+        metrics=app[METRICS],
+        audit=app[AUDIT],
+        approvals=app[APPROVALS],
+        forwarder=app[FORWARDER],
+    )
+    yield
+
+
 async def protected_resource_metadata(request: web.Request) -> web.StreamResponse:
     request[CTX].route = "metadata"
     body = request.app[RUNTIME].current.authenticator.protected_resource_metadata()
@@ -159,10 +177,12 @@ async def jwks(request: web.Request) -> web.StreamResponse:
 
 
 def build_admin_app(main: web.Application) -> web.Application:
-    """Plain-HTTP admin listener (loopback by default): health, readiness, metrics."""
-    token_file = main[RUNTIME].current.config.server.admin_token_file
-    middlewares = [admin_token_middleware(read_admin_token(token_file))] if token_file else []
-    admin = web.Application(middlewares=middlewares)
+    """Plain-HTTP admin listener (loopback by default): health, readiness, metrics, operators' controls —
+    behind :func:`broker.admin.admin_guard` (its own host names only, no browser requests, the admin token)."""
+    server = main[RUNTIME].current.config.server
+    token = read_admin_token(server.admin_token_file) if server.admin_token_file else None
+    admin_host, _ = split_hostport(server.admin_listen)
+    admin = web.Application(middlewares=[admin_guard(admin_host, token)])
     admin[MAIN] = main
     admin.router.add_get("/healthz", healthz)
     admin.router.add_get("/readyz", readyz)

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import re
+from decimal import Decimal
 from json.encoder import encode_basestring  # the C encoder when available; ensure_ascii=False escaping
 from typing import Any
 
@@ -76,8 +77,10 @@ def _parse_float(text: str) -> float:
     value = float(text)
     # 1e400 overflows to inf (HOSTILE T10); at or beyond 2**53 a double no longer holds every integer, so
     # 9007199254740993.0 silently becomes ...992 and 1e16 canonicalises to a 17-digit integer this parser
-    # refuses: the same I-JSON range as integers (RFC 7493 §2.2, HOSTILE T11).
-    if math.isinf(value) or abs(value) > I_JSON_MAX_INT:
+    # refuses: the same I-JSON range as integers (RFC 7493 §2.2, HOSTILE T11), on the number's exact value.
+    # Rounding to a double is monotonic, so a value whose double is below the bound is inside it; only at
+    # or above it (or inf) can the exact decimal lie outside (9007199254740991.4 rounds to ...991.0).
+    if abs(value) >= I_JSON_MAX_INT and (math.isinf(value) or abs(Decimal(text)) > I_JSON_MAX_INT):
         raise _refuse("number out of range", "json_number_out_of_range")
     return value
 
@@ -94,17 +97,18 @@ _CHECKED_DECODER = json.JSONDecoder(
 _FAST_DECODER = json.JSONDecoder(
     object_pairs_hook=_pairs_to_dict, parse_constant=_parse_constant, strict=True
 )
-# Number shape: digits -> "0", exponent marks -> "e", "+" -> "-". With no run of 16 digits every integer
-# is below 10**16, and with no exponent of two or more digits every number is below 10**16 too; the checked
-# path refuses what is above 2**53 (about 9.007e15), so both shapes go there.
-_NUMBER_SHAPE = bytes.maketrans(b"0123456789Ee+", b"0000000000ee-")
+# Number shape: digits -> "0", exponent marks -> "e". A number without an exponent whose digit runs are all
+# shorter than 16 is below 10**15 < 2**53, inside the I-JSON range; any exponent, whatever its digits
+# (99999999999.99999e9 is 1e20), and any run of 16 digits go to the checked path, which refuses what is
+# beyond ±(2**53-1).
+_NUMBER_SHAPE = bytes.maketrans(b"0123456789E", b"0000000000e")
 _SIXTEEN_DIGITS = b"0" * 16
 
 
 def _decoder_for(data: bytes) -> json.JSONDecoder:
     shape = data.translate(_NUMBER_SHAPE)
-    if _SIXTEEN_DIGITS in shape or b"e00" in shape or b"e-00" in shape:
-        return _CHECKED_DECODER  # also taken for digits inside strings: slower, never wrong
+    if _SIXTEEN_DIGITS in shape or b"0e" in shape:
+        return _CHECKED_DECODER  # also taken for such text inside strings: slower, never wrong
     return _FAST_DECODER
 
 
@@ -147,9 +151,18 @@ def strict_loads(data: bytes, *, max_depth: int = 32) -> Any:
 
     ``reason`` codes: ``json_not_utf8`` (invalid UTF-8, a BOM, UTF-16/32 bytes), ``json_syntax`` (including
     trailing data and a second top-level value), ``json_duplicate_member``, ``json_non_finite_number``
-    (NaN, Infinity), ``json_number_out_of_range`` (integers beyond ±(2**53-1), 1e400),
-    ``json_lone_surrogate``, ``json_too_deep`` (more than ``max_depth`` nested arrays/objects). Numbers
-    with a fraction or exponent become ``float``, others ``int``; objects are ``dict``, arrays ``list``.
+    (NaN, Infinity), ``json_number_out_of_range``, ``json_lone_surrogate``, ``json_too_deep`` (more than
+    ``max_depth`` nested arrays/objects). Numbers with a fraction or exponent become ``float``, others
+    ``int``; objects are ``dict``, arrays ``list``.
+
+    Numbers (RFC 7493 §2.2, I-JSON; HOSTILE T10, T11): the *exact decimal value* of the literal, whatever
+    its spelling (fraction, exponent of any length, leading zeros in the exponent, ``E`` or ``e``), must lie
+    within ±(2**53-1), else ``json_number_out_of_range``: ``9007199254740992``, ``9.007199254740992e15``,
+    ``99999999999.99999e9``, ``9007199254740991.4``, ``1E400`` and ``1e0000000000000000016`` are all refused.
+    Inside the range a non-integer becomes the nearest double, as in every JSON parser: ``0.1`` is the double
+    0.1, and ``1e-400`` underflows to ``0.0`` (accepted: what is hashed, audited and forwarded is the
+    RFC 8785 form of that double, so the value executed is the value decided on). ``-0`` and ``-0.0`` are
+    accepted and are zero (RFC 8785 serialises them as ``0``).
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError("strict_loads takes bytes")

@@ -24,7 +24,10 @@ ROUTE_EVENTS: dict[str, str | None] = {
 
 @dataclass(slots=True)
 class RequestContext:
+    #: the broker's own id of this request (unique; X-Request-Id of the response and of forwarded calls)
     request_id: str
+    #: the caller's X-Request-Id when it was a sane short token (CONTRACT §12); recorded, never trusted as ours
+    client_request_id: str | None = None
     route: str = "other"
     started: float = field(default_factory=time.perf_counter)
     tool: str | None = None
@@ -62,6 +65,8 @@ class RequestContext:
             "policy_version": self.policy_version,
             "status": self.status,
         }
+        if self.client_request_id is not None:
+            fields["client_request_id"] = self.client_request_id
         if self.audit_args:
             fields["args"] = self.audit_args
         return fields

@@ -1,8 +1,10 @@
 """The BrokerError family: every refusal the broker can give, with its HTTP status and stable code.
 
-Stages raise these; exactly one middleware (``broker.gateway.middleware``) renders them as JSON bodies and
-``WWW-Authenticate`` headers and hands them to audit. ``description`` is what the client sees (short, never
-echoing tokens or backend internals); ``reason`` is the precise cause that goes to the audit record and to
+Stages raise these; each transport renders them once: ``broker.gateway.middleware`` as HTTP JSON bodies with
+``WWW-Authenticate`` headers, ``broker.mcp.endpoint`` as JSON-RPC errors (``jsonrpc_code``, ``rpc_message`` and
+``rpc_data``: what an MCP client is told would make the call pass) — and both hand them to audit.
+``description`` is what the client sees (short, never echoing tokens or backend internals); ``reason`` is the
+precise cause that goes to the audit record and to
 ``broker_auth_failures_total{reason}``. Never match on message text: match on the class or ``code``.
 """
 
@@ -12,10 +14,12 @@ from typing import Any, ClassVar
 
 
 class BrokerError(Exception):
-    status: ClassVar[int] = 500
-    code: ClassVar[str] = "server_error"
+    status: int = 500
+    code: str = "server_error"
     #: ``DPoP``/``Bearer`` when the error is an RFC 6750/9449 authentication challenge.
     challenge: ClassVar[str | None] = None
+    #: the JSON-RPC error code of this refusal on ``/mcp`` (CONTRACT §7): -32603 internal error by default
+    jsonrpc_code: int = -32603
 
     def __init__(
         self,
@@ -25,6 +29,8 @@ class BrokerError(Exception):
         headers: dict[str, str] | None = None,
         extra: dict[str, Any] | None = None,
         challenge_params: dict[str, str] | None = None,
+        rpc_message: str | None = None,
+        rpc_data: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(description)
         self.description = description
@@ -35,6 +41,10 @@ class BrokerError(Exception):
         self.extra = dict(extra or {})
         #: extra ``WWW-Authenticate`` parameters (e.g. ``acr_values``)
         self.challenge_params = dict(challenge_params or {})
+        #: the JSON-RPC ``message`` when it differs from ``description`` (MCP clients expect "Unknown tool: x")
+        self.rpc_message = rpc_message or description
+        #: JSON-RPC ``data`` members beyond ``error`` and ``extra`` (e.g. the violated rule)
+        self.rpc_data = dict(rpc_data or {})
 
     def body(self, request_id: str) -> dict[str, Any]:
         return {
@@ -44,10 +54,15 @@ class BrokerError(Exception):
             "request_id": request_id,
         }
 
+    def jsonrpc_data(self) -> dict[str, Any]:
+        """``error.data`` of the JSON-RPC rendering: the code, then what would make the call pass."""
+        return {"error": self.code, **self.rpc_data, **self.extra}
+
 
 class InvalidRequest(BrokerError):
     status = 400
     code = "invalid_request"
+    jsonrpc_code = -32602
 
 
 class InvalidGrant(BrokerError):
@@ -102,32 +117,38 @@ class UseDpopNonce(BrokerError):
 class InsufficientUserAuthentication(BrokerError):
     status = 401
     code = "insufficient_user_authentication"
+    jsonrpc_code = -32011
     challenge = "DPoP"
 
 
 class AccessDenied(BrokerError):
     status = 403
     code = "access_denied"
+    jsonrpc_code = -32010
 
 
 class ApprovalRequired(BrokerError):
     status = 403
     code = "approval_required"
+    jsonrpc_code = -32012
 
 
 class InvalidTxnToken(BrokerError):
     status = 403
     code = "invalid_txn_token"
+    jsonrpc_code = -32010
 
 
 class TxnTokenMismatch(BrokerError):
     status = 403
     code = "txn_token_mismatch"
+    jsonrpc_code = -32010
 
 
 class UnknownTool(BrokerError):
     status = 404
     code = "unknown_tool"
+    jsonrpc_code = -32602
 
 
 class NotFound(BrokerError):
@@ -148,11 +169,13 @@ class RequestTimeout(BrokerError):
 class PayloadTooLarge(BrokerError):
     status = 413
     code = "payload_too_large"
+    jsonrpc_code = -32600
 
 
 class UnsupportedMediaType(BrokerError):
     status = 415
     code = "unsupported_media_type"
+    jsonrpc_code = -32600
 
 
 class HeadersTooLarge(BrokerError):
@@ -163,11 +186,13 @@ class HeadersTooLarge(BrokerError):
 class RateLimited(BrokerError):
     status = 429
     code = "rate_limited"
+    jsonrpc_code = -32010
 
 
 class UpstreamError(BrokerError):
     status = 502
     code = "upstream_error"
+    jsonrpc_code = -32603
 
 
 class StateUnavailable(BrokerError):

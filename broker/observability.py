@@ -110,11 +110,18 @@ class Metrics:
 _ids = random.Random()  # noqa: S311 - identifiers, not secrets
 
 
-def request_id_from(header_value: str | None) -> str:
-    """Keep a caller's X-Request-Id only if it is short and plain (it lands in logs and audit); else make one."""
-    if header_value and _REQUEST_ID.match(header_value):
-        return header_value
+def new_request_id() -> str:
+    """The broker's own id of one request (CONTRACT §12): 96 random bits, never taken from the caller, so no
+    caller can make two requests (two audit records) share an id."""
     return f"{_ids.getrandbits(96):024x}"
+
+
+def client_request_id(header_value: str | None) -> str | None:
+    """The caller's ``X-Request-Id``, kept beside ours as ``client_request_id`` if it is short and plain (it
+    lands in logs and audit: 1-64 of ``A-Za-z0-9._:-``); anything else is dropped."""
+    if header_value and _REQUEST_ID.fullmatch(header_value):
+        return header_value
+    return None
 
 
 def traceparent_for(header_value: str | None) -> str:

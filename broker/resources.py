@@ -1,19 +1,30 @@
-"""Typed application state (``web.AppKey``): the long-lived resources and the swappable runtime."""
+"""Every ``web.AppKey`` of the broker, in one module: the long-lived resources, the swappable runtime, the
+per-subsystem state. Types are named for the checker only (``TYPE_CHECKING``), so this module imports nothing of
+the broker at run time and any module may import it without closing an import circle."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import aiohttp
 from aiohttp import web
 
-from broker.audit.sink import AuditLog
-from broker.gateway.forward import Forwarder
-from broker.keys import KeyRing
-from broker.observability import Metrics
-from broker.runtime import Runtime
-from broker.state.base import StateStore
+if TYPE_CHECKING:
+    import aiohttp
+
+    from broker.admin import ReloadState
+    from broker.audit.sink import AuditLog
+    from broker.gateway.approvals import ApprovalService
+    from broker.gateway.forward import Forwarder
+    from broker.gateway.services import Services
+    from broker.keys import KeyRing
+    from broker.mcp.endpoint import McpState
+    from broker.mcp.pins import PinBook
+    from broker.observability import Metrics
+    from broker.rotation import Watcher
+    from broker.runtime import Runtime
+    from broker.state.base import StateStore
 
 
 @dataclass
@@ -25,16 +36,6 @@ class RuntimeHolder:
 
     def swap(self, new: Runtime) -> None:
         self.previous, self.current = self.current, new
-
-
-RUNTIME = web.AppKey("runtime", RuntimeHolder)
-METRICS = web.AppKey("metrics", Metrics)
-AUDIT = web.AppKey("audit", AuditLog)
-#: the broker's signing keys (current + still-published retired ones); signs like a Signer
-SIGNER = web.AppKey("signer", KeyRing)
-SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
-FORWARDER = web.AppKey("forwarder", Forwarder)
-STATE = web.AppKey("state_store", StateStore)
 
 
 @dataclass
@@ -56,5 +57,22 @@ class Drain:
             self.idle.set()
 
 
+RUNTIME: web.AppKey[RuntimeHolder] = web.AppKey("runtime")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+AUDIT: web.AppKey[AuditLog] = web.AppKey("audit")
+#: the broker's signing keys (current + still-published retired ones); signs like a Signer
+SIGNER: web.AppKey[KeyRing] = web.AppKey("signer")
+SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("upstream_session")
+FORWARDER: web.AppKey[Forwarder] = web.AppKey("forwarder")
+STATE: web.AppKey[StateStore] = web.AppKey("state_store")
+#: the pipeline's collaborators in one frozen record (``broker.gateway.pipeline.Services``), built at start-up
+SERVICES: web.AppKey[Services] = web.AppKey("services")
+APPROVALS: web.AppKey[ApprovalService] = web.AppKey("approvals")
 #: SIGTERM starts draining: /readyz turns 503 so load balancers drain us first
-DRAINING = web.AppKey("draining", Drain)
+DRAINING: web.AppKey[Drain] = web.AppKey("draining")
+RELOAD: web.AppKey[ReloadState] = web.AppKey("reload_state")
+WATCHER: web.AppKey[Watcher] = web.AppKey("rotation_watcher")
+MCP_STATE: web.AppKey[McpState] = web.AppKey("mcp_state")
+MCP_PINS: web.AppKey[PinBook] = web.AppKey("mcp_pins")
+#: on the admin app: the main (agent-facing) app it reports on
+MAIN: web.AppKey[web.Application] = web.AppKey("main_app")

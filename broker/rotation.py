@@ -30,7 +30,7 @@ from aiohttp import web
 from broker.admin import config_load_record
 from broker.errors import AuditUnavailable
 from broker.jose import JoseError, Signer
-from broker.resources import AUDIT, METRICS, RUNTIME, SIGNER
+from broker.resources import AUDIT, METRICS, RUNTIME, SIGNER, WATCHER
 
 log = structlog.get_logger("broker.rotation")
 
@@ -120,9 +120,6 @@ class Watcher:
             self.app[METRICS].audit_records.inc()
         except AuditUnavailable:
             self.app[METRICS].audit_errors.inc()
-
-
-WATCHER = web.AppKey("rotation_watcher", Watcher)
 
 
 async def watch_files(app: web.Application) -> AsyncIterator[None]:

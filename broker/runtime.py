@@ -9,34 +9,58 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
-import jsonschema
-from jsonschema.protocols import Validator
 from yarl import URL
 
 from broker.config.loader import ConfigError, ConfigProblem, LoadedConfig
-from broker.config.models import Config, Limits, Tool, Upstream
+from broker.config.models import Config, Limits, Tool
 from broker.gateway.filters import FilterCompileError, ToolFilters, compile_tool_filters
 from broker.gateway.forward import UpstreamTarget
 from broker.identity.principal import Authenticator
 from broker.policy.approvers import Eligibility
 from broker.policy.counters import Counters
 from broker.policy.engine import PolicyCompileError, PolicySet
+from broker.policy.schemas import ArgumentSchema, InvalidSchema, compile_schema
+from broker.tls import upstream_ssl_context, upstream_tls_files
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """What the authorization pipeline knows of one tool, whichever transport reaches it: its argument
+    schemas (an MCP upstream's pinned one too), injection and response filters, how it takes txn tokens."""
+
+    name: str
+    #: argument validators (each ``.error(arguments) -> str | None``), all of which must accept the arguments
+    schemas: tuple[Any, ...]
+    filters: ToolFilters | None
+    txn_token: Literal["required", "edge"] = "edge"
+    audit_fields: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class CompiledTool:
     config: Tool
-    validator: Validator
+    validator: ArgumentSchema
     target: UpstreamTarget
     filters: ToolFilters
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    @cached_property
+    def spec(self) -> ToolSpec:
+        return ToolSpec(
+            name=self.config.name,
+            schemas=(self.validator,),
+            filters=self.filters,
+            txn_token=self.config.txn_token,
+            audit_fields=tuple(self.config.audit_fields),
+        )
 
 
 @dataclass(frozen=True)
@@ -73,24 +97,6 @@ class Runtime:
         return self.loaded.config.server.limits
 
 
-def upstream_tls_files(upstream: Upstream, config: Config) -> tuple[str, str, str]:
-    """(CA, certificate, key) towards an upstream: its own, else the server's trust bundle and certificate."""
-    tls = upstream.tls
-    return (
-        str(tls.ca or config.server.tls.client_ca),
-        str(tls.cert or config.server.tls.cert),
-        str(tls.key or config.server.tls.key),
-    )
-
-
-def upstream_ssl_context(*, ca: str, cert: str, key: str) -> ssl.SSLContext:
-    """Client-side TLS towards a backend: verify it against ``ca``, present the broker's own certificate."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    return ctx
-
-
 def read_admin_token(path: Path) -> bytes:
     """The admin listener's bearer token (``server.admin_token_file``): at least 16 characters."""
     token = path.read_bytes().strip()
@@ -109,14 +115,10 @@ def build_runtime(loaded: LoadedConfig) -> Runtime:
     for index, tool in enumerate(config.tools):
         loc: tuple[Any, ...] = ("tools", index)
         try:
-            validator_cls = jsonschema.validators.validator_for(
-                tool.input_schema, default=jsonschema.Draft202012Validator
-            )
-            validator_cls.check_schema(tool.input_schema)
-            validator = validator_cls(tool.input_schema)
-        except jsonschema.SchemaError as exc:
+            validator = compile_schema(tool.input_schema)
+        except InvalidSchema as exc:
             problems.append(
-                ConfigProblem(file, loaded.line_of((*loc, "input_schema")), f"input_schema: {exc.message}")
+                ConfigProblem(file, loaded.line_of((*loc, "input_schema")), f"input_schema: {exc}")
             )
             continue
         files = upstream_tls_files(tool.upstream, config)
@@ -169,7 +171,7 @@ def build_runtime(loaded: LoadedConfig) -> Runtime:
         else:
             shadow = compiled
     try:
-        from broker.mcp.upstream import compile_servers  # it builds on this module: import when used
+        from broker.mcp.upstream import compile_servers
 
         compile_servers(config)  # MCP upstream TLS files: a bad path is a config error, not a 502 later
     except (OSError, ssl.SSLError, ValueError) as exc:

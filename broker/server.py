@@ -20,8 +20,10 @@ from broker.admin import reload_config
 from broker.app import build_admin_app, build_app
 from broker.config.loader import LoadedConfig
 from broker.config.models import Server, split_hostport
-from broker.resources import DRAINING, RUNTIME
-from broker.rotation import WATCHER, Watcher, watch_files
+from broker.errors import BrokerError
+from broker.listener import JsonErrorRunner
+from broker.resources import DRAINING, METRICS, RUNTIME, WATCHER
+from broker.rotation import Watcher, watch_files
 
 log = structlog.get_logger("broker.server")
 
@@ -90,8 +92,16 @@ async def start(loaded: LoadedConfig, *, reuse_port: bool = False) -> RunningBro
     app[WATCHER] = Watcher(app, ssl_ctx)
     app.cleanup_ctx.append(watch_files)
     limits = server.limits
-    main = web.AppRunner(
+    metrics = app[METRICS]
+
+    def count_parser_refusal(error: BrokerError) -> None:
+        decision = "error" if error.status >= 500 else "deny"
+        metrics.requests.labels(route="other", tool="-", decision=decision, code=error.code).inc()
+
+    # JsonErrorRunner: what the HTTP parser refuses (bad method, framing, over-long lines) is JSON too (§8, §12)
+    main = JsonErrorRunner(
         app,
+        on_refusal=count_parser_refusal,
         access_log=None,  # every request is logged (and audited) by the broker middleware instead
         shutdown_timeout=server.shutdown_grace_seconds,
         handler_cancellation=True,
@@ -101,8 +111,10 @@ async def start(loaded: LoadedConfig, *, reuse_port: bool = False) -> RunningBro
         # after an early answer (413, 408, a refusal before the body was read) discard what is left of the body
         # for at most a second, then close — not aiohttp's 10 s of reading for a client that may never send it
         lingering_time=1.0,
-        max_line_size=limits.max_header_line_bytes,
-        max_field_size=limits.max_header_line_bytes,
+        # one header may use the whole header budget (CONTRACT §12: headers up to 16 KiB are read, so an
+        # oversized token is 401 invalid_token, not a parser error); the middleware checks the total (431)
+        max_line_size=limits.header_line_bytes,
+        max_field_size=limits.header_line_bytes,
         max_headers=128,
         auto_decompress=False,
     )
@@ -112,7 +124,7 @@ async def start(loaded: LoadedConfig, *, reuse_port: bool = False) -> RunningBro
         await web.TCPSite(
             main, host, port, ssl_context=ssl_ctx, reuse_port=reuse_port or None, backlog=1024
         ).start()
-        admin = web.AppRunner(build_admin_app(app), access_log=None, shutdown_timeout=1)
+        admin = JsonErrorRunner(build_admin_app(app), access_log=None, shutdown_timeout=1)
         await admin.setup()
         admin_host, admin_port = split_hostport(server.admin_listen)
         await web.TCPSite(admin, admin_host, admin_port, reuse_port=reuse_port or None).start()

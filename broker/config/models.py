@@ -68,10 +68,20 @@ HostPort = Annotated[str, Field(description="host:port, e.g. 127.0.0.1:8443 (por
 class Limits(Strict):
     max_body_bytes: int = Field(1_048_576, ge=1, description="request body cap (413)")
     max_header_bytes: int = Field(16_384, ge=1024, description="total request header size cap (431)")
-    max_header_line_bytes: int = Field(8190, ge=256, description="one header line (aiohttp max_field_size)")
+    max_header_line_bytes: int | None = Field(
+        None,
+        ge=256,
+        description="longest request line or header line the HTTP parser reads (400/431 JSON beyond); "
+        "default: max_header_bytes, so that one header (a large token) can use the whole header budget",
+    )
     max_token_bytes: int = Field(8192, ge=256, description="access/txn token size cap (401 invalid_token)")
     max_json_depth: int = Field(32, ge=1, le=256, description="JSON nesting cap (400)")
     max_response_bytes: int = Field(8_388_608, ge=1, description="upstream response body cap (502)")
+
+    @property
+    def header_line_bytes(self) -> int:
+        """The HTTP parser's line limit (aiohttp ``max_line_size``/``max_field_size``)."""
+        return self.max_header_line_bytes or self.max_header_bytes
 
 
 class ServerTls(Strict):
@@ -102,8 +112,8 @@ class Server(Strict):
     admin_listen: HostPort = "127.0.0.1:9090"
     admin_token_file: ConfigPath | None = Field(
         None,
-        description="file holding a bearer token that /admin/* requires (health, readiness and metrics stay open); "
-        "set it whenever the admin listener is reachable beyond loopback",
+        description="file holding a bearer token that every admin endpoint but /healthz and /readyz requires "
+        "(/admin/*, /metrics); set it whenever the admin listener is reachable beyond loopback",
     )
     tls: ServerTls
     limits: Limits = Limits()
@@ -276,7 +286,7 @@ class McpTool(Strict):
     digest: str | None = Field(
         None,
         description="pinned SHA-256 (hex) of the tool's definition (name, description, inputSchema, RFC 8785); "
-        "absent: pinned at first sight",
+        "absent: pinned at first sight (in the state store, shared by every replica)",
     )
 
 
@@ -289,6 +299,13 @@ class McpServer(Strict):
     tools: list[McpTool] = Field(default_factory=list)
     allowed_origins: list[str] = Field(
         default_factory=list, description="Origin header values accepted (MCP transport: validate Origin)"
+    )
+    max_sessions_per_principal: int = Field(
+        64,
+        ge=1,
+        le=500,
+        description="MCP sessions (2025 era) one (subject, actor) may hold on this server, across all replicas; "
+        "opening one more evicts that principal's oldest (its later requests get 404 Session not found)",
     )
 
 

@@ -31,14 +31,15 @@ from aiohttp import web
 from broker.config.models import Approvals
 from broker.context import CTX
 from broker.errors import AccessDenied, InsufficientUserAuthentication, InvalidRequest, NotFound
+from broker.gateway.body import read_json_body
 from broker.gateway.guard import final_guard
 from broker.gateway.middleware import audit_decision
-from broker.gateway.stages import has_mfa, read_json_body
+from broker.identity.peer import RequestView
 from broker.identity.principal import Principal
 from broker.jose import SigningKey
 from broker.observability import Metrics
-from broker.policy.approvers import Eligibility
-from broker.resources import METRICS, RUNTIME, STATE
+from broker.policy.approvers import Eligibility, has_mfa
+from broker.resources import APPROVALS, METRICS, RUNTIME, STATE
 from broker.state.base import StateStore
 from broker.txn.approvals import Approval, ApprovalBook, Verdict, refusal
 from broker.txn.webhooks import WebhookNotifier
@@ -135,9 +136,6 @@ class ApprovalService:
         return approval, created
 
 
-APPROVALS = web.AppKey("approvals", ApprovalService)
-
-
 def is_agent(principal: Principal) -> bool:
     """An agent, or a token issued to one: an SVID, an ``act`` claim, or a SPIFFE ID as ``client_id``
     (the dual-identity form without ``act``). Such a caller never decides an approval, even without its
@@ -156,7 +154,7 @@ async def _identify(request: web.Request) -> tuple[Principal, ApprovalService, f
     app = request.app
     service = app[APPROVALS]
     principal = await app[RUNTIME].current.authenticator.authenticate(
-        request, now=time.time(), require_actor=False
+        RequestView.of(request), now=time.time(), require_actor=False
     )
     ctx.subject, ctx.actor = principal.subject, principal.actor
     await final_guard(app[STATE], app[METRICS], principal)

@@ -1,21 +1,18 @@
-"""``POST /v1/token``: RFC 8693 token exchange for a transaction token (CONTRACT §5). Stage order:
+"""``POST /v1/token``: RFC 8693 token exchange for a transaction token (CONTRACT §5) — a transport over
+:mod:`broker.gateway.pipeline`.
 
 1 identity     the same DPoP/mTLS authentication as every call; the subject_token must be the very access
                token that authenticates this request (an agent cannot exchange someone else's token).
 2 form         every RFC 8693 parameter, exactly once, exactly the values we issue for (OAuth errors).
-3 visibility   a tool this (subject, actor) may not see answers like a missing one (404 unknown_tool).
-4 arguments    the tool's input JSON Schema on request_details.arguments.
-5 policy       deny rules first (a deny beats any obligation: 403 access_denied).
-6 obligations  MFA on the subject's token (401 + acr_values), then approvals bound to exactly these
-               arguments (403 approval_required, approval_id) unless approval_id names a granted one.
-7 guard        revocations and DPoP replay, one atomic store step, last.
-8 mint         the txn token: 5 minutes, single use, bound to the DPoP key and the args digest.
-9 audit        the decision, before the token is handed out.
+3 authorize    :func:`~broker.gateway.pipeline.authorize` with step ``exchange``: visibility, arguments,
+               policy, MFA, approvals (``approval_id``), injection, guard, mint, audit — the order is written
+               there. The exchange executes nothing, so it reserves no place in the counters (CONTRACT §12).
 """
 
 from __future__ import annotations
 
 import hmac
+import time
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -32,21 +29,10 @@ from broker.errors import (
     UnsupportedGrantType,
     UnsupportedMediaType,
 )
-from broker.gateway.guard import final_guard
-from broker.gateway.middleware import audit_decision
-from broker.gateway.stages import (
-    authenticate,
-    check_arguments,
-    decide,
-    discharge_approvals,
-    mint_for_call,
-    read_body,
-    require_mfa,
-    runtime_of,
-    visible_tool,
-)
+from broker.gateway.body import authenticate, read_body, runtime_of
+from broker.gateway.pipeline import ToolCall, authorize, given
 from broker.identity.dpop import ath_for
-from broker.resources import METRICS, STATE
+from broker.resources import SERVICES
 from broker.txn.tokens import MAX_LIFETIME
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -103,7 +89,6 @@ async def token_exchange(request: web.Request) -> web.StreamResponse:
     ctx = request[CTX]
     ctx.route = "exchange"
     runtime = runtime_of(request)
-    app = request.app
     config = runtime.config
 
     principal = await authenticate(request, runtime)  # 1
@@ -134,22 +119,19 @@ async def token_exchange(request: web.Request) -> web.StreamResponse:
         raise InvalidRequest("request_details.tool must match the scope", reason="exchange_tool_mismatch")
     approval_id = _one(form, "approval_id", required=False)
 
-    visible = await visible_tool(request, runtime, principal, name)  # 3
-    arguments = check_arguments(request, visible.tool, details.get("arguments", {}))  # 4
-    decision = decide(request, runtime, visible, principal, arguments)  # 5
-    require_mfa(decision, principal)  # 6
-    granted = await discharge_approvals(
-        request, runtime, principal, visible, arguments, decision, approval_id=approval_id
+    call = ToolCall(
+        step="exchange",
+        name=name,
+        arguments=given(details.get("arguments", {})),
+        principal=principal,
+        tool=runtime.tools[name].spec if name in runtime.tools else None,
+        approval_id=approval_id,
+        client_ip=request.remote,
     )
-    # the server-side arguments are fixed now and carried in the token, so the backend can verify the whole body
-    forwarded = visible.tool.filters.inject(arguments, subject=principal.claims, actor_id=principal.actor_id)
-    await final_guard(app[STATE], app[METRICS], principal, tool=name)  # 7
-    injected = {key: forwarded[key] for key in visible.tool.config.inject}
-    minted = mint_for_call(request, runtime, principal, name, arguments, injected, approval_id=granted)  # 8
-    ctx.decision, ctx.status = "allow", 200  # 9
-    audit_decision(app, ctx)
+    ctx.status = 200  # the allow record says what the agent gets; a refusal overwrites it
+    authorized = await authorize(call, request.app[SERVICES], ctx, time.time())  # 3
     body: dict[str, Any] = {
-        "access_token": minted.token,
+        "access_token": authorized.txn_token,
         "issued_token_type": TXN_TOKEN_TYPE,
         "token_type": "N_A",
         "expires_in": MAX_LIFETIME,

@@ -26,12 +26,14 @@ async def final_guard(
     *,
     tool: str | None = None,
     txn: tuple[str, str, float] | None = None,
+    revocations: dict[str, str] | None = None,
 ) -> None:
     """Refuse if anything about this request was revoked; else record its proof and txn token as used.
 
-    ``txn`` is (txn id, store key, ttl) of a presented transaction token.
+    ``txn`` is (txn id, store key, ttl) of a presented transaction token; ``revocations`` adds kinds to check
+    (e.g. the ``policy_version`` a presented txn token was minted under: CONTRACT §17).
     """
-    revocations = principal.revocation_kinds()
+    revocations = {**principal.revocation_kinds(), **(revocations or {})}
     if tool is not None:
         revocations["grant"] = grant_id(principal.subject, principal.actor_id, tool)
     claims: list[tuple[str, float]] = []
@@ -46,9 +48,11 @@ async def final_guard(
     found = await store.guard(revocations, claims)
     if found.revoked == "grant":
         # a revoked permission makes the tool invisible to this pair: answered like a missing tool
-        raise UnknownTool("no such tool", reason="grant_revoked")
+        raise UnknownTool("no such tool", reason="grant_revoked", rpc_message=f"Unknown tool: {tool}")
     if found.revoked == "txn":
         raise InvalidTxnToken("transaction token has been revoked", reason="txn_revoked")
+    if found.revoked == "policy_version":
+        raise InvalidTxnToken("transaction token has been revoked", reason="revoked_policy_version")
     if found.revoked is not None:
         raise InvalidToken("access token has been revoked", reason=f"revoked_{found.revoked}")
     if found.replayed is not None:

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from broker.context import CTX, RequestContext
 from broker.errors import (
@@ -30,8 +31,9 @@ from broker.errors import (
     ShuttingDown,
     UseDpopNonce,
 )
-from broker.observability import request_id_from
-from broker.resources import AUDIT, DRAINING, METRICS, RUNTIME
+from broker.gateway.services import audit_decision as pipeline_audit
+from broker.observability import client_request_id, new_request_id
+from broker.resources import DRAINING, METRICS, RUNTIME, SERVICES
 from broker.runtime import Challenge
 
 log = structlog.get_logger("broker.request")
@@ -72,20 +74,60 @@ def error_response(
 
 def audit_decision(app: web.Application, ctx: RequestContext) -> None:
     """Write this request's decision record; raises AuditUnavailable if it cannot be written."""
-    metrics = app[METRICS]
-    try:
-        app[AUDIT].append(ctx.audit_fields())
-    except AuditUnavailable:
-        metrics.audit_errors.inc()
-        raise
-    metrics.audit_records.inc()
-    ctx.audited = True
+    pipeline_audit(app[SERVICES], ctx)
+
+
+def record_refusal(app: web.Application, ctx: RequestContext, error: BrokerError) -> BrokerError:
+    """Record a refusal (both transports): its decision, reason and code in the request record and, unless the
+    request was already audited as refused, in the audit log. Returns the error to answer with: ``error``, or
+    AuditUnavailable when its record could not be written (nothing is acknowledged unaudited)."""
+    ctx.code = error.code
+    # An outcome after an audited allow (upstream failed) is a new record: the earlier one said "forwarded".
+    if not ctx.audited or ctx.decision == "allow":
+        ctx.decision = decision_for(error)
+        ctx.reason = error.reason
+        if ctx.event is not None:
+            try:
+                audit_decision(app, ctx)
+            except AuditUnavailable as audit_error:
+                ctx.status, ctx.code = audit_error.status, audit_error.code
+                return audit_error
+    if isinstance(error, _AUTH_ERRORS):
+        app[METRICS].auth_failures.labels(reason=error.reason).inc()
+    log.info("refused", code=error.code, reason=error.reason, status=error.status)
+    return error
 
 
 def _check_header_size(request: web.Request, limit: int) -> None:
     size = sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
     if size > limit:
         raise HeadersTooLarge("request headers are too large", reason="headers_too_large")
+
+
+#: refusals after which the connection is closed: what follows on it cannot be trusted to be a request
+_CLOSE_AFTER = frozenset({"transfer_encoding_not_chunked", "upgrade_refused", "http_body_framing"})
+
+
+def _check_framing(request: web.Request) -> None:
+    """CONTRACT §12 HTTP edges, HOSTILE P02/P06: framing the broker re-frames itself, never guesses at.
+
+    ``Transfer-Encoding`` must be absent or exactly one ``chunked`` (transfer-coding names are case-insensitive,
+    RFC 9112 §7; the parser already trimmed the surrounding whitespace): ``gzip, chunked`` — which the parser
+    accepts as chunked — or ``chunked, identity`` is refused. So is every request asking to switch protocols:
+    an ``Upgrade`` header, ``upgrade`` among the ``Connection`` options, or ``CONNECT`` (after which aiohttp
+    stops parsing the connection as HTTP)."""
+    codings = request.headers.getall("Transfer-Encoding", [])
+    if codings and (len(codings) != 1 or codings[0].lower() != "chunked"):
+        raise InvalidRequest(
+            "Transfer-Encoding must be exactly chunked", reason="transfer_encoding_not_chunked"
+        )
+    options = {
+        token.strip().lower()
+        for value in request.headers.getall("Connection", [])
+        for token in value.split(",")
+    }
+    if "Upgrade" in request.headers or "upgrade" in options or request.method == "CONNECT":
+        raise InvalidRequest("protocol upgrades are not supported", reason="upgrade_refused")
 
 
 @web.middleware
@@ -95,7 +137,7 @@ async def broker_middleware(request: web.Request, handler: Handler) -> web.Strea
     if drain.draining:
         # nothing decided, nothing forwarded: the client retries elsewhere (the load balancer drains us)
         error = ShuttingDown("the broker is shutting down; retry", reason="shutting_down")
-        response = error_response(error, request_id_from(request.headers.get("X-Request-Id")))
+        response = error_response(error, new_request_id())
         response.headers["Connection"] = "close"
         response.headers["Retry-After"] = "1"
         return response
@@ -109,20 +151,32 @@ async def broker_middleware(request: web.Request, handler: Handler) -> web.Strea
 async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
     app = request.app
     runtime = app[RUNTIME].current
-    ctx = RequestContext(request_id=request_id_from(request.headers.get("X-Request-Id")))
+    ctx = RequestContext(
+        request_id=new_request_id(), client_request_id=client_request_id(request.headers.get("X-Request-Id"))
+    )
     ctx.policy_version = runtime.policy_version
     request[CTX] = ctx
     structlog.contextvars.bind_contextvars(request_id=ctx.request_id)
+    if ctx.client_request_id is not None:
+        structlog.contextvars.bind_contextvars(client_request_id=ctx.client_request_id)
     response: web.StreamResponse
     try:
         try:
             _check_header_size(request, runtime.limits.max_header_bytes)
+            _check_framing(request)
             response = await handler(request)
             ctx.status = response.status
             if ctx.decision is None:
                 ctx.decision = "allow"
         except BrokerError as error:
             response = _refuse(app, ctx, error, runtime.challenge)
+            if error.reason in _CLOSE_AFTER:
+                response.force_close()
+        except HttpProcessingError:
+            # the parser refused the body while it was read (a bad chunk, a truncated body): 400, then close
+            framing = InvalidRequest("the request body is not validly framed", reason="http_body_framing")
+            response = _refuse(app, ctx, framing, runtime.challenge)
+            response.force_close()
         except web.HTTPException as exc:
             # aiohttp's own routing answers (404 for unknown paths, 405): JSON like everything else
             response = _refuse(app, ctx, _from_http_exception(exc), runtime.challenge)
@@ -136,7 +190,7 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
         return response
     finally:
         _observe(app, request, ctx)
-        structlog.contextvars.unbind_contextvars("request_id")
+        structlog.contextvars.unbind_contextvars("request_id", "client_request_id")
 
 
 def _from_http_exception(exc: web.HTTPException) -> BrokerError:
@@ -153,20 +207,7 @@ def _refuse(
     app: web.Application, ctx: RequestContext, error: BrokerError, challenge: Challenge
 ) -> web.Response:
     ctx.status = error.status
-    ctx.code = error.code
-    # An outcome after an audited allow (upstream failed) is a new record: the earlier one said "forwarded".
-    if not ctx.audited or ctx.decision == "allow":
-        ctx.decision = decision_for(error)
-        ctx.reason = error.reason
-        if ctx.event is not None:
-            try:
-                audit_decision(app, ctx)
-            except AuditUnavailable as audit_error:
-                error = audit_error
-                ctx.status, ctx.code = error.status, error.code
-    if isinstance(error, _AUTH_ERRORS):
-        app[METRICS].auth_failures.labels(reason=error.reason).inc()
-    log.info("refused", code=error.code, reason=error.reason, status=error.status)
+    error = record_refusal(app, ctx, error)
     return error_response(error, ctx.request_id, challenge=challenge)
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, NoReturn
@@ -340,7 +340,7 @@ _CREDENTIALS = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([A-Za-z0-9\-._~+/]+=*
 _SCHEMES = {"dpop": "DPoP", "bearer": "Bearer"}
 
 
-def parse_authorization(header_values: list[str], *, max_token_chars: int = 8192) -> tuple[str, str]:
+def parse_authorization(header_values: Sequence[str], *, max_token_chars: int = 8192) -> tuple[str, str]:
     """``(scheme, token)`` from the request's ``Authorization`` header values (all of them, D18).
 
     The scheme is matched case-insensitively (RFC 9110 §11.1, D19) and returned as ``"DPoP"`` or
@@ -367,7 +367,7 @@ def parse_authorization(header_values: list[str], *, max_token_chars: int = 8192
     return scheme, token
 
 
-def single_dpop_header(values: list[str]) -> str:
+def single_dpop_header(values: Sequence[str]) -> str:
     """The one ``DPoP`` header value (RFC 9449 §4.3 checks 1-2; D01, D02).
 
     Pass every value (aiohttp ``request.headers.getall("DPoP", [])``): none, two lines, or one value that

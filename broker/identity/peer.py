@@ -8,12 +8,39 @@ trust bundle; ``actor_from_certificate`` adds the SVID rules and caches what doe
 from __future__ import annotations
 
 import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiohttp import web
 
 from broker.errors import InvalidClient
 from broker.identity.spiffe import SpiffeId, actor_from_certificate
+
+
+@dataclass(frozen=True, slots=True)
+class RequestView:
+    """What identity reads of a request, and nothing else: the method and raw target (for ``htm``/``htu``), the
+    ``Authorization`` and ``DPoP`` header values, whether the query carries a token, and the certificate this
+    connection presented. A value: identity is decided (and tested) without sockets."""
+
+    method: str
+    raw_path: str
+    authorization: Sequence[str]
+    dpop: Sequence[str]
+    token_in_query: bool
+    peer_der: bytes | None
+
+    @classmethod
+    def of(cls, request: web.Request) -> RequestView:
+        return cls(
+            method=request.method,
+            raw_path=request.raw_path,
+            authorization=tuple(request.headers.getall("Authorization", [])),
+            dpop=tuple(request.headers.getall("DPoP", [])),
+            token_in_query="access_token" in request.query,
+            peer_der=peer_certificate(request),
+        )
 
 
 def peer_certificate(request: web.Request) -> bytes | None:

@@ -29,7 +29,6 @@ from functools import lru_cache
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
 from broker.config.models import Identity
 from broker.errors import InvalidRequest, InvalidToken
@@ -41,9 +40,9 @@ from broker.identity.dpop import (
     verify_proof,
 )
 from broker.identity.htu import expected_htu
-from broker.identity.jwks import IssuerKeys
+from broker.identity.issuer_keys import IssuerKeys
 from broker.identity.nonce import NonceService
-from broker.identity.peer import peer_actor, peer_certificate
+from broker.identity.peer import RequestView, peer_actor
 from broker.identity.spiffe import SpiffeId
 from broker.identity.tokens import AccessToken, AccessTokenVerifier, IssuerPolicy
 
@@ -145,20 +144,18 @@ class Authenticator:
         }
 
     async def authenticate(
-        self, request: web.Request, *, now: float, require_actor: bool = True
+        self, request: RequestView, *, now: float, require_actor: bool = True
     ) -> Principal:
         """Every identity check of one request, or the BrokerError of the first that fails."""
-        der = peer_certificate(request)
+        der = request.peer_der
         actor = peer_actor(der, self.trust_domain) if require_actor or der is not None else None
 
-        if "access_token" in request.query:
+        if request.token_in_query:
             raise InvalidRequest(
                 "send the access token in the Authorization header only", reason="token_in_query"
             )
-        scheme, raw_token = parse_authorization(
-            request.headers.getall("Authorization", []), max_token_chars=self.max_token_bytes
-        )
-        dpop_values = request.headers.getall("DPoP", [])
+        scheme, raw_token = parse_authorization(request.authorization, max_token_chars=self.max_token_bytes)
+        dpop_values = request.dpop
         proof = None
         if scheme == "DPoP":
             if self.mode == "mtls":

@@ -28,7 +28,8 @@ from types import MappingProxyType
 from typing import Any
 
 from broker.errors import InvalidToken
-from broker.identity.jwks import ALG_KEY_TYPES, IssuerKeys, alg_fits_key
+from broker.identity.issuer_keys import IssuerKeys
+from broker.identity.jwks import ALG_KEY_TYPES, alg_fits_key
 from broker.identity.jws import JwsError, ParsedJws, parse_compact
 from broker.jose import b64url_encode, verify_signature
 

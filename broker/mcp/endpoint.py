@@ -10,11 +10,14 @@
               nothing forwarded). Stateless: headers must agree with the body (400 ``-32020``).
  6 session    a presented ``Mcp-Session-Id`` must be bound to this (subject, actor) on this server, else 404 as
               for an unknown session; ``initialize`` must not carry one.
- 7 authorize  tools/call: :func:`broker.mcp.calls.authorize_call` (visibility, pinned schema, policy,
-              MFA, approvals, injection); refusals are JSON-RPC errors (HTTP 200), audited here.
+ 7 authorize  tools/call: the one pipeline (:func:`broker.gateway.pipeline.authorize`: visibility, arguments,
+              counters, policy, MFA, approvals, injection, guard, mint, audit) on the call
+              :func:`broker.mcp.calls.resolve_call` describes; its refusals are rendered as JSON-RPC errors (HTTP
+              200: MCP clients handle HTTP errors badly) with the same audit record as on ``/v1``.
               tools/list: the visible set, computed by the ``/v1/tools`` decision.
- 8 guard      revocations and the DPoP replay claim in one store step — last, so a refusal never burns a proof.
- 9 audit      the decision (event ``mcp``) is written before anything leaves the broker.
+ 8 guard      (every other message, incl. notifications the broker drops) revocations and the DPoP replay claim
+              in one store step — last, so a refusal never burns a proof.
+ 9 audit      the decision (event ``mcp``) is written before anything leaves the broker or a message is dropped.
 10 forward    fresh headers only (Txn-Token minted here for tools/call, X-Request-Id, traceparent, the MCP
               headers, the session id) over the broker's mTLS identity; the body re-serialised from what was
               decided on (arguments after injection). The agent's token never goes upstream.
@@ -38,25 +41,27 @@ from aiohttp import ClientResponse, web
 
 from broker.context import CTX
 from broker.errors import (
+    BrokerError,
+    InsufficientUserAuthentication,
     MethodNotAllowed,
     NotFound,
-    UnknownTool,
     UpstreamError,
 )
+from broker.gateway.body import authenticate, read_body, runtime_of
 from broker.gateway.guard import final_guard
-from broker.gateway.middleware import audit_decision
-from broker.gateway.stages import authenticate, read_body, runtime_of
+from broker.gateway.middleware import record_refusal
+from broker.gateway.pipeline import Authorized, authorize
+from broker.gateway.services import audit_decision
 from broker.identity.principal import Principal
 from broker.mcp import jsonrpc as rpc
-from broker.mcp.answers import call_transform, capabilities_transform, listing_transform
-from broker.mcp.calls import (
-    AuthorizedCall,
-    Refusal,
-    authorize_call,
-    mint_edge_token,
-    unknown_tool,
-    visible_tools,
+from broker.mcp.answers import (
+    call_transform,
+    capabilities_transform,
+    initialize_answer,
+    listing_transform,
+    responses_filtered,
 )
+from broker.mcp.calls import resolve_call, visible_tools
 from broker.mcp.checks import (
     LAST_EVENT_ID,
     SESSION_ID,
@@ -69,12 +74,13 @@ from broker.mcp.checks import (
     single_header,
 )
 from broker.mcp.params import param_headers
-from broker.mcp.pins import MCP_PINS, PinBook, accept_pin_endpoint, drift_counter, pins_endpoint
-from broker.mcp.relay import AGENT_NOTIFICATIONS, Relay, Transform, dumps, relay
+from broker.mcp.pins import PinBook, accept_pin_endpoint, drift_counter, pins_endpoint
+from broker.mcp.relay import Relay, Transform, dumps, progress_token_of, relay
 from broker.mcp.sessions import SessionBinding, SessionStore
+from broker.mcp.sse import EVENT_IDS, event_id_context
 from broker.mcp.upstream import JSON, SSE, Catalogs, McpUpstream, ServerTable, exchange, read_answer
 from broker.observability import traceparent_for
-from broker.resources import METRICS, SESSION, STATE
+from broker.resources import MCP_PINS, MCP_STATE, METRICS, SERVICES, SESSION, STATE
 from broker.runtime import Runtime
 
 __all__ = ["MCP_STATE", "accept_pin_endpoint", "mcp_endpoint", "mcp_resources", "pins_endpoint"]
@@ -96,12 +102,9 @@ class McpState:
     catalogs: Catalogs = field(default_factory=Catalogs)
 
 
-MCP_STATE = web.AppKey("mcp_state", McpState)
-
-
 async def mcp_resources(app: web.Application) -> AsyncIterator[None]:
     """``cleanup_ctx``: pins, session bindings, the broker's own upstream sessions (over the app's SESSION)."""
-    pins = PinBook(drift_counter(app[METRICS].registry))
+    pins = PinBook(drift_counter(app[METRICS].registry), app[STATE])
     app[MCP_PINS] = pins
     app[MCP_STATE] = McpState(pins=pins, sessions=SessionStore(app[STATE]))
     yield
@@ -137,24 +140,44 @@ async def mcp_endpoint(request: web.Request) -> web.StreamResponse:
         raise MethodNotAllowed(
             "POST, GET or DELETE", reason="mcp_method", headers={"Allow": "POST, GET, DELETE"}
         )
-    except Refusal as refusal:
-        return _render(request, refusal, request_id, decision=refusal.decision, code=refusal.label)
     except rpc.JsonRpcError as error:
-        code = {403: "access_denied", 404: "not_found"}.get(error.http_status, "invalid_request")
-        return _render(request, error, request_id, decision="deny", code=code)
+        return render_jsonrpc(request, error, request_id)
 
 
-def _render(
-    request: web.Request, error: rpc.JsonRpcError, request_id: str | int | None, *, decision: str, code: str
+def render_jsonrpc(
+    request: web.Request, error: BrokerError, request_id: str | int | None, *, url_elicitation: bool = False
 ) -> web.Response:
-    """A JSON-RPC refusal, audited before the agent sees it (CONTRACT §9)."""
+    """The one JSON-RPC rendering of a refusal, recorded first (:func:`broker.gateway.middleware.record_refusal`:
+    the same decision, reason and audit record as on ``/v1``). A pipeline refusal of a ``tools/call`` goes out
+    with HTTP 200 (MCP clients handle HTTP errors badly) and ``data`` saying what would make the call pass; a
+    refusal of the JSON-RPC exchange itself (:class:`~broker.mcp.jsonrpc.JsonRpcError`) with its own status."""
     ctx = request[CTX]
-    ctx.decision, ctx.reason, ctx.status, ctx.code = decision, error.reason, error.http_status, code
-    audit_decision(request.app, ctx)
+    status = error.status if isinstance(error, rpc.JsonRpcError) else 200
+    ctx.status = status
+    written = record_refusal(request.app, ctx, error)
+    if written is not error:  # the refusal could not be audited: that, not the refusal, is the answer
+        raise written
+    ctx.status = status
+    code, message = error.jsonrpc_code, error.rpc_message
+    data: dict[str, Any] | None = None
+    if isinstance(error, rpc.JsonRpcError):
+        data = error.data
+    elif error.code not in ("invalid_request", "unknown_tool"):  # those (-32602) carry no remediation
+        data = error.jsonrpc_data()
+        if isinstance(error, InsufficientUserAuthentication):
+            data.update(error.challenge_params)
+            data["reason"] = error.description
+            data["resource_metadata"] = runtime_of(request).challenge.resource_metadata
+        elif error.code == "access_denied":
+            data.setdefault("constraint", error.description)
+        elif error.code == "approval_required" and url_elicitation:
+            # 2025-11-25 URLElicitationRequiredError: the client sends its user to the URL, then retries the call
+            code = rpc.URL_ELICITATION_REQUIRED
+            elicitation = {"mode": "url", "elicitationId": data["approval_id"], "url": data["approval_url"]}
+            data["elicitations"] = [{**elicitation, "message": message}]
+    body = rpc.error_body(request_id, code, message, data)
     headers = {"X-Request-Id": ctx.request_id, "Cache-Control": "no-store", **error.headers}
-    return web.Response(
-        status=error.http_status, text=dumps(error.body(request_id)), content_type=JSON, headers=headers
-    )
+    return web.Response(status=status, text=dumps(body), content_type=JSON, headers=headers)
 
 
 async def _binding(
@@ -178,14 +201,23 @@ def _base_headers(request: web.Request) -> dict[str, str]:
 
 
 def _relay_plan(
-    runtime: Runtime, request_id: str | int | None, transform: Transform | None, *, masked: bool
+    runtime: Runtime,
+    upstream: McpUpstream,
+    request_id: str | int | None,
+    transform: Transform | None,
+    *,
+    session_id: str | None,
+    progress_token: str | int | None = None,
 ) -> Relay:
+    """How an answer is relayed (:mod:`broker.mcp.relay`); a server with any response-filtered tool is masked on
+    every stream of every request, the GET stream included (CONTRACT §12)."""
     limit = runtime.limits.max_response_bytes
     return Relay(
         request_id=request_id,
         transform=transform,
-        notifications=frozenset({"notifications/progress"}) if masked else AGENT_NOTIFICATIONS,
-        strip_progress_messages=masked,
+        masked=responses_filtered(runtime, upstream),
+        progress_token=progress_token,
+        id_context=event_id_context(upstream.name, session_id),
         max_event_bytes=limit,
         max_stream_bytes=4 * limit if request_id is not None else 16 * limit,
         max_seconds=POST_STREAM_SECONDS if request_id is not None else GET_STREAM_SECONDS,
@@ -210,13 +242,13 @@ async def _post(
         if single_header(request, "Mcp-Session-Id") is not None:
             raise rpc.invalid("sessions are not used at 2026-07-28", "session_in_stateless_era")
         if not message.is_request:
-            # the 2026-07-28 wire defines no client-to-server notifications: acknowledged, nothing to forward
-            return web.Response(status=202)
+            # the 2026-07-28 wire defines no client-to-server notifications: decided, recorded, not forwarded
+            return await _dropped(request, principal, message)
         rpc.check_relayed(message, "modern")
     else:
         session_id = session_id_of(request)
         if not message.is_request and message.method not in rpc.RELAYED_NOTIFICATIONS:
-            return web.Response(status=202)  # a notification the broker does not relay: acknowledged, dropped
+            return await _dropped(request, principal, message)  # a notification the broker does not relay
         if message.is_request:
             rpc.check_relayed(message, "handshake")
         if message.method == "initialize" and session_id is not None:
@@ -230,12 +262,13 @@ async def _post(
             headers["MCP-Protocol-Version"] = version
     if message.is_request:
         require_accept(request, JSON, SSE)
+    services = request.app[SERVICES]
+    ctx = request[CTX]
     transform: Transform | None = None
-    call: AuthorizedCall | None = None
+    authorized: Authorized | None = None
     params: dict[str, Any] | None = None
     if message.method == "tools/call":  # 7
-        call = await authorize_call(
-            request,
+        call, schema = await resolve_call(
             runtime,
             principal,
             upstream,
@@ -245,47 +278,49 @@ async def _post(
                 request.app[SESSION], upstream, state.pins, max_bytes=runtime.limits.max_response_bytes
             ),
             max_catalog_age=MAX_CATALOG_AGE,
-            url_elicitation=binding is not None and binding.url_elicitation,
             param_headers=raw if era == "modern" else None,
+            client_ip=request.remote,
         )
-        params = {**message.params, "arguments": call.forwarded}
-        transform = call_transform(call.filters, principal, lambda reason: _record_error(request, reason))
-    elif message.method == "tools/list":
-        visible = await visible_tools(request, runtime, principal, upstream)
-        transform = listing_transform(state.pins, upstream, visible)
-    elif message.method in ("initialize", "server/discover"):
-        transform = capabilities_transform
-    try:  # 8
-        await final_guard(
-            request.app[STATE], request.app[METRICS], principal, tool=call.name if call else None
+        try:
+            authorized = await authorize(call, services, ctx, time.time())
+        except BrokerError as error:
+            if error.status >= 500 or (
+                error.status == 401 and not isinstance(error, InsufficientUserAuthentication)
+            ):
+                raise  # the store, the audit or the caller's credentials: HTTP, as on every route
+            url_elicitation = binding is not None and binding.url_elicitation
+            return render_jsonrpc(request, error, message.id, url_elicitation=url_elicitation)
+        params = {**message.params, "arguments": authorized.forwarded}
+        headers["Txn-Token"] = authorized.txn_token
+        transform = call_transform(
+            authorized.tool.filters, principal, lambda reason: _record_error(request, reason)
         )
-    except UnknownTool as exc:  # a revoked grant hides the tool: answered like an unknown one
-        raise unknown_tool(call.name if call else "", exc.reason) from exc
-    if call is not None:
-        await runtime.counters.record(
-            request.app[STATE],
-            call.name,
-            call.arguments,
-            subject=principal.subject,
-            actor_id=principal.actor_id,
-            now=time.time(),
-        )
-        headers["Txn-Token"] = mint_edge_token(request, runtime, principal, call)
+    else:
+        if message.method == "tools/list":
+            visible = await visible_tools(services, principal, upstream)
+            transform = listing_transform(
+                state.pins,
+                upstream,
+                visible,
+                lambda reason: _record_error(request, reason, code="state_unavailable"),
+            )
+        elif message.method in ("initialize", "server/discover"):
+            transform = capabilities_transform
+        await final_guard(services.store, services.metrics, principal)  # 8
+        ctx.decision, ctx.reason = "allow", message.method  # 9
+        audit_decision(services, ctx)
     forwarded = message.as_json(params)
     if era == "modern":
         headers.update(rpc.routing_headers(message, version))
-        if call is not None:
-            headers.update(param_headers(call.schema, call.forwarded))
-    ctx = request[CTX]
-    ctx.decision, ctx.reason = "allow", message.method  # 9
-    audit_decision(request.app, ctx)
+        if authorized is not None:
+            headers.update(param_headers(schema, authorized.forwarded))
     out_headers = {"X-Request-Id": ctx.request_id}
     started = time.perf_counter()
     async with exchange(
         request.app[SESSION], upstream, "POST", headers=headers, body=dumps(forwarded).encode("utf-8")
     ) as response:  # 10
-        if call is not None:
-            request.app[METRICS].upstream_duration.labels(tool=call.name).observe(
+        if authorized is not None:
+            services.metrics.upstream_duration.labels(tool=authorized.tool.name).observe(
                 time.perf_counter() - started
             )
         if message.method == "initialize" and response.status == 200:
@@ -294,18 +329,32 @@ async def _post(
             )
         plan = _relay_plan(
             runtime,
+            upstream,
             message.id,
             transform,
-            masked=bool(call and call.filters and call.filters.filters_response),
+            session_id=headers.get("Mcp-Session-Id"),
+            progress_token=progress_token_of(message.params),
         )
         return await relay(request, response, plan, out_headers)  # 11
 
 
-def _record_error(request: web.Request, reason: str) -> None:
-    """A forwarded call whose answer could not be masked: a second record says what the agent got instead."""
+async def _dropped(request: web.Request, principal: Principal, message: rpc.Message) -> web.Response:
+    """A notification the broker does not forward is still a request: its proof is claimed (a replay of it is
+    refused like any other) and it leaves a record (CONTRACT §12: every request is decided and recorded)."""
+    services = request.app[SERVICES]
+    await final_guard(services.store, services.metrics, principal)
     ctx = request[CTX]
-    ctx.decision, ctx.reason, ctx.code = "error", reason, "upstream_error"
-    audit_decision(request.app, ctx)
+    ctx.decision, ctx.reason, ctx.status = "allow", f"{message.method}: acknowledged, not forwarded", 202
+    audit_decision(services, ctx)
+    return web.Response(status=202, headers={"X-Request-Id": ctx.request_id})
+
+
+def _record_error(request: web.Request, reason: str, *, code: str = "upstream_error") -> None:
+    """An allowed request whose answer the agent does not get (a call's answer that could not be masked, a
+    tools/list whose pins could not be read): a second record says what the agent got instead."""
+    ctx = request[CTX]
+    ctx.decision, ctx.reason, ctx.code = "error", reason, code
+    audit_decision(request.app[SERVICES], ctx)
 
 
 async def _initialized(
@@ -318,10 +367,13 @@ async def _initialized(
     response: ClientResponse,
     headers: dict[str, str],
 ) -> web.Response:
-    """The initialize answer, read whole (it is one message) so the session is bound before the agent can use it."""
+    """The initialize answer, read whole (it is one message) so the session is bound before the agent can use it,
+    and rebuilt (:func:`broker.mcp.answers.initialize_answer`)."""
     assert message.id is not None
-    answer = await capabilities_transform(
-        await read_answer(response, message.id, runtime.limits.max_response_bytes)
+    answer = initialize_answer(
+        await read_answer(response, message.id, runtime.limits.max_response_bytes),
+        message.id,
+        masked=responses_filtered(runtime, upstream),
     )
     session_id = response.headers.get("Mcp-Session-Id")
     result = answer.get("result")
@@ -340,7 +392,7 @@ async def _initialized(
             version=str(version),
             url_elicitation=url_mode and version in rpc.URL_ELICITATION_VERSIONS,
         )
-        if not await state.sessions.bind(session_id, binding):
+        if not await state.sessions.bind(session_id, binding, limit=upstream.max_sessions_per_principal):
             raise UpstreamError("the MCP server's session is unusable", reason="mcp_session_id_reused")
         headers["Mcp-Session-Id"] = session_id
     return web.Response(
@@ -358,16 +410,20 @@ async def _session_request(
     await _binding(state, upstream, principal, session_id)  # 6
     if request.method == "GET":
         require_accept(request, SSE)
-    await final_guard(request.app[STATE], request.app[METRICS], principal)  # 8
+    services = request.app[SERVICES]
+    await final_guard(services.store, services.metrics, principal)  # 8
     ctx = request[CTX]
     ctx.decision, ctx.reason = "allow", f"{request.method} session"
-    audit_decision(request.app, ctx)  # 9
+    audit_decision(services, ctx)  # 9
     headers = {**_base_headers(request), "Mcp-Session-Id": session_id}
     if request.headers.get("MCP-Protocol-Version") is not None:
         headers["MCP-Protocol-Version"] = version
     last_event = single_header(request, "Last-Event-ID")
     if last_event is not None and LAST_EVENT_ID.fullmatch(last_event):
-        headers["Last-Event-ID"] = last_event
+        # the agent only ever saw the broker's ids: open it back into the upstream's (else: start afresh)
+        resumed = EVENT_IDS.open(last_event, event_id_context(upstream.name, session_id))
+        if resumed is not None and LAST_EVENT_ID.fullmatch(resumed):
+            headers["Last-Event-ID"] = resumed
     out_headers = {"X-Request-Id": ctx.request_id}
     async with exchange(request.app[SESSION], upstream, request.method, headers=headers) as response:  # 10
         if request.method == "DELETE":
@@ -375,6 +431,5 @@ async def _session_request(
                 await state.sessions.close(upstream.name, session_id)
             return web.Response(status=response.status, headers=out_headers)
         # 11: responses on a GET stream answer no request of this connection: dropped, never relayed unmasked
-        return await relay(
-            request, response, _relay_plan(runtime_of(request), None, None, masked=False), out_headers
-        )
+        plan = _relay_plan(runtime_of(request), upstream, None, None, session_id=session_id)
+        return await relay(request, response, plan, out_headers)

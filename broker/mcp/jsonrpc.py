@@ -27,6 +27,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from broker.errors import BrokerError
+
 __all__ = [
     "HANDSHAKE_VERSIONS",
     "MODERN_VERSIONS",
@@ -115,10 +117,12 @@ MAX_ID_CHARS: Final = 256
 _MEMBERS: Final = frozenset({"jsonrpc", "id", "method", "params"})
 
 
-class JsonRpcError(Exception):
-    """A refusal rendered as a JSON-RPC error response (``http_status`` is the HTTP status it goes out with).
-
-    ``reason`` is the precise cause for audit and logs; ``message`` and ``data`` are what the client sees."""
+class JsonRpcError(BrokerError):
+    """A refusal of the JSON-RPC exchange itself — framing, method, headers, a session, an answer that cannot be
+    relayed — as opposed to a decision about a call (those are the pipeline's BrokerErrors). One family: its
+    JSON-RPC code and the HTTP status it goes out with are the instance's; ``code`` is the label audit and
+    metrics use. ``reason`` is the precise cause for audit and logs; the message and ``data`` are what the
+    client sees."""
 
     def __init__(
         self,
@@ -130,16 +134,26 @@ class JsonRpcError(Exception):
         data: Any = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.reason = reason
-        self.http_status = http_status
+        super().__init__(message, reason=reason, headers=dict(headers or {}))
+        self.jsonrpc_code = code
+        self.status = http_status
+        self.code = _LABELS.get(http_status, "invalid_request")
         self.data = data
-        self.headers = dict(headers or {})
 
-    def body(self, request_id: str | int | None) -> dict[str, Any]:
-        return error_body(request_id, self.code, self.message, self.data)
+    @property
+    def http_status(self) -> int:
+        return self.status
+
+    @property
+    def message(self) -> str:
+        return self.description
+
+    def jsonrpc_body(self, request_id: str | int | None) -> dict[str, Any]:
+        return error_body(request_id, self.jsonrpc_code, self.description, self.data)
+
+
+#: the audit/metrics label of a protocol refusal, by the HTTP status it goes out with
+_LABELS: Final = {403: "access_denied", 404: "not_found"}
 
 
 def error_body(request_id: str | int | None, code: int, message: str, data: Any = None) -> dict[str, Any]:

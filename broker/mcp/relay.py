@@ -4,12 +4,24 @@ A JSON answer is one JSON-RPC message: read (bounded), checked to answer *this* 
 An SSE answer is streamed: each event is parsed as it completes (:mod:`broker.mcp.sse`) and written at
 once (``X-Accel-Buffering: no``, so the first event reaches the agent before the upstream finishes). Per event:
 
-- the response to this request's id → the request's transform (tools/list filtered, tools/call masked), then
-  re-encoded; a response carrying another id is dropped (P24);
-- a notification → passed only if its method is in the relay's allowlist; a server-to-client *request*
+- the response to this request's id → rebuilt from ``jsonrpc``, ``id`` and ``result`` or ``error`` (nothing
+  else of the upstream's message), then the request's transform (tools/list filtered, tools/call filtered:
+  :mod:`broker.mcp.answers`), then re-encoded; a response carrying another id is dropped (P24);
+- a notification → passed only if its method is in :data:`AGENT_NOTIFICATIONS`; a server-to-client *request*
   (``sampling/createMessage``, ``elicitation/create``, …) is dropped: the broker relays no server-initiated
   requests, and has no policy that could authorise one;
-- events without data (resumption ids, ``retry``) pass unchanged.
+- the upstream's ``event:`` field is never relayed (every event the agent gets is a ``message``) and its ``id:``
+  reaches the agent only sealed (:class:`broker.mcp.sse.EventIds`); an event that is dropped still passes its
+  sealed id, so that a resumption starts after it.
+
+**Masked servers** (CONTRACT §12). When any tool of the MCP server has response filters, a stream may carry that
+tool's data in more than its answer (progress and log messages, notifications on the GET stream, error texts),
+and the broker cannot filter free text: only what is provably harmless passes besides the answer. A
+``notifications/tools/list_changed`` is rebuilt bare; everything else is dropped — progress notifications too:
+their numbers arrive before the answer they describe could be masked, and a number can carry a masked value
+(an account number as ``progress``) — and so is ``retry``. An upstream JSON-RPC error (the answer to any
+request, or an HTTP 4xx body) keeps its code, with the code's standard text instead of the upstream's message,
+and no ``data``.
 
 Caps: ``max_event_bytes`` per event, ``max_stream_bytes`` and ``max_seconds`` per stream; an upstream read
 timeout is the idle cap. When a stream breaks before this request was answered, the agent gets a JSON-RPC error
@@ -32,12 +44,20 @@ from aiohttp import web
 
 from broker.errors import UpstreamError
 from broker.mcp import jsonrpc as rpc
-from broker.mcp.sse import SseError, SseEvent, SseParser, encode_event
+from broker.mcp.sse import EVENT_IDS, SseError, SseEvent, SseParser, encode_event
 from broker.mcp.upstream import JSON, SSE, parse_upstream, read_bounded
 
 log = structlog.get_logger("broker.mcp.relay")
 
-__all__ = ["AGENT_NOTIFICATIONS", "Relay", "Transform", "dumps", "relay"]
+__all__ = [
+    "AGENT_NOTIFICATIONS",
+    "Relay",
+    "Transform",
+    "dumps",
+    "progress_token_of",
+    "relay",
+    "upstream_error",
+]
 
 #: a transform gets the upstream's response to this request and returns what the agent receives; it may raise
 #: JsonRpcError to answer with an error instead (e.g. a result that cannot be masked)
@@ -51,6 +71,14 @@ AGENT_NOTIFICATIONS: Final = frozenset(
     }
 )
 STREAM_HEADERS: Final = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+#: the standard text of the JSON-RPC 2.0 error codes (§5.1); any other code is "the MCP server reported an error"
+_STANDARD_ERRORS: Final = {
+    rpc.PARSE_ERROR: "Parse error",
+    rpc.INVALID_REQUEST: "Invalid Request",
+    rpc.METHOD_NOT_FOUND: "Method not found",
+    rpc.INVALID_PARAMS: "Invalid params",
+    rpc.INTERNAL_ERROR: "Internal error",
+}
 #: after the answer, how long the rest of the stream may take to end (so its connection returns to the pool)
 DRAIN_SECONDS: Final = 1.0
 
@@ -60,14 +88,46 @@ def dumps(message: Mapping[str, Any]) -> str:
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
 
 
+def progress_token_of(params: Mapping[str, Any]) -> str | int | None:
+    """The agent's ``params._meta.progressToken`` (a string or an integer), else None."""
+    meta = params.get("_meta")
+    token = meta.get("progressToken") if isinstance(meta, dict) else None
+    return token if type(token) is str or type(token) is int else None
+
+
+def rebuilt(message: Mapping[str, Any], request_id: str | int, *, masked: bool) -> dict[str, Any]:
+    """The upstream's answer to ``request_id``, rebuilt from ``result`` or ``error`` alone (no other member of
+    the upstream's message); on a masked server an error keeps only its code (:func:`upstream_error`)."""
+    if "error" in message:
+        if masked:  # whatever the request: free text of a masked server never passes
+            return upstream_error(message, request_id)
+        return {"jsonrpc": "2.0", "id": request_id, "error": message["error"]}
+    if "result" not in message:
+        raise UpstreamError("the MCP server did not answer this request", reason="upstream_no_answer")
+    return {"jsonrpc": "2.0", "id": request_id, "result": message["result"]}
+
+
+def upstream_error(message: Mapping[str, Any], request_id: str | int | None) -> dict[str, Any]:
+    """An upstream JSON-RPC error as a masked server relays it: its integer code, that code's standard text."""
+    error = message.get("error")
+    code = error.get("code") if isinstance(error, dict) else None
+    if type(code) is not int or not -(2**31) <= code < 2**31:
+        code = rpc.INTERNAL_ERROR
+    return rpc.error_body(request_id, code, _STANDARD_ERRORS.get(code, "the MCP server reported an error"))
+
+
 @dataclass(frozen=True)
 class Relay:
     #: the request being answered; None for a GET stream (no request of the agent is answered there)
     request_id: str | int | None
     transform: Transform | None
-    notifications: frozenset[str]
-    #: drop free-text ``message`` members of progress notifications (a masked tool's text could leak there)
-    strip_progress_messages: bool
+    #: a tool of this MCP server has response filters: besides the answer, only what is provably harmless passes
+    masked: bool
+    #: the agent's own progressToken for this request (:func:`progress_token_of`); not read at present: an
+    #: unmasked server's progress passes as sent, a masked server's not at all
+    progress_token: str | int | None
+    #: what the broker's event ids are bound to (:func:`broker.mcp.sse.event_id_context`)
+    id_context: bytes
     max_event_bytes: int
     max_stream_bytes: int
     max_seconds: float
@@ -100,6 +160,8 @@ async def _refusal(response: aiohttp.ClientResponse, plan: Relay, headers: dict[
         message = None
     if not isinstance(message, dict) or not isinstance(message.get("error"), dict):
         message = rpc.error_body(plan.request_id, rpc.INVALID_REQUEST, "the MCP server refused the request")
+    elif plan.masked:
+        message = upstream_error(message, plan.request_id)
     return web.Response(status=response.status, text=dumps(message), content_type=JSON, headers=headers)
 
 
@@ -115,12 +177,14 @@ def _is_answer(message: Any, request_id: str | int | None) -> bool:
 
 
 async def _answer(message: dict[str, Any], plan: Relay) -> dict[str, Any]:
-    if plan.transform is None:
+    """The upstream's answer to this request, rebuilt (nothing but the JSON-RPC members), then transformed."""
+    message = rebuilt(message, message["id"], masked=plan.masked)
+    if "error" in message or plan.transform is None:
         return message
     try:
         return await plan.transform(message)
     except rpc.JsonRpcError as error:
-        return error.body(plan.request_id)
+        return error.jsonrpc_body(plan.request_id)
 
 
 async def _json(response: aiohttp.ClientResponse, plan: Relay, headers: dict[str, str]) -> web.Response:
@@ -178,32 +242,46 @@ async def _stream(
 
 
 async def _event(event: SseEvent, plan: Relay, state: dict[str, Any]) -> bytes | None:
+    event_id = EVENT_IDS.seal(event.id, plan.id_context) if event.id is not None else None
+    retry = None if plan.masked else event.retry
+    # an event the agent does not get still moves its resumption point past it
+    skipped = encode_event(SseEvent(id=event_id)) if event_id is not None else None
     if not event.data:
-        return encode_event(event)
+        if event_id is None and retry is None:
+            return None
+        return encode_event(SseEvent(data=event.data, id=event_id, retry=retry))
     try:
         message = parse_upstream(event.data)
     except UpstreamError:
         log.warning("mcp stream event dropped", reason="event_not_json")
-        return None
+        return skipped
     if not isinstance(message, dict):
-        return None
+        return skipped
     method = message.get("method")
     if isinstance(method, str):
         if "id" in message:
             log.info("server-to-client request dropped", method=method[:64])
-            return None
-        if method not in plan.notifications:
-            return None
-        params = message.get("params")
-        if plan.strip_progress_messages and isinstance(params, dict) and "message" in params:
-            message = {**message, "params": {k: v for k, v in params.items() if k != "message"}}
+            return skipped
+        notification = _notification(message, method, plan)
+        if notification is None:
+            return skipped
+        message = notification
     elif _is_answer(message, plan.request_id) and not state["answered"]:
         state["answered"] = True
         message = await _answer(message, plan)
     else:
         log.info("mcp stream event dropped", reason="not_this_request")
-        return None
-    return encode_event(SseEvent(data=dumps(message), event=event.event, id=event.id, retry=event.retry))
+        return skipped
+    return encode_event(SseEvent(data=dumps(message), event="message", id=event_id, retry=retry))
+
+
+def _notification(message: dict[str, Any], method: str, plan: Relay) -> dict[str, Any] | None:
+    """What the agent gets of a server notification (None: nothing); masked servers: module docstring."""
+    if not plan.masked:
+        return message if method in AGENT_NOTIFICATIONS else None
+    if method == "notifications/tools/list_changed":
+        return {"jsonrpc": "2.0", "method": method}
+    return None
 
 
 async def _drain(response: aiohttp.ClientResponse) -> None:

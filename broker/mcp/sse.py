@@ -11,14 +11,36 @@ Parsing follows the spec's line rules (CRLF, LF or a lone CR end a line; a leadi
 comment; one space after the colon is removed; ``id`` containing NUL is ignored; ``retry`` must be ASCII digits).
 One deliberate difference: an event that set only ``id`` (no ``data``) is still reported, so that the resumption
 ids MCP servers send in "priming" events reach the agent.
+
+Event ids (CONTRACT §12: an upstream's ``id:`` and ``event:`` fields never reach the agent verbatim): the broker
+gives the agent its own ids, :class:`EventIds`: the upstream's id sealed with AES-256-GCM under a key of this
+process, bound to the MCP server and session (:func:`event_id_context`), padded to a multiple of 32 bytes. An
+agent's ``Last-Event-ID`` is opened back into the upstream's id, so resumption works as before; an id this
+process did not seal (another replica, a restart, a forgery, another session) opens to nothing, and the stream
+then starts afresh. Upstream ids longer than :data:`MAX_UPSTREAM_ID` bytes are not relayed (no resumption).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import os
 from dataclasses import dataclass, field
 from typing import Final
 
-__all__ = ["SseError", "SseEvent", "SseParser", "encode_event"]
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+__all__ = [
+    "EVENT_IDS",
+    "MAX_UPSTREAM_ID",
+    "EventIds",
+    "SseError",
+    "SseEvent",
+    "SseParser",
+    "encode_event",
+    "event_id_context",
+]
 
 _BOM: Final = "\ufeff"
 
@@ -160,3 +182,47 @@ def encode_event(event: SseEvent) -> bytes:
             f"data: {line}" for line in event.data.replace("\r\n", "\n").replace("\r", "\n").split("\n")
         )
     return ("\n".join(lines) + "\n\n").encode("utf-8")
+
+
+#: the longest upstream event id (UTF-8 bytes) the broker relays: sealed, it stays within the 256 characters
+#: an agent's Last-Event-ID may have (``broker.mcp.checks.LAST_EVENT_ID``)
+MAX_UPSTREAM_ID: Final = 128
+_NONCE: Final = 12
+_PAD: Final = 32
+
+
+def event_id_context(server: str, session_id: str | None) -> bytes:
+    """What a broker event id is bound to: the MCP server and the session (none in the stateless era)."""
+    return f"mcp-event-id\x00{server}\x00{session_id or ''}".encode()
+
+
+class EventIds:
+    """The broker's SSE event ids: opaque to the agent, opened back into the upstream's for resumption."""
+
+    __slots__ = ("_aead",)
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self._aead = AESGCM(key if key is not None else AESGCM.generate_key(bit_length=256))
+
+    def seal(self, upstream_id: str, context: bytes) -> str | None:
+        """The broker's id for ``upstream_id``; None when it is too long to relay."""
+        raw = upstream_id.encode("utf-8")
+        if len(raw) > MAX_UPSTREAM_ID:
+            return None
+        raw += b"\x00" * (-len(raw) % _PAD)  # SSE ids never hold NUL (the parser drops such ids)
+        nonce = os.urandom(_NONCE)
+        sealed = nonce + self._aead.encrypt(nonce, raw, context)
+        return base64.urlsafe_b64encode(sealed).rstrip(b"=").decode("ascii")
+
+    def open(self, broker_id: str, context: bytes) -> str | None:
+        """The upstream's id behind ``broker_id``; None unless this process sealed it for ``context``."""
+        try:
+            sealed = base64.urlsafe_b64decode(broker_id + "=" * (-len(broker_id) % 4))
+            raw = self._aead.decrypt(sealed[:_NONCE], sealed[_NONCE:], context)
+            return raw.rstrip(b"\x00").decode("utf-8")
+        except (ValueError, binascii.Error, InvalidTag):  # UnicodeDecodeError is a ValueError
+            return None
+
+
+#: this process's event ids
+EVENT_IDS: Final = EventIds()

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import aiohttp
 import structlog
@@ -28,7 +28,10 @@ from broker.errors import InvalidRequest, UpstreamError, UpstreamTimeout
 from broker.mcp import jsonrpc as rpc
 from broker.mcp.pins import PinBook
 from broker.mcp.sse import SseError, SseParser
-from broker.runtime import Runtime, upstream_ssl_context, upstream_tls_files
+from broker.tls import upstream_ssl_context, upstream_tls_files
+
+if TYPE_CHECKING:
+    from broker.runtime import Runtime
 
 log = structlog.get_logger("broker.mcp.upstream")
 
@@ -54,6 +57,8 @@ class McpUpstream:
     #: configured tool name -> configured digest (None: pinned at first sight)
     digests: Mapping[str, str | None]
     allowed_origins: frozenset[str]
+    #: sessions one (subject, actor) may hold on this server; the oldest beyond it is evicted
+    max_sessions_per_principal: int = 64
 
     def client_timeout(self) -> aiohttp.ClientTimeout:
         # No total: an SSE answer may legitimately outlive one read timeout; the relay caps total duration.
@@ -75,6 +80,7 @@ def compile_servers(config: Config) -> dict[str, McpUpstream]:
             connect_timeout=server.upstream.connect_timeout_seconds,
             digests={t.name: t.digest for t in server.tools},
             allowed_origins=frozenset(server.allowed_origins),
+            max_sessions_per_principal=server.max_sessions_per_principal,
         )
     return servers
 
@@ -335,7 +341,7 @@ class Catalogs:
             for entry in entries:
                 name = entry.get("name")
                 if isinstance(name, str) and name in upstream.digests:
-                    pins.observe(upstream.name, name, upstream.digests[name], entry, now)
+                    await pins.observe(upstream.name, name, upstream.digests[name], entry, now)
             self._listed_at[upstream.name] = time.monotonic()
 
     async def close(self, session: aiohttp.ClientSession) -> None:

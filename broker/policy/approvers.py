@@ -90,3 +90,9 @@ class Eligibility:
         """The ``eligible`` callback of the rules above, with ``request`` bound to this approval."""
         view = approval.request_view()
         return lambda obligation, claims: self.eligible(obligation, claims, view)
+
+
+def has_mfa(claims: Any) -> bool:
+    """RFC 9470: the token shows MFA by ``acr`` = "mfa" or "mfa" among its ``amr`` values."""
+    amr = claims.get("amr")
+    return claims.get("acr") == "mfa" or (isinstance(amr, list) and "mfa" in amr)

@@ -182,6 +182,13 @@ class Env:
             except ValueError as exc:
                 self.context, self.error = None, type(exc).__name__
 
+    def bind_counters(self, counters: Mapping[str, Mapping[str, Any]]) -> None:
+        """Replace ``counters``: a call that reserved its place decides on the counts it reserved against
+        (``broker.gateway.pipeline`` stage 3). The cached visibility read the old ones, so it is dropped."""
+        if self.context is not None:
+            self.context.add_variable("counters", {name: dict(value) for name, value in counters.items()})
+            self.cache.clear()
+
     def covers(self, needs: Needs) -> bool:
         """True if every field ``needs`` may read was converted into this Env."""
         if self.needs is None:

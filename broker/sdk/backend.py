@@ -65,7 +65,8 @@ from aiohttp import web
 
 from broker.canonical import args_digest, strict_loads
 from broker.errors import InvalidRequest, InvalidTxnToken
-from broker.identity.jwks import IssuerKeys, KeyEntry
+from broker.identity.issuer_keys import IssuerKeys
+from broker.identity.jwks import KeyEntry
 from broker.keys import public_jwks_from_file
 from broker.txn.tokens import TxnClaims, unverified_kid, verify_txn_token
 

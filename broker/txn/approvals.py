@@ -23,6 +23,18 @@ Store layout (keys hashed where a part is untrusted, HOSTILE S08): ``approval:<H
 ``compare_and_set_json(key, 0, …)``, so concurrent identical requests share one approval), and
 ``approval_pending`` a bounded index of pending ids for ``GET /v1/approvals``. Every update of a record is a
 compare-and-set on its version, retried on conflict: concurrent decisions never lose a vote.
+
+Per-principal quota (CONTRACT §12 "Shared state has per-principal quotas"): each distinct argument set creates
+a record, so one (subject, actor) may hold at most ``max_pending_per_principal`` (default
+:data:`MAX_PENDING_PER_PRINCIPAL`) PENDING approvals; a request beyond that is refused with ``429 rate_limited``
+(``approval_quota``) and creates nothing, while other principals are unaffected. The count is a sliding-window
+counter of the state store (``quota:approvals:<ttl>:<H(subject, actor)>``, window = the approval lifetime):
+a new approval reserves one event atomically (:meth:`~broker.state.base.StateStore.reserve_events`: concurrent
+requests on any replica see distinct counts, so the cap is exact — no overshoot), an approval that stops being
+pending (approved or denied) hands its event back, and an expired one leaves the window by itself. A request
+that ends up not creating an approval (an identical one won the race) hands its event back too; if that
+release fails, the event counts until the window ends (over-counting: the safe side). A reload that changes
+``approvals.ttl_seconds`` starts a new counter (the window is part of its name).
 """
 
 from __future__ import annotations
@@ -38,12 +50,13 @@ from typing import Any, Final, Literal
 import structlog
 
 from broker.canonical import args_digest as digest_of
-from broker.errors import AccessDenied, BrokerError, NotFound, PayloadTooLarge, StateUnavailable
+from broker.errors import AccessDenied, BrokerError, NotFound, PayloadTooLarge, RateLimited, StateUnavailable
 from broker.jose import b64url_encode
-from broker.state.base import StateStore, hash_key_part, json_dumps
+from broker.state.base import Reservation, StateStore, hash_key_part, json_dumps
 
 __all__ = [
     "APPROVERS_NEEDED",
+    "MAX_PENDING_PER_PRINCIPAL",
     "Approval",
     "ApprovalBook",
     "EligibleFn",
@@ -75,6 +88,8 @@ MAX_CAS_ATTEMPTS: Final = 8
 #: ids listed by the pending index; beyond it, new approvals are still valid but not listed
 MAX_PENDING_LISTED: Final = 1000
 _PENDING_KEY: Final = "approval_pending"
+#: pending approvals one (subject, actor) may hold (module docstring, "Per-principal quota")
+MAX_PENDING_PER_PRINCIPAL: Final = 100
 
 
 def rfc3339(epoch: float) -> str:
@@ -126,6 +141,10 @@ class Approval:
     approvals: tuple[Vote, ...] = ()
     #: the store's version of the record this was read from (0: not stored yet)
     version: int = field(default=0, compare=False)
+    #: the quota event this pending approval holds: (counter scope, event member, event time)
+    quota: tuple[str, str, float] | None = field(default=None, compare=False)
+    #: when the one call it approves was executed (an approval authorises one execution, CONTRACT §12)
+    used_at: float | None = None
 
     @property
     def binding(self) -> tuple[str, str | None, str, str, tuple[str, ...]]:
@@ -168,6 +187,7 @@ class Approval:
             "subject": self.subject,
             "actor": self.actor,
             "expires_at": rfc3339(self.expires_at),
+            "used_at": None if self.used_at is None else rfc3339(self.used_at),
         }
 
     def to_record(self) -> dict[str, Any]:
@@ -185,6 +205,8 @@ class Approval:
             "expires_at": self.expires_at,
             "policy_version": self.policy_version,
             "approvals": [v.to_record() for v in self.approvals],
+            "quota": None if self.quota is None else list(self.quota),
+            "used_at": self.used_at,
         }
 
     @classmethod
@@ -210,6 +232,8 @@ class Approval:
                 policy_version=str(record["policy_version"]),
                 approvals=votes,
                 version=int(record.get("version", 0)),
+                quota=_quota_of(record.get("quota")),
+                used_at=None if record.get("used_at") is None else float(record["used_at"]),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError("not an approval record") from exc
@@ -218,6 +242,15 @@ class Approval:
         ):
             raise ValueError("not an approval record")
         return approval
+
+
+def _quota_of(value: Any) -> tuple[str, str, float] | None:
+    if value is None:
+        return None
+    scope, member, at = value
+    if not isinstance(scope, str) or not isinstance(member, str) or isinstance(at, bool):
+        raise TypeError("quota is not (scope, member, time)")
+    return scope, member, float(at)
 
 
 # --- the pure rules ---------------------------------------------------------------------------------------
@@ -280,10 +313,11 @@ def covers(
     required: Iterable[str],
     now: float,
 ) -> bool:
-    """True if ``approval`` lets this exact call through: approved, unexpired, same binding, and granted for
-    at least the approvals policy requires now (a stricter policy needs a new approval)."""
+    """True if ``approval`` lets this exact call through: approved, unexpired, not yet used by an execution, same
+    binding, and granted for at least the approvals policy requires now (a stricter policy needs a new one)."""
     return (
         approval.state_at(now) == "approved"
+        and approval.used_at is None
         and approval.subject == subject
         and approval.actor == actor
         and approval.tool == tool
@@ -306,6 +340,14 @@ def _binding_key(
     return f"approval_binding:{hash_key_part(binding)}"
 
 
+def _reservation_of(approval: Approval) -> Reservation | None:
+    """The quota event a pending approval holds, as :meth:`StateStore.release_events` takes it back."""
+    if approval.quota is None:
+        return None
+    scope, member, at = approval.quota
+    return Reservation(at=at, events=((scope, member),))
+
+
 def _conflict() -> StateUnavailable:
     return StateUnavailable("the approval is being updated concurrently; retry", reason="approval_conflict")
 
@@ -314,11 +356,45 @@ class ApprovalBook:
     """Approval records in the state store (memory or Redis). Every method fails closed: a store error is
     :class:`StateUnavailable` (503), never a guess."""
 
-    def __init__(self, store: StateStore, *, ttl_seconds: int) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        *,
+        ttl_seconds: int,
+        max_pending_per_principal: int = MAX_PENDING_PER_PRINCIPAL,
+    ) -> None:
         if not (isinstance(ttl_seconds, int) and ttl_seconds > 0):
             raise ValueError("ttl_seconds must be a positive int")
+        if not (isinstance(max_pending_per_principal, int) and max_pending_per_principal > 0):
+            raise ValueError("max_pending_per_principal must be a positive int")
         self.store = store
         self.ttl_seconds = ttl_seconds
+        self.max_pending_per_principal = max_pending_per_principal
+
+    def _quota_scope(self, subject: str, actor: str | None) -> str:
+        return f"quota:approvals:{self.ttl_seconds}:{hash_key_part(json_dumps([subject, actor]))}"
+
+    async def _reserve_pending(self, subject: str, actor: str | None, now: float) -> Reservation:
+        """One pending slot of (subject, actor), or ``RateLimited`` (429) when all are taken."""
+        scope = self._quota_scope(subject, actor)
+        reservation = await self.store.reserve_events([(scope, 1.0, float(self.ttl_seconds))], now)
+        ((count, _),) = reservation.seen
+        if count >= self.max_pending_per_principal:
+            await self._release(reservation)
+            raise RateLimited(
+                "too many pending approval requests; wait for decisions or for them to expire",
+                reason="approval_quota",
+            )
+        return reservation
+
+    async def _release(self, reservation: Reservation | None) -> None:
+        """Hand a quota event back; a store failure leaves it counted until its window ends (the safe side)."""
+        if reservation is None:
+            return
+        try:
+            await self.store.release_events(reservation)
+        except StateUnavailable:
+            log.warning("approval quota event not released; it counts until it expires")
 
     def _record_ttl(self, approval: Approval, now: float) -> float:
         return max(1.0, approval.expires_at + RETENTION_SECONDS - now)
@@ -356,43 +432,54 @@ class ApprovalBook:
         if digest_of(dict(arguments)) != args_digest:
             raise ValueError("args_digest is not the digest of arguments")
         binding_key = _binding_key(subject, actor, tool, args_digest, needed)
-        for _ in range(MAX_CAS_ATTEMPTS):
-            index = await self.store.get_json(binding_key)
-            if index is not None:
-                existing = await self.get(str(index.get("id", "")), now)
-                if (
-                    existing is not None
-                    and existing.state_at(now) in ("pending", "approved")
-                    and existing.binding == (subject, actor, tool, args_digest, needed)
+        # The pending slot is reserved when an approval is about to be created, and handed back unless one was.
+        reservation: Reservation | None = None
+        try:
+            for _ in range(MAX_CAS_ATTEMPTS):
+                index = await self.store.get_json(binding_key)
+                if index is not None:
+                    existing = await self.get(str(index.get("id", "")), now)
+                    if (
+                        existing is not None
+                        and existing.state_at(now) in ("pending", "approved")
+                        and existing.used_at is None
+                        and existing.binding == (subject, actor, tool, args_digest, needed)
+                    ):
+                        return existing, False
+                if reservation is None:
+                    reservation = await self._reserve_pending(subject, actor, now)
+                ((scope, member),) = reservation.events
+                approval = Approval(
+                    id=b64url_encode(secrets.token_bytes(16)),
+                    state="pending",
+                    required=needed,
+                    tool=tool,
+                    arguments=dict(arguments),
+                    args_digest=args_digest,
+                    subject=subject,
+                    actor=actor,
+                    reason=reason,
+                    created_at=now,
+                    expires_at=now + self.ttl_seconds,
+                    policy_version=policy_version,
+                    quota=(scope, member, reservation.at),
+                )
+                ttl = self._record_ttl(approval, now)
+                # The record first, then the binding: nobody can find a binding whose record is not written
+                # yet. A writer that loses the binding race leaves an unreferenced record nobody knows the id
+                # of; it expires with its TTL.
+                if not await self.store.compare_and_set_json(
+                    _record_key(approval.id), 0, approval.to_record(), ttl
                 ):
-                    return existing, False
-            approval = Approval(
-                id=b64url_encode(secrets.token_bytes(16)),
-                state="pending",
-                required=needed,
-                tool=tool,
-                arguments=dict(arguments),
-                args_digest=args_digest,
-                subject=subject,
-                actor=actor,
-                reason=reason,
-                created_at=now,
-                expires_at=now + self.ttl_seconds,
-                policy_version=policy_version,
-            )
-            ttl = self._record_ttl(approval, now)
-            # The record first, then the binding: nobody can find a binding whose record is not written yet.
-            # A writer that loses the binding race leaves an unreferenced record nobody knows the id of; it
-            # expires with its TTL.
-            if not await self.store.compare_and_set_json(
-                _record_key(approval.id), 0, approval.to_record(), ttl
-            ):
-                continue  # a 128-bit id collision: draw another
-            expected = 0 if index is None else int(index["version"])
-            if await self.store.compare_and_set_json(binding_key, expected, {"id": approval.id}, ttl):
-                await self._update_pending(now, add=approval)
-                return replace(approval, version=1), True
-        raise _conflict()
+                    continue  # a 128-bit id collision: draw another
+                expected = 0 if index is None else int(index["version"])
+                if await self.store.compare_and_set_json(binding_key, expected, {"id": approval.id}, ttl):
+                    reservation = None  # the slot now belongs to the approval (released at its decision)
+                    await self._update_pending(now, add=approval)
+                    return replace(approval, version=1), True
+            raise _conflict()
+        finally:
+            await self._release(reservation)
 
     #: :func:`covers`, reachable from the book the exchange already holds
     covers = staticmethod(covers)
@@ -438,9 +525,20 @@ class ApprovalBook:
             key = _record_key(approval_id)
             if await self.store.compare_and_set_json(key, approval.version, updated.to_record(), ttl):
                 if updated.state != "pending":
+                    await self._release(_reservation_of(updated))  # no longer pending: frees its slot
                     await self._update_pending(now, remove=approval_id)
                 return replace(updated, version=approval.version + 1)
         raise _conflict()
+
+    async def use(self, approval: Approval, now: float) -> bool:
+        """Record the one execution ``approval`` authorises (compare-and-set on the version it was read at):
+        True for the call that used it, False when another execution got there first or it changed meanwhile
+        (then it no longer covers this call). An approval is spent by executing, never by an exchange."""
+        updated = replace(approval, used_at=now)
+        ttl = self._record_ttl(updated, now)
+        return await self.store.compare_and_set_json(
+            _record_key(approval.id), approval.version, updated.to_record(), ttl
+        )
 
     async def pending(self, now: float) -> list[Approval]:
         """The listed pending, unexpired approvals (at most :data:`MAX_PENDING_LISTED`), oldest first."""

@@ -23,9 +23,10 @@ from aiohttp import web
 
 from broker.canonical import args_digest
 from broker.config.models import Approvals, Webhook
-from broker.gateway.approvals import APPROVALS, ApprovalService
+from broker.gateway.approvals import ApprovalService
 from broker.jose import Signer, b64url_decode, generate_ec_jwk, public_key_from_jwk, verify_signature
 from broker.policy.approvers import Eligibility
+from broker.resources import APPROVALS
 from broker.sdk.approvals_cli import add_approvals_parser
 from broker.state.base import StateStore
 from broker.txn.approvals import Approval, ApprovalBook

@@ -57,7 +57,11 @@ async def test_svid_call_is_forwarded_with_clean_headers(
         headers={k: v for k, v in hostile_headers.items() if k not in ("Authorization", "DPoP")},
     )
     assert (reply.status, reply.body) == (200, {"echo": INVOICE})
-    assert reply.headers["X-Request-Id"] == "req-123"
+    # CONTRACT §12: the request id is the broker's own; the caller's is kept as client_request_id
+    request_id = reply.headers["X-Request-Id"]
+    assert request_id != "req-123" and len(request_id) == 24
+    decision = next(r for r in broker.audit_records() if r.get("request_id") == request_id)
+    assert decision["decision"] == "allow" and decision["client_request_id"] == "req-123"
     [got] = upstream.received
     assert got.path == "/approve"
     # the canonical (RFC 8785) bytes are what is forwarded: sorted keys, no whitespace
@@ -75,7 +79,7 @@ async def test_svid_call_is_forwarded_with_clean_headers(
         "forwarded",
     ):
         assert name not in lowered, name
-    assert got.headers["X-Request-Id"] == "req-123"
+    assert got.headers["X-Request-Id"] == request_id
     trace = got.headers["traceparent"].split("-")
     assert trace[1] == "0af7651916cd43dd8448eb211c80319c" and trace[2] != "b7ad6b7169203331"
     # the backend sees the broker's own certificate, never the agent's

@@ -35,6 +35,9 @@ def policy_config(pki: Pki, tmp: Path, upstream: str, **overrides: Any) -> dict[
 
 
 async def admin(broker: BrokerUnderTest, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """One admin call; a POST always carries a JSON body (CONTRACT §12: admin POSTs are application/json)."""
+    if body is None and method == "POST":
+        body = {}
     async with aiohttp.ClientSession() as s, s.request(method, broker.admin_url + path, json=body) as resp:
         return resp.status, await resp.json()
 
@@ -177,7 +180,7 @@ async def test_admin_config_describes_what_is_loaded(broker: BrokerUnderTest) ->
     assert body["policies"] == [{"id": "any-agent", "effect": "allow", "tools": ["*"]}]
 
 
-async def test_admin_token_guards_the_admin_endpoints_but_not_probes(
+async def test_admin_token_guards_every_admin_endpoint_but_the_probes(
     broker_factory: BrokerFactory, upstream: RecordingUpstream, pki: Pki, tmp_path: Path
 ) -> None:
     token_file = tmp_path / "admin-token"
@@ -198,8 +201,14 @@ async def test_admin_token_guards_the_admin_endpoints_but_not_probes(
         right = {"Authorization": "Bearer s3cret-admin-token-123"}
         async with s.get(broker.admin_url + "/admin/config", headers=right) as resp:
             assert resp.status == 200
-        for probe in ("/healthz", "/readyz", "/metrics"):
+        # CONTRACT §12: every admin endpoint but /healthz and /readyz needs the token, /metrics too
+        for probe in ("/healthz", "/readyz"):
             async with s.get(broker.admin_url + probe) as resp:
                 assert resp.status == 200, probe
+        async with s.get(broker.admin_url + "/metrics") as resp:
+            assert resp.status == 401
+            assert (await resp.json())["error"] == "invalid_token"
+        async with s.get(broker.admin_url + "/metrics", headers=right) as resp:
+            assert resp.status == 200
     # the refused revocation did nothing
     assert (await broker.caller().call("GET", "/v1/tools")).status == 200

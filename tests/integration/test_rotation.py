@@ -15,7 +15,7 @@ from cryptography import x509
 
 from broker.dev.pki import CLIENT_AUTH, SERVER_AUTH, issue_certificate, write_pem_cert, write_pem_key
 from broker.jose import generate_ec_jwk, write_private_jwk
-from broker.rotation import WATCHER
+from broker.resources import WATCHER
 from tests.certfactory import Pki, client_ssl_context
 from tests.conftest import BrokerFactory, BrokerUnderTest, RecordingUpstream, base_config
 

@@ -92,24 +92,31 @@ def request(
 
 async def exchange(
     port: int,
-    context: ssl.SSLContext,
+    context: ssl.SSLContext | None,
     data: bytes | Sequence[bytes],
     *,
     deadline: float = DEFAULT_DEADLINE_SECONDS,
     responses: int | None = None,
+    pause: float = 0.0,
 ) -> RawReply:
     """Write ``data`` (one buffer, or several written one after the other) and read until the server closes
-    the connection, ``responses`` complete responses have arrived (when given), or ``deadline`` seconds pass.
-    Never raises for a refused or reset connection."""
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", port, ssl=context, server_hostname="localhost"
-    )
+    the connection, ``responses`` complete responses have arrived (when given), or ``deadline`` seconds pass;
+    ``pause`` seconds between the buffers (so that the server has parsed one before the next arrives).
+    Never raises for a refused or reset connection. ``context=None``: plain HTTP (the admin listener)."""
+    if context is None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    else:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=context, server_hostname="localhost"
+        )
     chunks: list[bytes] = []
     closed = False
     loop = asyncio.get_running_loop()
     end = loop.time() + deadline
     try:
-        for part in [data] if isinstance(data, bytes) else data:
+        for index, part in enumerate([data] if isinstance(data, bytes) else data):
+            if index and pause:
+                await asyncio.sleep(pause)
             writer.write(part)
             await writer.drain()
         while True:

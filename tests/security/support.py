@@ -88,7 +88,9 @@ async def exchange_txn_token(caller: Caller, arguments: dict[str, Any], tool: st
 
 
 async def admin(broker: BrokerUnderTest, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    """One call to the broker's plain-HTTP admin listener."""
+    """One call to the broker's plain-HTTP admin listener (a POST always as JSON: CONTRACT §12)."""
+    if body is None and method == "POST":
+        body = {}
     async with aiohttp.ClientSession() as s, s.request(method, broker.admin_url + path, json=body) as resp:
         return resp.status, await resp.json()
 

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from broker.errors import BrokerError, InvalidToken
 from broker.identity.dpop import DpopPolicy, VerifiedProof, ath_for, verify_proof
 from broker.identity.htu import normalize_url
-from broker.identity.jwks import IssuerKeys
+from broker.identity.issuer_keys import IssuerKeys
 from broker.identity.jws import JwsError, ParsedJws, parse_compact
 from broker.identity.tokens import AccessToken, AccessTokenVerifier, IssuerPolicy
 from broker.jose import b64url_decode, b64url_encode, compact_json, raw_signature

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from broker.config.loader import load_config
 from broker.errors import InvalidToken
-from broker.identity.jwks import IssuerKeys
+from broker.identity.issuer_keys import IssuerKeys
 from broker.identity.tokens import AccessTokenVerifier, IssuerPolicy
 from broker.server import server_ssl_context
 from tests.certfactory import Pki, client_ssl_context
@@ -172,7 +172,14 @@ async def test_d12_replayed_proof_is_accepted_exactly_once_across_two_replicas(
 ) -> None:
     async with redis_stores() as redis:
         config = base_config(pki, tmp_path, upstream_url=upstream.url)
-        config["state"] = {"backend": "redis", "redis_url": redis.url, "key_prefix": redis.prefix}
+        # a generous store deadline: this row proves single use, and a loaded CI machine can stall the event
+        # loop past the 200 ms default (a timeout is a 503, fail closed — tested in test_rows_state.py)
+        config["state"] = {
+            "backend": "redis",
+            "redis_url": redis.url,
+            "key_prefix": redis.prefix,
+            "timeout_ms": 2000,
+        }
         config_b = {**config, "audit": {"file": str(tmp_path / "audit-b.jsonl"), "checkpoint_every": 5}}
         replica_a, replica_b = await broker_factory(config), await broker_factory(config_b)
         caller_a = replica_a.caller()

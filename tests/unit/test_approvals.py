@@ -102,6 +102,7 @@ async def test_request_creates_a_pending_approval_readable_by_id() -> None:
         "subject": "alice",
         "actor": AGENT,
         "expires_at": rfc3339(T0 + TTL),
+        "used_at": None,  # extension: when the one call it approves was executed
     }
     assert rfc3339(T0) == "2025-06-15T15:06:40Z"
 

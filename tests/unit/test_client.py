@@ -33,7 +33,7 @@ from broker.identity.dpop import (
     verify_proof,
 )
 from broker.identity.htu import expected_htu
-from broker.identity.jwks import IssuerKeys
+from broker.identity.issuer_keys import IssuerKeys
 from broker.identity.tokens import AccessTokenVerifier, IssuerPolicy
 from broker.jose import b64url_decode, generate_ec_jwk, private_jwk
 from broker.sdk.agent import AgentClient, ClientReply, DpopSigner, challenge_error, htu_of

@@ -277,12 +277,8 @@ MASKED = "****3000"
         ({"mask": [{"path": "pin"}]}, {"pin": "1234"}, {"pin": "****"}),
         ({"mask": [{"path": "pin", "keep_last": 0}]}, {"pin": "123456789"}, {"pin": "****"}),
         ({"mask": [{"path": "pin"}]}, {"pin": None}, {"pin": "****"}),
-        ({"mask": [{"path": "vendor.bank_account"}]}, {"vendor": "ACME"}, {"vendor": "ACME"}),
-        (
-            {"mask": [{"path": "vendor.bank_account"}]},
-            {"other": {"bank_account": BANK}},
-            {"other": {"bank_account": BANK}},
-        ),
+        ({"mask": [{"path": "vendor?.bank_account"}]}, {"vendor": None}, {"vendor": None}),
+        ({"mask": [{"path": "vendor.bank_account?"}]}, {"vendor": {"name": "x"}}, {"vendor": {"name": "x"}}),
         (
             {"drop": ["approved_by"]},
             approve_answer(),
@@ -309,7 +305,7 @@ MASKED = "****3000"
             {"note": "****" + json.dumps({"ssn": "123-45-6789"})[-4:]},
         ),
         (
-            {"mask": [{"path": "ssn"}]},
+            {"mask": [{"path": "ssn?"}]},
             {"note": json.dumps({"ssn": "123-45-6789"})},
             {"note": json.dumps({"ssn": "123-45-6789"})},
         ),
@@ -336,8 +332,8 @@ MASKED = "****3000"
         "short_value_fully_hidden",
         "keep_last_zero",
         "null_masked",
-        "path_through_scalar_untouched",
-        "absent_path_untouched",
+        "optional_null_parent_untouched",
+        "optional_absent_leaf_untouched",
         "drop_top_level",
         "drop_case_variant",
         "drop_inside_arrays",
@@ -413,7 +409,11 @@ def test_output_is_compact_utf8() -> None:
             {"pages": {"invoices": [invoice(1, "7"), invoice(2)]}},
             {"pages": {"invoices": [invoice(2)]}},
         ),
-        (DEPARTMENT_ROWS, {"count": 0}, {"count": 0}),
+        (
+            [{"path": "invoices?", "keep": "row.department == subject.department"}],
+            {"count": 0},
+            {"count": 0},
+        ),
         (DEPARTMENT_ROWS, [{"invoices": [invoice(1, "7"), invoice(2)]}], [{"invoices": [invoice(2)]}]),
         (
             [{"path": "pages[].invoices", "keep": "row.department == subject.department"}],
@@ -467,7 +467,7 @@ def test_output_is_compact_utf8() -> None:
         "case_variant_arrays_both_filtered",
         "empty_array",
         "brackets_on_lone_object_walk_it",
-        "absent_path",
+        "optional_absent_path",
         "walks_top_level_array",
         "bracket_path",
         "erroring_predicate_drops_row",
@@ -532,8 +532,6 @@ def test_row_filter_then_mask_in_one_response() -> None:
         b"null",
         gzip.compress(b'{"vendor":{"bank_account":"DE89370400440532013000"}}'),
         b"[" * 65 + b"]" * 65,
-        b'{"invoices":{"department":"7"}}',
-        b'{"invoices":"[{\\"department\\":\\"7\\"}]"}',
     ],
     ids=[
         "duplicate_key",
@@ -552,8 +550,6 @@ def test_row_filter_then_mask_in_one_response() -> None:
         "bare_null",
         "gzip",
         "too_deep",
-        "rows_path_holds_object",
-        "rows_path_holds_string",
     ],
 )
 def test_unfilterable_body_is_refused(body: bytes) -> None:
@@ -568,7 +564,7 @@ def test_unfilterable_body_is_refused(body: bytes) -> None:
 
 
 def test_max_depth_is_configurable() -> None:
-    filters = make_filters(drop=["x"])
+    filters = make_filters(drop=["x?"])
     body = b"[" * 10 + b"]" * 10
     assert filters.filter_response(body, subject=ALICE, actor_id=AGENT, max_depth=10) == body
     with pytest.raises(UpstreamError):
@@ -605,6 +601,9 @@ def test_no_filters_fast_path_returns_the_same_object(body: bytes) -> None:
         ({"mask": [{"path": "a[]b"}]}, ("response", "mask", 0, "path")),
         ({"mask": [{"path": "a.[]"}]}, ("response", "mask", 0, "path")),
         ({"mask": [{"path": "a[0]"}]}, ("response", "mask", 0, "path")),
+        ({"mask": [{"path": "a[]?"}]}, ("response", "mask", 0, "path")),
+        ({"mask": [{"path": "?"}]}, ("response", "mask", 0, "path")),
+        ({"mask": [{"path": "a??"}]}, ("response", "mask", 0, "path")),
         ({"mask": [{"path": "ok"}, {"path": "vendor.*"}]}, ("response", "mask", 1, "path")),
         ({"drop": ["invoices[]"]}, ("response", "drop", 0)),
         ({"drop": ["a", "b/c"]}, ("response", "drop", 1)),
@@ -635,6 +634,9 @@ def test_no_filters_fast_path_returns_the_same_object(body: bytes) -> None:
         "mask_text_after_brackets",
         "mask_bare_brackets_mid_path",
         "mask_index",
+        "mask_optional_after_brackets",
+        "mask_bare_optional",
+        "mask_double_optional",
         "mask_second_entry_located",
         "drop_ending_in_brackets",
         "drop_second_entry_located",
@@ -679,6 +681,8 @@ def test_every_problem_is_reported() -> None:
         ("[]", (EACH,)),
         ("grid[][].x", ("grid", EACH, EACH, "x")),
         ("a-b.c_d.9", ("a-b", "c_d", "9")),
+        ("Vendor?.bank_account?", ("vendor?", "bank_account?")),
+        ("tags?[]", ("tags?", EACH)),
     ],
     ids=[
         "name",
@@ -688,6 +692,8 @@ def test_every_problem_is_reported() -> None:
         "bare_brackets",
         "double_brackets",
         "name_alphabet",
+        "optional",
+        "optional_then_brackets",
     ],
 )
 def test_parse_path(path: str, steps: tuple[Any, ...]) -> None:

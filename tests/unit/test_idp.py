@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from broker.dev.idp import RESERVED_CLAIMS, add_token_parser, jkt_of, mint_access_token, read_jwk
-from broker.identity.jwks import IssuerKeys
+from broker.identity.issuer_keys import IssuerKeys
 from broker.identity.tokens import AccessToken, AccessTokenVerifier, IssuerPolicy
 from broker.jose import b64url_decode, jwk_thumbprint, public_jwk, public_key_from_jwk
 from tests.certfactory import Pki, make_pki

@@ -26,7 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker.errors import InvalidToken
-from broker.identity.jwks import IssuerKeys, KeyEntry, KeySet, alg_fits_key, discovery_urls
+from broker.identity.issuer_keys import IssuerKeys, discovery_urls
+from broker.identity.jwks import KeyEntry, KeySet, alg_fits_key
 from broker.identity.tokens import AccessTokenVerifier, IssuerPolicy
 from broker.jose import public_key_from_jwk
 from tests.tokenfactory import (

@@ -70,7 +70,7 @@ async def masked(result: dict[str, Any]) -> tuple[dict[str, Any] | None, list[st
     try:
         return (await transform(answer(result)))["result"], failures
     except rpc.JsonRpcError as error:
-        assert (error.code, error.http_status) == (rpc.INTERNAL_ERROR, 200)
+        assert (error.jsonrpc_code, error.http_status) == (rpc.INTERNAL_ERROR, 200)
         return None, failures
 
 
@@ -111,11 +111,13 @@ async def test_what_cannot_be_masked_is_refused(result: dict[str, Any]) -> None:
     assert failures == ["response_unfilterable"]
 
 
-async def test_unfiltered_tools_and_errors_pass_unchanged() -> None:
+async def test_unfiltered_tools_pass_unchanged_and_a_filtered_tools_error_keeps_only_its_code() -> None:
     message = answer({"content": [text("free text " + BANK)]})
     assert await call_transform(None, make_principal(), lambda _: None)(message) == message
-    error = rpc.error_body(1, -32602, "Unknown tool: x")
-    assert await call_transform(FILTERS, make_principal(), lambda _: None)(error) == error
+    error = rpc.error_body(1, -32602, "Unknown tool: x " + BANK, {"account": BANK})
+    assert await call_transform(FILTERS, make_principal(), lambda _: None)(error) == rpc.error_body(
+        1, -32602, "Invalid params"
+    )
 
 
 def upstream(*tools: str) -> McpUpstream:

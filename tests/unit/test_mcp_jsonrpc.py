@@ -107,7 +107,11 @@ def headers_with(**changes: str | None) -> list[tuple[str, str]]:
 def test_p20_p22_p23_refused_messages_are_invalid_requests(value: Any, reason: str) -> None:
     with pytest.raises(rpc.JsonRpcError) as refused:
         rpc.parse_message(value)
-    assert (refused.value.code, refused.value.http_status, refused.value.reason) == (-32600, 400, reason)
+    assert (refused.value.jsonrpc_code, refused.value.http_status, refused.value.reason) == (
+        -32600,
+        400,
+        reason,
+    )
 
 
 @pytest.mark.parametrize(
@@ -147,7 +151,7 @@ def test_methods_outside_the_relayed_set_are_method_not_found(method: str, era: 
     message = rpc.parse_message({"jsonrpc": "2.0", "id": 1, "method": method})
     with pytest.raises(rpc.JsonRpcError) as refused:
         rpc.check_relayed(message, era)
-    assert (refused.value.code, refused.value.http_status) == (-32601, status)
+    assert (refused.value.jsonrpc_code, refused.value.http_status) == (-32601, status)
 
 
 @pytest.mark.parametrize(
@@ -225,7 +229,11 @@ def test_modern_header_mismatches(
 ) -> None:
     with pytest.raises(rpc.JsonRpcError) as refused:
         rpc.check_modern_headers(message, headers)
-    assert (refused.value.code, refused.value.http_status, refused.value.reason) == (code, 400, reason)
+    assert (refused.value.jsonrpc_code, refused.value.http_status, refused.value.reason) == (
+        code,
+        400,
+        reason,
+    )
 
 
 def test_a_base64_encoded_name_matches() -> None:

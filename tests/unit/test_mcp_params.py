@@ -69,7 +69,7 @@ def test_param_header_mismatches_are_refused(
 ) -> None:
     with pytest.raises(rpc.JsonRpcError) as refused:
         check_param_headers(SCHEMA, arguments, headers)
-    assert refused.value.code == -32020
+    assert refused.value.jsonrpc_code == -32020
 
 
 def test_a_schema_without_annotations_ignores_param_headers() -> None:

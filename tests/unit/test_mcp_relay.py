@@ -17,8 +17,8 @@ from aiohttp.test_utils import TestClient
 
 from broker.errors import UpstreamError
 from broker.mcp import jsonrpc as rpc
-from broker.mcp.relay import AGENT_NOTIFICATIONS, Relay, Transform, relay
-from broker.mcp.sse import SseParser
+from broker.mcp.relay import Relay, Transform, relay
+from broker.mcp.sse import EVENT_IDS, SseParser, event_id_context
 
 REQUEST_ID = 7
 Script = tuple[int, str, list[bytes]]
@@ -33,7 +33,7 @@ ANSWER = {"jsonrpc": "2.0", "id": REQUEST_ID, "result": {"content": [{"type": "t
 PROGRESS = {
     "jsonrpc": "2.0",
     "method": "notifications/progress",
-    "params": {"progress": 1, "message": "acct 1234"},
+    "params": {"progressToken": "p1", "progress": 1, "message": "acct 1234"},
 }
 SAMPLING = {"jsonrpc": "2.0", "id": 99, "method": "sampling/createMessage", "params": {}}
 ELICIT = {"jsonrpc": "2.0", "id": 98, "method": "elicitation/create", "params": {"message": "password?"}}
@@ -47,12 +47,14 @@ def make_plan(
     masked: bool = False,
     max_event_bytes: int = 4096,
     request_id: int | None = REQUEST_ID,
+    progress_token: str | int | None = None,
 ) -> Relay:
     return Relay(
         request_id=request_id,
         transform=transform,
-        notifications=frozenset({"notifications/progress"}) if masked else AGENT_NOTIFICATIONS,
-        strip_progress_messages=masked,
+        masked=masked,
+        progress_token=progress_token,
+        id_context=event_id_context("expenses", "s1"),
         max_event_bytes=max_event_bytes,
         max_stream_bytes=8 * max_event_bytes,
         max_seconds=10.0,
@@ -60,6 +62,8 @@ def make_plan(
 
 
 Relayed = Callable[[Script, Relay], Awaitable[tuple[int, str, list[dict[str, Any]]]]]
+#: the bytes the agent got, per run of the ``relayed`` fixture
+AGENT_BYTES: list[bytes] = []
 
 
 @pytest.fixture
@@ -95,6 +99,7 @@ async def relayed(aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]]
         script.update(script=scripted, plan=plan)
         async with front_client.get("/") as response:
             body = await response.read()
+            AGENT_BYTES.append(body)
             assert response.headers.get("X-Request-Id") == "r1"
             if response.content_type == "text/event-stream":
                 assert response.headers["X-Accel-Buffering"] == "no"
@@ -135,17 +140,15 @@ async def test_p24_sse_events_reaching_the_agent(
     assert (status, content_type, messages) == (200, "text/event-stream", expected)
 
 
-async def test_a_masked_call_gets_progress_without_free_text(relayed: Relayed) -> None:
+async def test_a_masked_call_gets_its_answer_without_progress_or_free_text(relayed: Relayed) -> None:
     chunks = [
         sse(PROGRESS),
         sse({"jsonrpc": "2.0", "method": "notifications/message", "params": {}}),
         sse(ANSWER),
     ]
-    _, _, messages = await relayed((200, "text/event-stream", chunks), make_plan(masked=True))
-    assert messages == [
-        {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}},
-        ANSWER,
-    ]
+    plan = make_plan(masked=True, progress_token="p1")
+    _, _, messages = await relayed((200, "text/event-stream", chunks), plan)
+    assert messages == [ANSWER]
 
 
 @pytest.mark.parametrize(
@@ -246,3 +249,145 @@ async def test_a_get_stream_passes_notifications_and_never_answers(relayed: Rela
     ]
     _, _, messages = await relayed((200, "text/event-stream", chunks), make_plan(request_id=None))
     assert messages == [PROGRESS, {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}]
+
+
+# --- masked servers and the SSE fields (CONTRACT §12) ---------------------------------------------------------
+
+SECRET = "DE89370400440532013000"
+ACCOUNT_NUMBER = 4400532013000  # a masked value that is a number
+
+
+def notification(method: str, params: Any = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+    if params is not None:
+        message["params"] = params
+    return message
+
+
+MASKED_NOTIFICATIONS = [
+    # progress numbers arrive before the answer could be masked, and a number can be a masked value
+    (notification("notifications/progress", {"progressToken": "p1", "progress": 1, "total": 2}), False),
+    (notification("notifications/progress", {"progressToken": "p1", "progress": ACCOUNT_NUMBER}), False),
+    (
+        notification(
+            "notifications/progress",
+            {"progressToken": "p1", "progress": 1, "total": 2, "message": SECRET, "_meta": {"x": SECRET}},
+        ),
+        False,
+    ),
+    (notification("notifications/progress", {"progressToken": "p2", "progress": 1}), False),
+    (notification("notifications/progress", {"progressToken": SECRET, "progress": 1}), False),
+    (notification("notifications/progress", {"progressToken": 1, "progress": 1}), False),
+    (notification("notifications/progress", {"progressToken": "p1", "progress": SECRET}), False),
+    (notification("notifications/progress", {"progressToken": "p1", "progress": True}), False),
+    (notification("notifications/message", {"level": "info", "data": SECRET}), False),
+    (notification("notifications/cancelled", {"requestId": REQUEST_ID, "reason": SECRET}), False),
+    (notification("notifications/resources/updated", {"uri": SECRET}), False),
+    (notification("notifications/tools/list_changed", {"_meta": {"x": SECRET}}), True),
+]
+
+
+@pytest.mark.parametrize(
+    ("message", "passes"),
+    MASKED_NOTIFICATIONS,
+    ids=[
+        "progress-numbers",
+        "progress-number-carrying-data",
+        "progress-free-text",
+        "progress-another-token",
+        "progress-token-carrying-data",
+        "progress-token-of-another-type",
+        "progress-not-a-number",
+        "progress-boolean",
+        "log-message",
+        "cancelled",
+        "other-notification",
+        "list-changed-bare",
+    ],
+)
+async def test_a_masked_server_passes_only_harmless_notifications(
+    relayed: Relayed, message: dict[str, Any], passes: bool
+) -> None:
+    plan = make_plan(masked=True, progress_token="p1")
+    _, _, messages = await relayed((200, "text/event-stream", [sse(message), sse(ANSWER)]), plan)
+    assert messages[-1] == ANSWER
+    assert SECRET not in json.dumps(messages) and str(ACCOUNT_NUMBER) not in json.dumps(messages)
+    assert messages[:-1] == ([{"jsonrpc": "2.0", "method": message["method"]}] if passes else [])
+
+
+async def test_a_masked_get_stream_passes_no_progress_and_no_free_text(relayed: Relayed) -> None:
+    chunks = [
+        sse(notification("notifications/progress", {"progressToken": "p1", "progress": 1})),
+        sse(notification("notifications/message", {"level": "info", "data": SECRET})),
+        sse(notification("notifications/tools/list_changed")),
+    ]
+    plan = make_plan(masked=True, request_id=None)
+    _, _, messages = await relayed((200, "text/event-stream", chunks), plan)
+    assert messages == [notification("notifications/tools/list_changed")]
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["masked", "unmasked"])
+async def test_upstream_event_and_id_fields_never_reach_the_agent(relayed: Relayed, masked: bool) -> None:
+    chunks = [
+        f"id: {SECRET}\nretry: 3000\n\n".encode(),  # a priming event
+        sse(notification("notifications/message", {"data": "x"}), id=f"{SECRET}-1", event=SECRET),
+        sse(ANSWER, id=f"{SECRET}-2", event=f"msg-{SECRET}"),
+    ]
+    raw = await relayed_raw(relayed, (200, "text/event-stream", chunks), make_plan(masked=masked))
+    assert SECRET.lower() not in raw.lower()
+    events = SseParser(max_event_bytes=1 << 20).feed(raw.encode())
+    assert {e.event for e in events if e.data} == {"message"}
+    assert all(e.id for e in events)  # every upstream id has its broker id, dropped events' included
+    assert [e.retry for e in events if e.retry is not None] == ([] if masked else [3000])
+    ids = [EVENT_IDS.open(e.id or "", event_id_context("expenses", "s1")) for e in events]
+    assert ids == [SECRET, f"{SECRET}-1", f"{SECRET}-2"]  # resumption opens them back
+
+
+async def relayed_raw(relayed: Relayed, script: Script, plan: Relay) -> str:
+    await relayed(script, plan)
+    return AGENT_BYTES[-1].decode()
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": SECRET, "data": SECRET}},
+            rpc.error_body(REQUEST_ID, -32600, "Invalid Request"),
+        ),
+        (
+            {"jsonrpc": "2.0", "id": 3, "error": {"code": SECRET, "message": "x"}},
+            rpc.error_body(REQUEST_ID, rpc.INTERNAL_ERROR, "Internal error"),
+        ),
+    ],
+    ids=["standard-code", "code-not-an-integer"],
+)
+async def test_a_masked_servers_4xx_error_keeps_its_code_only(
+    relayed: Relayed, body: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    script = (400, "application/json", [json.dumps(body).encode()])
+    status, _, messages = await relayed(script, make_plan(masked=True))
+    assert (status, messages) == (400, [expected])
+
+
+async def test_answers_are_rebuilt_from_the_jsonrpc_members_only(relayed: Relayed) -> None:
+    hostile = {**ANSWER, "leak": SECRET, "_meta": SECRET}
+    for content_type, chunks in (
+        ("text/event-stream", [sse(hostile)]),
+        ("application/json", [json.dumps(hostile).encode()]),
+    ):
+        _, _, messages = await relayed((200, content_type, chunks), make_plan())
+        assert messages == [ANSWER]
+
+
+async def test_a_masked_servers_error_answers_keep_their_code_only(relayed: Relayed) -> None:
+    error = {"jsonrpc": "2.0", "id": REQUEST_ID, "error": {"code": -32601, "message": SECRET, "data": SECRET}}
+    expected = rpc.error_body(REQUEST_ID, -32601, "Method not found")
+    for content_type, chunks in (
+        ("text/event-stream", [sse(error)]),
+        ("application/json", [json.dumps(error).encode()]),
+    ):
+        _, _, masked = await relayed((200, content_type, chunks), make_plan(masked=True))
+        assert masked == [expected]
+        _, _, unmasked = await relayed((200, content_type, chunks), make_plan())
+        assert unmasked == [error]

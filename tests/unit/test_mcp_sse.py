@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from broker.mcp.sse import SseError, SseEvent, SseParser, encode_event
+from broker.mcp.checks import LAST_EVENT_ID
+from broker.mcp.sse import (
+    MAX_UPSTREAM_ID,
+    EventIds,
+    SseError,
+    SseEvent,
+    SseParser,
+    encode_event,
+    event_id_context,
+)
 
 
 def parse(*chunks: bytes, max_event_bytes: int = 1024) -> list[SseEvent]:
@@ -120,3 +131,56 @@ def test_encoding(event: SseEvent, wire: bytes) -> None:
 def test_line_breaks_in_fields_cannot_be_encoded(field: str) -> None:
     with pytest.raises(ValueError, match="line breaks"):
         encode_event(SseEvent(data="x", **{field: "a\nb"}))  # type: ignore[arg-type]
+
+
+# --- the broker's event ids (CONTRACT §12: upstream id fields never reach the agent verbatim) ----------------
+
+CONTEXT = event_id_context("expenses", "session-1")
+
+
+@pytest.mark.parametrize(
+    "upstream_id",
+    ["1", "stream-7_42", "DE89370400440532013000", "ü" * 64, "x" * MAX_UPSTREAM_ID],
+    ids=["short", "sdk-style", "secret-like", "non-ascii", "longest"],
+)
+def test_event_ids_are_opaque_and_open_back(upstream_id: str) -> None:
+    ids = EventIds()
+    sealed = ids.seal(upstream_id, CONTEXT)
+    assert sealed is not None and LAST_EVENT_ID.fullmatch(sealed)
+    assert len(upstream_id) < 8 or upstream_id.lower() not in sealed.lower()
+    assert ids.open(sealed, CONTEXT) == upstream_id
+    assert ids.seal(upstream_id, CONTEXT) != sealed  # a fresh nonce each time
+
+
+def test_event_ids_hide_the_length_of_short_ids() -> None:
+    ids = EventIds()
+    assert len({len(ids.seal("x" * n, CONTEXT) or "") for n in range(1, 33)}) == 1
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        lambda s: s[:-2] + ("AA" if not s.endswith("AA") else "BB"),
+        lambda s: "DE89370400440532013000",
+        lambda s: "",
+        lambda s: "!!!!",
+        lambda s: EventIds().seal("1", CONTEXT) or "",
+    ],
+    ids=["tampered", "plain-upstream-id", "empty", "not-base64", "another-process"],
+)
+def test_event_ids_not_sealed_here_open_to_nothing(forged: Any) -> None:
+    ids = EventIds()
+    sealed = ids.seal("1", CONTEXT)
+    assert sealed is not None
+    assert ids.open(forged(sealed), CONTEXT) is None
+
+
+def test_event_ids_are_bound_to_server_and_session() -> None:
+    ids = EventIds()
+    sealed = ids.seal("1", CONTEXT) or ""
+    assert ids.open(sealed, event_id_context("expenses", "session-2")) is None
+    assert ids.open(sealed, event_id_context("other", "session-1")) is None
+
+
+def test_overlong_upstream_ids_are_not_relayed() -> None:
+    assert EventIds().seal("x" * (MAX_UPSTREAM_ID + 1), CONTEXT) is None

@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from broker.errors import InvalidToken
-from broker.identity.jwks import IssuerKeys
+from broker.identity.issuer_keys import IssuerKeys
 from broker.identity.jws import JwsError, parse_compact
 from broker.identity.tokens import AccessToken, AccessTokenVerifier, IssuerPolicy
 from broker.jose import b64url_encode, private_key_from_jwk

@@ -534,7 +534,7 @@ def report(outcomes: dict[str, Result | str], args: argparse.Namespace) -> dict[
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    default_config = Path(__file__).resolve().parents[2] / "config" / "examples" / "expense.yaml"
+    default_config = Path(__file__).resolve().parents[3] / "config" / "examples" / "expense.yaml"
     parser = argparse.ArgumentParser(
         prog="python -m broker.dev.bench", description="Broker vs bare forwarder benchmark."
     )

@@ -28,7 +28,7 @@ from broker.policy.engine import PolicySet
 from broker.sdk.agent import DpopSigner
 from broker.txn.tokens import mint_txn_token, verification_keys, verify_txn_token
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 ALICE = {
     "iss": "https://idp.example.org",
     "sub": "alice",

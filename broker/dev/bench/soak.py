@@ -567,7 +567,7 @@ def report(doc: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    default_config = Path(__file__).resolve().parents[2] / "config" / "examples" / "expense.yaml"
+    default_config = Path(__file__).resolve().parents[3] / "config" / "examples" / "expense.yaml"
     parser = argparse.ArgumentParser(
         prog="python -m broker.dev.bench.soak", description=__doc__.split("\n")[0]
     )
