@@ -10,15 +10,9 @@ import pytest
 
 from broker.config.models import Tool
 from broker.errors import AccessDenied, UpstreamError
-from broker.gateway.filters import (
-    EACH,
-    FilterCompileError,
-    ToolFilters,
-    compile_tool_filters,
-    fold_key,
-    mask_value,
-    parse_path,
-)
+from broker.gateway.filters import FilterCompileError, ToolFilters, compile_tool_filters
+from broker.policy.paths import EACH, fold_key, parse_path
+from broker.policy.scrub import mask_value
 
 # ---------------------------------------------------------------------------------------------------------
 # factories

@@ -16,7 +16,8 @@ import pytest
 
 from broker.config.models import Tool
 from broker.errors import UpstreamError
-from broker.gateway.filters import Scrubber, ToolFilters, compile_tool_filters
+from broker.gateway.filters import ToolFilters, compile_tool_filters
+from broker.policy.scrub import Scrubber
 
 BANK = "DE89370400440532013000"
 THEIRS = "FR7630006000011234567890189"  # another department's account

@@ -1,0 +1,139 @@
+"""The compiled parts of a tool's filters, shared by injection (:mod:`broker.gateway.filters`) and response
+filtering (:mod:`broker.gateway.responses`): CEL programs and what they read, mask and row rules, and the errors
+a filter answers with."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import cel
+
+from broker.canonical import I_JSON_MAX_INT
+from broker.errors import AccessDenied
+from broker.policy.cel import referenced_fields
+from broker.policy.paths import CompiledPath
+
+INJECT_VARIABLES: Final = frozenset({"subject", "actor"})
+ROW_VARIABLES: Final = frozenset({"row", "subject", "actor"})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CEL
+
+# Names bound by CEL comprehension macros (``list.exists(x, …)``); program.variables() reports them too.
+_BOUND = re.compile(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_][A-Za-z0-9_]*)\s*,")
+
+
+def compile_cel(source: str, allowed: frozenset[str]) -> tuple[cel.Program | None, str | None]:
+    try:
+        program = cel.compile(source)
+    except ValueError as exc:  # the binding's compile error; keep its "ERROR: <input>:L:C: …" lines
+        lines = [line for line in str(exc).splitlines() if line.startswith("ERROR:")]
+        return None, "CEL: " + ("; ".join(lines) if lines else str(exc).splitlines()[0])
+    undeclared = sorted(set(program.variables()) - allowed - set(_BOUND.findall(source)))
+    if undeclared:
+        names = ", ".join(repr(name) for name in undeclared)
+        return None, f"undeclared reference {names} (declared: {', '.join(sorted(allowed))})"
+    return program, None
+
+
+def _actor_value(actor_id: str | None) -> dict[str, str] | None:
+    """``actor`` as CEL sees it: ``{"id", "trust_domain", "path"}`` of the SPIFFE ID, as in policy
+    (``broker.policy.cel.actor_view``) — but null without an actor, so that ``actor.id`` fails (closed) rather than
+    injecting an empty string."""
+    if actor_id is None:
+        return None
+    _, _, rest = actor_id.partition("://")
+    trust_domain, slash, path = rest.partition("/")
+    return {"id": actor_id, "trust_domain": trust_domain, "path": slash + path}
+
+
+@dataclass(frozen=True, slots=True)
+class Reads:
+    """What a group of expressions reads of the per-request variables: only that is converted into CEL."""
+
+    subject: bool
+    subject_fields: frozenset[str] | None  # None: the whole subject
+    actor: bool
+
+    @classmethod
+    def of(cls, expressions: list[tuple[str, cel.Program]]) -> Reads:
+        """Converting a map costs ~2 µs per member, evaluating ~0.4 µs: ``subject`` is pruned to the claims
+        the expressions select as ``subject.name`` (:func:`broker.policy.cel.referenced_fields`; any other use
+        means the whole subject). A pruned map answers every ``subject.name`` and ``has()`` exactly as the full
+        one."""
+        variables: set[str] = set()
+        fields: set[str] | None = set()
+        for source, program in expressions:
+            variables.update(program.variables())
+            selected = referenced_fields(source, "subject")
+            fields = None if fields is None or selected is None else fields | selected
+        return cls(
+            "subject" in variables, None if fields is None else frozenset(fields), "actor" in variables
+        )
+
+    def context(self, subject: Mapping[str, Any], actor_id: str | None) -> cel.Context:
+        """One context per request (a new one costs ~0.2 µs; converting a full claim set ~15 µs). Raises
+        whatever the binding raises for an unconvertible value: the callers fail closed."""
+        context = cel.Context()
+        if self.subject:
+            fields = self.subject_fields
+            value = (
+                dict(subject)
+                if fields is None
+                else {name: subject[name] for name in fields if name in subject}
+            )
+            context.add_variable("subject", value)
+        if self.actor:
+            context.add_variable("actor", _actor_value(actor_id))
+        return context
+
+
+def is_json(value: Any) -> bool:
+    """A JSON value the forwarded body and its RFC 8785 digest can carry exactly (CEL strings are Rust strings:
+    no lone surrogates)."""
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return True
+    if kind is int:
+        return bool(-I_JSON_MAX_INT <= value <= I_JSON_MAX_INT)
+    if kind is float:
+        return math.isfinite(value)
+    if kind is list:
+        return all(is_json(item) for item in value)
+    if kind is dict:
+        return all(type(key) is str and is_json(item) for key, item in value.items())
+    return False  # bytes, timestamps, durations, optionals, …
+
+
+# ---------------------------------------------------------------------------------------------------------
+# compiled filters
+
+
+@dataclass(frozen=True, slots=True)
+class MaskRule:
+    path: CompiledPath
+    keep_last: int
+    #: ``path`` up to its last name (``invoices.ssns`` of ``invoices.ssns[]``): the member the mask names
+    member: CompiledPath
+    #: the ``[]`` steps after that name, walked from the member to the masked places
+    trailing: CompiledPath
+
+
+@dataclass(frozen=True, slots=True)
+class RowRule:
+    path: CompiledPath
+    keep: cel.Program
+    #: the row keys ``keep`` selects as ``row.name`` (None: the whole row). Rows are pruned to them before
+    #: conversion, which halves the cost of a 50-row answer; ``!has(row.flag)`` still sees ``flag``.
+    fields: frozenset[str] | None
+    #: the same, folded: an object anywhere else that holds one of these keys is a row too (module docstring)
+    folded_fields: frozenset[str] | None
+
+
+def inject_failed(name: str) -> AccessDenied:
+    return AccessDenied("required server-side argument could not be computed", reason=f"inject_failed:{name}")
