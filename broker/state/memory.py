@@ -71,6 +71,37 @@ class _Events:
     # sorted (timestamp, amount, member) triples; bisect keeps insertion O(log n) + shift even if clocks
     # disagree. ``member`` is "" for record_event and a unique id for reserve_events (what release removes).
     items: list[tuple[float, float, str]] = field(default_factory=list)
+    #: the sum of the items' amounts, kept as they come and go, so that a window's sum costs O(expired events),
+    #: not O(window): a busy counter (thousands of calls in its window) stays cheap. Amounts are summed in
+    #: floating point: exact for whole amounts below 2**53, within rounding for fractional ones.
+    total: float = 0.0
+
+    def trim(self, cut: float) -> int:
+        """Drop the events stamped at or before ``cut``; returns how many."""
+        end = bisect.bisect_right(self.items, (cut, _INF))
+        if end:
+            self.total -= sum(amount for _, amount, _ in self.items[:end])
+            del self.items[:end]
+            if not self.items:
+                self.total = 0.0  # no drift carried over an empty window
+        return end
+
+    def add(self, item: tuple[float, float, str]) -> None:
+        bisect.insort(self.items, item)
+        self.total += item[1]
+
+    def remove(self, index: int) -> None:
+        self.total -= self.items[index][1]
+        del self.items[index]
+        if not self.items:
+            self.total = 0.0
+
+    def stats_after(self, cut: float) -> tuple[int, float]:
+        """(count, sum) of the events stamped after ``cut`` (without dropping the others)."""
+        start = bisect.bisect_right(self.items, (cut, _INF))
+        if not start:
+            return len(self.items), self.total
+        return len(self.items) - start, self.total - sum(amount for _, amount, _ in self.items[:start])
 
 
 _Value = _Claimed | _Record | _Events
@@ -235,11 +266,9 @@ class MemoryStore(StateStore):
         if value is not None and not isinstance(value, _Events):
             self._fail("record_event", "state key holds another type")
         events = value if isinstance(value, _Events) else _Events()
-        cut = bisect.bisect_right(events.items, (now - window, _INF))
-        del events.items[:cut]
-        self._event_count -= cut
+        self._event_count -= events.trim(now - window)
         self._reserve("record_event", 1 + (value is None))
-        bisect.insort(events.items, (now, amount, ""))
+        events.add((now, amount, ""))
         self._event_count += 1
         self._set(key, clock_now + window, events)
 
@@ -258,17 +287,15 @@ class MemoryStore(StateStore):
             self._fail("reserve_events", "state key holds another type")
         series = [value if isinstance(value, _Events) else _Events() for value in values]
         for events, (_, _, window) in zip(series, checked, strict=True):
-            cut = bisect.bisect_right(events.items, (now - window, _INF))
-            del events.items[:cut]
-            self._event_count -= cut
+            self._event_count -= events.trim(now - window)
         self._reserve("reserve_events", len(checked) + sum(value is None for value in values))
         seen: list[tuple[int, float]] = []
         reserved: list[tuple[str, str]] = []
         for key, events, (scope, amount, window) in zip(keys, series, checked, strict=True):
             # after the trim every event left is in (now - window, +inf), as window_stats counts them
-            seen.append((len(events.items), float(sum(a for _, a, _ in events.items))))
+            seen.append((len(events.items), float(events.total)))
             member = f"m{next(self._member_ids)}"
-            bisect.insort(events.items, (now, amount, member))
+            events.add((now, amount, member))
             self._event_count += 1
             self._set(key, clock_now + window, events)
             reserved.append((scope, member))
@@ -287,7 +314,7 @@ class MemoryStore(StateStore):
             index = bisect.bisect_left(value.items, (at,))
             while index < len(value.items) and value.items[index][0] == at:
                 if value.items[index][2] == member:
-                    del value.items[index]
+                    value.remove(index)
                     self._event_count -= 1
                     break
                 index += 1
@@ -302,9 +329,8 @@ class MemoryStore(StateStore):
             return 0, 0.0
         if not isinstance(value, _Events):
             self._fail("window_stats", "state key holds another type")
-        start = bisect.bisect_right(value.items, (now - window, _INF))
-        in_window = value.items[start:]
-        return len(in_window), float(sum(amount for _, amount, _ in in_window))
+        count, total = value.stats_after(now - window)
+        return count, float(total)
 
     # -- JSON records ----------------------------------------------------------------------------------------
 

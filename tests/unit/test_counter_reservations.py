@@ -303,3 +303,29 @@ async def test_counters_reserve_fails_closed_when_the_store_is_full() -> None:
         await reserve_approval(store, 10, frozenset({"calls"}))
     assert caught.value.reason == "state_reserve_events_failed" and errors == ["reserve_events"]
     assert len(store) == 0
+
+
+async def test_window_sums_stay_exact_as_events_come_and_go() -> None:
+    """The memory store keeps each counter's sum as events are added, trimmed and released (O(expired), not
+    O(window)); whatever the sequence, it equals the sum recomputed from the events in the window."""
+    import random
+
+    rng = random.Random(7)
+    store = MemoryStore()
+    now, window = 1_000.0, 50.0
+    kept: list[tuple[float, float, Any]] = []  # (time, amount, reservation)
+    for _ in range(2_000):
+        now += rng.choice((0.0, 0.5, 3.0))
+        amount = float(rng.randrange(0, 10_000))
+        reservation = await store.reserve_events([("ctr:exact", amount, window)], now)
+        (seen,) = reservation.seen
+        live = [(t, a) for t, a, _ in kept if t > now - window]
+        assert seen == (len(live), float(sum(a for _, a in live)))
+        kept.append((now, amount, reservation))
+        if rng.random() < 0.3:  # a refused call hands its place back
+            victim = kept.pop(rng.randrange(len(kept)))
+            await store.release_events(victim[2])
+        assert await store.window_stats("ctr:exact", now + 10, window) == (
+            len([1 for t, _, _ in kept if t > now + 10 - window]),
+            float(sum(a for t, a, _ in kept if t > now + 10 - window)),
+        )
