@@ -75,7 +75,7 @@ from broker.mcp.checks import (
 )
 from broker.mcp.params import param_headers
 from broker.mcp.pins import PinBook, accept_pin_endpoint, drift_counter, pins_endpoint
-from broker.mcp.relay import Relay, Transform, dumps, progress_token_of, relay
+from broker.mcp.relay import Relay, Transform, dumps, relay
 from broker.mcp.sessions import SessionBinding, SessionStore
 from broker.mcp.sse import EVENT_IDS, event_id_context
 from broker.mcp.upstream import JSON, SSE, Catalogs, McpUpstream, ServerTable, exchange, read_answer
@@ -207,7 +207,6 @@ def _relay_plan(
     transform: Transform | None,
     *,
     session_id: str | None,
-    progress_token: str | int | None = None,
 ) -> Relay:
     """How an answer is relayed (:mod:`broker.mcp.relay`); a server with any response-filtered tool is masked on
     every stream of every request, the GET stream included (CONTRACT §12)."""
@@ -216,7 +215,6 @@ def _relay_plan(
         request_id=request_id,
         transform=transform,
         masked=responses_filtered(runtime, upstream),
-        progress_token=progress_token,
         id_context=event_id_context(upstream.name, session_id),
         max_event_bytes=limit,
         max_stream_bytes=4 * limit if request_id is not None else 16 * limit,
@@ -333,7 +331,6 @@ async def _post(
             message.id,
             transform,
             session_id=headers.get("Mcp-Session-Id"),
-            progress_token=progress_token_of(message.params),
         )
         return await relay(request, response, plan, out_headers)  # 11
 

@@ -54,7 +54,6 @@ __all__ = [
     "Relay",
     "Transform",
     "dumps",
-    "progress_token_of",
     "relay",
     "upstream_error",
 ]
@@ -88,13 +87,6 @@ def dumps(message: Mapping[str, Any]) -> str:
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
 
 
-def progress_token_of(params: Mapping[str, Any]) -> str | int | None:
-    """The agent's ``params._meta.progressToken`` (a string or an integer), else None."""
-    meta = params.get("_meta")
-    token = meta.get("progressToken") if isinstance(meta, dict) else None
-    return token if type(token) is str or type(token) is int else None
-
-
 def rebuilt(message: Mapping[str, Any], request_id: str | int, *, masked: bool) -> dict[str, Any]:
     """The upstream's answer to ``request_id``, rebuilt from ``result`` or ``error`` alone (no other member of
     the upstream's message); on a masked server an error keeps only its code (:func:`upstream_error`)."""
@@ -123,9 +115,6 @@ class Relay:
     transform: Transform | None
     #: a tool of this MCP server has response filters: besides the answer, only what is provably harmless passes
     masked: bool
-    #: the agent's own progressToken for this request (:func:`progress_token_of`); not read at present: an
-    #: unmasked server's progress passes as sent, a masked server's not at all
-    progress_token: str | int | None
     #: what the broker's event ids are bound to (:func:`broker.mcp.sse.event_id_context`)
     id_context: bytes
     max_event_bytes: int

@@ -47,13 +47,11 @@ def make_plan(
     masked: bool = False,
     max_event_bytes: int = 4096,
     request_id: int | None = REQUEST_ID,
-    progress_token: str | int | None = None,
 ) -> Relay:
     return Relay(
         request_id=request_id,
         transform=transform,
         masked=masked,
-        progress_token=progress_token,
         id_context=event_id_context("expenses", "s1"),
         max_event_bytes=max_event_bytes,
         max_stream_bytes=8 * max_event_bytes,
@@ -146,7 +144,7 @@ async def test_a_masked_call_gets_its_answer_without_progress_or_free_text(relay
         sse({"jsonrpc": "2.0", "method": "notifications/message", "params": {}}),
         sse(ANSWER),
     ]
-    plan = make_plan(masked=True, progress_token="p1")
+    plan = make_plan(masked=True)
     _, _, messages = await relayed((200, "text/event-stream", chunks), plan)
     assert messages == [ANSWER]
 
@@ -308,7 +306,7 @@ MASKED_NOTIFICATIONS = [
 async def test_a_masked_server_passes_only_harmless_notifications(
     relayed: Relayed, message: dict[str, Any], passes: bool
 ) -> None:
-    plan = make_plan(masked=True, progress_token="p1")
+    plan = make_plan(masked=True)
     _, _, messages = await relayed((200, "text/event-stream", [sse(message), sse(ANSWER)]), plan)
     assert messages[-1] == ANSWER
     assert SECRET not in json.dumps(messages) and str(ACCOUNT_NUMBER) not in json.dumps(messages)

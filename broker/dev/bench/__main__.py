@@ -50,6 +50,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
+import yaml
 
 from broker.dev.bench.loadgen import MakeRequest, Result, client_ssl_context, run_load
 from broker.dev.demo.expense import run_event_loop
@@ -344,11 +345,38 @@ def start_broker(
     name: str = "broker",
     state: str = "memory",
     workers: int = 1,
+    config: Path | None = None,
 ) -> AbstractAsyncContextManager[None]:
     overrides = broker_env(env, port, admin_port, state)
-    argv = [sys.executable, "-m", "broker", "run", "-c", str(env.broker_config), "--workers", str(workers)]
+    argv = [
+        sys.executable,
+        "-m",
+        "broker",
+        "run",
+        "-c",
+        str(config or env.broker_config),
+        "--workers",
+        str(workers),
+    ]
     ready = probe(f"http://127.0.0.1:{admin_port}/readyz", None)
     return server_process(name, argv, env=env, ready=ready, extra_env=overrides)
+
+
+def without_velocity_limit(env: BenchEnv) -> Path:
+    """The broker config with the ``velocity`` rule never firing, for the invoke-with-txn-token set-up.
+
+    Counters are exact (CONTRACT §12): the sixth approveExpense execution of one subject within 10 minutes needs a
+    security review, so thousands of invocations of one subject would measure refusals. The counter itself stays
+    (every invocation still reserves its place in ``approvals_10m``): only its rule is switched off."""
+    document = yaml.safe_load(env.broker_config.read_text())
+    for rule in document.get("policies", []):
+        if rule.get("id") == "velocity":
+            rule["when"] = "false"
+    path = env.work / "expense-bench-no-velocity.yaml"
+    text = yaml.safe_dump(document, sort_keys=False)
+    # relative paths in the shipped config are relative to its folder: keep them pointing there
+    path.write_text(text.replace("../../", f"{env.broker_config.resolve().parents[1].parent}/"))
+    return path
 
 
 def mcp_plain() -> tuple[dict[str, str], bytes]:
@@ -425,7 +453,9 @@ def build_setups(env: BenchEnv) -> list[Setup]:
             "broker-txn-invoke",
             f"https://127.0.0.1:{txn_port}/v1/tools/approveExpense",
             TxnInvocations(env, f"https://127.0.0.1:{txn_port}"),
-            lambda: start_broker(env, txn_port, txn_admin, name="broker-txn-invoke"),
+            lambda: start_broker(
+                env, txn_port, txn_admin, name="broker-txn-invoke", config=without_velocity_limit(env)
+            ),
         ),
         Setup("mcp-direct", env.mcp_url, mcp_plain, lambda: start_mcp_server(env)),
         Setup(
