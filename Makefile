@@ -5,8 +5,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CERTS  ?= certs
 CONFIG ?= config/examples/expense.yaml
+# `make run` listens on 8443 (broker, BROKER_LISTEN), 9090 (admin, BROKER_ADMIN_LISTEN), and these two:
+BACKEND_LISTEN ?= 127.0.0.1:9443
+MCP_LISTEN     ?= 127.0.0.1:9444
 
-.PHONY: install certs run demo test test-fast bench lint check clean
+.PHONY: install certs run demo test test-fast bench lint check wheel clean
 
 install: $(VENV)/.installed
 
@@ -21,13 +24,15 @@ certs: install $(CERTS)/ca.pem
 $(CERTS)/ca.pem:
 	$(BIN)/broker certs --out $(CERTS)
 
-## run: the demo expense backend and the broker on the embedded defaults (memory state, var/audit.jsonl)
+## run: the demo expense backend and the broker on the embedded defaults (memory state, var/audit.jsonl).
+## A port taken? e.g. make run BROKER_LISTEN=127.0.0.1:18443 BROKER_PUBLIC_URL=https://localhost:18443
 run: certs
-	$(BIN)/python -m broker.dev.demo.stack --config $(CONFIG) --certs $(CERTS)
+	$(BIN)/python -m broker.dev.demo.stack --config $(CONFIG) --certs $(CERTS) \
+		--backend-listen $(BACKEND_LISTEN) --mcp-listen $(MCP_LISTEN)
 
 ## demo: an agent walks the expense scenario against a running `make run`
 demo: certs
-	$(BIN)/python -m broker.dev.demo.agent --certs $(CERTS)
+	$(BIN)/python -m broker.dev.demo.agent --certs $(CERTS) --broker $${BROKER_PUBLIC_URL:-https://localhost:8443}
 
 check: install
 	$(BIN)/broker check -c $(CONFIG)
@@ -46,10 +51,15 @@ bench: install
 soak: install
 	$(BIN)/python -m broker.dev.bench.soak --out var/soak.json $(SOAK_ARGS)
 
+## wheel: dist/broker-<version>-py3-none-any.whl, the package the systemd steps install (deploy/README.md).
+## `pip wheel --no-deps`: the project alone (pip fetches the build backend, setuptools, into an isolated env)
+wheel: install
+	$(BIN)/pip wheel --no-deps --wheel-dir dist .
+
 lint: install
 	$(BIN)/ruff check broker tests
 	$(BIN)/ruff format --check broker tests
 	$(BIN)/mypy broker
 
 clean:
-	rm -rf var .pytest_cache .ruff_cache .mypy_cache
+	rm -rf var dist build .pytest_cache .ruff_cache .mypy_cache

@@ -92,9 +92,9 @@ def config_load_record(runtime: Runtime, *, decision: str, reason: str, source: 
     }
 
 
-def _audit(app: web.Application, record: dict[str, Any]) -> None:
+async def _audit(app: web.Application, record: dict[str, Any]) -> None:
     try:
-        app[AUDIT].append(record)
+        await app[AUDIT].commit(record)
         app[METRICS].audit_records.inc()
     except AuditUnavailable:
         app[METRICS].audit_errors.inc()
@@ -129,7 +129,7 @@ async def reload_config(app: web.Application, *, source: str) -> tuple[bool, lis
             log.error(
                 "config reload refused; the loaded config stays in force", source=source, problems=problems
             )
-            _audit(
+            await _audit(
                 app,
                 config_load_record(
                     current, decision="error", reason="; ".join(problems)[:500], source=source
@@ -142,7 +142,7 @@ async def reload_config(app: web.Application, *, source: str) -> tuple[bool, lis
         metrics.config_reloads.labels(result="success").inc()
         metrics.set_policy_version(runtime.policy_version)
         log.info("config reloaded", source=source, policy_version=runtime.policy_version)
-        _audit(app, config_load_record(runtime, decision="allow", reason="", source=source))
+        await _audit(app, config_load_record(runtime, decision="allow", reason="", source=source))
         return True, [], runtime.policy_version
 
 
@@ -158,7 +158,7 @@ async def rollback_config(app: web.Application) -> tuple[bool, str]:
         app[METRICS].config_reloads.labels(result="rollback").inc()
         app[METRICS].set_policy_version(runtime.policy_version)
         log.info("config rolled back", policy_version=runtime.policy_version)
-        _audit(app, config_load_record(runtime, decision="allow", reason="rollback", source="admin"))
+        await _audit(app, config_load_record(runtime, decision="allow", reason="rollback", source="admin"))
         return True, runtime.policy_version
 
 
@@ -226,7 +226,7 @@ async def revocations_endpoint(request: web.Request) -> web.StreamResponse:
     )
     record.update(event="revocation", revoked_kind=kind, revoked_value=value, ttl_seconds=ttl)
     record.pop("config_file")
-    _audit(main, record)
+    await _audit(main, record)
     log.info("revoked", kind=kind, ttl_seconds=ttl)
     return web.json_response({"revoked": {"kind": kind, "value": value, "ttl_seconds": ttl}})
 

@@ -74,7 +74,9 @@ def build_app(loaded: LoadedConfig, *, metrics: Metrics | None = None) -> web.Ap
         config.audit.file,
         signer=app[SIGNER],
         checkpoint_every=config.audit.checkpoint_every,
+        checkpoint_seconds=config.audit.checkpoint_seconds,
         fsync=config.audit.fsync,
+        on_resume=lambda _: app[METRICS].audit_resume_unverified.inc(),
     )
     app[DRAINING] = Drain()
     app[RELOAD] = ReloadState()
@@ -103,7 +105,7 @@ async def _audit_log(app: web.Application) -> AsyncIterator[None]:
     audit.open()
     audit.append(config_load_record(app[RUNTIME].current, decision="allow", reason="", source="start"))
     yield
-    audit.close()  # final checkpoint: after every in-flight request has been answered
+    await audit.aclose()  # final checkpoint: after every in-flight request has been answered
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from broker.config.loader import ConfigError, LoadedConfig, load_config
+from broker.config.loader import LoadedConfig
 from broker.observability import configure_logging
 
 DESCRIPTION = """\
@@ -17,20 +17,20 @@ broker: the Policy Enforcement Point between AI agents and their tools.
 Agents call tools through it over mTLS (X.509-SVID) with DPoP-bound tokens; every decision is audited."""
 
 
-def _load(path: str) -> LoadedConfig:
-    loaded = load_config(path)
-    from broker.runtime import build_runtime
+def _checked(path: str) -> LoadedConfig | None:
+    """The config at ``path`` if it has no problem at all (every file it names loads, every policy compiles);
+    else None, after printing every problem as ``FILE:LINE: message`` on stderr."""
+    from broker.config.check import check_config
 
-    build_runtime(loaded)  # compile tools (schemas, TLS files) like `run` would
-    return loaded
+    result = check_config(path)
+    for problem in result.problems:
+        print(problem, file=sys.stderr)
+    return result.loaded
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    try:
-        loaded = _load(args.config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+    loaded = _checked(args.config)
+    if loaded is None:
         return 1
     config = loaded.config
     print(
@@ -41,20 +41,23 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from broker.server import serve
+    from broker.server import ListenError, probe_listeners, serve
     from broker.workers import WorkersRefused, check_workers, run_workers
 
-    try:
-        loaded = _load(args.config)
-        check_workers(loaded, args.workers)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+    loaded = _checked(args.config)
+    if loaded is None:
         return 1
+    try:
+        check_workers(loaded, args.workers)
     except WorkersRefused as exc:
         print(f"broker run: {exc}", file=sys.stderr)
         return 2
     if args.workers > 1:
+        try:
+            probe_listeners(loaded)  # a busy port is one line here, not a traceback in every worker
+        except ListenError as exc:
+            print(exc, file=sys.stderr)
+            return 1
         return run_workers(
             args.config, loaded, args.workers, log_format=args.log_format, log_level=args.log_level
         )
@@ -66,6 +69,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         runner = asyncio.run
     try:
         runner(serve(loaded))
+    except ListenError as exc:
+        print(exc, file=sys.stderr)  # FILE:LINE: server.listen … is in use; set BROKER_LISTEN or …
+        return 1
     except OSError as exc:
         print(f"broker: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -102,7 +108,12 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"broker audit verify: cannot read key {args.key}: {exc}", file=sys.stderr)
             return 2
-    report = verify_log(Path(args.file), public_jwks=jwks, max_unsealed=args.max_unsealed)
+    report = verify_log(
+        Path(args.file),
+        public_jwks=jwks,
+        max_unsealed=args.max_unsealed,
+        accept_unverified=args.accept_unverified or (),
+    )
     print(report.summary())
     return 0 if report.ok else 1
 
@@ -211,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="fail if more than N records follow the last signed checkpoint (use checkpoint_every - 1 for a log "
         "of a stopped broker: catches a chain rebuilt without checkpoints)",
+    )
+    verify.add_argument(
+        "--accept-unverified",
+        type=int,
+        action="append",
+        metavar="SEQ",
+        help="records a restarted broker could not verify (an audit_resume record) fail the log, named by their "
+        "first seq; after reviewing them, pass that seq to accept that range (repeatable)",
     )
     verify.set_defaults(func=cmd_audit_verify)
     return parser

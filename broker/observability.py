@@ -84,6 +84,11 @@ class Metrics:
         self.audit_errors = Counter(
             "broker_audit_errors_total", "Audit records that could not be written", registry=r
         )
+        self.audit_resume_unverified = Counter(
+            "broker_audit_resume_unverified_total",
+            "Starts that found audit records after the last verifiable checkpoint (an audit_resume record)",
+            registry=r,
+        )
         self.state_errors = Counter(
             "broker_state_errors_total",
             "State store operations that failed (fail closed)",

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import signal
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import structlog
 from aiohttp import web
 
 from broker.admin import reload_config
 from broker.app import build_admin_app, build_app
-from broker.config.loader import LoadedConfig
+from broker.config.loader import ConfigProblem, LoadedConfig
 from broker.config.models import Server, split_hostport
 from broker.errors import BrokerError
 from broker.listener import JsonErrorRunner
@@ -119,16 +122,17 @@ async def start(loaded: LoadedConfig, *, reuse_port: bool = False) -> RunningBro
         auto_decompress=False,
     )
     await main.setup()
-    host, port = split_hostport(server.listen)
+    admin: JsonErrorRunner | None = None
     try:
-        await web.TCPSite(
-            main, host, port, ssl_context=ssl_ctx, reuse_port=reuse_port or None, backlog=1024
-        ).start()
+        await _listen(
+            loaded, "listen", main, ssl_context=ssl_ctx, reuse_port=reuse_port or None, backlog=1024
+        )
         admin = JsonErrorRunner(build_admin_app(app), access_log=None, shutdown_timeout=1)
         await admin.setup()
-        admin_host, admin_port = split_hostport(server.admin_listen)
-        await web.TCPSite(admin, admin_host, admin_port, reuse_port=reuse_port or None).start()
+        await _listen(loaded, "admin_listen", admin, reuse_port=reuse_port or None)
     except BaseException:
+        if admin is not None:
+            await admin.cleanup()
         await main.cleanup()
         raise
     running = RunningBroker(main=main, admin=admin, app=app)
@@ -140,6 +144,73 @@ async def start(loaded: LoadedConfig, *, reuse_port: bool = False) -> RunningBro
         policy_version=loaded.policy_version,
     )
     return running
+
+
+Listener = Literal["listen", "admin_listen"]
+
+
+class ListenError(OSError):
+    """A listener cannot bind its address: one line (``FILE:LINE: server.listen 127.0.0.1:8443 is in use; set
+    BROKER_LISTEN or server.listen``) naming the address and what moves it, never a traceback."""
+
+    def __init__(self, problem: ConfigProblem, code: int | None) -> None:
+        super().__init__(code, problem.message)
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return str(self.problem)
+
+
+#: what a failed bind means for its address, by errno
+BIND_FAILURES = {
+    errno.EADDRINUSE: "is in use",
+    errno.EACCES: "needs privileges (a port below 1024)",
+    errno.EADDRNOTAVAIL: "is not an address of this host",
+}
+
+
+def bind_failure(exc: OSError) -> str:
+    """What a failed bind means for its address: "is in use", "needs privileges (a port below 1024)", …"""
+    return BIND_FAILURES.get(exc.errno or 0, f"cannot be listened on ({exc.strerror or exc})")
+
+
+def listen_error(loaded: LoadedConfig, setting: Listener, exc: OSError) -> ListenError:
+    """The :class:`ListenError` for ``server.<setting>``, naming the environment variable the config reads it
+    from (``${BROKER_LISTEN:-…}``), if any, before the setting itself."""
+    loc = ("server", setting)
+    address = getattr(loaded.config.server, setting)
+    movers = [*loaded.variables.get(loc, ()), f"server.{setting}"]
+    what = bind_failure(exc)
+    return ListenError(
+        loaded.problem(loc, f"server.{setting} {address} {what}; set {' or '.join(movers)}"), exc.errno
+    )
+
+
+async def _listen(loaded: LoadedConfig, setting: Listener, runner: web.AppRunner, **site: Any) -> None:
+    host, port = split_hostport(getattr(loaded.config.server, setting))
+    try:
+        await web.TCPSite(runner, host, port, **site).start()
+    except OSError as exc:
+        raise listen_error(loaded, setting, exc) from exc
+
+
+def probe_listeners(loaded: LoadedConfig) -> None:
+    """Bind and release both listen addresses; raise :class:`ListenError` for the first that cannot be bound.
+
+    ``broker run --workers N`` calls it before starting workers, which bind with SO_REUSEPORT: without the probe
+    a busy port would be a traceback in every worker (and a port held by another SO_REUSEPORT process of the same
+    user would silently be shared with it)."""
+    for setting in ("listen", "admin_listen"):
+        host, port = split_hostport(getattr(loaded.config.server, setting))
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's listeners do
+                probe.bind(address)
+        except OSError as exc:
+            raise listen_error(loaded, setting, exc) from exc
 
 
 def _fmt(address: tuple[str, int]) -> str:

@@ -10,6 +10,11 @@ rebuild it from genesis (HOSTILE.md §0.5, A04/A05). So every ``checkpoint_every
 over ``{"seq", "head", "ts"}`` — its own ``seq`` and ``ts``, and ``head`` = its ``prev``. The ``sig`` is part
 of the hashed record, so the next record's ``prev`` covers it too. The latest checkpoint is also kept outside
 the log (``<log>.head``) by :mod:`broker.audit.sink`, which is what makes tail truncation detectable.
+
+Records that follow the last checkpoint a restarting broker can verify were not provably written by a broker
+(appended while it was down, or a crash's unsealed tail, possibly rewritten): the broker names them in an
+``audit_resume`` record (:func:`resume_record`, CONTRACT §15) before it writes anything else, so the checkpoints
+that later cover them do not vouch for them, and ``broker audit verify`` reports them as unverified.
 """
 
 from __future__ import annotations
@@ -20,20 +25,36 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from broker.canonical import canonicalize
-from broker.jose import SigningKey
+from broker.canonical import canonicalize, strict_loads
+from broker.errors import InvalidRequest
+from broker.jose import (
+    JoseError,
+    PublicKey,
+    SigningKey,
+    b64url_decode,
+    jwk_thumbprint,
+    public_key_from_jwk,
+    verify_signature,
+)
 
 __all__ = [
     "CHECKPOINT_TYP",
     "DECISIONS",
     "EVENTS",
     "GENESIS",
+    "LOG_EVENTS",
     "RECORD_FIELDS",
     "RESERVED_FIELDS",
+    "RESUME_EVENT",
+    "Keys",
     "checkpoint_claims",
+    "checkpoint_problem",
     "checkpoint_record",
     "format_ts",
+    "jws_payload",
+    "load_keys",
     "record_hash",
+    "resume_record",
     "seal",
 ]
 
@@ -42,8 +63,23 @@ CHECKPOINT_TYP = "audit-checkpoint+jwt"
 
 #: CONTRACT §9 closed sets.
 EVENTS = frozenset(
-    {"discovery", "exchange", "invocation", "approval", "mcp", "config_load", "revocation", "checkpoint"}
+    {
+        "discovery",
+        "exchange",
+        "invocation",
+        "approval",
+        "mcp",
+        "config_load",
+        "revocation",
+        "checkpoint",
+        "outcome",
+        "summary",
+        "audit_resume",
+    }
 )
+RESUME_EVENT = "audit_resume"
+#: Written by the log itself, never by a caller.
+LOG_EVENTS = frozenset({"checkpoint", RESUME_EVENT})
 DECISIONS = frozenset({"allow", "deny", "step_up", "pending", "error"})
 #: The fields every record carries (null when not applicable), in the order they are written to the file.
 RECORD_FIELDS = (
@@ -103,3 +139,101 @@ def checkpoint_record(*, seq: int, prev: str, ts: str, signer: SigningKey) -> di
     record.update(event="checkpoint", decision="allow", reason="")
     record["sig"] = signer.sign(checkpoint_claims(seq=seq, head=prev, ts=ts), typ=CHECKPOINT_TYP)
     return seal(record, seq=seq, prev=prev)
+
+
+def resume_record(
+    *,
+    seq: int,
+    prev: str,
+    ts: str,
+    unverified_from: int,
+    anchor_seq: int,
+    unverified_offset: int,
+    file_bytes: int,
+    file_sha256: str,
+) -> dict[str, Any]:
+    """A sealed ``audit_resume`` record (CONTRACT §15): records ``unverified_from`` .. ``seq - 1`` follow the last
+    checkpoint the broker could verify (``anchor_seq``, 0 for none) and were not written by this process.
+
+    ``file_bytes`` is the size of the log as the broker found it (the offset of this record) and ``file_sha256`` the
+    hex SHA-256 of those bytes; ``unverified_offset`` is where the first unverified record starts in them.
+    """
+    record: dict[str, Any] = {"ts": ts}
+    record.update(dict.fromkeys(RECORD_FIELDS))
+    record.update(event=RESUME_EVENT, decision="error", reason="unverified_records")
+    record.update(
+        unverified_from=unverified_from,
+        unverified_to=seq - 1,
+        anchor_seq=anchor_seq,
+        unverified_offset=unverified_offset,
+        file_bytes=file_bytes,
+        file_sha256=file_sha256,
+    )
+    return seal(record, seq=seq, prev=prev)
+
+
+# -- checking checkpoint signatures (the verifier, and the broker when it resumes a log) ----------------------
+
+Keys = dict[str, tuple[PublicKey, str | None]]  # kid -> (key, the JWK's "alg" if it names one)
+
+
+def load_keys(public_jwks: Mapping[str, Any]) -> Keys:
+    """A JWKS (``{"keys": [...]}``) or a single JWK; private members are ignored. Raises JoseError."""
+    jwks = public_jwks.get("keys") if "keys" in public_jwks else [public_jwks]
+    if not isinstance(jwks, list):
+        raise JoseError("JWKS 'keys' must be a list")
+    keys: Keys = {}
+    for jwk in jwks:
+        if not isinstance(jwk, Mapping):
+            raise JoseError("JWKS entries must be objects")
+        kid = jwk.get("kid") or jwk_thumbprint(jwk)
+        alg = jwk.get("alg")
+        keys[str(kid)] = (public_key_from_jwk(jwk), alg if isinstance(alg, str) else None)
+    return keys
+
+
+def _decode_segment(segment: str) -> Any:
+    try:
+        return strict_loads(b64url_decode(segment))
+    except (JoseError, InvalidRequest):
+        return None
+
+
+def jws_payload(sig: Any) -> Any:
+    """The decoded payload of a compact JWS, or None (no signature check)."""
+    if not isinstance(sig, str) or sig.count(".") != 2:
+        return None
+    return _decode_segment(sig.split(".")[1])
+
+
+def checkpoint_problem(sig: Any, *, claims: Mapping[str, Any], keys: Keys | None) -> str | None:
+    """Why the checkpoint JWS ``sig`` is not a valid signature over ``claims``, or None.
+
+    With ``keys`` None only the form, ``typ`` and payload are checked, not the signature."""
+    if not isinstance(sig, str) or sig.count(".") != 2:
+        return "bad signature: checkpoint has no compact JWS"
+    header_b64, payload_b64, signature_b64 = sig.split(".")
+    header, payload = _decode_segment(header_b64), _decode_segment(payload_b64)
+    if not isinstance(header, dict) or not isinstance(payload, dict):
+        return "bad signature: checkpoint JWS is malformed"
+    if header.get("typ") != CHECKPOINT_TYP:
+        return f"bad signature: checkpoint JWS typ is {header.get('typ')!r}, not {CHECKPOINT_TYP!r}"
+    if payload != claims:
+        return "bad signature: checkpoint JWS payload does not match the record's seq, prev and ts"
+    if keys is None:
+        return None
+    kid = header.get("kid")
+    entry = keys.get(kid) if isinstance(kid, str) else None
+    if entry is None:
+        return "bad signature: checkpoint signed by a key not in the given JWKS"
+    key, key_alg = entry
+    alg = header.get("alg")
+    if not isinstance(alg, str) or (key_alg is not None and alg != key_alg):
+        return "bad signature: checkpoint JWS alg does not fit the key"
+    try:
+        signature = b64url_decode(signature_b64)
+    except JoseError:
+        return "bad signature: checkpoint JWS is malformed"
+    if not verify_signature(key, alg, f"{header_b64}.{payload_b64}".encode("ascii"), signature):
+        return "bad signature: checkpoint signature does not verify"
+    return None

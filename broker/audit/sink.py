@@ -1,8 +1,14 @@
-"""The audit file writer: one JSON line per record, hash-chained, checkpointed, anchored (CONTRACT §9).
+"""The audit file writer: one JSON line per record, hash-chained, checkpointed, anchored (CONTRACT §9, §15).
 
-:class:`AuditLog` is deliberately synchronous. ``append`` is called on the event loop before a decision is
-acknowledged (no decision reaches the agent before its record is written) and costs a few tens of µs:
-build, hash, one ``write(2)`` of one line. A thread hop would cost more than the write.
+Writing is synchronous and in order: ``append`` builds, hashes and writes one line with one ``write(2)`` on the
+event loop (a few tens of µs), so the chain has a total order. Durability is separate:
+
+- ``await commit(fields)`` appends, then returns only once an fsync covering the record has completed
+  (**group commit**): one fsync is in flight at a time, in a worker thread so the event loop keeps running;
+  every record written meanwhile waits for the next one, so concurrent committers share an fsync. With
+  ``fsync=False`` (benchmarks only) ``commit`` returns as soon as the line is written.
+- ``append(fields)`` is the blocking form: with ``fsync=True`` it fsyncs before returning (start-up,
+  shutdown, tests and callers that have no event loop).
 
 Guarantees:
 
@@ -11,53 +17,108 @@ Guarantees:
   truncated away, so the next record chains onto the last record that is really on disk.
 - **No injection** (A07): each line is ``json.dumps(..., ensure_ascii=True)``: newlines, ANSI escapes and
   other control or non-ASCII characters in agent-supplied fields are escaped and cannot start a new line.
-- **Fail closed** (A08): every ``OSError`` becomes :class:`~broker.errors.AuditUnavailable`.
-- **Truncation evidence** (A04, HOSTILE §0.5): after each checkpoint the file ``<log>.head`` is replaced
-  atomically with ``{"seq", "head", "sig"}`` of that checkpoint. Ship or back up that file separately: a log
-  cut below it no longer verifies.
-- **Resume**: ``open`` continues an existing log from its last line. A partial last line (crash mid-write),
-  a last line whose hash does not check, or a head anchor beyond the end of the log stops the start-up
-  with a clear error instead of silently starting a second chain. A log left unsealed by a crash is sealed
-  with a checkpoint at once. Rotate a log together with its ``.head`` file.
+- **Fail closed** (A08): every ``OSError`` becomes :class:`~broker.errors.AuditUnavailable`; a failed fsync
+  fails every committer waiting on it and marks the log unhealthy until an fsync succeeds again.
+- **Truncation evidence** (A04, HOSTILE §0.5): after each checkpoint is on disk the file ``<log>.head`` is
+  replaced atomically with ``{"seq", "head", "sig"}`` of that checkpoint (never ahead of what is durable in the
+  log). Ship or back up that file separately: a log cut below it no longer verifies.
+- **Small unsealed window**: a checkpoint every ``checkpoint_every`` records and, with an event loop running,
+  at most ``checkpoint_seconds`` after any record (an idle log is sealed too).
+- **Resume without trust** (§15): ``open`` walks back from the end of an existing log to the last checkpoint
+  whose signature verifies with the broker's keys, checking every record's hash and link on the way. Records
+  after it were not written by this process and nothing proves a broker wrote them (appended while the broker
+  was down, or a crash's unsealed tail, perhaps rewritten): before anything else the broker appends an
+  ``audit_resume`` record naming the first of them and the SHA-256 of the file as found, logs a warning and
+  calls ``on_resume``; ``broker audit verify`` then reports them as unverified. A partial last line (crash
+  mid-write), a record in that tail whose hash or link does not check, a head anchor beyond the end of the log
+  or not matching its record stops the start-up with a clear error instead. Rotate a log with its ``.head``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import concurrent.futures
 import fcntl
+import hashlib
 import io
 import json
 import os
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+import structlog
 
 from broker.audit.chain import (
     DECISIONS,
     EVENTS,
     GENESIS,
+    LOG_EVENTS,
     RECORD_FIELDS,
     RESERVED_FIELDS,
+    Keys,
+    checkpoint_problem,
     checkpoint_record,
     format_ts,
+    load_keys,
     record_hash,
+    resume_record,
     seal,
 )
 from broker.canonical import strict_loads
 from broker.errors import AuditUnavailable, InvalidRequest
-from broker.jose import SigningKey
+from broker.jose import JoseError, SigningKey
 
-__all__ = ["AuditLog", "head_path_for"]
+__all__ = ["AuditLog", "ResumeReport", "head_path_for"]
 
-_MAX_LINE = 1 << 20  # a last line longer than this is not one of ours
+log = structlog.get_logger("broker.audit")
+
+_MAX_LINE = 1 << 20  # a line longer than this is not one of ours
+_READ_CHUNK = 1 << 16
 # A7: ASCII-only lines; every control character (newline, ESC, ...) and non-ASCII character is escaped.
 _LINE_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+#: the data of an append-only file (and its size) is what matters; its mtime need not reach the disk
+_DEFAULT_FSYNC: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 
 
 def head_path_for(path: Path) -> Path:
     """Where the head anchor of the log at ``path`` lives: ``<path>.head``."""
     return path.with_name(path.name + ".head")
+
+
+@dataclass(frozen=True)
+class ResumeReport:
+    """What ``open`` found after the last verifiable checkpoint, as written in the ``audit_resume`` record."""
+
+    #: the ``audit_resume`` record's own seq
+    resume_seq: int
+    #: first and last seq of the records nothing proves a broker wrote
+    unverified_from: int
+    unverified_to: int
+    #: seq of the last checkpoint whose signature verified (0: none)
+    anchor_seq: int
+    #: byte offset of the first unverified record
+    unverified_offset: int
+    #: size of the log as found, and the hex SHA-256 of those bytes
+    file_bytes: int
+    file_sha256: str
+
+    @property
+    def unverified_records(self) -> int:
+        return self.unverified_to - self.unverified_from + 1
+
+
+class _AnchorError(OSError):
+    """The head anchor could not be written (the records themselves are on disk)."""
+
+
+class _Closed(Exception):
+    """The log was closed before a queued fsync ran."""
 
 
 def _scrub_surrogates(value: Any) -> Any:
@@ -72,10 +133,33 @@ def _scrub_surrogates(value: Any) -> Any:
     return value
 
 
-class AuditLog:
-    """Append-only, hash-chained JSON-lines audit log with signed checkpoints.
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
-    ``records_written`` counts every line this instance wrote (checkpoints included).
+
+def _settle(future: asyncio.Future[None], error: BaseException | None = None) -> None:
+    if future.done():  # the waiting request was cancelled
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+class AuditLog:
+    """Append-only, hash-chained JSON-lines audit log with signed checkpoints and group commit.
+
+    ``signer`` signs checkpoints; ``trusted_jwks`` (default: the signer's published keys — a
+    :class:`~broker.keys.KeyRing` includes its previous keys) are the keys whose checkpoints ``open`` accepts
+    as anchors. ``checkpoint_seconds`` (None: only by count) bounds how long a record stays unsealed while an
+    event loop runs. ``fsync_fn`` (default ``os.fdatasync``) syncs the log file; tests inject it to count or
+    fail fsyncs. ``on_resume`` is called once ``open`` has written an ``audit_resume`` record.
+
+    ``records_written`` counts every line this instance wrote (checkpoints included); ``fsyncs`` the fsyncs
+    of the log file; ``resumed`` is the last :class:`ResumeReport` (None if the last ``open`` found none).
     """
 
     def __init__(
@@ -84,25 +168,47 @@ class AuditLog:
         *,
         signer: SigningKey,
         checkpoint_every: int = 100,
+        checkpoint_seconds: float | None = None,
         fsync: bool = False,
         clock: Callable[[], float] = time.time,
+        trusted_jwks: Mapping[str, Any] | None = None,
+        on_resume: Callable[[ResumeReport], None] | None = None,
+        fsync_fn: Callable[[int], None] | None = None,
     ) -> None:
         if checkpoint_every < 1:
             raise ValueError("checkpoint_every must be at least 1")
+        if checkpoint_seconds is not None and checkpoint_seconds <= 0:
+            raise ValueError("checkpoint_seconds must be positive")
         self.path = Path(path)
         self.head_path = head_path_for(self.path)
         self.records_written = 0
+        self.fsyncs = 0
+        self.resumed: ResumeReport | None = None
         self._signer = signer
+        self._trusted_jwks = trusted_jwks
+        self._on_resume = on_resume
         self._checkpoint_every = checkpoint_every
+        self._checkpoint_seconds = checkpoint_seconds
         self._fsync = fsync
+        self._fsync_fn = fsync_fn or _DEFAULT_FSYNC
         self._clock = clock
         self._file: io.FileIO | None = None
         self._size = 0  # bytes on disk that belong to complete, chained lines
         self._seq = 0
         self._head = GENESIS
         self._since_checkpoint = 0
-        self._failed = False  # the last write failed
+        self._failed = False  # the last write, fsync or anchor write failed
         self._broken = False  # a partial line could not be removed: refuse every append until restart
+        # group commit (all touched on the event loop's thread only, except where noted)
+        self._durable_seq = 0  # every record up to this seq is covered by a completed fsync
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+        self._flusher: asyncio.Task[None] | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._anchor_due: dict[str, Any] | None = None  # a checkpoint written whose anchor is not yet
+        self._anchored_seq = 0  # seq of the checkpoint <log>.head names (under _io_lock)
+        # held by the fsync thread while it uses the file descriptor, and to write the anchor or close the file
+        self._io_lock = threading.Lock()
+        self._timer: asyncio.TimerHandle | None = None
 
     # -- state ---------------------------------------------------------------------------------------------
 
@@ -117,14 +223,26 @@ class AuditLog:
         return self._head
 
     @property
+    def durable_seq(self) -> int:
+        """``seq`` up to which every record is covered by a completed fsync (with ``fsync=True``)."""
+        return self._durable_seq
+
+    @property
+    def unsealed(self) -> int:
+        """Records written after the last checkpoint."""
+        return self._since_checkpoint
+
+    @property
     def healthy(self) -> bool:
-        """Open, and the last write succeeded (for ``/readyz`` and alerts)."""
+        """Open, and the last write, fsync or anchor write succeeded (for ``/readyz`` and alerts)."""
         return self._file is not None and not self._failed and not self._broken
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Open for append (creating parent folders and the file), take the writer lock, resume the chain."""
+        """Open for append (creating parent folders and the file), take the writer lock, resume the chain.
+
+        Raises AuditUnavailable if the file cannot be opened or locked, or the log cannot be resumed."""
         if self._file is not None:
             raise RuntimeError("audit log already open")
         try:
@@ -142,31 +260,54 @@ class AuditLog:
                     f"audit log {self.path} is in use by another writer", reason="audit_log_locked"
                 ) from None
             size = os.fstat(fd).st_size
-            self._resume(fd, size)
+            found = self._resume(fd, size)
         except BaseException:
             os.close(fd)
             raise
         self._file = io.FileIO(fd, "a", closefd=True)
         self._size = size
         self._failed = self._broken = False
-        if self._since_checkpoint:
+        self._durable_seq = self._seq
+        self.resumed = None
+        if found is not None:
             try:
-                self._append_checkpoint(format_ts(self._clock()))  # seal what a crash left unsealed
+                self._write_resume(*found)
             except AuditUnavailable:
                 self._file.close()
                 self._file = None
                 raise
 
     def close(self) -> None:
-        """Write a final checkpoint if any record follows the last one, then close (idempotent)."""
+        """Write a final checkpoint if any record follows the last one, fsync, then close (idempotent).
+
+        Safe while an fsync is in flight (it waits for it); prefer :meth:`aclose` on an event loop."""
         if self._file is None:
             return
+        self._cancel_timer()
         try:
             if self._since_checkpoint and not self._broken:
-                self._append_checkpoint(format_ts(self._clock()))
+                self._append_checkpoint(sync=True)
+            elif self._fsync and not self._broken and (self._durable_seq < self._seq or self._anchor_due):
+                self._sync_now()
         finally:
-            self._file.close()
-            self._file = None
+            with self._io_lock:
+                self._file.close()
+                self._file = None
+            closed = AuditUnavailable("audit log closed", reason="audit_closed")
+            while self._waiters:
+                seq, future = self._waiters.popleft()
+                _settle(future, None if seq <= self._durable_seq else closed)
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
+                self._executor = None
+
+    async def aclose(self) -> None:
+        """:meth:`close` after the fsync in flight (if any) has finished and its committers were answered."""
+        self._cancel_timer()
+        flusher = self._flusher
+        if flusher is not None:
+            await asyncio.wait([flusher])
+        self.close()
 
     def __enter__(self) -> AuditLog:
         self.open()
@@ -182,16 +323,47 @@ class AuditLog:
     def append(self, fields: Mapping[str, Any]) -> dict[str, Any]:
         """Write one decision record and return it as written (with ``seq``, ``ts``, ``prev``, ``hash``).
 
-        ``fields``: ``event`` and ``decision`` from CONTRACT §9's closed sets (not ``checkpoint``, which only
-        the log writes), the other CONTRACT fields (missing ones are written as null) and any extra
-        JSON-valued fields. ``seq``, ``ts``, ``prev``, ``hash`` and ``sig`` are the log's (ValueError).
-        Raises AuditUnavailable if the record could not be written; the chain is then unchanged.
+        ``fields``: ``event`` and ``decision`` from CONTRACT §9's closed sets (not ``checkpoint`` or
+        ``audit_resume``, which only the log writes), the other CONTRACT fields (missing ones are written as
+        null) and any extra JSON-valued fields. ``seq``, ``ts``, ``prev``, ``hash`` and ``sig`` are the log's
+        (ValueError). With ``fsync=True`` the record is on stable storage when this returns (one fsync, on this
+        thread: use :meth:`commit` on the event loop). Raises AuditUnavailable if the record could not be
+        written (the chain is then unchanged) or synced.
         """
+        return self._append(fields, sync=True)
+
+    async def commit(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Append one decision record (as :meth:`append`) and return it once it is on stable storage.
+
+        Group commit: the record is written at once, in order; with ``fsync=True`` this then waits for an
+        fsync that covers it, shared with every record written meanwhile. Raises ValueError as ``append``, and
+        AuditUnavailable if the record could not be written or the fsync (or the head anchor write of a
+        checkpoint in the same batch) failed — the decision must then be refused.
+        """
+        record = self._append(fields, sync=False)
+        await self.flush(record["seq"])
+        return record
+
+    async def flush(self, seq: int | None = None) -> None:
+        """Return once every record up to ``seq`` (default: all written so far) is on stable storage.
+
+        Immediate with ``fsync=False``. Raises AuditUnavailable if the fsync failed or the log was closed."""
+        target = self._seq if seq is None else seq
+        if not self._fsync or target <= self._durable_seq:
+            return
+        if self._file is None:
+            raise AuditUnavailable("audit log is not open", reason="audit_closed")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((target, future))
+        self._kick()
+        await future
+
+    def _append(self, fields: Mapping[str, Any], *, sync: bool) -> dict[str, Any]:
         reserved = RESERVED_FIELDS.intersection(fields)
         if reserved:
             raise ValueError(f"audit fields {sorted(reserved)} are filled in by the log")
         event, decision = fields.get("event"), fields.get("decision")
-        if event not in EVENTS or event == "checkpoint":
+        if event not in EVENTS or event in LOG_EVENTS:
             raise ValueError(f"audit event {event!r} is not one of CONTRACT §9's")
         if decision not in DECISIONS:
             raise ValueError(f"audit decision {decision!r} is not one of CONTRACT §9's")
@@ -213,12 +385,15 @@ class AuditLog:
             records.append(
                 checkpoint_record(seq=sealed["seq"] + 1, prev=sealed["hash"], ts=ts, signer=self._signer)
             )
-        self._commit(records)
+        self._commit(records, sync=sync)
         return sealed
 
-    def _append_checkpoint(self, ts: str) -> None:
+    def _append_checkpoint(self, *, sync: bool) -> None:
         self._check_writable()
-        self._commit([checkpoint_record(seq=self._seq + 1, prev=self._head, ts=ts, signer=self._signer)])
+        ts = format_ts(self._clock())
+        self._commit(
+            [checkpoint_record(seq=self._seq + 1, prev=self._head, ts=ts, signer=self._signer)], sync=sync
+        )
 
     def _check_writable(self) -> None:
         if self._file is None:
@@ -226,20 +401,39 @@ class AuditLog:
         if self._broken:
             raise AuditUnavailable("audit log unavailable", reason="audit_write_failed")
 
-    def _commit(self, records: list[dict[str, Any]]) -> None:
-        """Write the lines, then advance the in-memory chain; on failure nothing advances."""
+    def _commit(self, records: list[dict[str, Any]], *, sync: bool) -> None:
+        """Write the lines, then advance the in-memory chain; on failure nothing advances.
+
+        ``sync``: with ``fsync=True``, fsync (and write the anchor of a checkpoint) before returning; otherwise
+        leave both to the group-commit flusher (when an event loop runs)."""
+        loop = None if sync or not self._fsync else _running_loop()
+        inline = self._fsync and loop is None
         data = "".join(_LINE_ENCODER.encode(r) + "\n" for r in records).encode("ascii")
-        self._write(data)
+        self._write(data, sync=inline)
         last = records[-1]
         self._seq, self._head = last["seq"], last["hash"]
         self.records_written += len(records)
         if last["event"] == "checkpoint":
             self._since_checkpoint = 0
-            self._write_anchor(last)
+            self._cancel_timer()
         else:
             self._since_checkpoint += len(records)
+            self._arm_timer()
+        if not self._fsync:
+            if last["event"] == "checkpoint":
+                self._write_anchor(last)
+            return
+        if last["event"] == "checkpoint":
+            self._anchor_due = last
+        if inline:
+            self._durable(self._seq)
+            if self._anchor_due is not None:
+                self._write_anchor(self._anchor_due)
+                self._anchor_due = None
+        else:
+            self._kick()
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, *, sync: bool) -> None:
         assert self._file is not None
         written = 0
         try:
@@ -249,41 +443,44 @@ class AuditLog:
                 if not count:  # a zero-length write would loop forever
                     raise OSError("audit log write made no progress")
                 written += count
-            if self._fsync:
-                os.fsync(self._file.fileno())
+            if sync:
+                self._fsync_fn(self._file.fileno())
+                self.fsyncs += 1
         except OSError as exc:
             self._failed = True
             if written:
                 self._rollback()
             raise AuditUnavailable("audit log unavailable", reason="audit_write_failed") from exc
         self._size += len(data)
-        self._failed = False
+        if sync or not self._fsync:
+            self._failed = False  # with group commit, only a successful fsync makes the log healthy again
 
     def _rollback(self) -> None:
-        # Cut the half-written line so the file still ends with the record our head names.
+        # Cut the half-written (or unsynced) lines so the file still ends with the record our head names.
         assert self._file is not None
         try:
             os.ftruncate(self._file.fileno(), self._size)
         except OSError:
             self._broken = True
 
-    def _write_anchor(self, checkpoint: Mapping[str, Any]) -> None:
-        anchor = {"seq": checkpoint["seq"], "head": checkpoint["prev"], "sig": checkpoint["sig"]}
-        tmp = self.head_path.with_name(self.head_path.name + ".tmp")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+    def _sync_now(self) -> None:
+        """fsync on this thread and write the anchor due; raises AuditUnavailable."""
+        assert self._file is not None
         try:
-            with os.fdopen(os.open(tmp, flags, 0o644), "w", encoding="ascii") as fh:
-                fh.write(json.dumps(anchor, separators=(",", ":")) + "\n")
-                if self._fsync:
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            os.replace(tmp, self.head_path)  # atomic: a reader sees the old anchor or the new one
-            if self._fsync:  # make the rename itself durable
-                dir_fd = os.open(self.head_path.parent, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
+            self._fsync_fn(self._file.fileno())
+            self.fsyncs += 1
+        except OSError as exc:
+            self._failed = True
+            raise AuditUnavailable("audit log unavailable", reason="audit_write_failed") from exc
+        self._durable(self._seq)
+        if self._anchor_due is not None:
+            self._write_anchor(self._anchor_due)
+            self._anchor_due = None
+
+    def _write_anchor(self, checkpoint: Mapping[str, Any]) -> None:
+        try:
+            with self._io_lock:
+                self._anchor_io(checkpoint)
         except OSError as exc:
             # The records are on disk and chained; only the anchor is stale. Refuse the decision anyway.
             self._failed = True
@@ -291,56 +488,278 @@ class AuditLog:
                 "audit head anchor unavailable", reason="audit_anchor_write_failed"
             ) from exc
 
+    def _anchor_io(self, checkpoint: Mapping[str, Any]) -> None:
+        """Replace ``<log>.head`` with this checkpoint (call with ``_io_lock`` held; raises OSError).
+
+        With ``fsync=True`` only once the checkpoint itself is durable, and the new anchor is synced before the
+        rename: after a power loss the anchor is the old one or the new one, never ahead of the log. The rename
+        is not synced: an older anchor is only weaker evidence, not a false alarm."""
+        if checkpoint["seq"] <= self._anchored_seq:
+            return  # a newer anchor is already in place
+        anchor = {"seq": checkpoint["seq"], "head": checkpoint["prev"], "sig": checkpoint["sig"]}
+        tmp = self.head_path.with_name(self.head_path.name + ".tmp")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+        with os.fdopen(os.open(tmp, flags, 0o644), "w", encoding="ascii") as fh:
+            fh.write(json.dumps(anchor, separators=(",", ":")) + "\n")
+            if self._fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, self.head_path)  # atomic: a reader sees the old anchor or the new one
+        self._anchored_seq = checkpoint["seq"]
+
+    # -- group commit --------------------------------------------------------------------------------------
+
+    def _durable(self, seq: int) -> None:
+        self._durable_seq = max(self._durable_seq, seq)
+        while self._waiters and self._waiters[0][0] <= self._durable_seq:
+            _settle(self._waiters.popleft()[1])
+
+    def _kick(self) -> None:
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        """One fsync at a time, each covering every record written before it started; until all are durable."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._file is not None and (self._durable_seq < self._seq or self._anchor_due is not None):
+                target, anchor = self._seq, self._anchor_due
+                self._anchor_due = None
+                if self._executor is None:
+                    self._executor = concurrent.futures.ThreadPoolExecutor(
+                        1, thread_name_prefix="audit-fsync"
+                    )
+                try:
+                    await loop.run_in_executor(self._executor, self._sync_job, anchor)
+                except _Closed:
+                    return
+                except OSError as exc:
+                    anchor_failed = isinstance(exc, _AnchorError)
+                    if anchor_failed:
+                        self._durable_seq = max(self._durable_seq, target)  # the records made it
+                    if anchor is not None and self._anchor_due is None:
+                        self._anchor_due = anchor  # retried with the next batch
+                    self._failed = True
+                    reason = "audit_anchor_write_failed" if anchor_failed else "audit_write_failed"
+                    log.error(
+                        "audit fsync failed", reason=reason, error=str(exc.__cause__ or exc), seq=target
+                    )
+                    error = AuditUnavailable("audit log unavailable", reason=reason)
+                    while self._waiters:  # every committer waiting now: nothing is acknowledged on a failure
+                        _settle(self._waiters.popleft()[1], error)
+                    return  # the next commit starts a new batch
+                self._failed = False
+                self._durable(target)
+        finally:
+            self._flusher = None
+
+    def _sync_job(self, anchor: Mapping[str, Any] | None) -> None:
+        """In the fsync thread: fsync the log, then write the anchor of a checkpoint it covers."""
+        with self._io_lock:
+            file = self._file
+            if file is None:
+                raise _Closed
+            self._fsync_fn(file.fileno())
+            self.fsyncs += 1
+            if anchor is not None:
+                try:
+                    self._anchor_io(anchor)
+                except OSError as exc:
+                    raise _AnchorError(str(exc)) from exc
+
+    # -- the checkpoint timer ------------------------------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        if self._checkpoint_seconds is None or self._timer is not None:
+            return
+        loop = _running_loop()
+        if loop is not None:
+            self._timer = loop.call_later(self._checkpoint_seconds, self._seal_due)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _seal_due(self) -> None:
+        self._timer = None
+        if not self._since_checkpoint or self._file is None or self._broken:
+            return
+        try:
+            self._append_checkpoint(sync=False)
+        except AuditUnavailable as exc:
+            log.error("audit checkpoint could not be written", reason=exc.reason)
+            self._arm_timer()  # try again later
+
     # -- resuming ------------------------------------------------------------------------------------------
 
-    def _resume(self, fd: int, size: int) -> None:
-        last = self._last_line(fd, size)
-        record: Any = None
-        if last is None:
-            self._seq, self._head, self._since_checkpoint = 0, GENESIS, 0
-        else:
-            try:
-                record = strict_loads(last)
-            except InvalidRequest:
-                record = None
-            if (
-                not isinstance(record, dict)
-                or type(record.get("seq")) is not int
-                or not isinstance(record.get("prev"), str)
-                or not isinstance(record.get("hash"), str)
-                or record_hash(record["prev"], record) != record["hash"]
-            ):
-                raise self._corrupt("its last record does not verify")
-            self._seq, self._head = record["seq"], record["hash"]
-            self._since_checkpoint = 0 if record.get("event") == "checkpoint" else 1
-        self._check_anchor(record)
+    def _keys(self) -> Keys:
+        jwks = self._trusted_jwks
+        if jwks is None:
+            published = getattr(self._signer, "jwks", None)
+            jwks = published(self._clock()) if callable(published) else {"keys": [self._signer.public_jwk()]}
+        try:
+            return load_keys(jwks)
+        except JoseError as exc:
+            raise AuditUnavailable(f"unusable audit verification keys: {exc}", reason="audit_keys") from exc
 
-    def _last_line(self, fd: int, size: int) -> bytes | None:
-        if size == 0:
-            return None
-        if os.pread(fd, 1, size - 1) != b"\n":
+    def _resume(self, fd: int, size: int) -> tuple[int, int, int] | None:
+        """Set the chain state from the log's end; return (first unverified seq, its offset, anchor seq) or None.
+
+        Walks back from the last record to the last checkpoint signed by a trusted key, checking each record's
+        hash and its link to the next one on the way."""
+        self._seq, self._head, self._since_checkpoint = 0, GENESIS, 0
+        if size and os.pread(fd, 1, size - 1) != b"\n":
             raise self._corrupt("it ends with a partial line (crash during a write?)")
-        end = start = size - 1
-        chunk = 4096
-        buffer = b""
-        while True:
-            begin = max(0, start - chunk)
-            buffer = os.pread(fd, start - begin, begin) + buffer
-            start = begin
-            newline = buffer.rfind(b"\n")
-            if newline >= 0:
-                return buffer[newline + 1 :]
-            if start == 0:
-                return buffer
-            if end - start > _MAX_LINE:
-                raise self._corrupt("its last line is too long")
-            chunk *= 2
+        anchor = self._read_anchor()
+        keys = self._keys()
+        later: dict[str, Any] | None = None  # the record after the current one
+        tail_offset = 0
+        anchor_seq = 0
+        for offset, line in self._lines_backwards(fd, size):
+            record = self._parse(line)
+            if record is None:
+                raise self._corrupt(
+                    "its last record does not verify"
+                    if later is None
+                    else f"the record before seq {later['seq']} (byte {offset}) does not verify"
+                )
+            seq = record["seq"]
+            if later is None:
+                self._seq, self._head = seq, record["hash"]
+                if anchor is not None and anchor["seq"] > seq:
+                    # Starting here would write new records under seq numbers the anchor already vouches for.
+                    raise AuditUnavailable(
+                        f"audit log {self.path} is truncated: head anchor names seq {anchor['seq']} but the log "
+                        f"ends at {seq}; run `broker audit verify` and restore the log",
+                        reason="audit_log_truncated",
+                    )
+            elif later["prev"] != record["hash"] or later["seq"] != seq + 1:
+                raise self._corrupt(f"its chain is broken before seq {later['seq']}")
+            if (
+                anchor is not None
+                and seq == anchor["seq"]
+                and (
+                    record.get("event") != "checkpoint"
+                    or record["prev"] != anchor["head"]
+                    or record.get("sig") != anchor["sig"]
+                )
+            ):
+                raise self._corrupt(f"its head anchor {self.head_path} does not match its record seq {seq}")
+            if record.get("event") == "checkpoint":
+                claims = {"seq": seq, "head": record["prev"], "ts": record.get("ts")}
+                if checkpoint_problem(record.get("sig"), claims=claims, keys=keys) is None:
+                    anchor_seq, tail_offset = seq, offset + len(line) + 1
+                    break
+            later = record
+        else:
+            # no checkpoint we can verify (an anchor met on the way matched its record but not our keys)
+            if later is not None and (later["seq"] != 1 or later["prev"] != GENESIS):
+                raise self._corrupt("its first record is not seq 1 chained to genesis")
+            if later is None and anchor is not None:
+                raise AuditUnavailable(
+                    f"audit log {self.path} is truncated: head anchor names seq {anchor['seq']} but the log is "
+                    "empty; run `broker audit verify` and restore the log",
+                    reason="audit_log_truncated",
+                )
+        self._anchored_seq = anchor["seq"] if anchor is not None else 0
+        if anchor_seq == self._seq:
+            return None
+        return anchor_seq + 1, tail_offset, anchor_seq
 
-    def _check_anchor(self, last: dict[str, Any] | None) -> None:
+    def _write_resume(self, unverified_from: int, unverified_offset: int, anchor_seq: int) -> None:
+        """Name the records nothing vouches for in an ``audit_resume`` record, then seal it."""
+        assert self._file is not None
+        digest = hashlib.sha256()
+        position = 0
+        while position < self._size:
+            chunk = os.pread(self._file.fileno(), min(1 << 20, self._size - position), position)
+            if not chunk:
+                raise self._corrupt("it changed while it was being read")
+            digest.update(chunk)
+            position += len(chunk)
+        ts = format_ts(self._clock())
+        resume = resume_record(
+            seq=self._seq + 1,
+            prev=self._head,
+            ts=ts,
+            unverified_from=unverified_from,
+            anchor_seq=anchor_seq,
+            unverified_offset=unverified_offset,
+            file_bytes=self._size,
+            file_sha256=digest.hexdigest(),
+        )
+        checkpoint = checkpoint_record(seq=resume["seq"] + 1, prev=resume["hash"], ts=ts, signer=self._signer)
+        self._commit([resume, checkpoint], sync=True)
+        report = ResumeReport(
+            resume_seq=resume["seq"],
+            unverified_from=unverified_from,
+            unverified_to=resume["seq"] - 1,
+            anchor_seq=anchor_seq,
+            unverified_offset=unverified_offset,
+            file_bytes=resume["file_bytes"],
+            file_sha256=resume["file_sha256"],
+        )
+        self.resumed = report
+        log.warning(
+            "audit log resumed with unverified records",
+            path=str(self.path),
+            unverified_from=report.unverified_from,
+            unverified_to=report.unverified_to,
+            unverified_records=report.unverified_records,
+            anchor_seq=anchor_seq,
+            file_sha256=report.file_sha256,
+            resume_seq=report.resume_seq,
+        )
+        if self._on_resume is not None:
+            self._on_resume(report)
+
+    @staticmethod
+    def _parse(line: bytes) -> dict[str, Any] | None:
+        """The record on this line if it is well-formed and its hash matches its content."""
+        try:
+            record = strict_loads(line)
+        except InvalidRequest:
+            return None
+        if (
+            not isinstance(record, dict)
+            or type(record.get("seq")) is not int
+            or not isinstance(record.get("prev"), str)
+            or not isinstance(record.get("hash"), str)
+            or not record["prev"].isascii()
+            or record_hash(record["prev"], record) != record["hash"]
+        ):
+            return None
+        return record
+
+    def _lines_backwards(self, fd: int, size: int) -> Iterator[tuple[int, bytes]]:
+        """(offset, line without its newline) from the last line to the first; the file ends with a newline."""
+        if size == 0:
+            return
+        position = size - 1  # the buffer holds the bytes [position, position + stop)
+        buffer = b""
+        stop = 0
+        while True:
+            newline = buffer.rfind(b"\n", 0, stop)
+            if newline >= 0:
+                yield position + newline + 1, buffer[newline + 1 : stop]
+                stop = newline
+                continue
+            if position == 0:
+                yield 0, buffer[:stop]
+                return
+            if stop > _MAX_LINE:
+                raise self._corrupt("it holds a line that is too long")
+            begin = max(0, position - _READ_CHUNK)
+            buffer = os.pread(fd, position - begin, begin) + buffer[:stop]
+            stop += position - begin
+            position = begin
+
+    def _read_anchor(self) -> dict[str, Any] | None:
         try:
             raw = self.head_path.read_bytes()
         except FileNotFoundError:
-            return
+            return None
         except OSError as exc:
             raise AuditUnavailable(
                 f"cannot read {self.head_path}: {exc.strerror}", reason="audit_write_failed"
@@ -349,17 +768,14 @@ class AuditLog:
             anchor = strict_loads(raw)
         except InvalidRequest:
             anchor = None
-        if not isinstance(anchor, dict) or type(anchor.get("seq")) is not int:
+        if (
+            not isinstance(anchor, dict)
+            or type(anchor.get("seq")) is not int
+            or not isinstance(anchor.get("head"), str)
+            or not isinstance(anchor.get("sig"), str)
+        ):
             raise self._corrupt(f"its head anchor {self.head_path} is unreadable")
-        if anchor["seq"] > self._seq:
-            # Starting here would write new records under seq numbers the anchor already vouches for.
-            raise AuditUnavailable(
-                f"audit log {self.path} is truncated: head anchor names seq {anchor['seq']} but the log ends "
-                f"at {self._seq}; run `broker audit verify` and restore the log",
-                reason="audit_log_truncated",
-            )
-        if last is not None and anchor["seq"] == self._seq and last.get("prev") != anchor.get("head"):
-            raise self._corrupt(f"its head anchor {self.head_path} does not match its last record")
+        return anchor
 
     def _corrupt(self, why: str) -> AuditUnavailable:
         return AuditUnavailable(

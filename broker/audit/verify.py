@@ -12,33 +12,36 @@ What each attack of HOSTILE.md §1.7 looks like to the verifier:
 Records after the last checkpoint are chained but not yet signed: they are counted as ``unsealed``. Nothing
 can prove that such a tail was not cut short; the report says how many records it holds.
 
+Records named by an ``audit_resume`` record (CONTRACT §15: they followed the last checkpoint the broker could
+verify when it started, so nothing proves a broker wrote them) are **unverified**: the log fails (exit 1) naming
+the first of them, even though later checkpoints chain over them — unless ``accept_unverified`` lists that first
+``seq`` (an operator who has reviewed them). A checkpoint whose signature fails inside such a range is part of it.
+
 The verifier stops at the first problem and names it by ``seq`` (``first_bad_seq``) or, when the line cannot
 be read, by line number (``first_bad_line``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from broker.audit.chain import CHECKPOINT_TYP, GENESIS, record_hash
+from broker.audit.chain import (
+    GENESIS,
+    RESUME_EVENT,
+    Keys,
+    checkpoint_problem,
+    jws_payload,
+    load_keys,
+    record_hash,
+)
 from broker.audit.sink import head_path_for
 from broker.canonical import strict_loads
 from broker.errors import InvalidRequest
-from broker.jose import (
-    JoseError,
-    PublicKey,
-    b64url_decode,
-    jwk_thumbprint,
-    public_key_from_jwk,
-    verify_signature,
-)
 
 __all__ = ["VerifyReport", "verify_log"]
-
-_Keys = dict[str, tuple[PublicKey, str | None]]  # kid -> (key, the JWK's "alg" if it names one)
 
 
 @dataclass(frozen=True)
@@ -61,11 +64,17 @@ class VerifyReport:
     last_seq: int = 0
     #: ``seq`` named by ``<log>.head``; None when there is no anchor (a cut tail then goes unnoticed)
     anchor_seq: int | None = None
+    #: (first, last) ``seq`` of each range an ``audit_resume`` record names as unverified (accepted ones excluded)
+    unverified: tuple[tuple[int, int], ...] = ()
+    #: records in unverified ranges that ``accept_unverified`` accepted
+    accepted_unverified: int = 0
 
     def summary(self) -> str:
         checked = "signatures checked" if self.signatures_checked else "signatures NOT checked (no --key)"
         if self.ok:
             text = f"OK: {self.records} records, {self.checkpoints} checkpoints, {checked}"
+            if self.accepted_unverified:
+                text += f"; {self.accepted_unverified} unverified records accepted"
             if self.unsealed:
                 text += f"; {self.unsealed} records after the last checkpoint are not signed yet"
             if self.anchor_seq is None:
@@ -77,69 +86,28 @@ class VerifyReport:
         if self.first_bad_line is not None:
             where.append(f"line {self.first_bad_line}")
         at = f" at {', '.join(where)}" if where else ""
+        if self.problem is not None and self.problem.startswith("unverified"):
+            return f"FAILED{at}: {self.problem} (otherwise {self.records} records intact, {checked})"
         return f"FAILED{at}: {self.problem} ({self.records} records intact before it, {checked})"
 
 
+@dataclass(frozen=True)
+class _Counts:
+    records: int = 0
+    checkpoints: int = 0
+    unsealed: int = 0
+    last_seq: int = 0
+
+
 class _Bad(Exception):
-    def __init__(self, problem: str, *, seq: int | None, line: int | None) -> None:
+    def __init__(
+        self, problem: str, *, seq: int | None, line: int | None, counts: _Counts | None = None
+    ) -> None:
         super().__init__(problem)
-        self.problem, self.seq, self.line = problem, seq, line
+        self.problem, self.seq, self.line, self.counts = problem, seq, line, counts
 
 
-def _load_keys(public_jwks: Mapping[str, Any]) -> _Keys:
-    """A JWKS (``{"keys": [...]}``) or a single JWK; private members are ignored. Raises JoseError."""
-    jwks = public_jwks.get("keys") if "keys" in public_jwks else [public_jwks]
-    if not isinstance(jwks, list):
-        raise JoseError("JWKS 'keys' must be a list")
-    keys: _Keys = {}
-    for jwk in jwks:
-        if not isinstance(jwk, Mapping):
-            raise JoseError("JWKS entries must be objects")
-        kid = jwk.get("kid") or jwk_thumbprint(jwk)
-        alg = jwk.get("alg")
-        keys[str(kid)] = (public_key_from_jwk(jwk), alg if isinstance(alg, str) else None)
-    return keys
-
-
-def _decode_segment(segment: str) -> Any:
-    try:
-        return strict_loads(b64url_decode(segment))
-    except (JoseError, InvalidRequest):
-        return None
-
-
-def _check_sig(sig: Any, *, claims: dict[str, Any], keys: _Keys | None) -> str | None:
-    """Why the checkpoint JWS ``sig`` is not a valid signature over ``claims``, or None."""
-    if not isinstance(sig, str) or sig.count(".") != 2:
-        return "bad signature: checkpoint has no compact JWS"
-    header_b64, payload_b64, signature_b64 = sig.split(".")
-    header, payload = _decode_segment(header_b64), _decode_segment(payload_b64)
-    if not isinstance(header, dict) or not isinstance(payload, dict):
-        return "bad signature: checkpoint JWS is malformed"
-    if header.get("typ") != CHECKPOINT_TYP:
-        return f"bad signature: checkpoint JWS typ is {header.get('typ')!r}, not {CHECKPOINT_TYP!r}"
-    if payload != claims:
-        return "bad signature: checkpoint JWS payload does not match the record's seq, prev and ts"
-    if keys is None:
-        return None
-    kid = header.get("kid")
-    entry = keys.get(kid) if isinstance(kid, str) else None
-    if entry is None:
-        return "bad signature: checkpoint signed by a key not in the given JWKS"
-    key, key_alg = entry
-    alg = header.get("alg")
-    if not isinstance(alg, str) or (key_alg is not None and alg != key_alg):
-        return "bad signature: checkpoint JWS alg does not fit the key"
-    try:
-        signature = b64url_decode(signature_b64)
-    except JoseError:
-        return "bad signature: checkpoint JWS is malformed"
-    if not verify_signature(key, alg, f"{header_b64}.{payload_b64}".encode("ascii"), signature):
-        return "bad signature: checkpoint signature does not verify"
-    return None
-
-
-def _read_anchor(path: Path, keys: _Keys | None) -> dict[str, Any] | None:
+def _read_anchor(path: Path, keys: Keys | None) -> dict[str, Any] | None:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -159,64 +127,104 @@ def _read_anchor(path: Path, keys: _Keys | None) -> dict[str, Any] | None:
         raise _Bad(f"malformed head anchor {path}", seq=None, line=None)
     if keys is not None:
         # The anchor's sig is the anchored checkpoint's: check it on its own, the checkpoint may be gone.
-        payload = _decode_segment(anchor["sig"].split(".")[1]) if anchor["sig"].count(".") == 2 else None
+        payload = jws_payload(anchor["sig"])
         ts = payload.get("ts") if isinstance(payload, dict) else None
         claims = {"seq": anchor["seq"], "head": anchor["head"], "ts": ts}
-        why = _check_sig(anchor["sig"], claims=claims, keys=keys)
+        why = checkpoint_problem(anchor["sig"], claims=claims, keys=keys)
         if why is not None:
             raise _Bad(f"head anchor {path}: {why}", seq=None, line=None)
     return anchor
 
 
+def _resume_range(record: dict[str, Any], seq: int, line_no: int) -> tuple[int, int]:
+    first, last = record.get("unverified_from"), record.get("unverified_to")
+    if type(first) is not int or type(last) is not int or not 1 <= first <= last == seq - 1:
+        raise _Bad("altered: malformed audit_resume record", seq=seq, line=line_no)
+    return first, last
+
+
 def verify_log(
-    path: Path, *, public_jwks: Mapping[str, Any] | None, max_unsealed: int | None = None
+    path: Path,
+    *,
+    public_jwks: Mapping[str, Any] | None,
+    max_unsealed: int | None = None,
+    accept_unverified: Collection[int] = (),
 ) -> VerifyReport:
     """Verify the audit log at ``path`` (and ``<path>.head`` if present); never raises for a bad log.
 
     ``public_jwks`` (a JWKS or one JWK) enables signature checks; None checks everything else.
     ``max_unsealed`` (e.g. ``checkpoint_every - 1``) fails a log with a longer unsigned tail: a chain
     rebuilt with its checkpoints turned into ordinary records would otherwise verify, unsealed, once its
-    anchor is gone too. Raises JoseError for an unusable key set and OSError if the log cannot be opened.
+    anchor is gone too. ``accept_unverified``: first ``seq`` of unverified ranges (``audit_resume``) that an
+    operator has reviewed; they no longer fail the log. Raises JoseError for an unusable key set and OSError if
+    the log cannot be opened.
     """
     path = Path(path)
-    keys = _load_keys(public_jwks) if public_jwks is not None else None
-    records = checkpoints = unsealed = last_seq = 0
+    keys = load_keys(public_jwks) if public_jwks is not None else None
+    accepted = frozenset(accept_unverified)
+    records = checkpoints = unsealed = last_seq = accepted_records = 0
     anchor: dict[str, Any] | None = None
+    unverified: list[tuple[int, int]] = []
+    # A checkpoint whose signature fails is held back: if a later audit_resume names it as unverified it is part
+    # of that range; otherwise it is the first bad record (reported whatever comes after it).
+    pending: _Bad | None = None
     try:
         anchor = _read_anchor(head_path_for(path), keys)
         expected_prev = GENESIS
         with path.open("rb") as fh:
             for line_no, line in enumerate(fh, start=1):
-                record = _intact_record(line, line_no)
-                seq = record["seq"]
-                if seq != last_seq + 1:
-                    raise _Bad(
-                        f"missing or reordered: seq {seq} follows seq {last_seq}", seq=seq, line=line_no
-                    )
-                if record["prev"] != expected_prev:
-                    raise _Bad(f"chain broken: prev is not the hash of seq {last_seq}", seq=seq, line=line_no)
-                if record.get("event") == "checkpoint":
-                    claims = {"seq": seq, "head": record["prev"], "ts": record.get("ts")}
-                    why = _check_sig(record.get("sig"), claims=claims, keys=keys)
-                    if why is not None:
-                        raise _Bad(why, seq=seq, line=line_no)
-                if (
-                    anchor is not None
-                    and seq == anchor["seq"]
-                    and (
-                        record.get("event") != "checkpoint"
-                        or record["prev"] != anchor["head"]
-                        or record.get("sig") != anchor["sig"]
-                    )
-                ):
-                    raise _Bad("head anchor does not match this record", seq=seq, line=line_no)
+                try:
+                    record = _intact_record(line, line_no)
+                    seq = record["seq"]
+                    if seq != last_seq + 1:
+                        raise _Bad(
+                            f"missing or reordered: seq {seq} follows seq {last_seq}", seq=seq, line=line_no
+                        )
+                    if record["prev"] != expected_prev:
+                        raise _Bad(
+                            f"chain broken: prev is not the hash of seq {last_seq}", seq=seq, line=line_no
+                        )
+                    event = record.get("event")
+                    sealing = event == "checkpoint"
+                    if sealing:
+                        claims = {"seq": seq, "head": record["prev"], "ts": record.get("ts")}
+                        why = checkpoint_problem(record.get("sig"), claims=claims, keys=keys)
+                        if why is not None:
+                            sealing = False
+                            if pending is None:
+                                counts = _Counts(records, checkpoints, unsealed, last_seq)
+                                pending = _Bad(why, seq=seq, line=line_no, counts=counts)
+                        elif pending is not None:
+                            raise pending  # a valid checkpoint over a failed one: that one is the first bad
+                    if (
+                        anchor is not None
+                        and seq == anchor["seq"]
+                        and (
+                            event != "checkpoint"
+                            or record["prev"] != anchor["head"]
+                            or record.get("sig") != anchor["sig"]
+                        )
+                    ):
+                        raise _Bad("head anchor does not match this record", seq=seq, line=line_no)
+                    if event == RESUME_EVENT:
+                        first, last = _resume_range(record, seq, line_no)
+                        if pending is not None and pending.seq is not None and pending.seq >= first:
+                            pending = None  # the failed checkpoint is one of the unverified records
+                        if first in accepted:
+                            accepted_records += last - first + 1
+                        else:
+                            unverified.append((first, last))
+                except _Bad as bad:
+                    raise pending or bad from None
                 expected_prev, last_seq = record["hash"], seq
                 records += 1
-                if record.get("event") == "checkpoint":
+                if sealing:
                     checkpoints += 1
                     unsealed = 0
                 else:
                     unsealed += 1
+        if pending is not None:
+            raise pending
         if anchor is not None and anchor["seq"] > last_seq:
             raise _Bad(
                 f"truncated: head anchor names seq {anchor['seq']} but log ends at {last_seq}",
@@ -229,18 +237,31 @@ def verify_log(
                 seq=last_seq - unsealed + 1,
                 line=None,
             )
+        if unverified:
+            first, last = unverified[0]
+            more = f"; {len(unverified) - 1} more such ranges" if len(unverified) > 1 else ""
+            raise _Bad(
+                f"unverified: seq {first}..{last} ({last - first + 1} records) followed the last signed "
+                f"checkpoint when the broker restarted (audit_resume at seq {last + 1}): nothing proves the "
+                f"broker wrote them{more}",
+                seq=first,
+                line=first,
+            )
     except _Bad as bad:
+        counts = bad.counts or _Counts(records, checkpoints, unsealed, last_seq)
         return VerifyReport(
             ok=False,
-            records=records,
-            checkpoints=checkpoints,
+            records=counts.records,
+            checkpoints=counts.checkpoints,
             first_bad_seq=bad.seq,
             problem=bad.problem,
-            unsealed=unsealed,
+            unsealed=counts.unsealed,
             signatures_checked=keys is not None,
             first_bad_line=bad.line,
-            last_seq=last_seq,
+            last_seq=counts.last_seq,
             anchor_seq=anchor["seq"] if anchor is not None else None,
+            unverified=tuple(unverified),
+            accepted_unverified=accepted_records,
         )
     return VerifyReport(
         ok=True,
@@ -252,6 +273,7 @@ def verify_log(
         signatures_checked=keys is not None,
         last_seq=last_seq,
         anchor_seq=anchor["seq"] if anchor is not None else None,
+        accepted_unverified=accepted_records,
     )
 
 

@@ -1,7 +1,9 @@
 """Strict YAML loading with located errors (CONTRACT §2).
 
 ``load_config(path)`` returns a :class:`LoadedConfig` or raises :class:`ConfigError` listing every problem as
-``FILE:LINE: message``. The YAML is composed into nodes (never constructed into arbitrary objects: no
+``FILE:LINE: message`` (an unknown key names the nearest known one: "did you mean `checkpoint_every`?").
+``read_config`` and ``validate_config`` are its two halves, for ``broker check``, which goes on past the first
+(:mod:`broker.config.check`). The YAML is composed into nodes (never constructed into arbitrary objects: no
 ``!!python/...`` tags), duplicate keys are errors, the node count is capped (alias bombs, HOSTILE Y09), every string
 scalar gets ``${VAR}`` / ``${VAR:-default}`` expansion (``$$`` is a literal ``$``), and paths are resolved relative
 to the config file's folder by the models' path fields.
@@ -9,17 +11,19 @@ to the config file's folder by the models' path fields.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
 import re
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from broker.config.models import Config
 
@@ -56,6 +60,29 @@ class LoadedConfig:
     policy_version: str
     #: YAML location of every key / sequence item, for errors found after validation (e.g. CEL compile errors)
     lines: Mapping[Loc, int] = field(repr=False)
+    #: the environment variables each value was expanded from, e.g. ("server", "listen") -> ("BROKER_LISTEN",):
+    #: an error about a value can then name the variable that moves it
+    variables: Mapping[Loc, tuple[str, ...]] = field(default_factory=dict, repr=False)
+
+    def line_of(self, loc: Loc) -> int:
+        return _line_for(self.lines, loc)
+
+    def problem(self, loc: Loc, message: str) -> ConfigProblem:
+        """``message`` located at the line that sets ``loc`` (or its deepest present parent)."""
+        return ConfigProblem(str(self.path), self.line_of(loc), message)
+
+
+@dataclass(frozen=True)
+class ParsedConfig:
+    """A config file composed and expanded, not yet validated."""
+
+    path: Path
+    data: dict[str, Any]
+    lines: Mapping[Loc, int] = field(repr=False)
+    variables: Mapping[Loc, tuple[str, ...]] = field(repr=False)
+    #: what building found (duplicate keys, unsupported tags, unset variables); ``data`` is still complete
+    #: (an unset variable expands to ""), so ``broker check`` can go on and validate it
+    problems: tuple[ConfigProblem, ...] = ()
 
     def line_of(self, loc: Loc) -> int:
         return _line_for(self.lines, loc)
@@ -77,6 +104,7 @@ class _Builder:
         self.file = file
         self.environ = environ
         self.lines: dict[Loc, int] = {(): 1}
+        self.variables: dict[Loc, tuple[str, ...]] = {}
         self.problems: list[ConfigProblem] = []
         self.nodes = 0
         self._constructor = yaml.SafeLoader("")
@@ -112,6 +140,9 @@ class _Builder:
             return None
         value = self._constructor.construct_object(node)
         if isinstance(value, str):
+            names = tuple(m.group(1) for m in _VAR.finditer(value) if m.group(1))
+            if names:
+                self.variables[loc] = names
             return self.expand(node, value)
         return value
 
@@ -151,6 +182,14 @@ def parse_yaml(
     text: str, *, file: str, environ: Mapping[str, str] | None = None
 ) -> tuple[Any, dict[Loc, int]]:
     """Compose, build and expand one YAML document; raise ConfigError with located problems."""
+    builder, data = _build(text, file=file, environ=environ)
+    if builder.problems:
+        raise ConfigError(builder.problems)
+    return data, builder.lines
+
+
+def _build(text: str, *, file: str, environ: Mapping[str, str] | None) -> tuple[_Builder, Any]:
+    """Compose and build; raises ConfigError only when there is no document to go on with (syntax, size)."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
@@ -162,13 +201,10 @@ def parse_yaml(
     if node is None:
         raise ConfigError([ConfigProblem(file, 1, "empty document")])
     builder = _Builder(file, os.environ if environ is None else environ)
-    data = builder.build(node, ())
-    if builder.problems:
-        raise ConfigError(builder.problems)
-    return data, builder.lines
+    return builder, builder.build(node, ())
 
 
-def _format_loc(loc: Loc) -> str:
+def format_loc(loc: Loc) -> str:
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
@@ -184,13 +220,48 @@ def _validation_problems(exc: ValidationError, file: str, lines: Mapping[Loc, in
         )
         kind = err["type"]
         if kind == "extra_forbidden":
-            message = f"{_format_loc(loc)}: unknown key"
+            message = f"{format_loc(loc)}: unknown key{_did_you_mean(loc)}"
         elif kind == "missing":
-            message = f"{_format_loc(loc)}: required key is missing"
+            message = f"{format_loc(loc)}: required key is missing"
         else:
-            message = f"{_format_loc(loc)}: {err['msg'].removeprefix('Value error, ')}"
+            message = f"{format_loc(loc)}: {err['msg'].removeprefix('Value error, ')}"
         problems.append(ConfigProblem(file, _line_for(lines, loc), message))
     return problems
+
+
+def _did_you_mean(loc: Loc) -> str:
+    """ "; did you mean `checkpoint_every`?" for an unknown key close to a known one of the same model, else ""."""
+    if not loc or not isinstance(loc[-1], str):
+        return ""
+    model = _model_at(loc[:-1])
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
+def _model_at(loc: Loc) -> type[BaseModel] | None:
+    """The config model that validates the mapping at ``loc`` (following fields, lists and optionals)."""
+    current: Any = Config
+    for part in loc:
+        current = _unwrap_optional(current)
+        if isinstance(part, int):
+            if get_origin(current) is not list:
+                return None
+            current = get_args(current)[0]
+        elif isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+            current = current.model_fields[part].annotation
+        else:
+            return None
+    current = _unwrap_optional(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    if get_origin(annotation) in (Union, types.UnionType):
+        rest = [a for a in get_args(annotation) if a is not type(None)]
+        return rest[0] if len(rest) == 1 else annotation
+    return annotation
 
 
 def policy_version_of(config: Config) -> str:
@@ -202,6 +273,15 @@ def policy_version_of(config: Config) -> str:
 
 def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -> LoadedConfig:
     """Load, expand and validate a config file. Raises ConfigError (each problem as FILE:LINE: message)."""
+    parsed = read_config(path, environ=environ)
+    if parsed.problems:
+        raise ConfigError(list(parsed.problems))
+    return validate_config(parsed)
+
+
+def read_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -> ParsedConfig:
+    """Read, compose and expand a config file. Raises ConfigError only when nothing can be validated (unreadable,
+    too large, YAML syntax, not a mapping); other problems are in ``ParsedConfig.problems``."""
     path = Path(path)
     file = str(path)
     try:
@@ -214,11 +294,33 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError([ConfigProblem(file, 1, "not UTF-8")]) from None
-    data, lines = parse_yaml(text, file=file, environ=environ)
+    builder, data = _build(text, file=file, environ=environ)
     if not isinstance(data, dict):
-        raise ConfigError([ConfigProblem(file, 1, "the top level must be a mapping")])
+        raise ConfigError([*builder.problems, ConfigProblem(file, 1, "the top level must be a mapping")])
+    return ParsedConfig(
+        path=path,
+        data=data,
+        lines=builder.lines,
+        variables=builder.variables,
+        problems=tuple(builder.problems),
+    )
+
+
+def validation_context(path: Path) -> dict[str, Any]:
+    """What the models need to validate a file's data: its folder, for relative paths."""
+    return {"base_dir": path.resolve().parent}
+
+
+def validate_config(parsed: ParsedConfig) -> LoadedConfig:
+    """Validate parsed data against the models. Raises ConfigError listing every problem found."""
     try:
-        config = Config.model_validate(data, context={"base_dir": path.resolve().parent})
+        config = Config.model_validate(parsed.data, context=validation_context(parsed.path))
     except ValidationError as exc:
-        raise ConfigError(_validation_problems(exc, file, lines)) from None
-    return LoadedConfig(config=config, path=path, policy_version=policy_version_of(config), lines=lines)
+        raise ConfigError(_validation_problems(exc, str(parsed.path), parsed.lines)) from None
+    return LoadedConfig(
+        config=config,
+        path=parsed.path,
+        policy_version=policy_version_of(config),
+        lines=parsed.lines,
+        variables=parsed.variables,
+    )

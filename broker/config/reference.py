@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from broker.config.schema import config_schema
+from broker.config.schema import PLACEHOLDER_REF, config_schema
 
 REFERENCE_FILE = Path(__file__).resolve().parents[2] / "deploy" / "config-reference.md"
 
@@ -19,12 +19,25 @@ HEADER = """# Configuration reference
 
 Generated from the config models by `python -m broker.config.reference` (do not edit by hand). One YAML file,
 `version: 1`; unknown keys and wrong types are errors reported as `FILE:LINE: message`; `${VAR}` and
-`${VAR:-default}` are expanded in every string; relative paths are relative to the config file. The same
-definitions are shipped as a JSON Schema in `broker/config/schema.json` for editors.
+`${VAR:-default}` are expanded in every string, and a value that is one whole `${VAR}` takes the type of what it
+expands to, so any key below may be given as a placeholder; relative paths are relative to the config file.
+`broker check` also loads every file the config names. The same definitions are shipped as a JSON Schema in
+`broker/config/schema.json` for editors: start a config with
+`# yaml-language-server: $schema=<path to broker/config/schema.json>`.
 """
 
 
+def _without_placeholder(prop: dict[str, Any]) -> dict[str, Any]:
+    """The field's own type: every key may be a ``${VAR}`` placeholder, which the header says once."""
+    branches = [b for b in prop.get("anyOf", []) if b.get("$ref") != PLACEHOLDER_REF]
+    if "anyOf" not in prop or len(branches) == len(prop["anyOf"]):
+        return prop
+    rest = {k: v for k, v in prop.items() if k != "anyOf"}
+    return {**branches[0], **rest} if len(branches) == 1 else {**rest, "anyOf": branches}
+
+
 def _type_of(prop: dict[str, Any], defs: dict[str, Any]) -> str:
+    prop = _without_placeholder(prop)
     if "$ref" in prop:
         return f"[{prop['$ref'].rsplit('/', 1)[-1]}](#{prop['$ref'].rsplit('/', 1)[-1].lower()})"
     if "enum" in prop:
@@ -57,6 +70,7 @@ def _table(name: str, model: dict[str, Any], defs: dict[str, Any]) -> list[str]:
     lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
     required = set(model.get("required", []))
     for key, prop in model.get("properties", {}).items():
+        prop = _without_placeholder(prop)
         meaning = " ".join(prop.get("description", "").split())
         bounds = [f"{word} {prop[k]}" for k, word in (("minimum", "≥"), ("maximum", "≤")) if k in prop]
         if bounds:
@@ -72,7 +86,8 @@ def render() -> str:
     defs = schema.get("$defs", {})
     parts = [HEADER, *_table("Top level (Config)", schema, defs)]
     for name in sorted(defs):
-        parts += _table(name, defs[name], defs)
+        if f"#/$defs/{name}" != PLACEHOLDER_REF:
+            parts += _table(name, defs[name], defs)
     return "\n".join(parts).rstrip() + "\n"
 
 

@@ -182,10 +182,10 @@ def _may_read(approval: Approval, principal: Principal, service: ApprovalService
     )
 
 
-def _success(request: web.Request, reason: str, body: Any) -> web.Response:
+async def _success(request: web.Request, reason: str, body: Any) -> web.Response:
     ctx = request[CTX]
     ctx.decision, ctx.reason, ctx.status = "allow", reason, 200
-    audit_decision(request.app, ctx)  # CONTRACT §9: written before the answer leaves
+    await audit_decision(request.app, ctx)  # CONTRACT §9: written before the answer leaves
     return web.json_response(body, headers=_NO_STORE)
 
 
@@ -195,7 +195,7 @@ async def get_approval(request: web.Request) -> web.StreamResponse:
     approval = await _approval(request, service, now)
     if not _may_read(approval, principal, service):
         raise NotFound(_NOT_FOUND, reason="approval_not_visible")
-    return _success(request, f"read:{approval.id}", approval.to_api(now=now))
+    return await _success(request, f"read:{approval.id}", approval.to_api(now=now))
 
 
 def _verdict(body: Any) -> Verdict:
@@ -240,7 +240,7 @@ async def decide_approval(request: web.Request) -> web.StreamResponse:
     )
     state = updated.state_at(now)
     service.metrics.approvals.labels(state=state).inc()
-    return _success(request, f"{decision}:{updated.id}:{state}", updated.to_api(now=now))
+    return await _success(request, f"{decision}:{updated.id}:{state}", updated.to_api(now=now))
 
 
 async def list_approvals(request: web.Request) -> web.StreamResponse:
@@ -260,4 +260,4 @@ async def list_approvals(request: web.Request) -> web.StreamResponse:
         )
         is None
     ]
-    return _success(request, f"list:{len(decidable)}", {"approvals": decidable})
+    return await _success(request, f"list:{len(decidable)}", {"approvals": decidable})

@@ -72,12 +72,12 @@ def error_response(
     return web.json_response(error.body(request_id), status=error.status, headers=headers)
 
 
-def audit_decision(app: web.Application, ctx: RequestContext) -> None:
+async def audit_decision(app: web.Application, ctx: RequestContext) -> None:
     """Write this request's decision record; raises AuditUnavailable if it cannot be written."""
-    pipeline_audit(app[SERVICES], ctx)
+    await pipeline_audit(app[SERVICES], ctx)
 
 
-def record_refusal(app: web.Application, ctx: RequestContext, error: BrokerError) -> BrokerError:
+async def record_refusal(app: web.Application, ctx: RequestContext, error: BrokerError) -> BrokerError:
     """Record a refusal (both transports): its decision, reason and code in the request record and, unless the
     request was already audited as refused, in the audit log. Returns the error to answer with: ``error``, or
     AuditUnavailable when its record could not be written (nothing is acknowledged unaudited)."""
@@ -88,7 +88,7 @@ def record_refusal(app: web.Application, ctx: RequestContext, error: BrokerError
         ctx.reason = error.reason
         if ctx.event is not None:
             try:
-                audit_decision(app, ctx)
+                await audit_decision(app, ctx)
             except AuditUnavailable as audit_error:
                 ctx.status, ctx.code = audit_error.status, audit_error.code
                 return audit_error
@@ -169,21 +169,21 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
             if ctx.decision is None:
                 ctx.decision = "allow"
         except BrokerError as error:
-            response = _refuse(app, ctx, error, runtime.challenge)
+            response = await _refuse(app, ctx, error, runtime.challenge)
             if error.reason in _CLOSE_AFTER:
                 response.force_close()
         except HttpProcessingError:
             # the parser refused the body while it was read (a bad chunk, a truncated body): 400, then close
             framing = InvalidRequest("the request body is not validly framed", reason="http_body_framing")
-            response = _refuse(app, ctx, framing, runtime.challenge)
+            response = await _refuse(app, ctx, framing, runtime.challenge)
             response.force_close()
         except web.HTTPException as exc:
             # aiohttp's own routing answers (404 for unknown paths, 405): JSON like everything else
-            response = _refuse(app, ctx, _from_http_exception(exc), runtime.challenge)
+            response = await _refuse(app, ctx, _from_http_exception(exc), runtime.challenge)
         except Exception:
             # A bug, not a decision: still audited and rendered as JSON, never a forward (deny by default).
             log.exception("unhandled error")
-            response = _refuse(
+            response = await _refuse(
                 app, ctx, BrokerError("internal error", reason="internal_error"), runtime.challenge
             )
         response.headers.setdefault("X-Request-Id", ctx.request_id)
@@ -203,11 +203,11 @@ def _from_http_exception(exc: web.HTTPException) -> BrokerError:
     return InvalidRequest(exc.reason, reason=f"http_{exc.status}")
 
 
-def _refuse(
+async def _refuse(
     app: web.Application, ctx: RequestContext, error: BrokerError, challenge: Challenge
 ) -> web.Response:
     ctx.status = error.status
-    error = record_refusal(app, ctx, error)
+    error = await record_refusal(app, ctx, error)
     return error_response(error, ctx.request_id, challenge=challenge)
 
 

@@ -271,7 +271,7 @@ async def _decide_and_seal(
         record.txn = txn
 
     record.decision = "allow"  # 10
-    audit_decision(services, record)
+    await audit_decision(services, record)
     return Authorized(
         tool=tool,
         arguments=arguments,

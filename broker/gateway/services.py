@@ -34,11 +34,12 @@ class Services:
     forwarder: Forwarder
 
 
-def audit_decision(services: Services, record: RequestContext) -> None:
-    """Write this request's decision record; raises AuditUnavailable if it cannot be written."""
+async def audit_decision(services: Services, record: RequestContext) -> None:
+    """Write this request's decision record and wait until it is on stable storage (group commit, CONTRACT §15:
+    acknowledged means durable); raises AuditUnavailable if it cannot be written."""
     metrics = services.metrics
     try:
-        services.audit.append(record.audit_fields())
+        await services.audit.commit(record.audit_fields())
     except AuditUnavailable:
         metrics.audit_errors.inc()
         raise

@@ -111,5 +111,5 @@ async def list_tools(request: web.Request) -> web.StreamResponse:
             }
         )
     ctx.decision, ctx.status = "allow", 200
-    audit_decision(services, ctx)
+    await audit_decision(services, ctx)
     return web.json_response({"tools": tools}, headers={"Cache-Control": "no-store"})

@@ -32,7 +32,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from broker.canonical import strict_loads
@@ -72,7 +72,7 @@ def listing_transform(
     pins: PinBook,
     upstream: McpUpstream,
     visible: frozenset[str],
-    on_failure: Callable[[str], None] | None = None,
+    on_failure: Callable[[str], Awaitable[None]] | None = None,
 ) -> Transform:
     """tools/list: keep configured, pinned, visible tools; the result is this principal's (cacheScope private).
 
@@ -96,7 +96,7 @@ def listing_transform(
             except StateUnavailable as exc:
                 # the pins live in the state store; the answer may be streaming already (SSE): refuse in it
                 if on_failure is not None:
-                    on_failure(exc.reason)
+                    await on_failure(exc.reason)
                 raise rpc.JsonRpcError(
                     rpc.INTERNAL_ERROR,
                     "state store unavailable",
@@ -154,7 +154,7 @@ def initialize_answer(message: dict[str, Any], request_id: str | int, *, masked:
 
 
 def call_transform(
-    filters: ToolFilters | None, principal: Principal, on_failure: Callable[[str], None]
+    filters: ToolFilters | None, principal: Principal, on_failure: Callable[[str], Awaitable[None]]
 ) -> Transform:
     """tools/call: the answer of a tool with response filters, filtered and sealed whole (module docstring)."""
 
@@ -167,10 +167,10 @@ def call_transform(
         try:
             result = _filtered_result(response, message.get("result"))
         except UpstreamError as exc:  # P26: fail closed
-            on_failure(exc.reason)
+            await on_failure(exc.reason)
             raise rpc.JsonRpcError(rpc.INTERNAL_ERROR, _NOT_FILTERED, exc.reason, http_status=200) from exc
         except (ValueError, TypeError, RecursionError) as exc:
-            on_failure("response_unfilterable")
+            await on_failure("response_unfilterable")
             raise rpc.JsonRpcError(
                 rpc.INTERNAL_ERROR, _NOT_FILTERED, "response_unfilterable", http_status=200
             ) from exc

@@ -141,10 +141,10 @@ async def mcp_endpoint(request: web.Request) -> web.StreamResponse:
             "POST, GET or DELETE", reason="mcp_method", headers={"Allow": "POST, GET, DELETE"}
         )
     except rpc.JsonRpcError as error:
-        return render_jsonrpc(request, error, request_id)
+        return await render_jsonrpc(request, error, request_id)
 
 
-def render_jsonrpc(
+async def render_jsonrpc(
     request: web.Request, error: BrokerError, request_id: str | int | None, *, url_elicitation: bool = False
 ) -> web.Response:
     """The one JSON-RPC rendering of a refusal, recorded first (:func:`broker.gateway.middleware.record_refusal`:
@@ -154,7 +154,7 @@ def render_jsonrpc(
     ctx = request[CTX]
     status = error.status if isinstance(error, rpc.JsonRpcError) else 200
     ctx.status = status
-    written = record_refusal(request.app, ctx, error)
+    written = await record_refusal(request.app, ctx, error)
     if written is not error:  # the refusal could not be audited: that, not the refusal, is the answer
         raise written
     ctx.status = status
@@ -287,7 +287,7 @@ async def _post(
             ):
                 raise  # the store, the audit or the caller's credentials: HTTP, as on every route
             url_elicitation = binding is not None and binding.url_elicitation
-            return render_jsonrpc(request, error, message.id, url_elicitation=url_elicitation)
+            return await render_jsonrpc(request, error, message.id, url_elicitation=url_elicitation)
         params = {**message.params, "arguments": authorized.forwarded}
         headers["Txn-Token"] = authorized.txn_token
         transform = call_transform(
@@ -306,7 +306,7 @@ async def _post(
             transform = capabilities_transform
         await final_guard(services.store, services.metrics, principal)  # 8
         ctx.decision, ctx.reason = "allow", message.method  # 9
-        audit_decision(services, ctx)
+        await audit_decision(services, ctx)
     forwarded = message.as_json(params)
     if era == "modern":
         headers.update(rpc.routing_headers(message, version))
@@ -342,16 +342,16 @@ async def _dropped(request: web.Request, principal: Principal, message: rpc.Mess
     await final_guard(services.store, services.metrics, principal)
     ctx = request[CTX]
     ctx.decision, ctx.reason, ctx.status = "allow", f"{message.method}: acknowledged, not forwarded", 202
-    audit_decision(services, ctx)
+    await audit_decision(services, ctx)
     return web.Response(status=202, headers={"X-Request-Id": ctx.request_id})
 
 
-def _record_error(request: web.Request, reason: str, *, code: str = "upstream_error") -> None:
+async def _record_error(request: web.Request, reason: str, *, code: str = "upstream_error") -> None:
     """An allowed request whose answer the agent does not get (a call's answer that could not be masked, a
     tools/list whose pins could not be read): a second record says what the agent got instead."""
     ctx = request[CTX]
     ctx.decision, ctx.reason, ctx.code = "error", reason, code
-    audit_decision(request.app[SERVICES], ctx)
+    await audit_decision(request.app[SERVICES], ctx)
 
 
 async def _initialized(
@@ -411,7 +411,7 @@ async def _session_request(
     await final_guard(services.store, services.metrics, principal)  # 8
     ctx = request[CTX]
     ctx.decision, ctx.reason = "allow", f"{request.method} session"
-    audit_decision(services, ctx)  # 9
+    await audit_decision(services, ctx)  # 9
     headers = {**_base_headers(request), "Mcp-Session-Id": session_id}
     if request.headers.get("MCP-Protocol-Version") is not None:
         headers["MCP-Protocol-Version"] = version

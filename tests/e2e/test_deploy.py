@@ -104,6 +104,7 @@ MOUNTED_FILES = {
     "/run/broker/svid/svid_key.pem": "broker-key.pem",
     "/run/broker/svid/svid_bundle.pem": "ca.pem",
     "/run/broker/signing/broker-signing.jwk": "broker-signing.jwk",
+    "/run/broker/admin/token": "admin-token",  # not in the PKI: the test writes it (the broker-admin-token Secret)
 }
 #: stand-ins for what the cluster injects: the Downward API pod name and Secret values
 POD_NAME = "broker-5d8f7c9b6-x2k4q"
@@ -504,6 +505,7 @@ def test_mounted_config_passes_broker_check(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
     )  # fmt: skip
     assert certs.returncode == 0, certs.stderr
+    (tmp_path / "pki" / "admin-token").write_text(SECRET_VALUE)
     text = config_text()
     for path in strings_in(yaml.safe_load(text)):
         assert not path.startswith("/") or path in MOUNTED_FILES, f"add {path} to MOUNTED_FILES"

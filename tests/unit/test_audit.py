@@ -651,18 +651,23 @@ def test_reopen_continues_the_chain(tmp_path: Path, signer: Signer) -> None:
     assert report.ok and (report.records, report.checkpoints, report.unsealed) == (17, 2, 0)
 
 
-def test_reopen_after_crash_seals_the_unsealed_tail(tmp_path: Path, signer: Signer) -> None:
+def test_reopen_after_crash_names_the_unsealed_tail_unverified(tmp_path: Path, signer: Signer) -> None:
+    """CONTRACT §15: nothing proves a broker wrote a tail no checkpoint covers, so it is never sealed as verified."""
     path = tmp_path / "a.jsonl"
     write_log(path, signer, 10)
     # the state a crash before close() leaves: no checkpoint, no anchor
     path.write_bytes(b"".join(read_lines(path)[:10]))
     head_path_for(path).unlink()
     log = make_log(path, signer)
-    assert log.seq == 11 and log.records_written == 1
+    assert log.seq == 12 and log.records_written == 2  # audit_resume 11 and its checkpoint 12
+    assert log.resumed is not None and (log.resumed.unverified_from, log.resumed.unverified_to) == (1, 10)
     log.close()
+    resume = parse(read_lines(path)[10])
+    assert (resume["event"], resume["unverified_from"], resume["anchor_seq"]) == ("audit_resume", 1, 0)
     report = verify_log(path, public_jwks=jwks_of(signer))
-    assert report.ok and (report.records, report.checkpoints, report.unsealed) == (11, 1, 0)
-    assert json.loads(head_path_for(path).read_bytes())["seq"] == 11
+    assert not report.ok and (report.records, report.checkpoints, report.unsealed) == (12, 1, 0)
+    assert report.first_bad_seq == 1 and report.unverified == ((1, 10),)
+    assert json.loads(head_path_for(path).read_bytes())["seq"] == 12
 
 
 @pytest.mark.parametrize(

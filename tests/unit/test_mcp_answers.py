@@ -6,6 +6,7 @@ The authorisation stages themselves run against a real broker in tests/integrati
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -20,6 +21,16 @@ from broker.mcp import jsonrpc as rpc
 from broker.mcp.answers import call_transform, capabilities_transform, listing_transform
 from broker.mcp.pins import PinBook, drift_counter
 from broker.mcp.upstream import McpUpstream
+
+
+def recorder(failures: list[str]) -> Callable[[str], Awaitable[None]]:
+    """An ``on_failure`` callback (the endpoint writes an audit record) that remembers the reasons."""
+
+    async def record(reason: str) -> None:
+        failures.append(reason)
+
+    return record
+
 
 AGENT = "spiffe://example.org/agents/expense-assistant"
 BANK = "DE89370400440532013000"
@@ -66,7 +77,7 @@ def text(value: Any) -> dict[str, Any]:
 
 async def masked(result: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
     failures: list[str] = []
-    transform = call_transform(FILTERS, make_principal(), failures.append)
+    transform = call_transform(FILTERS, make_principal(), recorder(failures))
     try:
         return (await transform(answer(result)))["result"], failures
     except rpc.JsonRpcError as error:
@@ -113,9 +124,9 @@ async def test_what_cannot_be_masked_is_refused(result: dict[str, Any]) -> None:
 
 async def test_unfiltered_tools_pass_unchanged_and_a_filtered_tools_error_keeps_only_its_code() -> None:
     message = answer({"content": [text("free text " + BANK)]})
-    assert await call_transform(None, make_principal(), lambda _: None)(message) == message
+    assert await call_transform(None, make_principal(), recorder([]))(message) == message
     error = rpc.error_body(1, -32602, "Unknown tool: x " + BANK, {"account": BANK})
-    assert await call_transform(FILTERS, make_principal(), lambda _: None)(error) == rpc.error_body(
+    assert await call_transform(FILTERS, make_principal(), recorder([]))(error) == rpc.error_body(
         1, -32602, "Invalid params"
     )
 

@@ -7,6 +7,7 @@ gets either the answer with the value gone from every member, or a JSON-RPC erro
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -17,6 +18,16 @@ from broker.mcp import jsonrpc as rpc
 from broker.mcp.answers import call_transform, initialize_answer
 from tests.unit.test_filters_fail_closed import BANK, OTHER, THEIRS, VARIANTS, leaked
 from tests.unit.test_mcp_answers import make_principal
+
+
+def recorder(failures: list[str]) -> Callable[[str], Awaitable[None]]:
+    """An ``on_failure`` callback (the endpoint writes an audit record) that remembers the reasons."""
+
+    async def record(reason: str) -> None:
+        failures.append(reason)
+
+    return record
+
 
 APPROVE = compile_tool_filters(
     Tool.model_validate(
@@ -63,7 +74,7 @@ def usual(**extra: Any) -> dict[str, Any]:
 async def agent_gets(filters: Any, message: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     message = json.loads(json.dumps(message))
     failures: list[str] = []
-    transform = call_transform(filters, make_principal(), failures.append)
+    transform = call_transform(filters, make_principal(), recorder(failures))
     try:
         return await transform(message), failures
     except rpc.JsonRpcError as error:

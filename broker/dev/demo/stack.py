@@ -4,6 +4,10 @@ The backend listens on ``--backend-listen`` (exported as ``EXPENSE_UPSTREAM`` fo
 the demo MCP server (:mod:`broker.dev.demo.mcp_server`, needs the ``demo`` extra) on ``--mcp-listen`` beside it
 (``EXPENSE_MCP_UPSTREAM``; ``--mcp-listen none`` leaves it out);
 the broker uses the given config (memory state store, local audit file). SIGINT/SIGTERM stops both gracefully.
+
+Ports (README "Running it"): the broker 8443 (``BROKER_LISTEN``) and its admin listener 9090
+(``BROKER_ADMIN_LISTEN``), the backend 9443 and the MCP server 9444 (``make run BACKEND_LISTEN=… MCP_LISTEN=…``).
+A port that is taken is one line saying which and what moves it, never a traceback.
 """
 
 from __future__ import annotations
@@ -16,10 +20,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from broker.config.loader import ConfigError, load_config
+from broker.config.check import check_config
 from broker.dev.demo import expense
 from broker.observability import configure_logging
-from broker.server import start
+from broker.server import BIND_FAILURES, ListenError, bind_failure, start
 
 
 def _banner(broker_main: str, broker_admin: str, backend: str, certs: Path, config: Path, mcp: str) -> str:
@@ -40,12 +44,22 @@ def _banner(broker_main: str, broker_admin: str, backend: str, certs: Path, conf
 async def _run(args: argparse.Namespace) -> int:
     # the backend verifies txn tokens issued by the broker's public URL (the same ${BROKER_PUBLIC_URL:-...} as
     # expense.yaml); it starts first because the broker's config needs the backend's address
-    backend = await expense.serve(
-        args.backend_listen,
-        certs=args.certs,
-        db_path=args.db,
-        broker_url=os.environ.get("BROKER_PUBLIC_URL", expense.DEFAULT_BROKER_URL),
-    )
+    try:
+        backend = await expense.serve(
+            args.backend_listen,
+            certs=args.certs,
+            db_path=args.db,
+            broker_url=os.environ.get("BROKER_PUBLIC_URL", expense.DEFAULT_BROKER_URL),
+        )
+    except OSError as exc:
+        if exc.errno not in BIND_FAILURES:
+            raise  # not the address (the backend's certificate files, say): the traceback says what
+        print(
+            f"expense backend {args.backend_listen} {bind_failure(exc)}; "
+            "set BACKEND_LISTEN (make run) or --backend-listen",
+            file=sys.stderr,
+        )
+        return 1
     mcp_server: Any = None
     try:
         mcp_server = await _start_mcp(args)
@@ -53,12 +67,16 @@ async def _run(args: argparse.Namespace) -> int:
         if mcp_server is not None:
             os.environ.setdefault("EXPENSE_MCP_UPSTREAM", mcp_server.url)
         os.environ.setdefault("BROKER_CERTS", str(args.certs.resolve()))
-        try:
-            loaded = load_config(args.config)
-        except ConfigError as exc:
-            print(exc, file=sys.stderr)
+        checked = check_config(args.config)  # every file it names, every policy: one line per problem
+        for problem in checked.problems:
+            print(problem, file=sys.stderr)
+        if checked.loaded is None:
             return 1
-        running = await start(loaded)
+        try:
+            running = await start(checked.loaded)
+        except ListenError as exc:
+            print(exc, file=sys.stderr)  # FILE:LINE: server.listen … is in use; set BROKER_LISTEN or …
+            return 1
         try:
             _, main_port = running.main_address
             admin_host, admin_port = running.admin_address
@@ -102,11 +120,15 @@ async def _start_mcp(args: argparse.Namespace) -> Any:
     try:
         return await mcp_server.serve(args.mcp_listen, certs=args.certs, db_path=args.db)
     except OSError as exc:  # e.g. the port is taken: the REST demo still runs, /mcp/expenses answers 502
-        print(f"demo MCP server not started on {args.mcp_listen}: {exc}", file=sys.stderr)
+        print(
+            f"demo MCP server not started: {args.mcp_listen} {bind_failure(exc)}; "
+            "set MCP_LISTEN (make run) or --mcp-listen",
+            file=sys.stderr,
+        )
         return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m broker.dev.demo.stack",
         description=__doc__,
@@ -114,13 +136,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", type=Path, default=Path("config/examples/expense.yaml"))
     parser.add_argument("--certs", type=Path, default=Path("certs"))
-    parser.add_argument("--backend-listen", default="127.0.0.1:9443")
     parser.add_argument(
-        "--mcp-listen", default="127.0.0.1:9444", help="demo MCP server; 'none' to leave it out"
+        "--backend-listen",
+        default="127.0.0.1:9443",
+        help="demo expense backend (make run BACKEND_LISTEN=...)",
+    )
+    parser.add_argument(
+        "--mcp-listen",
+        default="127.0.0.1:9444",
+        help="demo MCP server; 'none' to leave it out (make run MCP_LISTEN=...)",
     )
     parser.add_argument("--db", type=Path, default=Path("var/expense.db"))
     parser.add_argument("--log-format", choices=("json", "console"), default="console")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     configure_logging(fmt=args.log_format)
     return expense.run_event_loop(_run(args))
 
