@@ -362,21 +362,36 @@ def start_broker(
     return server_process(name, argv, env=env, ready=ready, extra_env=overrides)
 
 
+def config_variant(env: BenchEnv, name: str, change: Callable[[dict[str, Any]], None]) -> Path:
+    """The broker config with ``change`` applied, written beside the bench's other files."""
+    document = yaml.safe_load(env.broker_config.read_text())
+    change(document)
+    path = env.work / f"expense-bench-{name}.yaml"
+    # relative paths in the shipped config are relative to its folder: keep them pointing there
+    root = env.broker_config.resolve().parents[1].parent
+    path.write_text(yaml.safe_dump(document, sort_keys=False).replace("../../", f"{root}/"))
+    return path
+
+
 def without_velocity_limit(env: BenchEnv) -> Path:
     """The broker config with the ``velocity`` rule never firing, for the invoke-with-txn-token set-up.
 
     Counters are exact (CONTRACT §12): the sixth approveExpense execution of one subject within 10 minutes needs a
     security review, so thousands of invocations of one subject would measure refusals. The counter itself stays
     (every invocation still reserves its place in ``approvals_10m``): only its rule is switched off."""
-    document = yaml.safe_load(env.broker_config.read_text())
-    for rule in document.get("policies", []):
-        if rule.get("id") == "velocity":
-            rule["when"] = "false"
-    path = env.work / "expense-bench-no-velocity.yaml"
-    text = yaml.safe_dump(document, sort_keys=False)
-    # relative paths in the shipped config are relative to its folder: keep them pointing there
-    path.write_text(text.replace("../../", f"{env.broker_config.resolve().parents[1].parent}/"))
-    return path
+
+    def change(document: dict[str, Any]) -> None:
+        for rule in document.get("policies", []):
+            if rule.get("id") == "velocity":
+                rule["when"] = "false"
+
+    return config_variant(env, "no-velocity", change)
+
+
+def without_fsync(env: BenchEnv) -> Path:
+    """The broker config with ``audit.fsync: false``: what group commit costs (CONTRACT §15) is the ratio of the
+    ``broker`` set-up (fsync on, the default) to this one."""
+    return config_variant(env, "no-fsync", lambda document: document["audit"].update(fsync=False))
 
 
 def mcp_plain() -> tuple[dict[str, str], bytes]:
@@ -413,10 +428,12 @@ def build_setups(env: BenchEnv) -> list[Setup]:
     mcp_port, mcp_admin = free_port(), free_port()
     ex_port, ex_admin = free_port(), free_port()
     txn_port, txn_admin = free_port(), free_port()
+    nofsync_port, nofsync_admin = free_port(), free_port()
     mcp_url = f"https://127.0.0.1:{mcp_port}/mcp/expenses"
     two_url = f"https://127.0.0.1:{two_port}/v1/tools/listInvoices"
     broker_url = f"https://127.0.0.1:{broker_port}/v1/tools/listInvoices"
     redis_url = f"https://127.0.0.1:{redis_port}/v1/tools/listInvoices"
+    nofsync_url = f"https://127.0.0.1:{nofsync_port}/v1/tools/listInvoices"
     return [
         Setup("backend", env.backend_url + "/invoices", plain_json, contextlib.nullcontext),
         Setup(
@@ -430,6 +447,14 @@ def build_setups(env: BenchEnv) -> list[Setup]:
             broker_url,
             IdentityRequests(env, broker_url),
             lambda: start_broker(env, broker_port, admin_port),
+        ),
+        Setup(
+            "broker-no-fsync",
+            nofsync_url,
+            IdentityRequests(env, nofsync_url),
+            lambda: start_broker(
+                env, nofsync_port, nofsync_admin, name="broker-no-fsync", config=without_fsync(env)
+            ),
         ),
         Setup(
             "broker-redis",
