@@ -8,7 +8,7 @@ Stage order of every route, with the reason for each constraint:
     who          POST: an agent (a certificate, an ``act`` claim, or a SPIFFE ``client_id``) is refused before
                  the body is read — approvals are decided by humans with their own token (CONTRACT §3).
     approval     the record; a caller who may not see it gets exactly the answer for a missing id (404).
-    rules        POST: requester / eligibility / double vote / state (``broker.txn.approvals.refusal``), before
+    rules        POST: requester / eligibility / double vote / state (``broker.txn.approval_rules.refusal``), before
                  MFA — someone who may not approve at all is told 403, not asked to step up.
     mfa          POST: ``401 insufficient_user_authentication`` with ``acr_values="mfa"`` (RFC 9470).
     vote         compare-and-set in the store (rules re-checked against the latest record).
@@ -41,7 +41,8 @@ from broker.observability import Metrics
 from broker.policy.approvers import Eligibility, has_mfa
 from broker.resources import APPROVALS, METRICS, RUNTIME, STATE
 from broker.state.base import StateStore
-from broker.txn.approvals import Approval, ApprovalBook, Verdict, refusal
+from broker.txn.approval_rules import Approval, Verdict, refusal
+from broker.txn.approvals import ApprovalBook
 from broker.txn.webhooks import WebhookNotifier
 
 __all__ = [

@@ -16,7 +16,7 @@ from broker.identity.principal import Principal
 from broker.policy.approvers import APPROVAL_OBLIGATIONS, has_mfa
 from broker.policy.engine import Decision
 from broker.runtime import Runtime
-from broker.txn.approvals import Approval
+from broker.txn.approval_rules import Approval
 
 if TYPE_CHECKING:  # the approvals service (aiohttp handlers) imports this module
     pass

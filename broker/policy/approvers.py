@@ -16,10 +16,10 @@ import structlog
 
 from broker.config.models import Approvals
 from broker.policy.engine import PolicyCompileError
-from broker.txn.approvals import APPROVERS_NEEDED
+from broker.txn.approval_rules import APPROVERS_NEEDED
 
 if TYPE_CHECKING:
-    from broker.txn.approvals import Approval, EligibleFn
+    from broker.txn.approval_rules import Approval, EligibleFn
 
 log = structlog.get_logger("broker.approvals")
 

@@ -1,22 +1,5 @@
-"""Approvals for step-up (CONTRACT §6): who may approve what, and the approval records in the state store.
-
-An approval is requested when policy obligates ``manager_approval`` (one eligible approver), ``dual_approval``
-(two DISTINCT eligible approvers) or ``security_review`` (one eligible approver); ``mfa`` is a property of the
-caller's own token, never an approval. It is bound to (subject, actor, tool, args_digest) and expires
-``approvals.ttl_seconds`` after it was requested, approved or not: :func:`covers` is the one check the token
-exchange makes before honouring an ``approval_id``.
-
-The decision rules are pure (:func:`refusal`, :func:`apply_decision`, :func:`covers`; they take ``now``):
-
-1. the approval exists, is ``pending`` and not expired          else ``approval_not_pending`` / ``approval_expired``
-2. the approver is not the requesting subject (four eyes)       else ``approval_self``
-3. the approver has not decided this approval before            else ``approval_already_decided``
-4. the approver is eligible for a still-unsatisfied requirement else ``approval_not_eligible``
-
-A ``deny`` by an eligible approver ends the approval (``denied``). An ``approve`` counts toward every unsatisfied
-requirement the approver is eligible for; the approval is ``approved`` once every requirement has its count.
-Who the approver is (a human with their own DPoP-bound token, no agent, with MFA) is the gateway's check
-(``broker.gateway.approvals``): these rules only see a subject and its claims.
+"""Approval records in the state store (CONTRACT §6); the record and the decision rules are
+:mod:`broker.txn.approval_rules`.
 
 Store layout (keys hashed where a part is untrusted, HOSTILE S08): ``approval:<H(id)>`` the record,
 ``approval_binding:<H(binding)>`` → the id of the live approval for a binding (create-if-absent with
@@ -42,42 +25,26 @@ from __future__ import annotations
 import math
 import re
 import secrets
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
-from typing import Any, Final, Literal
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from typing import Any, Final
 
 import structlog
 
 from broker.canonical import args_digest as digest_of
-from broker.errors import AccessDenied, BrokerError, NotFound, PayloadTooLarge, RateLimited, StateUnavailable
+from broker.errors import NotFound, PayloadTooLarge, RateLimited, StateUnavailable
 from broker.jose import b64url_encode
 from broker.state.base import Reservation, StateStore, hash_key_part, json_dumps
-
-__all__ = [
-    "APPROVERS_NEEDED",
-    "MAX_PENDING_PER_PRINCIPAL",
-    "Approval",
-    "ApprovalBook",
-    "EligibleFn",
-    "State",
-    "Verdict",
-    "Vote",
-    "apply_decision",
-    "approval_requirements",
-    "covers",
-    "refusal",
-    "rfc3339",
-]
+from broker.txn.approval_rules import (
+    Approval,
+    EligibleFn,
+    Verdict,
+    apply_decision,
+    approval_requirements,
+    covers,
+)
 
 log = structlog.get_logger("broker.approvals")
-
-State = Literal["pending", "approved", "denied", "expired"]
-Verdict = Literal["approve", "deny"]
-#: obligations that are approvals, in the order they are reported; how many distinct approvers each needs
-APPROVERS_NEEDED: Final[Mapping[str, int]] = {"manager_approval": 1, "dual_approval": 2, "security_review": 1}
-#: (obligation name, approver claims) -> may this approver satisfy it
-EligibleFn = Callable[[str, Mapping[str, Any]], bool]
 
 _ID = re.compile(r"[A-Za-z0-9_-]{22}")  # 16 random bytes, base64url (128 bits)
 #: decided and expired records stay readable this long after expiry (GET answers "expired", not 404)
@@ -90,241 +57,6 @@ MAX_PENDING_LISTED: Final = 1000
 _PENDING_KEY: Final = "approval_pending"
 #: pending approvals one (subject, actor) may hold (module docstring, "Per-principal quota")
 MAX_PENDING_PER_PRINCIPAL: Final = 100
-
-
-def rfc3339(epoch: float) -> str:
-    """Seconds since the epoch as an RFC 3339 UTC timestamp (``2025-01-31T12:00:00Z``)."""
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def approval_requirements(obligations: Iterable[str]) -> tuple[str, ...]:
-    """The approval obligations among ``obligations`` (``mfa`` dropped), in :data:`APPROVERS_NEEDED` order.
-
-    Raises ``ValueError`` for an unknown obligation name (a bug in the caller).
-    """
-    names = set(obligations) - {"mfa"}
-    unknown = names - set(APPROVERS_NEEDED)
-    if unknown:
-        raise ValueError(f"unknown obligations {sorted(unknown)}")
-    return tuple(name for name in APPROVERS_NEEDED if name in names)
-
-
-@dataclass(frozen=True, slots=True)
-class Vote:
-    """One approver's decision and the requirements it counted toward."""
-
-    sub: str
-    decision: Verdict
-    at: float
-    satisfies: tuple[str, ...]
-
-    def to_record(self) -> dict[str, Any]:
-        return {"sub": self.sub, "decision": self.decision, "at": self.at, "satisfies": list(self.satisfies)}
-
-
-@dataclass(frozen=True, slots=True)
-class Approval:
-    """An approval request and its votes. ``state`` is the stored state; :meth:`state_at` adds expiry."""
-
-    id: str
-    state: Literal["pending", "approved", "denied"]
-    required: tuple[str, ...]
-    tool: str
-    arguments: Mapping[str, Any]
-    args_digest: str
-    subject: str
-    actor: str | None
-    reason: str
-    created_at: float
-    expires_at: float
-    policy_version: str
-    approvals: tuple[Vote, ...] = ()
-    #: the store's version of the record this was read from (0: not stored yet)
-    version: int = field(default=0, compare=False)
-    #: the quota event this pending approval holds: (counter scope, event member, event time)
-    quota: tuple[str, str, float] | None = field(default=None, compare=False)
-    #: when the one call it approves was executed (an approval authorises one execution, CONTRACT §12)
-    used_at: float | None = None
-
-    @property
-    def binding(self) -> tuple[str, str | None, str, str, tuple[str, ...]]:
-        """What the approval is bound to: (subject, actor, tool, args_digest, required)."""
-        return (self.subject, self.actor, self.tool, self.args_digest, self.required)
-
-    def state_at(self, now: float) -> State:
-        return "expired" if now >= self.expires_at else self.state
-
-    def unsatisfied(self) -> tuple[str, ...]:
-        """Requirements that still lack approvers, in order."""
-        return tuple(
-            name
-            for name in self.required
-            if sum(1 for v in self.approvals if v.decision == "approve" and name in v.satisfies)
-            < APPROVERS_NEEDED[name]
-        )
-
-    def request_view(self) -> dict[str, Any]:
-        """The ``request`` variable of the approver rules' CEL (``approvals.<name>.when``)."""
-        return {
-            "tool": self.tool,
-            "subject": self.subject,
-            "actor": self.actor or "",
-            "args": dict(self.arguments),
-            "required": list(self.required),
-        }
-
-    def to_api(self, *, now: float) -> dict[str, Any]:
-        """The CONTRACT §3 status body."""
-        return {
-            "id": self.id,
-            "state": self.state_at(now),
-            "required": list(self.required),
-            "approvals": [
-                {"sub": v.sub, "decision": v.decision, "at": rfc3339(v.at)} for v in self.approvals
-            ],
-            "tool": self.tool,
-            "arguments": dict(self.arguments),
-            "subject": self.subject,
-            "actor": self.actor,
-            "expires_at": rfc3339(self.expires_at),
-            "used_at": None if self.used_at is None else rfc3339(self.used_at),
-        }
-
-    def to_record(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "state": self.state,
-            "required": list(self.required),
-            "tool": self.tool,
-            "arguments": dict(self.arguments),
-            "args_digest": self.args_digest,
-            "subject": self.subject,
-            "actor": self.actor,
-            "reason": self.reason,
-            "created_at": self.created_at,
-            "expires_at": self.expires_at,
-            "policy_version": self.policy_version,
-            "approvals": [v.to_record() for v in self.approvals],
-            "quota": None if self.quota is None else list(self.quota),
-            "used_at": self.used_at,
-        }
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> Approval:
-        """Inverse of :meth:`to_record`; ``ValueError`` for a record this module did not write."""
-        try:
-            votes = tuple(
-                Vote(str(v["sub"]), v["decision"], float(v["at"]), tuple(v["satisfies"]))
-                for v in record["approvals"]
-            )
-            approval = cls(
-                id=str(record["id"]),
-                state=record["state"],
-                required=tuple(record["required"]),
-                tool=str(record["tool"]),
-                arguments=dict(record["arguments"]),
-                args_digest=str(record["args_digest"]),
-                subject=str(record["subject"]),
-                actor=None if record["actor"] is None else str(record["actor"]),
-                reason=str(record["reason"]),
-                created_at=float(record["created_at"]),
-                expires_at=float(record["expires_at"]),
-                policy_version=str(record["policy_version"]),
-                approvals=votes,
-                version=int(record.get("version", 0)),
-                quota=_quota_of(record.get("quota")),
-                used_at=None if record.get("used_at") is None else float(record["used_at"]),
-            )
-        except (KeyError, TypeError) as exc:
-            raise ValueError("not an approval record") from exc
-        if approval.state not in ("pending", "approved", "denied") or any(
-            v.decision not in ("approve", "deny") for v in votes
-        ):
-            raise ValueError("not an approval record")
-        return approval
-
-
-def _quota_of(value: Any) -> tuple[str, str, float] | None:
-    if value is None:
-        return None
-    scope, member, at = value
-    if not isinstance(scope, str) or not isinstance(member, str) or isinstance(at, bool):
-        raise TypeError("quota is not (scope, member, time)")
-    return scope, member, float(at)
-
-
-# --- the pure rules ---------------------------------------------------------------------------------------
-
-
-def refusal(
-    approval: Approval,
-    *,
-    approver_sub: str,
-    approver_claims: Mapping[str, Any],
-    eligible: EligibleFn,
-    now: float,
-) -> BrokerError | None:
-    """Why ``approver_sub`` may not decide ``approval`` now (rules 1-4 of the module docstring), or None."""
-    state = approval.state_at(now)
-    if state == "expired":
-        return AccessDenied("this approval has expired", reason="approval_expired")
-    if state != "pending":
-        return AccessDenied("this approval is no longer pending", reason="approval_not_pending")
-    if approver_sub == approval.subject:
-        return AccessDenied("a requester cannot approve their own request", reason="approval_self")
-    if any(v.sub == approver_sub for v in approval.approvals):
-        return AccessDenied("you have already decided this approval", reason="approval_already_decided")
-    if not any(eligible(name, approver_claims) for name in approval.unsatisfied()):
-        return AccessDenied("you are not an approver for this request", reason="approval_not_eligible")
-    return None
-
-
-def apply_decision(
-    approval: Approval,
-    *,
-    approver_sub: str,
-    approver_claims: Mapping[str, Any],
-    decision: Verdict,
-    eligible: EligibleFn,
-    now: float,
-) -> Approval:
-    """The approval after this vote; raises the :func:`refusal` if there is one."""
-    if decision not in ("approve", "deny"):
-        raise ValueError("decision must be 'approve' or 'deny'")
-    error = refusal(
-        approval, approver_sub=approver_sub, approver_claims=approver_claims, eligible=eligible, now=now
-    )
-    if error is not None:
-        raise error
-    satisfies = tuple(name for name in approval.unsatisfied() if eligible(name, approver_claims))
-    updated = replace(approval, approvals=(*approval.approvals, Vote(approver_sub, decision, now, satisfies)))
-    if decision == "deny":
-        return replace(updated, state="denied")
-    return replace(updated, state="approved") if not updated.unsatisfied() else updated
-
-
-def covers(
-    approval: Approval,
-    *,
-    subject: str,
-    actor: str | None,
-    tool: str,
-    args_digest: str,
-    required: Iterable[str],
-    now: float,
-) -> bool:
-    """True if ``approval`` lets this exact call through: approved, unexpired, not yet used by an execution, same
-    binding, and granted for at least the approvals policy requires now (a stricter policy needs a new one)."""
-    return (
-        approval.state_at(now) == "approved"
-        and approval.used_at is None
-        and approval.subject == subject
-        and approval.actor == actor
-        and approval.tool == tool
-        and approval.args_digest == args_digest
-        and set(approval_requirements(required)) <= set(approval.required)
-    )
-
 
 # --- the store -----------------------------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ import structlog
 
 from broker.config.models import Webhook
 from broker.jose import SigningKey
-from broker.txn.approvals import Approval, rfc3339
+from broker.txn.approval_rules import Approval, rfc3339
 
 __all__ = ["ANNOUNCEMENT_TYP", "WebhookNotifier", "announcement_claims"]
 

@@ -29,7 +29,8 @@ from broker.policy.approvers import Eligibility
 from broker.resources import APPROVALS
 from broker.sdk.approvals_cli import add_approvals_parser
 from broker.state.base import StateStore
-from broker.txn.approvals import Approval, ApprovalBook
+from broker.txn.approval_rules import Approval
+from broker.txn.approvals import ApprovalBook
 from broker.txn.webhooks import ANNOUNCEMENT_TYP, WebhookNotifier
 from tests.certfactory import Pki
 from tests.conftest import BrokerFactory, BrokerUnderTest, Caller, Reply, base_config

@@ -21,14 +21,8 @@ from broker.jose import Signer, generate_ec_jwk
 from broker.observability import Metrics
 from broker.policy.approvers import Eligibility, EligibilityCompileError
 from broker.state.memory import MemoryStore
-from broker.txn.approvals import (
-    Approval,
-    ApprovalBook,
-    apply_decision,
-    approval_requirements,
-    covers,
-    rfc3339,
-)
+from broker.txn.approval_rules import Approval, apply_decision, approval_requirements, covers, rfc3339
+from broker.txn.approvals import ApprovalBook
 from broker.txn.webhooks import MAX_BACKOFF_SECONDS, WebhookNotifier, announcement_claims
 
 T0 = 1_750_000_000.0
