@@ -46,8 +46,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -62,24 +61,20 @@ from broker.audit.chain import (
     RECORD_FIELDS,
     RESERVED_FIELDS,
     Keys,
-    checkpoint_problem,
     checkpoint_record,
     format_ts,
     load_keys,
-    record_hash,
     resume_record,
     seal,
 )
-from broker.canonical import strict_loads
-from broker.errors import AuditUnavailable, InvalidRequest
+from broker.audit.tail import ResumeReport, corrupt, scan_tail
+from broker.errors import AuditUnavailable
 from broker.jose import JoseError, SigningKey
 
 __all__ = ["AuditLog", "ResumeReport", "head_path_for"]
 
 log = structlog.get_logger("broker.audit")
 
-_MAX_LINE = 1 << 20  # a line longer than this is not one of ours
-_READ_CHUNK = 1 << 16
 # A7: ASCII-only lines; every control character (newline, ESC, ...) and non-ASCII character is escaped.
 _LINE_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
 #: the data of an append-only file (and its size) is what matters; its mtime need not reach the disk
@@ -89,28 +84,6 @@ _DEFAULT_FSYNC: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 def head_path_for(path: Path) -> Path:
     """Where the head anchor of the log at ``path`` lives: ``<path>.head``."""
     return path.with_name(path.name + ".head")
-
-
-@dataclass(frozen=True)
-class ResumeReport:
-    """What ``open`` found after the last verifiable checkpoint, as written in the ``audit_resume`` record."""
-
-    #: the ``audit_resume`` record's own seq
-    resume_seq: int
-    #: first and last seq of the records nothing proves a broker wrote
-    unverified_from: int
-    unverified_to: int
-    #: seq of the last checkpoint whose signature verified (0: none)
-    anchor_seq: int
-    #: byte offset of the first unverified record
-    unverified_offset: int
-    #: size of the log as found, and the hex SHA-256 of those bytes
-    file_bytes: int
-    file_sha256: str
-
-    @property
-    def unverified_records(self) -> int:
-        return self.unverified_to - self.unverified_from + 1
 
 
 class _AnchorError(OSError):
@@ -604,68 +577,12 @@ class AuditLog:
             raise AuditUnavailable(f"unusable audit verification keys: {exc}", reason="audit_keys") from exc
 
     def _resume(self, fd: int, size: int) -> tuple[int, int, int] | None:
-        """Set the chain state from the log's end; return (first unverified seq, its offset, anchor seq) or None.
-
-        Walks back from the last record to the last checkpoint signed by a trusted key, checking each record's
-        hash and its link to the next one on the way."""
-        self._seq, self._head, self._since_checkpoint = 0, GENESIS, 0
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            raise self._corrupt("it ends with a partial line (crash during a write?)")
-        anchor = self._read_anchor()
-        keys = self._keys()
-        later: dict[str, Any] | None = None  # the record after the current one
-        tail_offset = 0
-        anchor_seq = 0
-        for offset, line in self._lines_backwards(fd, size):
-            record = self._parse(line)
-            if record is None:
-                raise self._corrupt(
-                    "its last record does not verify"
-                    if later is None
-                    else f"the record before seq {later['seq']} (byte {offset}) does not verify"
-                )
-            seq = record["seq"]
-            if later is None:
-                self._seq, self._head = seq, record["hash"]
-                if anchor is not None and anchor["seq"] > seq:
-                    # Starting here would write new records under seq numbers the anchor already vouches for.
-                    raise AuditUnavailable(
-                        f"audit log {self.path} is truncated: head anchor names seq {anchor['seq']} but the log "
-                        f"ends at {seq}; run `broker audit verify` and restore the log",
-                        reason="audit_log_truncated",
-                    )
-            elif later["prev"] != record["hash"] or later["seq"] != seq + 1:
-                raise self._corrupt(f"its chain is broken before seq {later['seq']}")
-            if (
-                anchor is not None
-                and seq == anchor["seq"]
-                and (
-                    record.get("event") != "checkpoint"
-                    or record["prev"] != anchor["head"]
-                    or record.get("sig") != anchor["sig"]
-                )
-            ):
-                raise self._corrupt(f"its head anchor {self.head_path} does not match its record seq {seq}")
-            if record.get("event") == "checkpoint":
-                claims = {"seq": seq, "head": record["prev"], "ts": record.get("ts")}
-                if checkpoint_problem(record.get("sig"), claims=claims, keys=keys) is None:
-                    anchor_seq, tail_offset = seq, offset + len(line) + 1
-                    break
-            later = record
-        else:
-            # no checkpoint we can verify (an anchor met on the way matched its record but not our keys)
-            if later is not None and (later["seq"] != 1 or later["prev"] != GENESIS):
-                raise self._corrupt("its first record is not seq 1 chained to genesis")
-            if later is None and anchor is not None:
-                raise AuditUnavailable(
-                    f"audit log {self.path} is truncated: head anchor names seq {anchor['seq']} but the log is "
-                    "empty; run `broker audit verify` and restore the log",
-                    reason="audit_log_truncated",
-                )
-        self._anchored_seq = anchor["seq"] if anchor is not None else 0
-        if anchor_seq == self._seq:
-            return None
-        return anchor_seq + 1, tail_offset, anchor_seq
+        """Set the chain state from the log's end (:func:`broker.audit.tail.scan_tail`); return (first unverified
+        seq, its offset, anchor seq) or None."""
+        found = scan_tail(fd, size, path=self.path, head_path=self.head_path, keys=self._keys)
+        self._seq, self._head, self._since_checkpoint = found.seq, found.head, 0
+        self._anchored_seq = found.anchored_seq
+        return found.unverified
 
     def _write_resume(self, unverified_from: int, unverified_offset: int, anchor_seq: int) -> None:
         """Name the records nothing vouches for in an ``audit_resume`` record, then seal it."""
@@ -714,71 +631,5 @@ class AuditLog:
         if self._on_resume is not None:
             self._on_resume(report)
 
-    @staticmethod
-    def _parse(line: bytes) -> dict[str, Any] | None:
-        """The record on this line if it is well-formed and its hash matches its content."""
-        try:
-            record = strict_loads(line)
-        except InvalidRequest:
-            return None
-        if (
-            not isinstance(record, dict)
-            or type(record.get("seq")) is not int
-            or not isinstance(record.get("prev"), str)
-            or not isinstance(record.get("hash"), str)
-            or not record["prev"].isascii()
-            or record_hash(record["prev"], record) != record["hash"]
-        ):
-            return None
-        return record
-
-    def _lines_backwards(self, fd: int, size: int) -> Iterator[tuple[int, bytes]]:
-        """(offset, line without its newline) from the last line to the first; the file ends with a newline."""
-        if size == 0:
-            return
-        position = size - 1  # the buffer holds the bytes [position, position + stop)
-        buffer = b""
-        stop = 0
-        while True:
-            newline = buffer.rfind(b"\n", 0, stop)
-            if newline >= 0:
-                yield position + newline + 1, buffer[newline + 1 : stop]
-                stop = newline
-                continue
-            if position == 0:
-                yield 0, buffer[:stop]
-                return
-            if stop > _MAX_LINE:
-                raise self._corrupt("it holds a line that is too long")
-            begin = max(0, position - _READ_CHUNK)
-            buffer = os.pread(fd, position - begin, begin) + buffer[:stop]
-            stop += position - begin
-            position = begin
-
-    def _read_anchor(self) -> dict[str, Any] | None:
-        try:
-            raw = self.head_path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise AuditUnavailable(
-                f"cannot read {self.head_path}: {exc.strerror}", reason="audit_write_failed"
-            ) from exc
-        try:
-            anchor = strict_loads(raw)
-        except InvalidRequest:
-            anchor = None
-        if (
-            not isinstance(anchor, dict)
-            or type(anchor.get("seq")) is not int
-            or not isinstance(anchor.get("head"), str)
-            or not isinstance(anchor.get("sig"), str)
-        ):
-            raise self._corrupt(f"its head anchor {self.head_path} is unreadable")
-        return anchor
-
     def _corrupt(self, why: str) -> AuditUnavailable:
-        return AuditUnavailable(
-            f"refusing to continue audit log {self.path}: {why}; run `broker audit verify`",
-            reason="audit_log_corrupt",
-        )
+        return corrupt(self.path, why)
