@@ -101,6 +101,14 @@ from broker.state.base import (
     unavailable,
 )
 from broker.state.redis_cluster import open_client, parse_redis_url
+from broker.state.redis_scripts import (
+    CAS_JSON_SCRIPT,
+    CLAIM_ALL_SCRIPT,
+    GUARD_SCRIPT,
+    PUT_JSON_SCRIPT,
+    RESERVE_SCRIPT,
+    REVOKE_SCRIPT,
+)
 
 T = TypeVar("T")
 
@@ -111,70 +119,6 @@ DEFAULT_MAX_CONNECTIONS: Final = 64
 # CLUSTERDOWN/MOVED loops), cluster topology errors (RedisClusterException: no node reachable, slot not
 # covered), raw socket/TLS errors, our own asyncio.timeout, and ValueError from stored data that does not decode.
 _BACKEND_ERRORS: Final = (RedisError, RedisClusterException, OSError, TimeoutError, ValueError)
-
-# KEYS: the claims; ARGV[i]: PX of KEYS[i]. All or nothing: one existing key refuses them all.
-_CLAIM_ALL: Final = """
-if redis.call('EXISTS', unpack(KEYS)) > 0 then return 0 end
-for i = 1, #KEYS do redis.call('SET', KEYS[i], '1', 'PX', ARGV[i]) end
-return 1
-"""
-
-# KEYS: ARGV[1] revocation keys, then the claims; ARGV[2..]: PX of each claim. Returns -i when revocation i
-# exists, +j when claim j was already taken (nothing is then set), 0 when all claims were recorded.
-_GUARD: Final = """
-local nrev = tonumber(ARGV[1])
-for i = 1, nrev do if redis.call('EXISTS', KEYS[i]) == 1 then return -i end end
-for i = nrev + 1, #KEYS do if redis.call('EXISTS', KEYS[i]) == 1 then return i - nrev end end
-for i = nrev + 1, #KEYS do redis.call('SET', KEYS[i], '1', 'PX', ARGV[i - nrev + 1]) end
-return 0
-"""
-
-# Counter reservation (CONTRACT §12). KEYS: counter sorted sets (distinct); ARGV[1]: the event's score (now);
-# then for key i, ARGV[3i-1..3i+1]: window cut-off (now - window: events at or below it are out), PX, member.
-# Returns, per key, the members in the window BEFORE this event (the caller parses count and sum from them,
-# exactly as window_stats does). Types are checked before any write: a key of another type refuses the whole
-# reservation with nothing added (a script error does not roll back writes already made).
-_RESERVE: Final = """
-for i = 1, #KEYS do
-  local t = redis.call('TYPE', KEYS[i])['ok']
-  if t ~= 'zset' and t ~= 'none' then return redis.error_reply('WRONGTYPE counter key holds another type') end
-end
-local seen = {}
-for i = 1, #KEYS do
-  local cut, px, member = ARGV[3 * i - 1], ARGV[3 * i], ARGV[3 * i + 1]
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', cut)
-  seen[i] = redis.call('ZRANGE', KEYS[i], 0, -1)
-  redis.call('ZADD', KEYS[i], ARGV[1], member)
-  redis.call('PEXPIRE', KEYS[i], px)
-end
-return seen
-"""
-
-# KEYS[1]: revocation; ARGV[1]: PX. PTTL is -2 when absent, -1 without expiry: never shorten a revocation.
-_REVOKE: Final = """
-local left = redis.call('PTTL', KEYS[1])
-if left == -1 or left >= tonumber(ARGV[1]) then return 0 end
-redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
-return 1
-"""
-
-# Records are hashes {v: version, d: JSON text}: the version is compared without decoding JSON in Lua.
-# KEYS[1]: record; ARGV[1]: JSON; ARGV[2]: PX. Unconditional write, version + 1 (no ABA for a stale CAS).
-_PUT_JSON: Final = """
-local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
-redis.call('HSET', KEYS[1], 'v', v + 1, 'd', ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return v + 1
-"""
-
-# KEYS[1]: record; ARGV[1]: expected version (0 = absent); ARGV[2]: JSON; ARGV[3]: PX.
-_CAS_JSON: Final = """
-local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
-if v ~= tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], 'v', v + 1, 'd', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
-"""
 
 
 def _amount_of(member: object) -> float:
@@ -217,12 +161,12 @@ class RedisStore(StateStore):
         # max_connections operations run at once (each uses one connection at a time).
         self._slots = None if target.topology == "single" else asyncio.Semaphore(max_connections)
         # Scripts run by EVALSHA and reload on NOSCRIPT (a restarted Redis has an empty script cache).
-        self._claim_all_script = self._redis.register_script(_CLAIM_ALL)
-        self._revoke_script = self._redis.register_script(_REVOKE)
-        self._guard_script = self._redis.register_script(_GUARD)
-        self._put_json_script = self._redis.register_script(_PUT_JSON)
-        self._cas_json_script = self._redis.register_script(_CAS_JSON)
-        self._reserve_script = self._redis.register_script(_RESERVE)
+        self._claim_all_script = self._redis.register_script(CLAIM_ALL_SCRIPT)
+        self._revoke_script = self._redis.register_script(REVOKE_SCRIPT)
+        self._guard_script = self._redis.register_script(GUARD_SCRIPT)
+        self._put_json_script = self._redis.register_script(PUT_JSON_SCRIPT)
+        self._cas_json_script = self._redis.register_script(CAS_JSON_SCRIPT)
+        self._reserve_script = self._redis.register_script(RESERVE_SCRIPT)
 
     async def _run(self, op: Op, call: Callable[[], Awaitable[T]]) -> T:
         """Run one operation under the time bound; backend failures become StateUnavailable (fail closed)."""
