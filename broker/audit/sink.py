@@ -67,6 +67,7 @@ from broker.audit.chain import (
     resume_record,
     seal,
 )
+from broker.audit.durability import Durability, running_loop, settle
 from broker.audit.tail import ResumeReport, corrupt, scan_tail
 from broker.errors import AuditUnavailable
 from broker.jose import JoseError, SigningKey
@@ -86,14 +87,6 @@ def head_path_for(path: Path) -> Path:
     return path.with_name(path.name + ".head")
 
 
-class _AnchorError(OSError):
-    """The head anchor could not be written (the records themselves are on disk)."""
-
-
-class _Closed(Exception):
-    """The log was closed before a queued fsync ran."""
-
-
 def _scrub_surrogates(value: Any) -> Any:
     # A lone surrogate (possible in a JWT claim decoded by a lenient parser) has no UTF-8 form, so JCS
     # cannot hash it; the refusal of that request must still be audited, so record U+FFFD in its place.
@@ -106,23 +99,7 @@ def _scrub_surrogates(value: Any) -> Any:
     return value
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
-def _settle(future: asyncio.Future[None], error: BaseException | None = None) -> None:
-    if future.done():  # the waiting request was cancelled
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
-
-
-class AuditLog:
+class AuditLog(Durability):
     """Append-only, hash-chained JSON-lines audit log with signed checkpoints and group commit.
 
     ``signer`` signs checkpoints; ``trusted_jwks`` (default: the signer's published keys — a
@@ -269,7 +246,7 @@ class AuditLog:
             closed = AuditUnavailable("audit log closed", reason="audit_closed")
             while self._waiters:
                 seq, future = self._waiters.popleft()
-                _settle(future, None if seq <= self._durable_seq else closed)
+                settle(future, None if seq <= self._durable_seq else closed)
             if self._executor is not None:
                 self._executor.shutdown(wait=False)
                 self._executor = None
@@ -379,7 +356,7 @@ class AuditLog:
 
         ``sync``: with ``fsync=True``, fsync (and write the anchor of a checkpoint) before returning; otherwise
         leave both to the group-commit flusher (when an event loop runs)."""
-        loop = None if sync or not self._fsync else _running_loop()
+        loop = None if sync or not self._fsync else running_loop()
         inline = self._fsync and loop is None
         data = "".join(_LINE_ENCODER.encode(r) + "\n" for r in records).encode("ascii")
         self._write(data, sync=inline)
@@ -405,164 +382,6 @@ class AuditLog:
                 self._anchor_due = None
         else:
             self._kick()
-
-    def _write(self, data: bytes, *, sync: bool) -> None:
-        assert self._file is not None
-        written = 0
-        try:
-            view = memoryview(data)
-            while written < len(data):
-                count = self._file.write(view[written:])
-                if not count:  # a zero-length write would loop forever
-                    raise OSError("audit log write made no progress")
-                written += count
-            if sync:
-                self._fsync_fn(self._file.fileno())
-                self.fsyncs += 1
-        except OSError as exc:
-            self._failed = True
-            if written:
-                self._rollback()
-            raise AuditUnavailable("audit log unavailable", reason="audit_write_failed") from exc
-        self._size += len(data)
-        if sync or not self._fsync:
-            self._failed = False  # with group commit, only a successful fsync makes the log healthy again
-
-    def _rollback(self) -> None:
-        # Cut the half-written (or unsynced) lines so the file still ends with the record our head names.
-        assert self._file is not None
-        try:
-            os.ftruncate(self._file.fileno(), self._size)
-        except OSError:
-            self._broken = True
-
-    def _sync_now(self) -> None:
-        """fsync on this thread and write the anchor due; raises AuditUnavailable."""
-        assert self._file is not None
-        try:
-            self._fsync_fn(self._file.fileno())
-            self.fsyncs += 1
-        except OSError as exc:
-            self._failed = True
-            raise AuditUnavailable("audit log unavailable", reason="audit_write_failed") from exc
-        self._durable(self._seq)
-        if self._anchor_due is not None:
-            self._write_anchor(self._anchor_due)
-            self._anchor_due = None
-
-    def _write_anchor(self, checkpoint: Mapping[str, Any]) -> None:
-        try:
-            with self._io_lock:
-                self._anchor_io(checkpoint)
-        except OSError as exc:
-            # The records are on disk and chained; only the anchor is stale. Refuse the decision anyway.
-            self._failed = True
-            raise AuditUnavailable(
-                "audit head anchor unavailable", reason="audit_anchor_write_failed"
-            ) from exc
-
-    def _anchor_io(self, checkpoint: Mapping[str, Any]) -> None:
-        """Replace ``<log>.head`` with this checkpoint (call with ``_io_lock`` held; raises OSError).
-
-        With ``fsync=True`` only once the checkpoint itself is durable, and the new anchor is synced before the
-        rename: after a power loss the anchor is the old one or the new one, never ahead of the log. The rename
-        is not synced: an older anchor is only weaker evidence, not a false alarm."""
-        if checkpoint["seq"] <= self._anchored_seq:
-            return  # a newer anchor is already in place
-        anchor = {"seq": checkpoint["seq"], "head": checkpoint["prev"], "sig": checkpoint["sig"]}
-        tmp = self.head_path.with_name(self.head_path.name + ".tmp")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
-        with os.fdopen(os.open(tmp, flags, 0o644), "w", encoding="ascii") as fh:
-            fh.write(json.dumps(anchor, separators=(",", ":")) + "\n")
-            if self._fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, self.head_path)  # atomic: a reader sees the old anchor or the new one
-        self._anchored_seq = checkpoint["seq"]
-
-    # -- group commit --------------------------------------------------------------------------------------
-
-    def _durable(self, seq: int) -> None:
-        self._durable_seq = max(self._durable_seq, seq)
-        while self._waiters and self._waiters[0][0] <= self._durable_seq:
-            _settle(self._waiters.popleft()[1])
-
-    def _kick(self) -> None:
-        if self._flusher is None:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
-
-    async def _flush_loop(self) -> None:
-        """One fsync at a time, each covering every record written before it started; until all are durable."""
-        loop = asyncio.get_running_loop()
-        try:
-            while self._file is not None and (self._durable_seq < self._seq or self._anchor_due is not None):
-                target, anchor = self._seq, self._anchor_due
-                self._anchor_due = None
-                if self._executor is None:
-                    self._executor = concurrent.futures.ThreadPoolExecutor(
-                        1, thread_name_prefix="audit-fsync"
-                    )
-                try:
-                    await loop.run_in_executor(self._executor, self._sync_job, anchor)
-                except _Closed:
-                    return
-                except OSError as exc:
-                    anchor_failed = isinstance(exc, _AnchorError)
-                    if anchor_failed:
-                        self._durable_seq = max(self._durable_seq, target)  # the records made it
-                    if anchor is not None and self._anchor_due is None:
-                        self._anchor_due = anchor  # retried with the next batch
-                    self._failed = True
-                    reason = "audit_anchor_write_failed" if anchor_failed else "audit_write_failed"
-                    log.error(
-                        "audit fsync failed", reason=reason, error=str(exc.__cause__ or exc), seq=target
-                    )
-                    error = AuditUnavailable("audit log unavailable", reason=reason)
-                    while self._waiters:  # every committer waiting now: nothing is acknowledged on a failure
-                        _settle(self._waiters.popleft()[1], error)
-                    return  # the next commit starts a new batch
-                self._failed = False
-                self._durable(target)
-        finally:
-            self._flusher = None
-
-    def _sync_job(self, anchor: Mapping[str, Any] | None) -> None:
-        """In the fsync thread: fsync the log, then write the anchor of a checkpoint it covers."""
-        with self._io_lock:
-            file = self._file
-            if file is None:
-                raise _Closed
-            self._fsync_fn(file.fileno())
-            self.fsyncs += 1
-            if anchor is not None:
-                try:
-                    self._anchor_io(anchor)
-                except OSError as exc:
-                    raise _AnchorError(str(exc)) from exc
-
-    # -- the checkpoint timer ------------------------------------------------------------------------------
-
-    def _arm_timer(self) -> None:
-        if self._checkpoint_seconds is None or self._timer is not None:
-            return
-        loop = _running_loop()
-        if loop is not None:
-            self._timer = loop.call_later(self._checkpoint_seconds, self._seal_due)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _seal_due(self) -> None:
-        self._timer = None
-        if not self._since_checkpoint or self._file is None or self._broken:
-            return
-        try:
-            self._append_checkpoint(sync=False)
-        except AuditUnavailable as exc:
-            log.error("audit checkpoint could not be written", reason=exc.reason)
-            self._arm_timer()  # try again later
 
     # -- resuming ------------------------------------------------------------------------------------------
 
