@@ -46,6 +46,13 @@ class RequestContext:
     audited: bool = False
     #: the policy_version of the config this request was decided under
     policy_version: str | None = None
+    #: W3C traceparent of this request's span (the caller's trace continued, or a new one): forwarded upstream,
+    #: its trace id in the audit record and the access log (CONTRACT §16)
+    traceparent: str = ""
+
+    @property
+    def trace_id(self) -> str | None:
+        return self.traceparent[3:35] if self.traceparent else None
 
     @property
     def event(self) -> str | None:
@@ -65,6 +72,8 @@ class RequestContext:
             "policy_version": self.policy_version,
             "status": self.status,
         }
+        if self.traceparent:
+            fields["trace_id"] = self.trace_id
         if self.client_request_id is not None:
             fields["client_request_id"] = self.client_request_id
         if self.audit_args:

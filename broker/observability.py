@@ -6,6 +6,7 @@ never a subject, a token or anything else a caller controls.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -137,6 +138,25 @@ def traceparent_for(header_value: str | None) -> str:
     return f"00-{trace_id}-{_ids.getrandbits(64) or 1:016x}-{flags}"
 
 
+class BestEffortStream:
+    """stderr for log lines, best effort: a log sink that fails (a full disk, EFBIG under a file-size limit, a
+    closed pipe) drops the line instead of failing the request that logged it. The audit log is the evidence
+    and fails closed on its own; logs are for operators."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except (OSError, ValueError):  # ValueError: write to a closed file
+            return 0
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()
+
+
 def configure_logging(*, fmt: str = "json", level: str = "info") -> None:
     """structlog JSON lines on stderr (``console`` for humans); stdlib loggers (aiohttp) go the same way."""
     numeric = getattr(logging, level.upper(), logging.INFO)
@@ -153,7 +173,7 @@ def configure_logging(*, fmt: str = "json", level: str = "info") -> None:
     structlog.configure(
         processors=[*processors, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=BestEffortStream(sys.stderr)),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(name)s %(message)s")

@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import ssl
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 import pytest
+import structlog
 import yaml
 from aiohttp import web
 from multidict import CIMultiDict
@@ -28,6 +30,10 @@ from broker.server import RunningBroker, start
 from tests.certfactory import Pki, client_ssl_context, make_pki
 from tests.dpopfactory import make_proof
 from tests.tokenfactory import OMIT, make_token
+
+# In-process brokers log as `broker run` does: to stderr (one access line per request), never into the stdout
+# that a command-line test reads.
+structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
 
 
 @pytest.fixture(scope="session")

@@ -32,11 +32,12 @@ from broker.errors import (
     UseDpopNonce,
 )
 from broker.gateway.services import audit_decision as pipeline_audit
-from broker.observability import client_request_id, new_request_id
+from broker.observability import client_request_id, new_request_id, traceparent_for
 from broker.resources import DRAINING, METRICS, RUNTIME, SERVICES
 from broker.runtime import Challenge
 
 log = structlog.get_logger("broker.request")
+access_log = structlog.get_logger("broker.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _AUTH_ERRORS = (InvalidClient, InvalidToken, InvalidDpopProof, UseDpopNonce)
@@ -155,8 +156,9 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
         request_id=new_request_id(), client_request_id=client_request_id(request.headers.get("X-Request-Id"))
     )
     ctx.policy_version = runtime.policy_version
+    ctx.traceparent = traceparent_for(request.headers.get("traceparent"))
     request[CTX] = ctx
-    structlog.contextvars.bind_contextvars(request_id=ctx.request_id)
+    structlog.contextvars.bind_contextvars(request_id=ctx.request_id, trace_id=ctx.trace_id)
     if ctx.client_request_id is not None:
         structlog.contextvars.bind_contextvars(client_request_id=ctx.client_request_id)
     response: web.StreamResponse
@@ -190,7 +192,7 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
         return response
     finally:
         _observe(app, request, ctx)
-        structlog.contextvars.unbind_contextvars("request_id", "client_request_id")
+        structlog.contextvars.unbind_contextvars("request_id", "trace_id", "client_request_id")
 
 
 def _from_http_exception(exc: web.HTTPException) -> BrokerError:
@@ -217,3 +219,16 @@ def _observe(app: web.Application, request: web.Request, ctx: RequestContext) ->
     tool = ctx.tool if ctx.tool is not None and ctx.tool in app[RUNTIME].current.tools else "-"
     metrics.requests.labels(route=ctx.route, tool=tool, decision=ctx.decision or "error", code=ctx.code).inc()
     metrics.request_duration.labels(route=ctx.route).observe(elapsed)
+    # CONTRACT §16: one access-log line per request, allowed or refused (request_id and trace_id come from the
+    # bound context); never a token, a proof or an argument value
+    access_log.info(
+        "access",
+        route=ctx.route,
+        tool=ctx.tool if tool != "-" else None,
+        decision=ctx.decision or "error",
+        code=ctx.code,
+        status=ctx.status,
+        duration_ms=round(elapsed * 1000, 3),
+        subject=ctx.subject,
+        actor=str(ctx.actor) if ctx.actor else None,
+    )

@@ -22,7 +22,6 @@ from broker.gateway.forward import json_response, upstream_headers
 from broker.gateway.guard import final_guard
 from broker.gateway.pipeline import ToolCall, authorize
 from broker.gateway.services import audit_decision
-from broker.observability import traceparent_for
 from broker.policy.engine import PolicyError
 from broker.resources import SERVICES
 
@@ -54,7 +53,7 @@ async def invoke_tool(request: web.Request) -> web.StreamResponse:
     assert compiled is not None  # authorize refuses a tool it does not know
     headers = upstream_headers(
         request_id=ctx.request_id,
-        traceparent=traceparent_for(request.headers.get("traceparent")),
+        traceparent=ctx.traceparent,
         extra={"Txn-Token": authorized.txn_token},
     )
     answer = await services.forwarder.call(compiled.target, authorized.body, headers)

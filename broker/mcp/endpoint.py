@@ -79,7 +79,6 @@ from broker.mcp.relay import Relay, Transform, dumps, relay
 from broker.mcp.sessions import SessionBinding, SessionStore
 from broker.mcp.sse import EVENT_IDS, event_id_context
 from broker.mcp.upstream import JSON, SSE, Catalogs, McpUpstream, ServerTable, exchange, read_answer
-from broker.observability import traceparent_for
 from broker.resources import MCP_PINS, MCP_STATE, METRICS, SERVICES, SESSION, STATE
 from broker.runtime import Runtime
 
@@ -196,7 +195,7 @@ def _base_headers(request: web.Request) -> dict[str, str]:
         "Accept": _FORWARD_ACCEPT,
         "Accept-Encoding": "identity",
         "X-Request-Id": request[CTX].request_id,
-        "traceparent": traceparent_for(request.headers.get("traceparent")),
+        "traceparent": request[CTX].traceparent,
     }
 
 

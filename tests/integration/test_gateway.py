@@ -6,6 +6,7 @@ Every refusal also asserts what must not happen: the upstream saw nothing.
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 from datetime import timedelta
 from pathlib import Path
@@ -13,6 +14,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
+import structlog.testing
 from aiohttp import web
 
 from broker.audit.verify import verify_log
@@ -84,6 +87,38 @@ async def test_svid_call_is_forwarded_with_clean_headers(
     assert trace[1] == "0af7651916cd43dd8448eb211c80319c" and trace[2] != "b7ad6b7169203331"
     # the backend sees the broker's own certificate, never the agent's
     assert got.peer_cert == der_of(pki.broker)
+
+
+async def test_every_request_leaves_one_access_line_and_its_trace_id_everywhere(
+    broker: BrokerUnderTest, upstream: RecordingUpstream
+) -> None:
+    """CONTRACT §16: one access-log line per request, allowed or refused, with the trace id that the audit record
+    and the forwarded traceparent carry; never a token, a proof or an argument value."""
+    caller = broker.caller()
+    incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    with structlog.testing.capture_logs() as logs:
+        allowed = await caller.call("POST", TOOL, INVOICE, headers={"traceparent": incoming})
+        refused = await caller.call("POST", "/v1/tools/noSuchTool", INVOICE)
+    assert (allowed.status, refused.status) == (200, 404)
+    lines = [entry for entry in logs if entry["event"] == "access"]
+    assert [line["status"] for line in lines] == [200, 404]
+    first, second = lines
+    assert (first["decision"], first["code"], first["route"], first["tool"]) == (
+        "allow",
+        "ok",
+        "invoke",
+        "approveExpense",
+    )
+    assert (second["decision"], second["code"]) == ("deny", "unknown_tool")
+    assert first["subject"] == "alice" and first["actor"].startswith("spiffe://") and first["duration_ms"] > 0
+    [got] = upstream.received
+    trace_id = incoming.split("-")[1]
+    assert got.headers["traceparent"].split("-")[1] == trace_id  # the caller's trace, continued
+    records = {r["request_id"]: r for r in broker.audit_records() if r.get("request_id")}
+    assert records[allowed.headers["X-Request-Id"]]["trace_id"] == trace_id
+    assert len(records[refused.headers["X-Request-Id"]]["trace_id"]) == 32  # a trace started here
+    text = json.dumps(lines)
+    assert caller.token not in text and "INV-8831" not in text  # no credential, no argument value
 
 
 @pytest.mark.parametrize(
