@@ -237,3 +237,19 @@ def checkpoint_problem(sig: Any, *, claims: Mapping[str, Any], keys: Keys | None
     if not verify_signature(key, alg, f"{header_b64}.{payload_b64}".encode("ascii"), signature):
         return "bad signature: checkpoint signature does not verify"
     return None
+
+
+def parse_anchor(raw: bytes) -> dict[str, Any] | None:
+    """The head anchor ``{"seq", "head", "sig"}`` in ``raw`` (the bytes of ``<log>.head``), None if malformed."""
+    try:
+        anchor = strict_loads(raw)
+    except InvalidRequest:
+        return None
+    if (
+        not isinstance(anchor, dict)
+        or type(anchor.get("seq")) is not int
+        or not isinstance(anchor.get("head"), str)
+        or not isinstance(anchor.get("sig"), str)
+    ):
+        return None
+    return anchor

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from broker.audit.chain import GENESIS, Keys, checkpoint_problem, record_hash
+from broker.audit.chain import GENESIS, Keys, checkpoint_problem, parse_anchor, record_hash
 from broker.canonical import strict_loads
 from broker.errors import AuditUnavailable, InvalidRequest
 
@@ -178,15 +178,7 @@ def read_anchor(head_path: Path, path: Path) -> dict[str, Any] | None:
         raise AuditUnavailable(
             f"cannot read {head_path}: {exc.strerror}", reason="audit_write_failed"
         ) from exc
-    try:
-        anchor = strict_loads(raw)
-    except InvalidRequest:
-        anchor = None
-    if (
-        not isinstance(anchor, dict)
-        or type(anchor.get("seq")) is not int
-        or not isinstance(anchor.get("head"), str)
-        or not isinstance(anchor.get("sig"), str)
-    ):
+    anchor = parse_anchor(raw)
+    if anchor is None:
         raise corrupt(path, f"its head anchor {head_path} is unreadable")
     return anchor

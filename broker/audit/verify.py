@@ -35,6 +35,7 @@ from broker.audit.chain import (
     checkpoint_problem,
     jws_payload,
     load_keys,
+    parse_anchor,
     record_hash,
 )
 from broker.audit.sink import head_path_for
@@ -114,16 +115,8 @@ def _read_anchor(path: Path, keys: Keys | None) -> dict[str, Any] | None:
         return None
     except OSError as exc:
         raise _Bad(f"head anchor {path} unreadable: {exc.strerror}", seq=None, line=None) from exc
-    try:
-        anchor = strict_loads(raw)
-    except InvalidRequest:
-        anchor = None
-    if (
-        not isinstance(anchor, dict)
-        or type(anchor.get("seq")) is not int
-        or not isinstance(anchor.get("head"), str)
-        or not isinstance(anchor.get("sig"), str)
-    ):
+    anchor = parse_anchor(raw)
+    if anchor is None:
         raise _Bad(f"malformed head anchor {path}", seq=None, line=None)
     if keys is not None:
         # The anchor's sig is the anchored checkpoint's: check it on its own, the checkpoint may be gone.
