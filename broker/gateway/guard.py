@@ -8,7 +8,7 @@ answer refuses the request (503 ``state_unavailable``, S01): there is never a lo
 
 from __future__ import annotations
 
-from broker.errors import InvalidDpopProof, InvalidToken, InvalidTxnToken, UnknownTool
+from broker.errors import AccessDenied, InvalidDpopProof, InvalidToken, InvalidTxnToken, UnknownTool
 from broker.identity.principal import Principal
 from broker.observability import Metrics
 from broker.state.base import StateStore
@@ -26,14 +26,16 @@ async def final_guard(
     *,
     tool: str | None = None,
     txn: tuple[str, str, float] | None = None,
-    revocations: dict[str, str] | None = None,
+    policy_version: str | None = None,
 ) -> None:
     """Refuse if anything about this request was revoked; else record its proof and txn token as used.
 
-    ``txn`` is (txn id, store key, ttl) of a presented transaction token; ``revocations`` adds kinds to check
-    (e.g. the ``policy_version`` a presented txn token was minted under: CONTRACT §17).
+    ``txn`` is (txn id, store key, ttl) of a presented transaction token; ``policy_version`` the version the
+    call's txn token was minted under (the presented one's) or is about to be (CONTRACT §17).
     """
-    revocations = {**principal.revocation_kinds(), **(revocations or {})}
+    revocations = principal.revocation_kinds()
+    if policy_version is not None:
+        revocations["policy_version"] = policy_version
     if tool is not None:
         revocations["grant"] = grant_id(principal.subject, principal.actor_id, tool)
     claims: list[tuple[str, float]] = []
@@ -52,6 +54,12 @@ async def final_guard(
     if found.revoked == "txn":
         raise InvalidTxnToken("transaction token has been revoked", reason="txn_revoked")
     if found.revoked == "policy_version":
+        if (
+            txn is None
+        ):  # nothing is minted under a revoked version: the operator loads (or rolls back to) another
+            raise AccessDenied(
+                "the policy in force has been revoked; try again later", reason="revoked_policy_version"
+            )
         raise InvalidTxnToken("transaction token has been revoked", reason="revoked_policy_version")
     if found.revoked is not None:
         raise InvalidToken("access token has been revoked", reason=f"revoked_{found.revoked}")

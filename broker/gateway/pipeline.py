@@ -217,28 +217,18 @@ async def _decide_and_seal(
         )
 
     txn_claim = None  # 8
-    # the policy version the token was (or is about to be) minted under: a revoked one refuses (CONTRACT §17)
-    revocations = {"policy_version": runtime.policy_version}
     if presented is not None:
         record.txn = presented.txn
         txn_claim = (presented.txn, txn_replay_key(presented.txn), max(1.0, presented.exp - now + TXN_LEEWAY))
-        revocations["policy_version"] = presented.policy_version
-    try:
-        await final_guard(
-            services.store,
-            services.metrics,
-            principal,
-            tool=tool.name,
-            txn=txn_claim,
-            revocations=revocations,
-        )
-    except InvalidTxnToken as exc:
-        if presented is not None or exc.reason != "revoked_policy_version":
-            raise
-        # nothing is minted under a revoked policy version: the operator must load (or roll back to) another
-        raise AccessDenied(
-            "the policy in force has been revoked; try again later", reason="revoked_policy_version"
-        ) from exc
+    # the version the token was (or is about to be) minted under: a revoked one refuses (CONTRACT §17)
+    await final_guard(
+        services.store,
+        services.metrics,
+        principal,
+        tool=tool.name,
+        txn=txn_claim,
+        policy_version=presented.policy_version if presented is not None else runtime.policy_version,
+    )
     if approval is not None and call.step != "exchange":  # an approval is spent by the one call it executes
         await spend_approval(
             services, runtime, principal, tool.name, arguments, decision, approval, now, record
