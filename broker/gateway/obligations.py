@@ -141,11 +141,13 @@ async def spend_approval(
     review after the velocity limit), covers more than one call."""
     if await services.approvals.book.use(approval, now):
         return
-    await discharge_approvals(services, runtime, principal, tool, arguments, decision, None, now, record)
-    raise approval_required(  # unreachable unless the used approval still covered the call: refuse anyway
-        ApprovalState(approval, False, approvals_needed(decision), ""),
-        services.approvals.approval_url(approval.id),
+    assert record.args_digest is not None
+    # the binding's live approval now (the spent one is not live any more: a new one is requested)
+    state = await approval_for_call(
+        services, runtime, principal, tool, arguments, record.args_digest, decision, None, now
     )
+    assert state is not None  # this call was decided to need an approval
+    raise approval_required(state, services.approvals.approval_url(state.approval.id))
 
 
 def approval_required(state: ApprovalState, url: str) -> ApprovalRequired:
