@@ -54,15 +54,19 @@ class BrokerError(Exception):
             "request_id": request_id,
         }
 
-    def jsonrpc_data(self) -> dict[str, Any]:
-        """``error.data`` of the JSON-RPC rendering: the code, then what would make the call pass."""
-        return {"error": self.code, **self.rpc_data, **self.extra}
+    def jsonrpc_data(self) -> dict[str, Any] | None:
+        """``error.data`` of the JSON-RPC rendering: the code, then what would make the call pass (its challenge
+        parameters, e.g. ``acr_values``, included)."""
+        return {"error": self.code, **self.rpc_data, **self.extra, **self.challenge_params}
 
 
 class InvalidRequest(BrokerError):
     status = 400
     code = "invalid_request"
     jsonrpc_code = -32602
+
+    def jsonrpc_data(self) -> dict[str, Any] | None:
+        return None  # -32602 is a protocol error: it carries no remediation
 
 
 class InvalidGrant(BrokerError):
@@ -118,6 +122,10 @@ class InsufficientUserAuthentication(BrokerError):
     status = 401
     code = "insufficient_user_authentication"
     jsonrpc_code = -32011
+
+    def jsonrpc_data(self) -> dict[str, Any] | None:
+        return {**(super().jsonrpc_data() or {}), "reason": self.description}
+
     challenge = "DPoP"
 
 
@@ -125,6 +133,9 @@ class AccessDenied(BrokerError):
     status = 403
     code = "access_denied"
     jsonrpc_code = -32010
+
+    def jsonrpc_data(self) -> dict[str, Any] | None:
+        return {"constraint": self.description, **(super().jsonrpc_data() or {})}
 
 
 class ApprovalRequired(BrokerError):
@@ -149,6 +160,9 @@ class UnknownTool(BrokerError):
     status = 404
     code = "unknown_tool"
     jsonrpc_code = -32602
+
+    def jsonrpc_data(self) -> dict[str, Any] | None:
+        return None  # -32602 is a protocol error: it carries no remediation
 
 
 class NotFound(BrokerError):

@@ -158,18 +158,11 @@ async def render_jsonrpc(
         raise written
     ctx.status = status
     code, message = error.jsonrpc_code, error.rpc_message
-    data: dict[str, Any] | None = None
-    if isinstance(error, rpc.JsonRpcError):
-        data = error.data
-    elif error.code not in ("invalid_request", "unknown_tool"):  # those (-32602) carry no remediation
-        data = error.jsonrpc_data()
-        if isinstance(error, InsufficientUserAuthentication):
-            data.update(error.challenge_params)
-            data["reason"] = error.description
+    data = error.jsonrpc_data()
+    if data is not None and not isinstance(error, rpc.JsonRpcError):
+        if error.challenge is not None:  # as the HTTP challenge does (RFC 9728 §5.1)
             data["resource_metadata"] = runtime_of(request).challenge.resource_metadata
-        elif error.code == "access_denied":
-            data.setdefault("constraint", error.description)
-        elif error.code == "approval_required" and url_elicitation:
+        if error.code == "approval_required" and url_elicitation:
             # 2025-11-25 URLElicitationRequiredError: the client sends its user to the URL, then retries the call
             code = rpc.URL_ELICITATION_REQUIRED
             elicitation = {"mode": "url", "elicitationId": data["approval_id"], "url": data["approval_url"]}

@@ -148,6 +148,9 @@ class JsonRpcError(BrokerError):
     def message(self) -> str:
         return self.description
 
+    def jsonrpc_data(self) -> dict[str, Any] | None:
+        return self.data  # type: ignore[no-any-return]
+
     def jsonrpc_body(self, request_id: str | int | None) -> dict[str, Any]:
         return error_body(request_id, self.jsonrpc_code, self.description, self.data)
 
