@@ -7,7 +7,6 @@ gets either the answer with the value gone from every member, or a JSON-RPC erro
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -17,17 +16,7 @@ from broker.gateway.filters import compile_tool_filters
 from broker.mcp import jsonrpc as rpc
 from broker.mcp.answers import call_transform, initialize_answer
 from tests.unit.test_filters_fail_closed import BANK, OTHER, THEIRS, VARIANTS, leaked
-from tests.unit.test_mcp_answers import make_principal
-
-
-def recorder(failures: list[str]) -> Callable[[str], Awaitable[None]]:
-    """An ``on_failure`` callback (the endpoint writes an audit record) that remembers the reasons."""
-
-    async def record(reason: str) -> None:
-        failures.append(reason)
-
-    return record
-
+from tests.unit.test_mcp_answers import make_principal, recorder
 
 APPROVE = compile_tool_filters(
     Tool.model_validate(
