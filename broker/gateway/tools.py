@@ -73,7 +73,8 @@ async def list_tools(request: web.Request) -> web.StreamResponse:
     principal = await authenticate(request, runtime)
     now = int(time.time())
     policies = runtime.policies
-    await final_guard(services.store, services.metrics, principal)
+    # grants are minted under the policy in force: a revoked version mints none (CONTRACT §17)
+    await final_guard(services.store, services.metrics, principal, policy_version=runtime.policy_version)
     env, names = await discover(services, principal, list(runtime.tools), now)
     visible: list[tuple[str, dict[str, Any]]] = []
     for name in names:

@@ -296,7 +296,14 @@ async def _post(
             )
         elif message.method in ("initialize", "server/discover"):
             transform = capabilities_transform
-        await final_guard(services.store, services.metrics, principal)  # 8
+        # tools/list shows what the policy in force lets this pair see: not under a revoked version (§17)
+        listing = message.method == "tools/list"
+        await final_guard(  # 8
+            services.store,
+            services.metrics,
+            principal,
+            policy_version=runtime.policy_version if listing else None,
+        )
         ctx.decision, ctx.reason = "allow", message.method  # 9
         await audit_decision(services, ctx)
     forwarded = message.as_json(params)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+import aiohttp
 import httpx2
 import pytest
 import yaml
@@ -826,3 +827,25 @@ async def test_a_changed_definition_hides_the_tool_until_an_operator_accepts_it(
             )
             assert accepted.status_code == 200 and accepted.json()["accepted"]["digest"] == entry["current"]
         assert names(await alice.list_tools()) == ["approveExpense", "listInvoices"]
+
+
+async def test_a_revoked_policy_version_lists_and_calls_nothing(stack: McpStack) -> None:
+    """CONTRACT §17 on the MCP transport: with the version in force revoked, tools/list (what that policy lets
+    the pair see) and tools/call (an edge txn token under it) are refused; nothing reaches the MCP server."""
+    async with aiohttp.ClientSession() as admin:
+        async with admin.get(f"{stack.admin_url}/admin/config") as reply:
+            version = (await reply.json())["policy_version"]
+        revocation = {"kind": "policy_version", "value": version}
+        async with admin.post(f"{stack.admin_url}/admin/revocations", json=revocation) as reply:
+            assert reply.status == 200
+    http = stack.http("alice", ALICE)
+    listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {"_meta": META}}
+    list_headers = {"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/list"}
+    listed = await stack.post(http, listing, list_headers)
+    called = await stack.post(http, MODERN_CALL, MODERN)
+    assert listed.status_code == 403 and listed.json()["error"] == "access_denied", listed.text
+    assert called.status_code == 200 and called.json()["error"]["code"] == -32010, called.text
+    assert called.json()["error"]["data"]["error"] == "access_denied"
+    assert stack.calls_received() == []
+    forwarded = [r.json() for r in stack.upstream.received if r.method == "POST" and r.body]
+    assert not any(m.get("method") == "tools/list" and m.get("id") == 2 for m in forwarded)

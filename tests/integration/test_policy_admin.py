@@ -135,6 +135,26 @@ async def test_reload_under_load_loses_no_request(
     assert [r.status for r in await asyncio.gather(*calls)] == [200] * 8
 
 
+async def test_a_revoked_policy_version_mints_nothing_more(
+    broker_factory: BrokerFactory, upstream: RecordingUpstream, pki: Pki, tmp_path: Path
+) -> None:
+    """CONTRACT §17: once the version in force is revoked, no grant (discovery) and no txn token (edge
+    invocation) is minted under it, on any route, until another version is loaded."""
+    broker = await broker_factory(policy_config(pki, tmp_path, upstream.url))
+    finance = broker.caller(claims={"groups": ["finance"], "department": "42"})
+    assert (await finance.call("GET", "/v1/tools")).status == 200
+    version = (await admin(broker, "GET", "/admin/config"))[1]["policy_version"]
+    assert (await admin(broker, "POST", "/admin/revocations", {"kind": "policy_version", "value": version}))[
+        0
+    ] == 200
+    listing = await finance.call("GET", "/v1/tools")
+    invoked = await finance.call("POST", TOOL, INVOICE)
+    assert (listing.status, listing.error) == (invoked.status, invoked.error) == (403, "access_denied")
+    assert upstream.received == []
+    reasons = {r["reason"] for r in broker.audit_records() if r.get("decision") == "deny"}
+    assert reasons == {"revoked_policy_version"}
+
+
 async def test_revocations_take_effect_at_once(
     broker_factory: BrokerFactory, upstream: RecordingUpstream, pki: Pki, tmp_path: Path
 ) -> None:
