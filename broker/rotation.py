@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -52,6 +53,8 @@ class Watcher:
     app: web.Application
     server_ssl: ssl.SSLContext
     stamps: dict[Path, Stamp] = field(default_factory=dict)
+    #: rotation records being committed (awaited before the audit store closes)
+    audits: set[asyncio.Task[None]] = field(default_factory=set)
 
     def _files(self) -> dict[str, tuple[Path, ...]]:
         runtime = self.app[RUNTIME].current
@@ -112,14 +115,21 @@ class Watcher:
         self.app[SIGNER].rotate(Signer.from_file(Path(path)), now=time.time())
 
     def _audit(self, what: str) -> None:
+        """Commit the rotation's record (group commit, like every record); ``audits`` holds it until written."""
         record = config_load_record(
             self.app[RUNTIME].current, decision="allow", reason=f"rotated {what}", source="rotation"
         )
+        task = asyncio.get_running_loop().create_task(self._commit(record))
+        self.audits.add(task)
+        task.add_done_callback(self.audits.discard)
+
+    async def _commit(self, record: dict[str, Any]) -> None:
         try:
-            self.app[AUDIT].append(record)
+            await self.app[AUDIT].commit(record)
             self.app[METRICS].audit_records.inc()
         except AuditUnavailable:
             self.app[METRICS].audit_errors.inc()
+            log.error("rotation could not be audited", reason=record["reason"])
 
 
 async def watch_files(app: web.Application) -> AsyncIterator[None]:
@@ -138,3 +148,5 @@ async def watch_files(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    if watcher.audits:
+        await asyncio.wait(watcher.audits)

@@ -42,7 +42,6 @@ import concurrent.futures
 import fcntl
 import hashlib
 import io
-import json
 import os
 import threading
 import time
@@ -53,21 +52,9 @@ from typing import Any
 
 import structlog
 
-from broker.audit.chain import (
-    DECISIONS,
-    EVENTS,
-    GENESIS,
-    LOG_EVENTS,
-    RECORD_FIELDS,
-    RESERVED_FIELDS,
-    Keys,
-    checkpoint_record,
-    format_ts,
-    load_keys,
-    resume_record,
-    seal,
-)
+from broker.audit.chain import GENESIS, Keys, checkpoint_record, format_ts, load_keys, resume_record
 from broker.audit.durability import Durability, running_loop, settle
+from broker.audit.records import decision_record, encode_line, seal_scrubbed
 from broker.audit.tail import ResumeReport, corrupt, scan_tail
 from broker.errors import AuditUnavailable
 from broker.jose import JoseError, SigningKey
@@ -76,8 +63,6 @@ __all__ = ["AuditLog", "ResumeReport", "head_path_for"]
 
 log = structlog.get_logger("broker.audit")
 
-# A7: ASCII-only lines; every control character (newline, ESC, ...) and non-ASCII character is escaped.
-_LINE_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
 #: the data of an append-only file (and its size) is what matters; its mtime need not reach the disk
 _DEFAULT_FSYNC: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 
@@ -85,18 +70,6 @@ _DEFAULT_FSYNC: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 def head_path_for(path: Path) -> Path:
     """Where the head anchor of the log at ``path`` lives: ``<path>.head``."""
     return path.with_name(path.name + ".head")
-
-
-def _scrub_surrogates(value: Any) -> Any:
-    # A lone surrogate (possible in a JWT claim decoded by a lenient parser) has no UTF-8 form, so JCS
-    # cannot hash it; the refusal of that request must still be audited, so record U+FFFD in its place.
-    if isinstance(value, str):
-        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    if isinstance(value, dict):
-        return {_scrub_surrogates(k): _scrub_surrogates(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_scrub_surrogates(v) for v in value]
-    return value
 
 
 class AuditLog(Durability):
@@ -251,6 +224,10 @@ class AuditLog(Durability):
                 self._executor.shutdown(wait=False)
                 self._executor = None
 
+    async def start(self) -> None:
+        """:meth:`open`, as :class:`broker.audit.store.AuditSink` names it for the server."""
+        self.open()
+
     async def aclose(self) -> None:
         """:meth:`close` after the fsync in flight (if any) has finished and its committers were answered."""
         self._cancel_timer()
@@ -294,6 +271,14 @@ class AuditLog(Durability):
         await self.flush(record["seq"])
         return record
 
+    def write(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Append one record (as :meth:`append`: written to the file at once, in order) without waiting for
+        its fsync: the next group commit, started here, makes it durable (see AuditSink.write)."""
+        record = self._append(fields, sync=False)
+        if self._fsync:
+            self._kick()
+        return record
+
     async def flush(self, seq: int | None = None) -> None:
         """Return once every record up to ``seq`` (default: all written so far) is on stable storage.
 
@@ -309,26 +294,10 @@ class AuditLog(Durability):
         await future
 
     def _append(self, fields: Mapping[str, Any], *, sync: bool) -> dict[str, Any]:
-        reserved = RESERVED_FIELDS.intersection(fields)
-        if reserved:
-            raise ValueError(f"audit fields {sorted(reserved)} are filled in by the log")
-        event, decision = fields.get("event"), fields.get("decision")
-        if event not in EVENTS or event in LOG_EVENTS:
-            raise ValueError(f"audit event {event!r} is not one of CONTRACT §9's")
-        if decision not in DECISIONS:
-            raise ValueError(f"audit decision {decision!r} is not one of CONTRACT §9's")
+        unsealed = decision_record(fields, ts="")
         self._check_writable()
-        ts = format_ts(self._clock())
-        record: dict[str, Any] = {"ts": ts}
-        for name in RECORD_FIELDS:
-            record[name] = fields.get(name)
-        for name, value in fields.items():
-            if name not in record:
-                record[name] = value
-        try:
-            sealed = seal(record, seq=self._seq + 1, prev=self._head)
-        except UnicodeEncodeError:
-            sealed = seal(_scrub_surrogates(record), seq=self._seq + 1, prev=self._head)
+        unsealed["ts"] = ts = format_ts(self._clock())
+        sealed = seal_scrubbed(unsealed, seq=self._seq + 1, prev=self._head)
         records = [sealed]
         if self._since_checkpoint + 1 >= self._checkpoint_every:
             # Written in the same write(2) as the record: both land, or neither does.
@@ -358,7 +327,7 @@ class AuditLog(Durability):
         leave both to the group-commit flusher (when an event loop runs)."""
         loop = None if sync or not self._fsync else running_loop()
         inline = self._fsync and loop is None
-        data = "".join(_LINE_ENCODER.encode(r) + "\n" for r in records).encode("ascii")
+        data = "".join(encode_line(r) + "\n" for r in records).encode("ascii")
         self._write(data, sync=inline)
         last = records[-1]
         self._seq, self._head = last["seq"], last["hash"]

@@ -23,7 +23,7 @@ be read, by line number (``first_bad_line``).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from broker.audit.sink import head_path_for
 from broker.canonical import strict_loads
 from broker.errors import InvalidRequest
 
-__all__ = ["VerifyReport", "verify_log"]
+__all__ = ["VerifyReport", "anchor_problem", "verify_lines", "verify_log"]
 
 
 @dataclass(frozen=True)
@@ -118,15 +118,22 @@ def _read_anchor(path: Path, keys: Keys | None) -> dict[str, Any] | None:
     anchor = parse_anchor(raw)
     if anchor is None:
         raise _Bad(f"malformed head anchor {path}", seq=None, line=None)
-    if keys is not None:
-        # The anchor's sig is the anchored checkpoint's: check it on its own, the checkpoint may be gone.
-        payload = jws_payload(anchor["sig"])
-        ts = payload.get("ts") if isinstance(payload, dict) else None
-        claims = {"seq": anchor["seq"], "head": anchor["head"], "ts": ts}
-        why = checkpoint_problem(anchor["sig"], claims=claims, keys=keys)
-        if why is not None:
-            raise _Bad(f"head anchor {path}: {why}", seq=None, line=None)
+    why = anchor_problem(anchor, keys)
+    if why is not None:
+        raise _Bad(f"head anchor {path}: {why}", seq=None, line=None)
     return anchor
+
+
+def anchor_problem(anchor: Mapping[str, Any], keys: Keys | None) -> str | None:
+    """Why the head anchor ``{"seq", "head", "sig"}`` does not carry a valid checkpoint signature, or None.
+
+    The anchor's sig is the anchored checkpoint's: it is checked on its own, the checkpoint may be gone."""
+    if keys is None:
+        return None
+    payload = jws_payload(anchor["sig"])
+    ts = payload.get("ts") if isinstance(payload, dict) else None
+    claims = {"seq": anchor["seq"], "head": anchor["head"], "ts": ts}
+    return checkpoint_problem(anchor["sig"], claims=claims, keys=keys)
 
 
 def _resume_range(record: dict[str, Any], seq: int, line_no: int) -> tuple[int, int]:
@@ -154,68 +161,84 @@ def verify_log(
     """
     path = Path(path)
     keys = load_keys(public_jwks) if public_jwks is not None else None
+    try:
+        anchor = _read_anchor(head_path_for(path), keys)
+    except _Bad as bad:
+        return _failed(bad, _Counts(), keys=keys, anchor=None, unverified=[], accepted_records=0)
+    with path.open("rb") as fh:
+        return verify_lines(
+            fh, anchor=anchor, keys=keys, max_unsealed=max_unsealed, accept_unverified=accept_unverified
+        )
+
+
+def verify_lines(
+    lines: Iterable[bytes],
+    *,
+    anchor: Mapping[str, Any] | None,
+    keys: Keys | None,
+    max_unsealed: int | None = None,
+    accept_unverified: Collection[int] = (),
+) -> VerifyReport:
+    """:func:`verify_log`'s checks over a chain's lines in order (each with its newline) and its head anchor
+    (already read and its signature checked: :func:`anchor_problem`); line numbers count from 1. Also the
+    checks of a chain stored in PostgreSQL (:mod:`broker.audit.pg`)."""
     accepted = frozenset(accept_unverified)
     records = checkpoints = unsealed = last_seq = accepted_records = 0
-    anchor: dict[str, Any] | None = None
     unverified: list[tuple[int, int]] = []
     # A checkpoint whose signature fails is held back: if a later audit_resume names it as unverified it is part
     # of that range; otherwise it is the first bad record (reported whatever comes after it).
     pending: _Bad | None = None
     try:
-        anchor = _read_anchor(head_path_for(path), keys)
         expected_prev = GENESIS
-        with path.open("rb") as fh:
-            for line_no, line in enumerate(fh, start=1):
-                try:
-                    record = _intact_record(line, line_no)
-                    seq = record["seq"]
-                    if seq != last_seq + 1:
-                        raise _Bad(
-                            f"missing or reordered: seq {seq} follows seq {last_seq}", seq=seq, line=line_no
-                        )
-                    if record["prev"] != expected_prev:
-                        raise _Bad(
-                            f"chain broken: prev is not the hash of seq {last_seq}", seq=seq, line=line_no
-                        )
-                    event = record.get("event")
-                    sealing = event == "checkpoint"
-                    if sealing:
-                        claims = {"seq": seq, "head": record["prev"], "ts": record.get("ts")}
-                        why = checkpoint_problem(record.get("sig"), claims=claims, keys=keys)
-                        if why is not None:
-                            sealing = False
-                            if pending is None:
-                                counts = _Counts(records, checkpoints, unsealed, last_seq)
-                                pending = _Bad(why, seq=seq, line=line_no, counts=counts)
-                        elif pending is not None:
-                            raise pending  # a valid checkpoint over a failed one: that one is the first bad
-                    if (
-                        anchor is not None
-                        and seq == anchor["seq"]
-                        and (
-                            event != "checkpoint"
-                            or record["prev"] != anchor["head"]
-                            or record.get("sig") != anchor["sig"]
-                        )
-                    ):
-                        raise _Bad("head anchor does not match this record", seq=seq, line=line_no)
-                    if event == RESUME_EVENT:
-                        first, last = _resume_range(record, seq, line_no)
-                        if pending is not None and pending.seq is not None and pending.seq >= first:
-                            pending = None  # the failed checkpoint is one of the unverified records
-                        if first in accepted:
-                            accepted_records += last - first + 1
-                        else:
-                            unverified.append((first, last))
-                except _Bad as bad:
-                    raise pending or bad from None
-                expected_prev, last_seq = record["hash"], seq
-                records += 1
+        for line_no, line in enumerate(lines, start=1):
+            try:
+                record = _intact_record(line, line_no)
+                seq = record["seq"]
+                if seq != last_seq + 1:
+                    raise _Bad(
+                        f"missing or reordered: seq {seq} follows seq {last_seq}", seq=seq, line=line_no
+                    )
+                if record["prev"] != expected_prev:
+                    raise _Bad(f"chain broken: prev is not the hash of seq {last_seq}", seq=seq, line=line_no)
+                event = record.get("event")
+                sealing = event == "checkpoint"
                 if sealing:
-                    checkpoints += 1
-                    unsealed = 0
-                else:
-                    unsealed += 1
+                    claims = {"seq": seq, "head": record["prev"], "ts": record.get("ts")}
+                    why = checkpoint_problem(record.get("sig"), claims=claims, keys=keys)
+                    if why is not None:
+                        sealing = False
+                        if pending is None:
+                            counts = _Counts(records, checkpoints, unsealed, last_seq)
+                            pending = _Bad(why, seq=seq, line=line_no, counts=counts)
+                    elif pending is not None:
+                        raise pending  # a valid checkpoint over a failed one: that one is the first bad
+                if (
+                    anchor is not None
+                    and seq == anchor["seq"]
+                    and (
+                        event != "checkpoint"
+                        or record["prev"] != anchor["head"]
+                        or record.get("sig") != anchor["sig"]
+                    )
+                ):
+                    raise _Bad("head anchor does not match this record", seq=seq, line=line_no)
+                if event == RESUME_EVENT:
+                    first, last = _resume_range(record, seq, line_no)
+                    if pending is not None and pending.seq is not None and pending.seq >= first:
+                        pending = None  # the failed checkpoint is one of the unverified records
+                    if first in accepted:
+                        accepted_records += last - first + 1
+                    else:
+                        unverified.append((first, last))
+            except _Bad as bad:
+                raise pending or bad from None
+            expected_prev, last_seq = record["hash"], seq
+            records += 1
+            if sealing:
+                checkpoints += 1
+                unsealed = 0
+            else:
+                unsealed += 1
         if pending is not None:
             raise pending
         if anchor is not None and anchor["seq"] > last_seq:
@@ -242,19 +265,8 @@ def verify_log(
             )
     except _Bad as bad:
         counts = bad.counts or _Counts(records, checkpoints, unsealed, last_seq)
-        return VerifyReport(
-            ok=False,
-            records=counts.records,
-            checkpoints=counts.checkpoints,
-            first_bad_seq=bad.seq,
-            problem=bad.problem,
-            unsealed=counts.unsealed,
-            signatures_checked=keys is not None,
-            first_bad_line=bad.line,
-            last_seq=counts.last_seq,
-            anchor_seq=anchor["seq"] if anchor is not None else None,
-            unverified=tuple(unverified),
-            accepted_unverified=accepted_records,
+        return _failed(
+            bad, counts, keys=keys, anchor=anchor, unverified=unverified, accepted_records=accepted_records
         )
     return VerifyReport(
         ok=True,
@@ -266,6 +278,31 @@ def verify_log(
         signatures_checked=keys is not None,
         last_seq=last_seq,
         anchor_seq=anchor["seq"] if anchor is not None else None,
+        accepted_unverified=accepted_records,
+    )
+
+
+def _failed(
+    bad: _Bad,
+    counts: _Counts,
+    *,
+    keys: Keys | None,
+    anchor: Mapping[str, Any] | None,
+    unverified: list[tuple[int, int]],
+    accepted_records: int,
+) -> VerifyReport:
+    return VerifyReport(
+        ok=False,
+        records=counts.records,
+        checkpoints=counts.checkpoints,
+        first_bad_seq=bad.seq,
+        problem=bad.problem,
+        unsealed=counts.unsealed,
+        signatures_checked=keys is not None,
+        first_bad_line=bad.line,
+        last_seq=counts.last_seq,
+        anchor_seq=anchor["seq"] if anchor is not None else None,
+        unverified=tuple(unverified),
         accepted_unverified=accepted_records,
     )
 
