@@ -148,12 +148,15 @@ async def test_chaining_certificate_that_is_not_an_svid_is_invalid_client(
     assert (reply.status, reply.error) == (401, "invalid_client")
     assert "request_id" in reply.body
     assert upstream.received == []
-    last = broker.audit_records()[-1]
-    assert (last["event"], last["decision"], last["reason"], last["status"]) == (
-        "invocation",
+    # a certificate that is not an SVID: no identity, so the refusal is counted in a summary (CONTRACT §15)
+    assert [r for r in broker.audit_records() if r["event"] == "invocation"] == []
+    await broker.flush_noise()
+    [summary] = [r for r in broker.audit_records() if r["event"] == "summary"]
+    assert (summary["decision"], summary["reason"], summary["count"], summary["client_network"]) == (
         "deny",
         reason,
-        401,
+        1,
+        "127.0.0.0/24",
     )
 
 
@@ -301,9 +304,17 @@ async def test_upstream_down_is_502(broker_factory: BrokerFactory, pki: Pki, tmp
     broker = await broker_factory(base_config(pki, tmp_path, upstream_url=f"https://127.0.0.1:{port}"))
     reply = await broker.caller().call("POST", TOOL, INVOICE)
     assert (reply.status, reply.error) == (502, "upstream_error")
-    decisions = [(r["decision"], r["status"]) for r in broker.audit_records() if r["event"] == "invocation"]
-    # the decision (forwarded) and then its outcome
-    assert decisions == [("allow", None), ("error", 502)]
+    records = broker.audit_records()
+    # the decision (forwarded) and then its outcome (CONTRACT §15): the upstream never answered
+    [decision] = [r for r in records if r["event"] == "invocation"]
+    [outcome] = [r for r in records if r["event"] == "outcome"]
+    assert (decision["decision"], decision["status"]) == ("allow", None)
+    assert (outcome["decision"], outcome["reason"], outcome["status"]) == (
+        "error",
+        "upstream_connect_failed",
+        None,
+    )
+    assert outcome["request_id"] == decision["request_id"] == reply.headers["X-Request-Id"]
 
 
 async def test_upstream_timeout_is_504(broker: BrokerUnderTest, upstream: RecordingUpstream) -> None:
@@ -353,8 +364,11 @@ async def test_every_decision_is_in_a_verifiable_chain(
     assert events == [
         ("config_load", "allow"),
         ("invocation", "allow"),
+        ("outcome", "allow"),
         ("invocation", "allow"),
+        ("outcome", "allow"),
         ("invocation", "allow"),
+        ("outcome", "allow"),
         ("invocation", "deny"),
         ("discovery", "allow"),
     ]

@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
+from broker.audit.outcome import response_digest
 from broker.mcp.sse import SseParser
 from broker.resources import MCP_PINS
 from tests.certfactory import Pki
@@ -557,7 +558,7 @@ async def test_mcp_a_masked_number_never_travels_as_progress(
     assert json.loads(answered["result"]["content"][0]["text"])["vendor"]["bank_account"] == "****3000"
 
 
-async def test_mcp_a_refused_answer_leaves_a_second_audit_record(
+async def test_mcp_a_refused_answer_leaves_an_outcome_record_with_decision_error(
     setup: tuple[BrokerUnderTest, Hostile, RecordingUpstream],
 ) -> None:
     broker, hostile, _ = setup
@@ -566,9 +567,14 @@ async def test_mcp_a_refused_answer_leaves_a_second_audit_record(
     )
     status, _, raw = await mcp_call(alice(broker), "approveExpense")
     assert status == 200 and json.loads(raw)["error"]["code"] == -32603
-    records = [r for r in broker.audit_records() if r["event"] == "mcp" and r["tool"] == "approveExpense"]
-    assert [r["decision"] for r in records][-2:] == ["allow", "error"]
-    assert records[-1]["reason"] == "response_shape"
+    records = [
+        r
+        for r in broker.audit_records()
+        if r["event"] in ("mcp", "outcome") and r["tool"] == "approveExpense"
+    ]
+    assert [(r["event"], r["decision"]) for r in records][-2:] == [("mcp", "allow"), ("outcome", "error")]
+    assert (records[-1]["reason"], records[-1]["status"]) == ("response_shape", 200)
+    assert records[-1]["response_digest"] == response_digest(raw)  # the error the agent got, not the answer
 
 
 MCP_ROWS = [

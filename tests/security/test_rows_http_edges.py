@@ -253,7 +253,7 @@ async def test_the_request_id_is_the_brokers_own_and_the_callers_is_recorded(
         ids.append(reply.headers["X-Request-Id"])
     assert len(set(ids)) == 2 and "dup-1" not in ids
     assert [r.headers["X-Request-Id"] for r in upstream.received] == ids
-    records = [r for r in decisions(broker) if r["request_id"] in ids]
+    records = [r for r in decisions(broker) if r["request_id"] in ids and r["event"] == "invocation"]
     assert sorted(r["request_id"] for r in records) == sorted(ids)
     assert {r["client_request_id"] for r in records} == {"dup-1"}
 

@@ -12,10 +12,12 @@ import pytest
 import yaml
 from aiohttp import web
 
+from broker.audit.sink import AuditLog
 from broker.audit.verify import verify_log
 from broker.config.loader import ConfigError, load_config
 from broker.errors import AuditUnavailable
 from broker.jose import Signer
+from broker.resources import AUDIT
 from broker.server import start
 from tests.certfactory import Pki
 from tests.conftest import BrokerFactory, Recorded, RecordingUpstream, base_config
@@ -117,6 +119,9 @@ async def test_a08_audit_write_failure_refuses_and_forwards_nothing(
     broker = await broker_factory(config)
     caller = broker.caller()
     assert (await caller.call("POST", TOOL, INVOICE)).status == 200
+    sink = broker.running.app[AUDIT]
+    assert isinstance(sink, AuditLog)
+    await sink.flush()  # the call's outcome record (not waited for by the call) and its anchor are on disk
     blocker = broker.audit_path.with_name(broker.audit_path.name + ".head.tmp")
     blocker.mkdir()
     refused = await caller.call("POST", TOOL, INVOICE)
