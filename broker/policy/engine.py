@@ -120,6 +120,22 @@ class _ToolRules:
 
 
 @dataclass(frozen=True, slots=True)
+class Outline:
+    """:meth:`PolicySet.outline`: ``visibility`` (the discovery decision); ``refused`` when every call is denied
+    whatever the unknown variables (a rule that reads none of them denies or fails); else the obligations of
+    the rules that fired, and the ``conditional`` rules (deny or obligate, config order) that read an unknown
+    variable. ``visibility_conditions``: allow / argument-free deny rules that read an unknown variable (their
+    value in the review's Env decided visibility)."""
+
+    visibility: Decision
+    refused: Decision | None = None
+    obligations: tuple[Obligation, ...] = ()
+    obligation_rules: tuple[str, ...] = ()
+    conditional: tuple[_Rule, ...] = ()
+    visibility_conditions: tuple[_Rule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class _Gate:
     decision: Decision
     matched: tuple[_Rule, ...]  # allow rules that evaluated true
@@ -335,6 +351,40 @@ class PolicySet:
             obligations=tuple(o for o in OBLIGATION_ORDER if o in required),
             obligation_rules=tuple(r.id for r in fired),
             obligation_reasons=tuple(r.reason or f"policy requires {', '.join(r.requires)}" for r in fired),
+        )
+
+    def outline(self, tool: str, env: Env, *, unknown: frozenset[str]) -> Outline:
+        """What :meth:`decide` would do for any call of ``tool`` in ``env`` whose variables in ``unknown`` (e.g.
+        ``args``, ``counters``: per call, not per principal) are not known — an access review. Visibility as
+        discovery decides it; the ``deny`` and ``obligate`` rules reading an unknown variable are returned
+        unevaluated (``conditional``), the others evaluated exactly as :meth:`decide` does, in its order."""
+        gate = self._gate(tool, env)
+        rules = self._rules_for(tool)
+        unsure = tuple(r for r in rules.gate if r.when.variables & unknown)
+        if gate.decision.outcome != "allow":
+            return Outline(gate.decision, visibility_conditions=unsure)
+        assert env.context is not None
+        env.bind_tool(tool)
+        conditional: list[_Rule] = []
+        required: set[Obligation] = set()
+        fired: list[_Rule] = []
+        for rule in (*rules.deny, *rules.obligate):
+            if rule.when.variables & unknown:
+                conditional.append(rule)
+                continue
+            result, error = _check(rule, env)
+            if error is not None or (result and rule.effect == "deny"):
+                refused = _failed(rule, error, "deny") if error is not None else _refused(rule, "deny")
+                return Outline(gate.decision, refused, visibility_conditions=unsure)
+            if result:
+                required.update(rule.requires)
+                fired.append(rule)
+        return Outline(
+            gate.decision,
+            obligations=tuple(o for o in OBLIGATION_ORDER if o in required),
+            obligation_rules=tuple(r.id for r in fired),
+            conditional=tuple(conditional),
+            visibility_conditions=unsure,
         )
 
     def grant_constraints(self, tool: str, env: Env) -> dict[str, Any]:
