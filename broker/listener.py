@@ -9,6 +9,10 @@ and :class:`JsonErrorRunner` makes the listener use it. The refusal itself is un
 ``request_header_fields_too_large``, for an over-long line, like the middleware's total-size check), no request
 reaches the app (nothing decided, forwarded or audited: CONTRACT §15 lets pre-identity noise go unrecorded; it is
 counted), and the connection is closed.
+
+Every answer of both listeners, these included, says ``Server: broker``: aiohttp's default names the Python and
+aiohttp versions (RFC 9110 §10.2.4: a detailed ``Server`` value helps attackers find known holes), and aiohttp
+adds its own whenever a response has none, so the runner sets ours on each response as it is prepared.
 """
 
 from __future__ import annotations
@@ -16,19 +20,22 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_request import BaseRequest
 
 from broker.errors import BrokerError, HeadersTooLarge, InvalidRequest
 from broker.observability import new_request_id
 
-__all__ = ["JsonErrorRequestHandler", "JsonErrorRunner", "JsonErrorServer", "parser_error"]
+__all__ = ["SERVER_HEADER", "JsonErrorRequestHandler", "JsonErrorRunner", "JsonErrorServer", "parser_error"]
 
 log = structlog.get_logger("broker.listener")
+
+#: the ``Server`` header of every answer, on both listeners: a constant, no software or version
+SERVER_HEADER: Final = "broker"
 
 #: called with each refusal the parser made (metrics); set per listener by :class:`JsonErrorRunner`
 OnRefusal = Callable[[BrokerError], None]
@@ -76,7 +83,7 @@ class JsonErrorRequestHandler(web.RequestHandler):
         response = web.json_response(
             error.body(request_id),
             status=error.status,
-            headers={"X-Request-Id": request_id, "Cache-Control": "no-store"},
+            headers={"X-Request-Id": request_id, "Cache-Control": "no-store", hdrs.SERVER: SERVER_HEADER},
         )
         response.force_close()
         return response
@@ -97,6 +104,7 @@ class JsonErrorRunner(web.AppRunner):
     def __init__(self, app: web.Application, *, on_refusal: OnRefusal | None = None, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self._on_refusal = on_refusal
+        app.on_response_prepare.append(_server_header)
 
     async def _make_server(self) -> web.Server:
         made = await super()._make_server()  # app start-up, freezing, handler arguments: as aiohttp does them
@@ -109,3 +117,8 @@ class JsonErrorRunner(web.AppRunner):
         )
         server.on_refusal = self._on_refusal
         return server
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    # on_response_prepare runs before aiohttp fills in its defaults, which keep a Server header already set
+    response.headers[hdrs.SERVER] = SERVER_HEADER

@@ -4,9 +4,10 @@
 ``FILE:LINE: message`` (an unknown key names the nearest known one: "did you mean `checkpoint_every`?").
 ``read_config`` and ``validate_config`` are its two halves, for ``broker check``, which goes on past the first
 (:mod:`broker.config.check`). The YAML is composed into nodes (never constructed into arbitrary objects: no
-``!!python/...`` tags), duplicate keys are errors, the node count is capped (alias bombs, HOSTILE Y09), every string
-scalar gets ``${VAR}`` / ``${VAR:-default}`` expansion (``$$`` is a literal ``$``), and paths are resolved relative
-to the config file's folder by the models' path fields.
+``!!python/...`` tags), duplicate keys are errors, recursive aliases are refused and the node count and nesting
+depth are capped with aliases expanded, before anything recursive runs (alias bombs, HOSTILE Y09;
+:mod:`broker.config.yaml_bounds`), every string scalar gets ``${VAR}`` / ``${VAR:-default}`` expansion (``$$`` is
+a literal ``$``), and paths are resolved relative to the config file's folder by the models' path fields.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from broker.config.models import Config
+from broker.config.yaml_bounds import MAX_NODES, YamlBoundError, compose_bounded
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
-MAX_NODES = 200_000
 _VAR = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
 _TAG_PREFIX = "tag:yaml.org,2002:"
+_TYPED_TAGS = {f"{_TAG_PREFIX}{t}" for t in ("int", "float", "bool")}
 _SCALAR_TAGS = {f"{_TAG_PREFIX}{t}" for t in ("str", "int", "float", "bool", "null", "timestamp")}
 
 Loc = tuple[str | int, ...]
@@ -169,12 +171,14 @@ class _Builder:
         if expanded != text and node.style is None and _VAR.fullmatch(text):
             # A plain scalar that is one whole reference takes the type of what it expands to, so
             # `checkpoint_every: ${N:-100}` is an int. Quote it ("${N}") to keep a string.
-            try:
-                typed = yaml.safe_load(expanded) if expanded.strip() else expanded
-            except yaml.YAMLError:
-                typed = expanded  # not a scalar: the model's type check reports it at this line
-            if isinstance(typed, bool | int | float):
-                return typed
+            # Resolved as one plain scalar, never parsed as a document: a value like `[[[...` or `&a [*a]` stays a
+            # string (the model's type check reports it at this line) and cannot recurse (HOSTILE Y09).
+            scalar = expanded.strip()
+            tag = self._constructor.resolve(yaml.ScalarNode, scalar, (True, False))
+            if tag in _TYPED_TAGS:
+                typed = self._constructor.construct_object(yaml.ScalarNode(tag, scalar))
+                if isinstance(typed, bool | int | float):
+                    return typed
         return expanded
 
 
@@ -191,7 +195,9 @@ def parse_yaml(
 def _build(text: str, *, file: str, environ: Mapping[str, str] | None) -> tuple[_Builder, Any]:
     """Compose and build; raises ConfigError only when there is no document to go on with (syntax, size)."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = compose_bounded(text)
+    except YamlBoundError as exc:
+        raise ConfigError([ConfigProblem(file, exc.line, exc.message)]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1

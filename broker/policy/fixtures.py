@@ -65,7 +65,13 @@ def _problem(file: str, line: int, message: str) -> ConfigError:
 
 def run_fixtures(fixture_path: Path, policies: PolicySet, *, counters: list[str]) -> list[Outcome]:
     file = str(fixture_path)
-    data, lines = parse_yaml(fixture_path.read_text(), file=file)
+    try:
+        text = fixture_path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise _problem(file, 0, f"cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise _problem(file, 1, "not UTF-8") from None
+    data, lines = parse_yaml(text, file=file)
     cases = data.get("cases") if isinstance(data, dict) else None
     if not isinstance(cases, list) or not cases:
         raise _problem(file, 1, "a fixture file needs a non-empty 'cases' list")

@@ -5,8 +5,10 @@ their own DPoP key ``DIR/humans/NAME-dpop.jwk``, and no client certificate. The 
 verified against ``DIR/ca.pem``. ``--broker`` must be the broker's ``server.public_url``: DPoP proofs name
 the URL they are for (RFC 9449 §4.2 ``htu``).
 
-Output: ``list`` prints one line per approval the caller can decide, ``show`` the status JSON, ``approve``
-and ``deny`` one line with the new state (``--json``: the status JSON everywhere).
+Output (``--format``, the same default for every action): ``table`` (default) prints a header and one row per
+approval — every approval the caller can decide for ``list``, the one approval for ``show``, and the new state
+for ``approve`` and ``deny``; ``json`` prints the API's JSON answer (``--json`` is short for ``--format json``).
+Text that came from agents is printed with control characters escaped, in both formats.
 Exit status: 0 done, 1 refused or unreachable (the error code and description on stderr), 2 usage.
 """
 
@@ -24,7 +26,10 @@ import aiohttp
 
 from broker.sdk.agent import AgentClient, ClientReply
 
-__all__ = ["add_approvals_parser", "cmd_approvals"]
+__all__ = ["FORMATS", "add_approvals_parser", "cmd_approvals", "render_table"]
+
+FORMATS = ("table", "json")
+COLUMNS = ("ID", "STATE", "TOOL", "SUBJECT", "AGENT", "REQUIRED", "VOTES", "EXPIRES", "ARGUMENTS")
 
 _EPILOG = """\
 examples:
@@ -60,7 +65,15 @@ def add_approvals_parser(subparsers: Any) -> argparse.ArgumentParser:
     common.add_argument(
         "--token", metavar="TOKEN", help="your access token (default $BROKER_TOKEN; prefer the variable)"
     )
-    common.add_argument("--json", action="store_true", help="print the JSON answers")
+    common.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="table",
+        help="table: a header and one row per approval (default); json: the API's JSON answer",
+    )
+    common.add_argument(
+        "--json", dest="format", action="store_const", const="json", help="short for --format json"
+    )
     actions = parser.add_subparsers(dest="approvals_command", required=True, metavar="ACTION")
     actions.add_parser("list", parents=[common], help="pending approvals you can decide")
     for name, text in (
@@ -69,7 +82,7 @@ def add_approvals_parser(subparsers: Any) -> argparse.ArgumentParser:
         ("deny", "deny a request"),
     ):
         action = actions.add_parser(name, parents=[common], help=text)
-        action.add_argument("id", metavar="ID")
+        action.add_argument("id", metavar="ID", help="the approval id (approval_id of the refused call)")
     parser.set_defaults(func=cmd_approvals)
     return parser
 
@@ -106,17 +119,15 @@ async def _run(client: AgentClient, args: argparse.Namespace) -> int:
         code = _plain(reply.error or "error")
         print(f"broker approvals: {reply.status} {code}: {_plain(description)}", file=sys.stderr)
         return 1
-    if args.json or command == "show":
+    if args.format == "json":
         # ASCII only: the arguments are the agent's, and a terminal must not receive its control sequences
         print(json.dumps(body, indent=2, ensure_ascii=True))
-    elif command == "list":
-        approvals = body.get("approvals", [])
-        for item in approvals:
-            print(summary(item))
-        if not approvals:
-            print("no pending approvals you can decide")
+        return 0
+    approvals = body.get("approvals", []) if command == "list" else [body]
+    if approvals:
+        print(render_table([item for item in approvals if isinstance(item, dict)]))
     else:
-        print(summary(body))
+        print("no pending approvals you can decide")
     return 0
 
 
@@ -133,17 +144,27 @@ def _plain(value: Any) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
-def summary(status: dict[str, Any]) -> str:
-    """One line for a status body: ``ID STATE tool=… subject=… agent=… required=… votes=… expires=… args``."""
+def row(status: dict[str, Any]) -> list[str]:
+    """One approval's cells, in :data:`COLUMNS` order (printable text only)."""
     votes = [f"{v.get('sub')}:{v.get('decision')}" for v in status.get("approvals", [])]
-    fields = {
-        "tool": status.get("tool"),
-        "subject": status.get("subject"),
-        "agent": status.get("actor"),
-        "required": ",".join(status.get("required", [])),
-        "votes": ",".join(votes) or "-",
-        "expires": status.get("expires_at"),
-        "arguments": status.get("arguments"),
-    }
-    line = " ".join(f"{name}={_plain(value)}" for name, value in fields.items())
-    return f"{_plain(status.get('id'))} {_plain(status.get('state'))} {line}"
+    cells = (
+        status.get("id"),
+        status.get("state"),
+        status.get("tool"),
+        status.get("subject"),
+        status.get("actor"),
+        ",".join(status.get("required", [])) or "-",
+        ",".join(votes) or "-",
+        status.get("expires_at"),
+        status.get("arguments"),
+    )
+    return [_plain(cell) if cell is not None else "-" for cell in cells]
+
+
+def render_table(statuses: list[dict[str, Any]]) -> str:
+    """A header and one row per approval, columns padded to their widest cell (the last one is not padded)."""
+    rows = [list(COLUMNS), *(row(status) for status in statuses)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS) - 1)]
+    return "\n".join(
+        "  ".join([*(cell.ljust(width) for cell, width in zip(r, widths, strict=False)), r[-1]]) for r in rows
+    )

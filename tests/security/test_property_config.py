@@ -1,6 +1,8 @@
 """Property-based tests of config loading (broker.config.loader): strict, located, injection-free.
 
 - ``parse_yaml`` and ``load_config`` are total: any text gives data or a ``ConfigError``, nothing else (Y09);
+- anchors and aliases of any shape load exactly as ``yaml.safe_load`` reads them, except a recursive alias, which
+  is refused exactly when ``safe_load`` would build a structure that contains itself (Y09);
 - an unknown key anywhere is an error located at that key's line (Y03), and so is a duplicate key;
 - ``${VAR}`` expansion substitutes text after parsing: whatever an environment value holds (newlines, ``: ``,
   ``{``, ``&anchor``, ``!!python/object``) it stays one string and can never add structure;
@@ -77,6 +79,52 @@ def test_y09_alias_expansion_is_bounded(depth: int, width: int) -> None:
         assert any("too large" in p.message for p in error.problems)
     else:
         assert width**depth <= 200_000
+
+
+def _aliased_document(data: st.DataObject) -> str:
+    """A flow-style tree where every collection has an anchor and a leaf may alias any anchor already started:
+    a closed one (a shared subtree) or one still open around it (a recursive alias)."""
+    started: list[str] = []
+
+    def node(depth: int) -> str:
+        if depth < 4 and data.draw(st.booleans()):
+            anchor = f"n{len(started)}"
+            started.append(anchor)
+            items = [node(depth + 1) for _ in range(data.draw(st.integers(0, 3)))]
+            if data.draw(st.booleans()):
+                return f"&{anchor} {{" + ", ".join(f"k{i}: {item}" for i, item in enumerate(items)) + "}"
+            return f"&{anchor} [" + ", ".join(items) + "]"
+        if started and data.draw(st.booleans()):
+            return "*" + data.draw(st.sampled_from(started))
+        return data.draw(st.sampled_from(["x", "1", "true"]))
+
+    return node(0)
+
+
+def _contains_itself(value: Any, path: frozenset[int] = frozenset()) -> bool:
+    if not isinstance(value, dict | list):
+        return False
+    if id(value) in path:
+        return True
+    inner = path | {id(value)}
+    return any(_contains_itself(v, inner) for v in (value.values() if isinstance(value, dict) else value))
+
+
+@SETTINGS
+@given(st.data())
+def test_y09_aliases_load_as_safe_load_reads_them_and_a_recursive_one_is_refused(data: st.DataObject) -> None:
+    text = _aliased_document(data)
+    reference = yaml.safe_load(text)
+    recursive = _contains_itself(reference)
+    try:
+        loaded, _ = parse_yaml(text, file="alias.yaml", environ={})
+    except ConfigError as error:
+        [problem] = error.problems
+        assert problem.file == "alias.yaml" and problem.line == 1
+        assert problem.message.startswith("recursive YAML alias") == recursive, (text, problem)
+        assert recursive or "too " in problem.message, (text, problem)  # else only a bound
+    else:
+        assert not recursive and loaded == reference, text
 
 
 def _mappings(node: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
