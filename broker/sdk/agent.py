@@ -6,7 +6,10 @@
 :class:`AgentClient` is what an agent (or an approver, or a test) uses to call the broker over one
 ``aiohttp.ClientSession``: every request carries ``Authorization: DPoP <token>`` and a fresh proof for the
 exact URL (RFC 9449 §7.1), includes the latest server nonce, and is retried once when the server answers
-``401`` with ``error="use_dpop_nonce"`` (RFC 9449 §8.2/§9). Convenience methods follow CONTRACT §3 and §5.
+``401`` with ``error="use_dpop_nonce"`` (RFC 9449 §8.2/§9). The token is a fixed value or comes from a
+:class:`broker.sdk.credentials.TokenSource` (a rotating file, a credential-helper command), asked before every
+request. Convenience methods follow CONTRACT §3 and §5. ``broker connect`` (:mod:`broker.sdk.connect`) signs
+and retries with the same code.
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ from broker.jose import (
     public_jwk,
     raw_signature,
 )
+from broker.sdk.credentials import TokenSource
 
-__all__ = ["AgentClient", "ClientReply", "DpopSigner", "challenge_error", "htu_of"]
+__all__ = ["AgentClient", "ClientReply", "DpopSigner", "challenge_error", "htu_of", "nonce_challenge"]
 
 # RFC 8693 §2.1 / §3 and draft-ietf-oauth-transaction-tokens identifiers (CONTRACT §5).
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -147,6 +151,11 @@ def challenge_error(www_authenticate: list[str]) -> str | None:
     return None
 
 
+def nonce_challenge(status: int, nonce: str | None, www_authenticate: list[str]) -> bool:
+    """Whether an answer is RFC 9449 §8.2's ``use_dpop_nonce`` challenge: retry once with ``nonce``."""
+    return status == 401 and bool(nonce) and challenge_error(www_authenticate) == "use_dpop_nonce"
+
+
 @dataclass(frozen=True)
 class ClientReply:
     """One HTTP answer, read completely."""
@@ -177,8 +186,10 @@ class AgentClient:
     ``cert``/``key``: the client certificate (an agent's X.509-SVID), or None (an approver). ``dpop_jwk``:
     the private DPoP key; without one no ``DPoP`` header is sent. ``access_token``: sent as
     ``Authorization: <scheme> <token>``; ``scheme`` is ``DPoP`` (or ``Bearer`` for ``mtls`` mode, or to test
-    that a DPoP-bound token is refused under it). ``ca`` is the trust bundle for the broker's certificate;
-    plain ``http://`` base URLs (unit tests) use no TLS. ``trust_domain`` is the ``audience`` of exchanges.
+    that a DPoP-bound token is refused under it). ``token_source``, instead of ``access_token``, is asked for
+    the token before every request (a rotating file, a command). ``ca`` is the trust bundle for the broker's
+    certificate; plain ``http://`` base URLs (unit tests) use no TLS. ``trust_domain`` is the ``audience`` of
+    exchanges.
     """
 
     def __init__(
@@ -193,9 +204,11 @@ class AgentClient:
         scheme: str = "DPoP",
         trust_domain: str = DEFAULT_TRUST_DOMAIN,
         timeout: float = 30.0,
+        token_source: TokenSource | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.access_token = access_token
+        self.token_source = token_source
         self.scheme = scheme
         self.trust_domain = trust_domain
         self.signer = DpopSigner(dpop_jwk) if dpop_jwk is not None else None
@@ -219,8 +232,9 @@ class AgentClient:
         *,
         agent: str | None = None,
         human: str | None = None,
-        access_token: str,
+        access_token: str | None = None,
         scheme: str = "DPoP",
+        token_source: TokenSource | None = None,
     ) -> AgentClient:
         """A client from the CONTRACT §10 folder: exactly one of ``agent`` (its SVID and DPoP key) or
         ``human`` (``humans/NAME-dpop.jwk``, no client certificate). The exchange audience is the trust
@@ -248,6 +262,7 @@ class AgentClient:
             access_token=access_token,
             scheme=scheme,
             trust_domain=trust_domain,
+            token_source=token_source,
         )
 
     async def __aenter__(self) -> AgentClient:
@@ -298,10 +313,13 @@ class AgentClient:
 
         ``headers`` are sent as given and win over the generated ``Authorization``/``DPoP``; when they carry
         a ``DPoP`` header the proof is the caller's, and the request is never retried. ``json``/``data`` must
-        be re-sendable (a value, bytes, str or a form mapping; not a stream).
+        be re-sendable (a value, bytes, str or a form mapping; not a stream). A failing ``token_source`` raises
+        :class:`broker.sdk.credentials.TokenUnavailable`.
         """
         if self._session is None:
             raise RuntimeError("use AgentClient as 'async with AgentClient(...) as client'")
+        if self.token_source is not None:
+            self.access_token = await self.token_source.token()
         method = method.upper()
         url = self.url_for(path)
         caller_headers = dict(headers or {})
@@ -321,11 +339,8 @@ class AgentClient:
             fresh_nonce = reply.headers.get("DPoP-Nonce")
             if fresh_nonce:
                 self.nonce = fresh_nonce
-            retry = (
-                attempt + 1 < attempts
-                and reply.status == 401
-                and bool(fresh_nonce)
-                and challenge_error(reply.headers.getall("WWW-Authenticate", [])) == "use_dpop_nonce"
+            retry = attempt + 1 < attempts and nonce_challenge(
+                reply.status, fresh_nonce, reply.headers.getall("WWW-Authenticate", [])
             )
             if not retry:
                 break
@@ -371,6 +386,8 @@ class AgentClient:
         self, tool: str, arguments: Mapping[str, Any], *, approval_id: str | None = None
     ) -> ClientReply:
         """``POST /v1/token``: exchange the access token for a txn token bound to ``tool`` and ``arguments``."""
+        if self.token_source is not None:  # the form carries the token as subject_token: the current one
+            self.access_token = await self.token_source.token()
         return await self.request(
             "POST", "/v1/token", data=self.exchange_form(tool, arguments, approval_id=approval_id)
         )
