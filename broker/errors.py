@@ -93,6 +93,15 @@ class InvalidTarget(BrokerError):
     code = "invalid_target"
 
 
+class InvalidAuthorizationDetails(BrokerError):
+    """RFC 9396 §5: ``authorization_details`` of an unknown type, with unknown or ill-typed members, or invalid
+    values (the token exchange's one ``tool_invocation`` entry)."""
+
+    status = 400
+    code = "invalid_authorization_details"
+    jsonrpc_code = -32602
+
+
 class InvalidClient(BrokerError):
     """No client certificate, or one that is not a valid X.509-SVID of the trust domain."""
 

@@ -7,7 +7,8 @@ Not an authorization server: it signs whatever it is asked with ``DIR/idp.jwk`` 
 - ``iss``, ``sub``, ``aud``, ``iat``, ``exp`` (integers), ``jti`` (random unless given);
 - for an agent acting for a user: ``act: {"sub": <agent SPIFFE ID>}`` (RFC 8693 §4.1) and ``client_id`` (the
   same ID, RFC 9068 §2.2), which the broker compares with the peer certificate (CONTRACT §4, dual identity);
-- ``cnf: {"jkt": <RFC 7638 thumbprint>}`` binding the token to a DPoP key (RFC 9449 §6.1);
+- ``cnf: {"jkt": <RFC 7638 thumbprint>}`` binding the token to a DPoP key (RFC 9449 §6.1), or with ``--x5t``
+  ``cnf: {"x5t#S256": <certificate thumbprint>}`` binding it to the agent's certificate (RFC 8705 §3.1);
 - any further claims (``groups``, ``department``, ``approval_limit``, ``acr``, ``risk_score``, …).
 
 :func:`mint_access_token` is pure (it takes ``now``); the command-line layer (:func:`add_token_parser`,
@@ -18,6 +19,8 @@ Not an authorization server: it signs whatever it is asked with ``DIR/idp.jwk`` 
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import json
 import secrets
 import sys
@@ -27,11 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from broker.dev.pki import NAME_RE
 from broker.errors import InvalidClient
 from broker.identity.spiffe import SpiffeId, parse_spiffe_id, validate_trust_domain
 from broker.jose import JoseError, Signer, jwk_thumbprint, public_jwk, public_key_from_jwk
+from broker.policy.intent import IntentError, parse_token_details
 
 __all__ = [
     "DEFAULT_AUDIENCE",
@@ -45,6 +50,7 @@ __all__ = [
     "mint_access_token",
     "read_jwk",
     "trust_domain_of",
+    "x5t_of",
 ]
 
 DEFAULT_ISSUER = "https://idp.example.org"
@@ -67,15 +73,16 @@ def mint_access_token(
     now: float,
     act_sub: str | None = None,
     cnf_jkt: str | None = None,
+    cnf_x5t: str | None = None,
     claims: Mapping[str, Any] | None = None,
     jti: str | None = None,
 ) -> str:
     """A compact JWS access token signed with ``idp_jwk`` (its ``kid`` and ``alg``, ES256 by default).
 
     ``iat`` = ``int(now)``, ``exp`` = ``iat + ttl``. ``act_sub`` sets both ``act.sub`` and ``client_id``;
-    ``cnf_jkt`` sets ``cnf.jkt``. ``claims`` are added as given; raises :class:`ValueError` when one of them
-    is in :data:`RESERVED_CLAIMS`, when ``sub`` is empty, ``ttl`` is not positive, a claim is not JSON,
-    or ``idp_jwk`` is not a private signing key.
+    ``cnf_jkt`` sets ``cnf.jkt``, ``cnf_x5t`` ``cnf.x5t#S256``. ``claims`` are added as given; raises
+    :class:`ValueError` when one of them is in :data:`RESERVED_CLAIMS`, when ``sub`` is empty, ``ttl`` is not
+    positive, a claim is not JSON, or ``idp_jwk`` is not a private signing key.
     """
     extra = dict(claims or {})
     reserved = sorted(RESERVED_CLAIMS.intersection(extra))
@@ -97,8 +104,9 @@ def mint_access_token(
     if act_sub is not None:
         payload["client_id"] = act_sub
         payload["act"] = {"sub": act_sub}
-    if cnf_jkt is not None:
-        payload["cnf"] = {"jkt": cnf_jkt}
+    cnf = {"jkt": cnf_jkt, "x5t#S256": cnf_x5t}
+    if cnf_jkt is not None or cnf_x5t is not None:
+        payload["cnf"] = {name: value for name, value in cnf.items() if value is not None}
     payload.update(extra)
     try:
         signer = Signer.from_jwk(idp_jwk)
@@ -157,6 +165,16 @@ def trust_domain_of(ca_pem: Path) -> str | None:
     return None
 
 
+def x5t_of(cert_pem: Path) -> str:
+    """RFC 8705 §3.1 ``x5t#S256`` of a PEM certificate: base64url(SHA-256(DER)), no padding."""
+    try:
+        cert = x509.load_pem_x509_certificate(Path(cert_pem).read_bytes())
+    except OSError as exc:
+        raise ValueError(f"cannot read {cert_pem}: {exc.strerror or exc}") from exc
+    digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
 def agent_spiffe_id(trust_domain: str, agent: str) -> str:
     """``spiffe://<td>/agents/<agent>``, the ID ``broker certs`` puts in the agent's SVID."""
     return str(SpiffeId(trust_domain, f"/agents/{agent}"))
@@ -175,6 +193,8 @@ examples:
       --claim-json groups='["managers"]' --claim acr=mfa
 
 --claim k=v sets a string; --claim-json k=JSON a typed value (number, list, object, true/false).
+--authorization-details JSON bounds the token to the tools it lists (RFC 9396, CONTRACT §17), e.g. at most 5000:
+  --authorization-details '[{"type":"tool_invocation","tool":"approveExpense","constraints":{"amount_max":5000}}]'
 The names iss, sub, aud, iat, exp, jti, cnf, act and client_id are set by the other flags and refused here.
 The token and a newline are printed on stdout; errors go to stderr with exit status 2.
 """
@@ -225,6 +245,18 @@ def add_token_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="K=JSON",
         help="add a claim whose value is JSON, e.g. groups='[\"finance-managers\"]' (repeatable)",
     )
+    parser.add_argument(
+        "--x5t",
+        action="store_true",
+        help="with --agent: bind to the agent's certificate DIR/agents/NAME.pem (RFC 8705 cnf.x5t#S256, for "
+        "identity.proof mtls or either) instead of its DPoP key",
+    )
+    parser.add_argument(
+        "--authorization-details",
+        metavar="JSON",
+        help="add an RFC 9396 authorization_details claim (a JSON array, checked as the broker reads it): the "
+        "token then sees and calls only the tool_invocation entries' tools, within their constraints",
+    )
     parser.add_argument("--ttl", type=int, default=3600, metavar="SECONDS", help="lifetime (default 3600)")
     parser.add_argument("--audience", default=DEFAULT_AUDIENCE, help=f"aud (default {DEFAULT_AUDIENCE})")
     parser.add_argument("--issuer", default=DEFAULT_ISSUER, help=f"iss (default {DEFAULT_ISSUER})")
@@ -263,6 +295,20 @@ def _collect_claims(plain: Sequence[str], typed: Sequence[str]) -> dict[str, Any
     return claims
 
 
+def _with_authorization_details(claims: dict[str, Any], text: str) -> dict[str, Any]:
+    if "authorization_details" in claims:
+        raise _UsageError("claim 'authorization_details' given twice (--authorization-details and --claim)")
+    try:
+        details = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _UsageError(f"--authorization-details: not JSON ({exc.msg} at column {exc.colno})") from exc
+    try:  # the broker would refuse the token (401 invalid_token): say so now (locations are not checked here)
+        parse_token_details(details, public_url="")
+    except IntentError as exc:
+        raise _UsageError(f"--authorization-details: {exc}") from exc
+    return {**claims, "authorization_details": details}
+
+
 def _trust_domain(args: argparse.Namespace) -> str:
     if args.trust_domain is not None:
         candidate: str | None = args.trust_domain
@@ -291,7 +337,15 @@ def cmd_token(args: argparse.Namespace) -> int:
     """``broker token``: print the token and a newline on stdout; 2 with a message on stderr on error."""
     try:
         claims = _collect_claims(args.claim, args.claim_json)
-        cnf_jkt, act_sub = _binding(args)
+        if args.authorization_details is not None:
+            claims = _with_authorization_details(claims, args.authorization_details)
+        jkt, act_sub = _binding(args)
+        cnf_jkt: str | None = jkt
+        cnf_x5t: str | None = None
+        if args.x5t:  # RFC 8705: the certificate is the proof of possession, not a DPoP key
+            if args.agent is None:
+                raise _UsageError("--x5t binds to an agent's certificate: use it with --agent")
+            cnf_jkt, cnf_x5t = None, x5t_of(args.certs / "agents" / f"{args.agent}.pem")
         idp_jwk = read_jwk(args.certs / "idp.jwk")
         token = mint_access_token(
             idp_jwk,
@@ -302,6 +356,7 @@ def cmd_token(args: argparse.Namespace) -> int:
             now=time.time(),
             act_sub=act_sub,
             cnf_jkt=cnf_jkt,
+            cnf_x5t=cnf_x5t,
             claims=claims,
         )
     except (_UsageError, ValueError) as exc:

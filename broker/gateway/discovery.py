@@ -42,9 +42,12 @@ async def visible_names(
     services: Services, runtime: Runtime, principal: Principal, names: Sequence[str], env: Env
 ) -> list[str]:
     """Discovery: the names policy lets this (subject, actor) see, minus revoked grants (a revoked grant hides
-    its tool at once, as invocation refuses it)."""
+    its tool at once, as invocation refuses it) and, for a token with intent (CONTRACT §17), those it lists."""
     seen = []
+    intent = principal.intent
     for name in names:
+        if intent is not None and not intent.visible(name):
+            continue
         env.bind_tool(name)
         if runtime.policies.visible(name, env):
             seen.append(name)

@@ -3,7 +3,9 @@
 
 1 identity     the same DPoP/mTLS authentication as every call; the subject_token must be the very access
                token that authenticates this request (an agent cannot exchange someone else's token).
-2 form         every RFC 8693 parameter, exactly once, exactly the values we issue for (OAuth errors).
+2 form         every RFC 8693 parameter, exactly once, exactly the values we issue for (OAuth errors); the call
+               to lock from ``request_details`` or its RFC 9396 form ``authorization_details`` (one
+               ``tool_invocation`` entry, :func:`broker.policy.intent.parse_requested`; CONTRACT §17).
 3 authorize    :func:`~broker.gateway.pipeline.authorize` with step ``exchange``: visibility, arguments,
                policy, MFA, approvals (``approval_id``), injection, guard, mint, audit — the order is written
                there. The exchange executes nothing, so it reserves no place in the counters (CONTRACT §12).
@@ -22,6 +24,7 @@ from multidict import MultiDict, MultiDictProxy
 from broker.canonical import strict_loads
 from broker.context import CTX
 from broker.errors import (
+    InvalidAuthorizationDetails,
     InvalidGrant,
     InvalidRequest,
     InvalidScope,
@@ -32,6 +35,7 @@ from broker.errors import (
 from broker.gateway.body import authenticate, read_body, runtime_of
 from broker.gateway.pipeline import ToolCall, authorize, given
 from broker.identity.dpop import ath_for
+from broker.policy.intent import IntentError, RequestedCall, parse_requested
 from broker.resources import SERVICES
 from broker.txn.tokens import MAX_LIFETIME
 
@@ -47,6 +51,7 @@ _PARAMS = frozenset(
         "subject_token_type",
         "scope",
         "request_details",
+        "authorization_details",
         "approval_id",
     }
 )
@@ -113,16 +118,14 @@ async def token_exchange(request: web.Request) -> web.StreamResponse:
     scope = _one(form, "scope") or ""
     if not scope.startswith("tool:") or " " in scope:
         raise InvalidScope("scope must be tool:<name>", reason="exchange_scope")
-    details = _request_details(_one(form, "request_details") or "", runtime.limits.max_json_depth)
     name = scope.removeprefix("tool:")
-    if details.get("tool") != name:
-        raise InvalidRequest("request_details.tool must match the scope", reason="exchange_tool_mismatch")
+    requested = _requested_call(form, name, runtime.limits.max_json_depth, config.server.public_url)
     approval_id = _one(form, "approval_id", required=False)
 
     call = ToolCall(
         step="exchange",
         name=name,
-        arguments=given(details.get("arguments", {})),
+        arguments=given(requested.arguments),
         principal=principal,
         tool=runtime.tools[name].spec if name in runtime.tools else None,
         approval_id=approval_id,
@@ -139,10 +142,34 @@ async def token_exchange(request: web.Request) -> web.StreamResponse:
     return web.json_response(body, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
 
 
-def _request_details(text: str, max_depth: int) -> dict[str, Any]:
-    if not text:
-        raise InvalidRequest("request_details is required", reason="exchange_missing_request_details")
-    details = strict_loads(text.encode("utf-8"), max_depth=max_depth)
+def _requested_call(form: MultiDictProxy[str], name: str, max_depth: int, public_url: str) -> RequestedCall:
+    """The call to lock, from ``request_details`` or (RFC 9396) ``authorization_details``: exactly one of them.
+    Both forms lock the same arguments; the minted txn token does not say which one was sent."""
+    plain = _one(form, "request_details", required=False)
+    rich = _one(form, "authorization_details", required=False)
+    if plain is not None and rich is not None:
+        raise InvalidRequest(
+            "send request_details or authorization_details, not both", reason="exchange_details_both"
+        )
+    if rich is not None:
+        try:
+            value = strict_loads(rich.encode("utf-8"), max_depth=max_depth)  # JSON text: invalid_request
+            requested = parse_requested(value, public_url=public_url)
+        except IntentError as exc:
+            raise InvalidAuthorizationDetails(str(exc), reason=f"exchange_{exc.reason}") from None
+        if requested.tool != name:
+            raise InvalidAuthorizationDetails(
+                "authorization_details[0].tool must match the scope", reason="exchange_details_tool_mismatch"
+            )
+        return requested
+    if not plain:
+        raise InvalidRequest(
+            "request_details (or authorization_details) is required",
+            reason="exchange_missing_request_details",
+        )
+    details = strict_loads(plain.encode("utf-8"), max_depth=max_depth)
     if not isinstance(details, dict) or set(details) - {"tool", "arguments"}:
         raise InvalidRequest("request_details must be {tool, arguments}", reason="exchange_request_details")
-    return details
+    if details.get("tool") != name:
+        raise InvalidRequest("request_details.tool must match the scope", reason="exchange_tool_mismatch")
+    return RequestedCall(tool=name, arguments=details.get("arguments", {}))

@@ -10,6 +10,8 @@ The order is HOSTILE §3.4, with the reason for each constraint:
     binding       ``cnf.jkt`` = the proof's key (D15), ``cnf.x5t#S256`` = this connection's cert (M15, D21);
                   a DPoP-bound token sent as Bearer is refused (D16)
     actor         the token's ``act.sub`` (or ``client_id``) = the SVID's SPIFFE ID (dual identity)
+    intent        the token's RFC 9396 ``authorization_details`` read into bounds (broker.policy.intent) — only
+                  now that the token is authentic and this caller's; unreadable is invalid_token, never "unbounded"
     replay        not here: the proof's jti is claimed by the request's final guard (broker.gateway.guard),
                   together with its revocation check and txn-token single use in one atomic store step, after
                   every other check — so a refused request never burns a jti or a txn token (S07), and a store
@@ -45,6 +47,7 @@ from broker.identity.nonce import NonceService
 from broker.identity.peer import RequestView, peer_actor
 from broker.identity.spiffe import SpiffeId
 from broker.identity.tokens import AccessToken, AccessTokenVerifier, IssuerPolicy
+from broker.policy.intent import Intent, IntentError, parse_token_details
 
 # Agents call the same few paths over and over; normalising them is pure, so remember the last few thousand
 # (bounded: the path is the client's; failures raise and are never cached).
@@ -63,6 +66,8 @@ class Principal:
     jkt: str | None
     #: the proof's replay-cache entry (store key, ttl), claimed by the final guard
     replay: tuple[str, float] | None = None
+    #: the token's RFC 9396 ``tool_invocation`` bounds (CONTRACT §17); None: the token carries none
+    intent: Intent | None = None
 
     @property
     def actor_id(self) -> str | None:
@@ -204,6 +209,15 @@ class Authenticator:
             if bound_actor is None or actor is None or bound_actor != str(actor):
                 raise InvalidToken("token was not issued to this agent", reason="token_actor_mismatch")
 
+        intent = None
+        if "authorization_details" in token.claims:
+            try:
+                intent = parse_token_details(
+                    token.claims["authorization_details"], public_url=self.public_url
+                )
+            except IntentError as exc:  # bounds that cannot be read never pass as no bounds (CONTRACT §17)
+                raise InvalidToken(f"access token {exc}", reason=exc.reason) from None
+
         return Principal(
             subject=token.sub,
             claims=token.claims,
@@ -211,4 +225,5 @@ class Authenticator:
             token=token,
             jkt=proof.jkt if proof else None,
             replay=(f"dpop:{proof.replay_key}", proof.replay_ttl) if proof else None,
+            intent=intent,
         )

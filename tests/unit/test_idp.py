@@ -320,3 +320,42 @@ def test_jkt_of_private_and_public_agree(pki: Pki) -> None:
     private = read_jwk(pki.agent("expense-assistant").dpop_jwk)
     public = {k: v for k, v in private.items() if k != "d"}
     assert jkt_of(private) == jkt_of(public) == private["kid"]
+
+
+# --- --authorization-details (CONTRACT §17) ---------------------------------------------------------------
+
+BOUNDED = '[{"type":"tool_invocation","tool":"approveExpense","constraints":{"amount_max":5000}}]'
+
+
+def test_authorization_details_become_the_claim(pki: Pki, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_token(
+        ["--certs", str(pki.root), "--sub", "alice", "--agent", "expense-assistant",
+         "--authorization-details", BOUNDED],
+        capsys,
+    )  # fmt: skip
+    assert (code, err) == (0, "")
+    assert segment(out.strip(), 1)["authorization_details"] == json.loads(BOUNDED)
+
+
+@pytest.mark.parametrize(
+    ("value", "extra", "expected_in_err"),
+    [
+        ("[{", [], "not JSON"),
+        ('{"type":"tool_invocation"}', [], "JSON array"),
+        ('[{"type":"tool_invocation","tool":"x","constraints":{"x_max":"9"}}]', [], "must be a number"),
+        ('[{"type":"tool_invocation","tool":"x","limit":1}]', [], "unknown member 'limit'"),
+        (BOUNDED, ["--claim-json", "authorization_details=[]"], "twice"),
+    ],
+    ids=["not-json", "not-array", "max-not-number", "unknown-member", "also-as-claim"],
+)
+def test_unreadable_authorization_details_exit_2(
+    pki: Pki, capsys: pytest.CaptureFixture[str], value: str, extra: list[str], expected_in_err: str
+) -> None:
+    code, out, err = run_token(
+        ["--certs", str(pki.root), "--sub", "alice", "--agent", "expense-assistant",
+         "--authorization-details", value, *extra],
+        capsys,
+    )  # fmt: skip
+    assert (code, out) == (2, "")
+    assert err.startswith("broker token: --authorization-details") or "twice" in err
+    assert expected_in_err in err
