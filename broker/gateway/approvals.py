@@ -39,16 +39,19 @@ from broker.identity.principal import Principal
 from broker.jose import SigningKey
 from broker.observability import Metrics
 from broker.policy.approvers import Eligibility, has_mfa
-from broker.resources import APPROVALS, METRICS, RUNTIME, STATE
+from broker.resources import APPROVALS, METRICS, RUNTIME, STATE, TRACER
 from broker.state.base import StateStore
-from broker.txn.approval_rules import Approval, Verdict, refusal
+from broker.txn.approval_rules import Approval, Verdict, refusal, same_person
 from broker.txn.approvals import ApprovalBook
 from broker.txn.webhooks import WebhookNotifier
 
 __all__ = [
     "APPROVALS",
     "ApprovalService",
+    "decidable",
     "decide_approval",
+    "decide_as",
+    "decision_reason",
     "get_approval",
     "is_agent",
     "list_approvals",
@@ -104,7 +107,8 @@ class ApprovalService:
         await self.notifier.close()
 
     def approval_url(self, approval_id: str) -> str:
-        return f"{self.public_url}/v1/approvals/{approval_id}"
+        """CONTRACT §14: the approvals page, where a human decides (``GET /v1/approvals/{id}`` is the API)."""
+        return f"{self.public_url}/approvals/{approval_id}"
 
     async def request(
         self,
@@ -118,9 +122,11 @@ class ApprovalService:
         reason: str,
         policy_version: str,
         now: float,
+        issuer: str | None = None,
     ) -> tuple[Approval, bool]:
         """:meth:`ApprovalBook.request`; a new approval is counted (``pending``) and announced to webhooks."""
         approval, created = await self.book.request(
+            issuer=issuer,
             subject=subject,
             actor=actor,
             tool=tool,
@@ -154,9 +160,10 @@ async def _identify(request: web.Request) -> tuple[Principal, ApprovalService, f
     ctx.route = "approval"  # set first: a refused identity is audited as an approval event too
     app = request.app
     service = app[APPROVALS]
-    principal = await app[RUNTIME].current.authenticator.authenticate(
-        RequestView.of(request), now=time.time(), require_actor=False
-    )
+    with app[TRACER].span("identity"):
+        principal = await app[RUNTIME].current.authenticator.authenticate(
+            RequestView.of(request), now=time.time(), require_actor=False
+        )
     ctx.subject, ctx.actor = principal.subject, principal.actor
     await final_guard(app[STATE], app[METRICS], principal)
     return principal, service, time.time()
@@ -167,7 +174,7 @@ async def _approval(request: web.Request, service: ApprovalService, now: float) 
     if approval is None:
         raise NotFound(_NOT_FOUND, reason="approval_unknown")
     ctx = request[CTX]
-    ctx.tool, ctx.args_digest = approval.tool, approval.args_digest
+    ctx.tool, ctx.args_digest, ctx.approval_id = approval.tool, approval.args_digest, approval.id
     return approval
 
 
@@ -178,9 +185,9 @@ def _may_read(approval: Approval, principal: Principal, service: ApprovalService
     if is_agent(principal):
         return False
     eligible = service.eligibility.for_approval(approval)
-    return any(v.sub == principal.subject for v in approval.approvals) or any(
-        eligible(name, principal.claims) for name in approval.required
-    )
+    return any(
+        same_person(v.iss, v.sub, principal.token.iss, principal.subject) for v in approval.approvals
+    ) or any(eligible(name, principal.claims) for name in approval.required)
 
 
 async def _success(request: web.Request, reason: str, body: Any) -> web.Response:
@@ -219,13 +226,42 @@ async def decide_approval(request: web.Request) -> web.StreamResponse:
         )
     decision = _verdict(await read_json_body(request, request.app[RUNTIME].current.limits))
     approval = await _approval(request, service, now)
+    updated = await decide_as(
+        service,
+        approval,
+        approver_iss=principal.token.iss,
+        approver_sub=principal.subject,
+        approver_claims=principal.claims,
+        decision=decision,
+        now=now,
+    )
+    return await _success(request, decision_reason(decision, updated, now), updated.to_api(now=now))
+
+
+async def decide_as(
+    service: ApprovalService,
+    approval: Approval,
+    *,
+    approver_iss: str,
+    approver_sub: str,
+    approver_claims: Mapping[str, Any],
+    decision: Verdict,
+    now: float,
+) -> Approval:
+    """The one approval decision, for ``POST /v1/approvals/{id}`` and the approvals page alike: the rules
+    (requester, eligibility, double vote, state), then MFA, then the compare-and-set vote. Raises the refusal."""
     eligible = service.eligibility.for_approval(approval)
     error = refusal(
-        approval, approver_sub=principal.subject, approver_claims=principal.claims, eligible=eligible, now=now
+        approval,
+        approver_iss=approver_iss,
+        approver_sub=approver_sub,
+        approver_claims=approver_claims,
+        eligible=eligible,
+        now=now,
     )
     if error is not None:
         raise error
-    if not has_mfa(principal.claims):
+    if not has_mfa(approver_claims):
         raise InsufficientUserAuthentication(
             "deciding an approval requires multi-factor authentication",
             reason="approval_mfa_required",
@@ -233,15 +269,44 @@ async def decide_approval(request: web.Request) -> web.StreamResponse:
         )
     updated = await service.book.decide(
         approval.id,
-        approver_sub=principal.subject,
-        approver_claims=principal.claims,
+        approver_iss=approver_iss,
+        approver_sub=approver_sub,
+        approver_claims=approver_claims,
         decision=decision,
         eligible=eligible,
         now=now,
     )
-    state = updated.state_at(now)
-    service.metrics.approvals.labels(state=state).inc()
-    return await _success(request, f"{decision}:{updated.id}:{state}", updated.to_api(now=now))
+    service.metrics.approvals.labels(state=updated.state_at(now)).inc()
+    return updated
+
+
+def decision_reason(decision: Verdict, updated: Approval, now: float) -> str:
+    """The audit ``reason`` of a recorded vote (``approve:<id>:<state>``), the same on every channel."""
+    return f"{decision}:{updated.id}:{updated.state_at(now)}"
+
+
+async def decidable(
+    service: ApprovalService,
+    approver_iss: str,
+    approver_sub: str,
+    approver_claims: Mapping[str, Any],
+    now: float,
+) -> list[Approval]:
+    """The pending approvals (``approver_iss``, ``approver_sub``) could decide now (:func:`refusal` finds nothing
+    against them)."""
+    return [
+        approval
+        for approval in await service.book.pending(now)
+        if refusal(
+            approval,
+            approver_iss=approver_iss,
+            approver_sub=approver_sub,
+            approver_claims=approver_claims,
+            eligible=service.eligibility.for_approval(approval),
+            now=now,
+        )
+        is None
+    ]
 
 
 async def list_approvals(request: web.Request) -> web.StreamResponse:
@@ -249,16 +314,8 @@ async def list_approvals(request: web.Request) -> web.StreamResponse:
     principal, service, now = await _identify(request)
     if is_agent(principal):
         raise AccessDenied("only approvers can list approvals", reason="approval_by_agent")
-    decidable = [
-        approval.to_api(now=now)
-        for approval in await service.book.pending(now)
-        if refusal(
-            approval,
-            approver_sub=principal.subject,
-            approver_claims=principal.claims,
-            eligible=service.eligibility.for_approval(approval),
-            now=now,
-        )
-        is None
+    listed = [
+        a.to_api(now=now)
+        for a in await decidable(service, principal.token.iss, principal.subject, principal.claims, now)
     ]
-    return await _success(request, f"list:{len(decidable)}", {"approvals": decidable})
+    return await _success(request, f"list:{len(listed)}", {"approvals": listed})

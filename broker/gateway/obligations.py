@@ -78,6 +78,7 @@ async def approval_for_call(
                 args_digest=digest,
                 required=required,
                 now=now,
+                issuer=principal.token.iss,
             )
         )
 
@@ -95,6 +96,7 @@ async def approval_for_call(
         reason=reasons,
         policy_version=runtime.policy_version,
         now=now,
+        issuer=principal.token.iss,
     )
     return ApprovalState(approval, covers(approval), required, reasons)
 
@@ -119,6 +121,7 @@ async def discharge_approvals(
     )
     if state is None:
         return None
+    record.approval_id = state.approval.id  # the audit record joins the approval's request and execution
     if state.covered:
         return state.approval
     raise approval_required(state, services.approvals.approval_url(state.approval.id))
@@ -147,6 +150,7 @@ async def spend_approval(
         services, runtime, principal, tool, arguments, record.args_digest, decision, None, now
     )
     assert state is not None  # this call was decided to need an approval
+    record.approval_id = state.approval.id
     raise approval_required(state, services.approvals.approval_url(state.approval.id))
 
 

@@ -11,6 +11,11 @@ The decision rules are pure (:func:`refusal`, :func:`apply_decision`, :func:`cov
 1. the approval exists, is ``pending`` and not expired          else ``approval_not_pending`` / ``approval_expired``
 2. the approver is not the requesting subject (four eyes)       else ``approval_self``
 3. the approver has not decided this approval before            else ``approval_already_decided``
+
+A person is (issuer, subject): ``sub`` is unique only within its issuer (OIDC Core §2), so ``alice`` of one
+configured issuer is not ``alice`` of another (:func:`same_person`). Records written before the issuer was stored
+have none (``None``); such a requester or vote is taken to be every issuer's holder of that ``sub``: an old record
+can only refuse more (self-approval, a second vote), never count one person twice.
 4. the approver is eligible for a still-unsatisfied requirement else ``approval_not_eligible``
 
 A ``deny`` by an eligible approver ends the approval (``denied``). An ``approve`` counts toward every unsatisfied
@@ -55,17 +60,30 @@ def approval_requirements(obligations: Iterable[str]) -> tuple[str, ...]:
     return tuple(name for name in APPROVERS_NEEDED if name in names)
 
 
+def same_person(iss_a: str | None, sub_a: str, iss_b: str | None, sub_b: str) -> bool:
+    """(issuer, subject) pairs naming one person; an unknown issuer (``None``: a record from before issuers were
+    stored) matches every issuer — the side that refuses (module docstring)."""
+    return sub_a == sub_b and (iss_a is None or iss_b is None or iss_a == iss_b)
+
+
 @dataclass(frozen=True, slots=True)
 class Vote:
-    """One approver's decision and the requirements it counted toward."""
+    """One approver's decision and the requirements it counted toward; ``iss``: the approver's issuer."""
 
     sub: str
     decision: Verdict
     at: float
     satisfies: tuple[str, ...]
+    iss: str | None = None
 
     def to_record(self) -> dict[str, Any]:
-        return {"sub": self.sub, "decision": self.decision, "at": self.at, "satisfies": list(self.satisfies)}
+        return {
+            "sub": self.sub,
+            "iss": self.iss,
+            "decision": self.decision,
+            "at": self.at,
+            "satisfies": list(self.satisfies),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +109,8 @@ class Approval:
     quota: tuple[str, str, float] | None = field(default=None, compare=False)
     #: when the one call it approves was executed (an approval authorises one execution, CONTRACT §12)
     used_at: float | None = None
+    #: the issuer of the requester's token (None: a record from before issuers were stored)
+    issuer: str | None = None
 
     @property
     def binding(self) -> tuple[str, str | None, str, str, tuple[str, ...]]:
@@ -145,6 +165,7 @@ class Approval:
             "arguments": dict(self.arguments),
             "args_digest": self.args_digest,
             "subject": self.subject,
+            "issuer": self.issuer,
             "actor": self.actor,
             "reason": self.reason,
             "created_at": self.created_at,
@@ -160,7 +181,13 @@ class Approval:
         """Inverse of :meth:`to_record`; ``ValueError`` for a record this module did not write."""
         try:
             votes = tuple(
-                Vote(str(v["sub"]), v["decision"], float(v["at"]), tuple(v["satisfies"]))
+                Vote(
+                    str(v["sub"]),
+                    v["decision"],
+                    float(v["at"]),
+                    tuple(v["satisfies"]),
+                    None if v.get("iss") is None else str(v["iss"]),
+                )
                 for v in record["approvals"]
             )
             approval = cls(
@@ -180,6 +207,7 @@ class Approval:
                 version=int(record.get("version", 0)),
                 quota=_quota_of(record.get("quota")),
                 used_at=None if record.get("used_at") is None else float(record["used_at"]),
+                issuer=None if record.get("issuer") is None else str(record["issuer"]),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError("not an approval record") from exc
@@ -209,16 +237,18 @@ def refusal(
     approver_claims: Mapping[str, Any],
     eligible: EligibleFn,
     now: float,
+    approver_iss: str | None = None,
 ) -> BrokerError | None:
-    """Why ``approver_sub`` may not decide ``approval`` now (rules 1-4 of the module docstring), or None."""
+    """Why (``approver_iss``, ``approver_sub``) may not decide ``approval`` now (rules 1-4 of the module
+    docstring), or None. Without ``approver_iss`` the approver is every issuer's holder of that ``sub``."""
     state = approval.state_at(now)
     if state == "expired":
         return AccessDenied("this approval has expired", reason="approval_expired")
     if state != "pending":
         return AccessDenied("this approval is no longer pending", reason="approval_not_pending")
-    if approver_sub == approval.subject:
+    if same_person(approval.issuer, approval.subject, approver_iss, approver_sub):
         return AccessDenied("a requester cannot approve their own request", reason="approval_self")
-    if any(v.sub == approver_sub for v in approval.approvals):
+    if any(same_person(v.iss, v.sub, approver_iss, approver_sub) for v in approval.approvals):
         return AccessDenied("you have already decided this approval", reason="approval_already_decided")
     if not any(eligible(name, approver_claims) for name in approval.unsatisfied()):
         return AccessDenied("you are not an approver for this request", reason="approval_not_eligible")
@@ -233,17 +263,25 @@ def apply_decision(
     decision: Verdict,
     eligible: EligibleFn,
     now: float,
+    approver_iss: str | None = None,
 ) -> Approval:
     """The approval after this vote; raises the :func:`refusal` if there is one."""
     if decision not in ("approve", "deny"):
         raise ValueError("decision must be 'approve' or 'deny'")
     error = refusal(
-        approval, approver_sub=approver_sub, approver_claims=approver_claims, eligible=eligible, now=now
+        approval,
+        approver_sub=approver_sub,
+        approver_claims=approver_claims,
+        eligible=eligible,
+        now=now,
+        approver_iss=approver_iss,
     )
     if error is not None:
         raise error
     satisfies = tuple(name for name in approval.unsatisfied() if eligible(name, approver_claims))
-    updated = replace(approval, approvals=(*approval.approvals, Vote(approver_sub, decision, now, satisfies)))
+    updated = replace(
+        approval, approvals=(*approval.approvals, Vote(approver_sub, decision, now, satisfies, approver_iss))
+    )
     if decision == "deny":
         return replace(updated, state="denied")
     return replace(updated, state="approved") if not updated.unsatisfied() else updated
@@ -258,12 +296,15 @@ def covers(
     args_digest: str,
     required: Iterable[str],
     now: float,
+    issuer: str | None = None,
 ) -> bool:
     """True if ``approval`` lets this exact call through: approved, unexpired, not yet used by an execution, same
-    binding, and granted for at least the approvals policy requires now (a stricter policy needs a new one)."""
+    binding — the same person, (issuer, subject), so ``alice`` of another issuer cannot use it — and granted for
+    at least the approvals policy requires now (a stricter policy needs a new one)."""
     return (
         approval.state_at(now) == "approved"
         and approval.used_at is None
+        and approval.issuer == issuer
         and approval.subject == subject
         and approval.actor == actor
         and approval.tool == tool

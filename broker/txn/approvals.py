@@ -66,9 +66,9 @@ def _record_key(approval_id: str) -> str:
 
 
 def _binding_key(
-    subject: str, actor: str | None, tool: str, args_digest: str, required: Iterable[str]
+    issuer: str | None, subject: str, actor: str | None, tool: str, args_digest: str, required: Iterable[str]
 ) -> str:
-    binding = json_dumps([subject, actor, tool, args_digest, sorted(required)])
+    binding = json_dumps([issuer, subject, actor, tool, args_digest, sorted(required)])
     return f"approval_binding:{hash_key_part(binding)}"
 
 
@@ -143,6 +143,7 @@ class ApprovalBook:
         reason: str,
         policy_version: str,
         now: float,
+        issuer: str | None = None,
     ) -> tuple[Approval, bool]:
         """The live approval for this binding and requirement set, or a new pending one (then True).
 
@@ -163,7 +164,7 @@ class ApprovalBook:
             raise ValueError("now must be finite")
         if digest_of(dict(arguments)) != args_digest:
             raise ValueError("args_digest is not the digest of arguments")
-        binding_key = _binding_key(subject, actor, tool, args_digest, needed)
+        binding_key = _binding_key(issuer, subject, actor, tool, args_digest, needed)
         # The pending slot is reserved when an approval is about to be created, and handed back unless one was.
         reservation: Reservation | None = None
         try:
@@ -176,6 +177,7 @@ class ApprovalBook:
                         and existing.state_at(now) in ("pending", "approved")
                         and existing.used_at is None
                         and existing.binding == (subject, actor, tool, args_digest, needed)
+                        and existing.issuer == issuer
                     ):
                         return existing, False
                 if reservation is None:
@@ -195,6 +197,7 @@ class ApprovalBook:
                     expires_at=now + self.ttl_seconds,
                     policy_version=policy_version,
                     quota=(scope, member, reservation.at),
+                    issuer=issuer,
                 )
                 ttl = self._record_ttl(approval, now)
                 # The record first, then the binding: nobody can find a binding whose record is not written
@@ -235,6 +238,7 @@ class ApprovalBook:
         decision: Verdict,
         eligible: EligibleFn,
         now: float,
+        approver_iss: str | None = None,
     ) -> Approval:
         """Record one approver's vote (rules in the module docstring) and return the updated approval.
 
@@ -252,6 +256,7 @@ class ApprovalBook:
                 decision=decision,
                 eligible=eligible,
                 now=now,
+                approver_iss=approver_iss,
             )
             ttl = self._record_ttl(updated, now)
             key = _record_key(approval_id)

@@ -6,6 +6,11 @@ silent receiver never delays the agent's answer. A background worker signs one a
 and POSTs it as ``application/jose`` to every webhook, each delivery in its own task, retried on a non-2xx
 answer, a timeout or a connection error with exponential backoff and full jitter, up to ``max_attempts``.
 
+A webhook with ``format: slack`` gets Slack-compatible incoming-webhook JSON instead (:func:`slack_message`:
+``text`` and ``blocks`` naming the tool, requester, agent, reason, expiry and the approval page's link, never the
+arguments: a chat channel is not where they are judged, the page shows them after login). Agent-chosen text is
+escaped for Slack's mrkdwn (``&``, ``<``, ``>``), so an argument cannot forge a link or a mention.
+
 Delivery is at least once per webhook and best effort: receivers should deduplicate by ``approval_id``.
 A full queue drops the announcement (logged, ``on_result("dropped")``); so does shutdown for what is still
 queued. The approval itself is unaffected: approvers can always find it with ``broker approvals list``.
@@ -15,6 +20,7 @@ Redirects are not followed: the signed body carries the call's arguments and mus
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import ssl
 import time
@@ -28,7 +34,7 @@ from broker.config.models import Webhook
 from broker.jose import SigningKey
 from broker.txn.approval_rules import Approval, rfc3339
 
-__all__ = ["ANNOUNCEMENT_TYP", "WebhookNotifier", "announcement_claims"]
+__all__ = ["ANNOUNCEMENT_TYP", "WebhookNotifier", "announcement_claims", "slack_message"]
 
 log = structlog.get_logger("broker.webhooks")
 
@@ -47,7 +53,7 @@ def announcement_claims(approval: Approval, *, public_url: str, now: float) -> d
         "iat": int(now),
         "exp": int(approval.expires_at),
         "approval_id": approval.id,
-        "approval_url": f"{public_url}/v1/approvals/{approval.id}",
+        "approval_url": f"{public_url}/approvals/{approval.id}",
         "tool": approval.tool,
         "arguments": dict(approval.arguments),
         "requester": approval.subject,
@@ -55,6 +61,33 @@ def announcement_claims(approval: Approval, *, public_url: str, now: float) -> d
         "reason": approval.reason,
         "required": list(approval.required),
         "expires_at": rfc3339(approval.expires_at),
+    }
+
+
+def _slack_escape(text: str) -> str:
+    # https://api.slack.com/reference/surfaces/formatting#escaping: exactly these three
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def slack_message(approval: Approval, *, public_url: str) -> dict[str, Any]:
+    """Slack incoming-webhook JSON announcing ``approval`` with a link to its page (no arguments)."""
+    url = f"{public_url}/approvals/{approval.id}"
+    required = ", ".join(approval.required)
+    summary = (
+        f"Approval needed ({required}): `{_slack_escape(approval.tool)}` requested by "
+        f"{_slack_escape(approval.subject)} through {_slack_escape(approval.actor or 'no agent')}"
+    )
+    details = (
+        f"*Why:* {_slack_escape(approval.reason or '-')}\n*Expires:* {rfc3339(approval.expires_at)}\n"
+        f"<{url}|Review the arguments and decide>"
+    )
+    return {
+        "text": f"{summary}. Decide at {url}",
+        "blocks": [
+            {"type": "section", "text": {"type": "mrkdwn", "text": summary}},
+            {"type": "section", "text": {"type": "mrkdwn", "text": details}},
+        ],
+        "unfurl_links": False,
     }
 
 
@@ -145,10 +178,15 @@ class WebhookNotifier:
             except ValueError:  # a signing key that cannot sign is a config error, logged per approval
                 log.exception("approval announcement could not be signed", approval_id=approval.id)
                 continue
+            slack: str | None = None
             for hook, ssl_context in self.targets:
+                payload = body
+                if hook.format == "slack":
+                    slack = slack or json.dumps(slack_message(approval, public_url=self.public_url))
+                    payload = slack
                 await self._slots.acquire()
                 task = asyncio.get_running_loop().create_task(
-                    self._deliver(hook, ssl_context, approval, body)
+                    self._deliver(hook, ssl_context, approval, payload)
                 )
                 self._deliveries.add(task)
                 task.add_done_callback(self._delivered)
@@ -166,7 +204,8 @@ class WebhookNotifier:
         self, hook: Webhook, ssl_context: ssl.SSLContext | bool, approval: Approval, body: str
     ) -> None:
         timeout = aiohttp.ClientTimeout(total=hook.timeout_seconds)
-        headers = {"Content-Type": "application/jose", "Accept": "application/json"}
+        content_type = "application/json" if hook.format == "slack" else "application/jose"
+        headers = {"Content-Type": content_type, "Accept": "application/json"}
         for attempt in range(1, self.max_attempts + 1):
             outcome: str
             try:

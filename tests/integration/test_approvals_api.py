@@ -27,7 +27,7 @@ from broker.gateway.approvals import ApprovalService
 from broker.jose import Signer, b64url_decode, generate_ec_jwk, public_key_from_jwk, verify_signature
 from broker.policy.approvers import Eligibility
 from broker.resources import APPROVALS
-from broker.sdk.approvals_cli import add_approvals_parser
+from broker.sdk.approvals_cli import COLUMNS, add_approvals_parser
 from broker.state.base import StateStore
 from broker.txn.approval_rules import Approval
 from broker.txn.approvals import ApprovalBook
@@ -365,16 +365,29 @@ async def test_cli_lists_shows_and_approves(
     common = ["--broker", cli_broker.public_url, "--certs", str(cli_broker.pki.root), "--human", "carol"]
     common += ["--token", carol.token]
 
+    # the same default (a table: header, one row per approval) for every action; --format json the API's JSON
     assert await run_cli("list", *common) == 0
-    out = capsys.readouterr().out
-    assert out.startswith(f"{approval.id} pending tool=approveExpense subject=alice")
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert tuple(header.split()) == COLUMNS
+    assert [r.split()[:4] for r in rows] == [[approval.id, "pending", "approveExpense", "alice"]]
 
     assert await run_cli("show", approval.id, *common) == 0
+    header, only = capsys.readouterr().out.splitlines()
+    assert header.startswith("ID ") and only.split()[:2] == [approval.id, "pending"]
+
+    assert await run_cli("list", *common, "--format", "json") == 0
+    assert [a["id"] for a in json.loads(capsys.readouterr().out)["approvals"]] == [approval.id]
+    assert await run_cli("show", approval.id, *common, "--json") == 0
     assert json.loads(capsys.readouterr().out)["id"] == approval.id
 
     assert await run_cli("approve", approval.id, *common) == 0
-    assert capsys.readouterr().out.startswith(f"{approval.id} approved ")
+    header, only = capsys.readouterr().out.splitlines()
+    assert header.startswith("ID ") and only.split()[:2] == [approval.id, "approved"]
     assert (await stored(cli_broker, approval)).state == "approved"
+    assert await run_cli("show", approval.id, *common, "--format", "json") == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "approved"
+    with pytest.raises(SystemExit):
+        await run_cli("show", approval.id, *common, "--format", "yaml")
 
 
 async def test_cli_exit_codes_for_refusals_and_usage(
@@ -523,6 +536,6 @@ async def test_the_broker_announces_new_approvals_signed_with_its_key(
     async with broker.session(agent=None) as s, s.get(f"{broker.url}/.well-known/jwks.json") as resp:
         [jwk, *_] = (await resp.json())["keys"]
     claims = verified_claims(receiver.received[0][1], jwk)
-    assert claims["approval_url"] == f"{broker.public_url}/v1/approvals/{approval.id}"
+    assert claims["approval_url"] == f"{broker.public_url}/approvals/{approval.id}"
     assert claims["agent"] == pki.agent_id("expense-assistant") and claims["required"] == ["dual_approval"]
     assert claims["iss"] == broker.public_url and claims["exp"] == int(approval.expires_at)

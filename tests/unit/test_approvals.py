@@ -389,6 +389,30 @@ async def test_covers_only_the_approved_binding() -> None:
     assert not covers(approval, **base), "pending"
 
 
+async def test_a_person_is_issuer_and_subject_for_the_binding() -> None:
+    """``alice`` of another issuer is another person: she neither finds nor uses alice@A's approval."""
+    book = make_book()
+    first, created = await request(book, issuer="https://a.example")
+    again, created_again = await request(book, issuer="https://a.example")
+    other, created_other = await request(book, issuer="https://b.example")
+    assert created and not created_again and again.id == first.id
+    assert created_other and other.id != first.id and other.issuer == "https://b.example"
+    await vote(book, first, "carol", CAROL)
+    granted = await book.get(first.id, T0 + 20)
+    assert granted is not None and granted.state == "approved"
+    call: dict[str, Any] = {
+        "subject": "alice",
+        "actor": AGENT,
+        "tool": "approveExpense",
+        "args_digest": DIGEST,
+        "required": ("manager_approval",),
+        "now": T0 + 20,
+    }
+    assert covers(granted, **call, issuer="https://a.example")
+    assert not covers(granted, **call, issuer="https://b.example")
+    assert not covers(granted, **call)  # a token without a known issuer is not alice@A either
+
+
 # --- approver rules (CEL) -----------------------------------------------------------------------------------
 
 
@@ -476,7 +500,7 @@ async def test_announcement_claims_describe_the_request() -> None:
         "iat": int(T0 + 1),
         "exp": int(T0 + TTL),
         "approval_id": approval.id,
-        "approval_url": f"https://broker.example/v1/approvals/{approval.id}",
+        "approval_url": f"https://broker.example/approvals/{approval.id}",
         "tool": "approveExpense",
         "arguments": ARGS,
         "requester": "alice",

@@ -647,7 +647,25 @@ async def run_steps(
             outcome = await _run_step(demo, step)
             out(outcome.line)
             outcomes.append(outcome)
+        if steps is STEPS:
+            await _leave_one_for_the_browser(demo, out)
         return outcomes
+
+
+async def _leave_one_for_the_browser(demo: Demo, out: Callable[[str], None]) -> None:
+    """Row 7 once more, left pending: its approval page link, for a manager to decide in a browser
+    (CONTRACT §14; `make run` serves the development IdP the page signs in with)."""
+    invoice = {"invoice_id": "INV-9005", "amount": 6000, "department": "42"}
+    try:
+        reply = await (await demo.alice(acr="mfa")).exchange(TOOL, invoice)
+        url = body_of(reply).get("approval_url")
+    except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
+        return
+    if reply.status == 403 and isinstance(url, str):
+        out(
+            f"\nin a browser: {url}\n  sign in as carol (or dave) with MFA and approve INV-9005 "
+            f"(6000) for {demo.subject('alice')}"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

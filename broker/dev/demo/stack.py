@@ -26,12 +26,17 @@ from broker.observability import configure_logging
 from broker.server import BIND_FAILURES, ListenError, bind_failure, start
 
 
-def _banner(broker_main: str, broker_admin: str, backend: str, certs: Path, config: Path, mcp: str) -> str:
+def _banner(
+    broker_main: str, broker_admin: str, backend: str, certs: Path, config: Path, mcp: str, idp: str
+) -> str:
     return f"""
   expense backend   {backend}            (SQLite, mTLS; verifies the broker's txn tokens)
   expense MCP       {mcp}  (behind the broker at /mcp/expenses)
   broker            {broker_main}         config {config}
   admin             {broker_admin}        /healthz /readyz /metrics /admin/config
+  development IdP   {idp}            (OpenID login for the approvals page: pick a demo user)
+  approvals page    {broker_main}/approvals/  (sign in as carol or dave with MFA; your browser must trust
+                    {certs}/ca.pem, or accept the warning for localhost)
 
   Try it: every call needs the agent's X.509-SVID, an access token and a fresh DPoP proof, so use an agent:
     make demo                      (walks the whole expense scenario, one line per step)
@@ -61,8 +66,12 @@ async def _run(args: argparse.Namespace) -> int:
         )
         return 1
     mcp_server: Any = None
+    idp: Any = None
     try:
         mcp_server = await _start_mcp(args)
+        idp = await _start_idp(args)
+        if idp is not None:
+            os.environ.setdefault("BROKER_OIDC_ISSUER", idp.url)
         os.environ.setdefault("EXPENSE_UPSTREAM", expense.https_url(backend))
         if mcp_server is not None:
             os.environ.setdefault("EXPENSE_MCP_UPSTREAM", mcp_server.url)
@@ -88,6 +97,7 @@ async def _run(args: argparse.Namespace) -> int:
                     args.certs,
                     args.config,
                     mcp_server.url if mcp_server is not None else "not started",
+                    idp.url if idp is not None else "not started",
                 ),
                 flush=True,
             )
@@ -99,10 +109,36 @@ async def _run(args: argparse.Namespace) -> int:
         finally:
             await running.stop()
     finally:
+        if idp is not None:
+            await idp.stop()
         if mcp_server is not None:
             await mcp_server.stop()
         await backend.cleanup()
     return 0
+
+
+async def _start_idp(args: argparse.Namespace) -> Any:
+    """The development OpenID Provider (a RunningIdp) for the approvals page, or None (printed) when its port
+    is taken: the agents' demo still runs, the page's sign-in says the identity provider is unavailable. Its one
+    client is the broker's page, redirecting to ``$BROKER_PUBLIC_URL/approvals/callback``."""
+    from broker.dev import idp_server
+
+    public_url = os.environ.get("BROKER_PUBLIC_URL", "https://localhost:8443").rstrip("/")
+    try:
+        return await idp_server.serve(
+            args.idp_listen,
+            certs=args.certs,
+            clients={"broker-approvals": (f"{public_url}/approvals/callback",)},
+        )
+    except OSError as exc:
+        if exc.errno not in BIND_FAILURES:
+            raise
+        print(
+            f"development IdP not started: {args.idp_listen} {bind_failure(exc)}; "
+            "set IDP_LISTEN (make run) or --idp-listen",
+            file=sys.stderr,
+        )
+        return None
 
 
 async def _start_mcp(args: argparse.Namespace) -> Any:
@@ -145,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--mcp-listen",
         default="127.0.0.1:9444",
         help="demo MCP server; 'none' to leave it out (make run MCP_LISTEN=...)",
+    )
+    parser.add_argument(
+        "--idp-listen",
+        default="127.0.0.1:9445",
+        help="development OpenID Provider for the approvals page (make run IDP_LISTEN=...); its issuer is "
+        "https://localhost:<port> (BROKER_OIDC_ISSUER in expense.yaml)",
     )
     parser.add_argument("--db", type=Path, default=Path("var/expense.db"))
     parser.add_argument("--log-format", choices=("json", "console"), default="console")
