@@ -279,8 +279,12 @@ def verify_signature(key: PublicKey, alg: str, signing_input: bytes, signature: 
     return True
 
 
+#: json.dumps(separators=(",", ":"), ensure_ascii=False), built once: dumps() would build an encoder per call
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def compact_json(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _COMPACT.encode(value).encode("utf-8")
 
 
 class SigningKey(Protocol):

@@ -117,6 +117,8 @@ __all__ = ["FilterCompileError", "ResponseFilter", "Scrubber", "ToolFilters", "c
 
 
 Location = tuple[str | int, ...]
+#: json.dumps(ensure_ascii=False, separators=(",", ":"), allow_nan=False), built once (not per answer)
+_COMPACT_STRICT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 class FilterCompileError(ValueError):
@@ -236,7 +238,7 @@ class ToolFilters:
             raise unfilterable() from exc
         response = self.response_filter(subject=subject, actor_id=actor_id)
         out = response.seal(response.document(document, strict=strict))
-        return json.dumps(out, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        return _COMPACT_STRICT.encode(out).encode()
 
 
 def compile_tool_filters(tool: Tool) -> ToolFilters:

@@ -6,6 +6,9 @@ Set-ups (each server in its own subprocess on 127.0.0.1, ephemeral ports):
 - ``bare``: :mod:`broker.dev.bench.bareproxy` in front of it (``POST /v1/tools/listInvoices``), the yardstick;
 - ``broker``: ``broker run -c config/examples/expense.yaml`` in front of it, every request with the full
   identity checks (mTLS SVID + a fresh DPoP proof + the access token + the replay claim), memory state store;
+- ``broker-postgres``: the ``broker`` set-up with the PostgreSQL audit store (``audit.store``) in a database of
+  its own (created on ``BROKER_BENCH_PG_URL``'s server, default 127.0.0.1:5432, dropped after); the report adds
+  ``broker-postgres/broker``: the PostgreSQL store against the file store with fsync on (target >= 0.8);
 - ``broker-redis``: the same with the Redis state store (``BROKER_REDIS_URL``, default 127.0.0.1:6379);
 - ``broker-redis-2w``: the same with ``--workers 2`` (two processes on one port);
 - ``mcp-direct``: the demo MCP server (official SDK, stateless, JSON responses: PERF.md's MCP peer set-up) called
@@ -19,8 +22,18 @@ pays the same backend cost, so the ratios measure the broker alone. (The broker 
 tokens; the backend just does not verify them here.)
 
 Every set-up is loaded with ``{"department":"42"}`` by :func:`broker.dev.bench.loadgen.run_load` over mTLS with an
-agent SVID. The table and ``--out`` JSON give rps, p50/p99 and each set-up's ratio to ``bare``. The load
-generator shares the cores with the servers, so only ratios within one run mean anything (PERF.md).
+agent SVID. The table and ``--out`` JSON give rps, p50/p99 and each set-up's ratio to ``bare``.
+
+Per core (``--pin``, the default with >= 2 cores; :mod:`broker.dev.bench.cpu`): the server under test (its
+process tree, ``--workers`` children included) runs on the first core, the bench's load generator and the
+auxiliary servers (the backend, the MCP server behind the broker) on the others. Each row also gives
+``cpu_us_per_request`` (the server's own user + system CPU time over the measured window, per answered request)
+and ``server_cpu_util`` (its CPU seconds per wall second: near 1.0 the server's core was the bottleneck, below it
+the load generator's cores were, or another process shared the server's core). ``ratios_cpu`` divides bare's CPU
+per request by each set-up's: what one core of each serves, whoever limited the rate. ``--unpinned-too`` loads
+every set-up a second time with no pinning (``unpinned`` in each row, ``ratios_unpinned``); ``--no-pin`` runs
+only that. Unpinned, the load generator shares the cores with the servers: only ratios within one run mean
+anything (PERF.md).
 
 A new set-up is one more :class:`Setup` in :func:`build_setups`: a name, a URL, a ``make_request`` (called per
 request: the place for fresh DPoP proofs) and a ``start`` context manager that brings its server up.
@@ -44,7 +57,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -52,6 +65,7 @@ from urllib.parse import urlencode
 import aiohttp
 import yaml
 
+from broker.dev.bench import cpu
 from broker.dev.bench.loadgen import MakeRequest, Result, client_ssl_context, run_load
 from broker.dev.demo.expense import run_event_loop
 from broker.dev.idp import mint_access_token
@@ -95,6 +109,49 @@ class Setup:
     start: Callable[[], AbstractAsyncContextManager[None]]  #: server up on enter, stopped on exit
 
 
+@dataclass
+class Placement:
+    """Which processes are under test, and where every process runs (``--pin``; :mod:`broker.dev.bench.cpu`).
+
+    ``split`` is (server cpus, load cpus) or None (fewer than 2 cores). When ``pinned``, the servers under test
+    run on the server cpus, the bench (load generator) and the auxiliary servers (backend, the MCP server behind
+    the broker) on the load cpus; otherwise everything may run everywhere."""
+
+    split: tuple[set[int], set[int]] | None
+    pinned: bool = False
+    under_test: list[int] = field(default_factory=list)
+    aux: list[int] = field(default_factory=list)
+
+    def place(self) -> None:
+        """Apply the current mode's affinity to the bench and every tracked process tree."""
+        everywhere = set(cpu.available_cpus()) if self.split is None else self.split[0] | self.split[1]
+        server, load = self.split if (self.pinned and self.split) else (everywhere, everywhere)
+        os.sched_setaffinity(0, load)  # the bench's own threads started later inherit it
+        for pid in self.aux:
+            cpu.pin_tree(pid, load)
+        for pid in self.under_test:
+            cpu.pin_tree(pid, server)
+
+    def track(self, pid: int, *, under_test: bool) -> None:
+        (self.under_test if under_test else self.aux).append(pid)
+        self.place()
+
+    def untrack(self, pid: int) -> None:
+        for group in (self.under_test, self.aux):
+            if pid in group:
+                group.remove(pid)
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds so far of the processes under test (their trees: ``--workers`` children too)."""
+        return cpu.cpu_seconds(self.under_test)
+
+    def server_cpus(self) -> set[int]:
+        """Where the servers under test may run now."""
+        if self.pinned and self.split is not None:
+            return self.split[0]
+        return set(cpu.available_cpus()) if self.split is None else self.split[0] | self.split[1]
+
+
 @dataclass(frozen=True)
 class BenchEnv:
     certs: Path
@@ -103,6 +160,7 @@ class BenchEnv:
     broker_config: Path
     probe_ssl: ssl.SSLContext  # presents the agent SVID; verifies servers against ca.pem
     mcp_url: str = ""  # the demo MCP server's endpoint (the mcp-* set-ups start it)
+    placement: Placement = field(default_factory=lambda: Placement(None))
 
 
 def free_port() -> int:
@@ -152,8 +210,12 @@ async def server_process(
     env: BenchEnv,
     ready: Callable[[], Awaitable[bool]],
     extra_env: dict[str, str],
+    under_test: bool = True,
 ) -> AsyncIterator[None]:
-    """Run a server subprocess from ``ready()`` being true to the end of the block (error, Ctrl-C too)."""
+    """Run a server subprocess from ``ready()`` being true to the end of the block (error, Ctrl-C too).
+
+    ``under_test``: the set-up measures this server (pinned to the server core, its CPU time counted); else it is
+    auxiliary (a backend) and runs beside the load generator."""
     log_path = env.work / f"{name}.log"
     with log_path.open("wb") as log:
         # Own session: a terminal Ctrl-C reaches only the bench, which then stops the group itself.
@@ -165,6 +227,7 @@ async def server_process(
             env={**os.environ, **extra_env},
             start_new_session=True,
         )
+        env.placement.track(proc.pid, under_test=under_test)
         try:
             deadline = asyncio.get_running_loop().time() + READY_TIMEOUT
             while not await ready():
@@ -173,8 +236,10 @@ async def server_process(
                 if asyncio.get_running_loop().time() > deadline:
                     raise _failure(name, f"not ready after {READY_TIMEOUT:.0f}s", log_path)
                 await asyncio.sleep(0.05)  # polling a foreign process: there is nothing to wait on instead
+            env.placement.place()  # again: worker processes and threads started since spawning
             yield
         finally:
+            env.placement.untrack(proc.pid)
             await _stop(proc)
 
 
@@ -205,9 +270,8 @@ def start_backend(env: BenchEnv) -> AbstractAsyncContextManager[None]:
         env.backend_url.removeprefix("https://"),
     ]
     argv += ["--certs", str(env.certs), "--db", str(env.work / "expense.db"), "--no-verify"]
-    return server_process(
-        "backend", argv, env=env, ready=probe(env.backend_url + "/healthz", env.probe_ssl), extra_env={}
-    )
+    ready = probe(env.backend_url + "/healthz", env.probe_ssl)
+    return server_process("backend", argv, env=env, ready=ready, extra_env={}, under_test=False)
 
 
 def start_bare(env: BenchEnv, port: int) -> AbstractAsyncContextManager[None]:
@@ -394,11 +458,41 @@ def without_fsync(env: BenchEnv) -> Path:
     return config_variant(env, "no-fsync", lambda document: document["audit"].update(fsync=False))
 
 
+#: the server the broker-postgres set-up creates its database on (a maintenance database URL)
+BENCH_PG_URL = os.environ.get("BROKER_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@contextlib.asynccontextmanager
+async def start_postgres_broker(env: BenchEnv, port: int, admin_port: int) -> AsyncIterator[None]:
+    """The ``broker`` set-up writing its audit chain to a fresh PostgreSQL database (dropped after)."""
+    import psycopg  # the PostgreSQL store's own dependency
+
+    name = f"broker_bench_{os.getpid()}_{port}"
+    try:
+        admin = await psycopg.AsyncConnection.connect(BENCH_PG_URL, autocommit=True, connect_timeout=3)
+    except psycopg.Error as exc:
+        raise SetupFailed(f"broker-postgres: no PostgreSQL at {BENCH_PG_URL.split('@')[-1]}: {exc}") from exc
+    async with admin:
+        await admin.execute(f"CREATE DATABASE {name}".encode())
+        try:
+            url = BENCH_PG_URL.rsplit("/", 1)[0] + "/" + name
+
+            def change(document: dict[str, Any]) -> None:
+                document["audit"].pop("file", None)
+                document["audit"]["store"] = url
+
+            config = config_variant(env, "postgres", change)
+            async with start_broker(env, port, admin_port, name="broker-postgres", config=config):
+                yield
+        finally:
+            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)".encode())
+
+
 def mcp_plain() -> tuple[dict[str, str], bytes]:
     return {"Content-Type": "application/json", **MCP_HEADERS}, MCP_CALL_BODY
 
 
-def start_mcp_server(env: BenchEnv) -> AbstractAsyncContextManager[None]:
+def start_mcp_server(env: BenchEnv, *, under_test: bool = True) -> AbstractAsyncContextManager[None]:
     """The demo MCP server as PERF.md measured its peer: stateless, JSON responses (needs the ``demo`` extra)."""
     listen = env.mcp_url.removeprefix("https://").removesuffix("/mcp")
     argv = [sys.executable, "-m", "broker.dev.demo.mcp_server", "--listen", listen]
@@ -411,12 +505,15 @@ def start_mcp_server(env: BenchEnv) -> AbstractAsyncContextManager[None]:
         "--json-response",
     ]
     ready = probe(env.mcp_url.removesuffix("/mcp") + "/healthz", env.probe_ssl)
-    return server_process("mcp-server", argv, env=env, ready=ready, extra_env={})
+    return server_process("mcp-server", argv, env=env, ready=ready, extra_env={}, under_test=under_test)
 
 
 @contextlib.asynccontextmanager
 async def start_mcp_broker(env: BenchEnv, port: int, admin_port: int) -> AsyncIterator[None]:
-    async with start_mcp_server(env), start_broker(env, port, admin_port, name="mcp-broker"):
+    async with (
+        start_mcp_server(env, under_test=False),
+        start_broker(env, port, admin_port, name="mcp-broker"),
+    ):
         yield
 
 
@@ -429,6 +526,8 @@ def build_setups(env: BenchEnv) -> list[Setup]:
     ex_port, ex_admin = free_port(), free_port()
     txn_port, txn_admin = free_port(), free_port()
     nofsync_port, nofsync_admin = free_port(), free_port()
+    pg_port, pg_admin = free_port(), free_port()
+    pg_url = f"https://127.0.0.1:{pg_port}/v1/tools/listInvoices"
     mcp_url = f"https://127.0.0.1:{mcp_port}/mcp/expenses"
     two_url = f"https://127.0.0.1:{two_port}/v1/tools/listInvoices"
     broker_url = f"https://127.0.0.1:{broker_port}/v1/tools/listInvoices"
@@ -455,6 +554,12 @@ def build_setups(env: BenchEnv) -> list[Setup]:
             lambda: start_broker(
                 env, nofsync_port, nofsync_admin, name="broker-no-fsync", config=without_fsync(env)
             ),
+        ),
+        Setup(
+            "broker-postgres",
+            pg_url,
+            IdentityRequests(env, pg_url),
+            lambda: start_postgres_broker(env, pg_port, pg_admin),
         ),
         Setup(
             "broker-redis",
@@ -495,88 +600,214 @@ def build_setups(env: BenchEnv) -> list[Setup]:
 # --- running and reporting ------------------------------------------------------------------------------
 
 
-async def run_bench(args: argparse.Namespace, certs: Path, work: Path) -> dict[str, Result | str]:
-    """Start the backend, then each selected set-up in turn; a result or a failure message per set-up."""
+@dataclass(frozen=True)
+class Measured:
+    """One load run of a set-up: the load generator's result and the server's own CPU time over the window."""
+
+    result: Result
+    pinned: bool  #: server on the server core, everything else on the others
+    cpu_us_per_request: float | None  #: server CPU µs (user + system, all its processes) per answered request
+    server_cpu_util: float | None  #: server CPU seconds per wall second in the window (1.0 = one core busy)
+    server_cpu_steal: float | None  #: share of the server's cores' time the hypervisor gave to others
+    loadavg_1m: float  #: the machine's 1-minute load average at the end of the window
+
+    @property
+    def rps(self) -> float:
+        return self.result.rps
+
+    def as_json(self) -> dict[str, Any]:
+        def rounded(value: float | None, digits: int) -> float | None:
+            return None if value is None else round(value, digits)
+
+        return {
+            **self.result.as_json(),
+            "pinned": self.pinned,
+            "cpu_us_per_request": rounded(self.cpu_us_per_request, 1),
+            "server_cpu_util": rounded(self.server_cpu_util, 3),
+            "server_cpu_steal": rounded(self.server_cpu_steal, 3),
+            "loadavg_1m": round(self.loadavg_1m, 2),
+        }
+
+
+@dataclass(frozen=True)
+class Run:
+    """A set-up's figures: ``main`` (pinned unless ``--no-pin``) and, with ``--unpinned-too``, ``unpinned``."""
+
+    main: Measured
+    unpinned: Measured | None = None
+
+
+async def measure(setup: Setup, args: argparse.Namespace, env: BenchEnv) -> Measured:
+    """Load ``setup`` once in the placement's current mode; sample its server's CPU time at the window's ends."""
+    samples: dict[str, tuple[float, float, float]] = {}
+    cores = env.placement.server_cpus()
+
+    def on_window(edge: str) -> None:
+        samples[edge] = (time.perf_counter(), env.placement.cpu_seconds(), cpu.steal_seconds(cores))
+
+    if isinstance(setup.make_request, IdentityRequests):
+        setup.make_request.prepare(int(PROOFS_PER_SECOND * (args.duration + args.warmup)))
+    if isinstance(setup.make_request, TxnInvocations):
+        count = int(TXN_TOKENS_PER_SECOND * (args.duration + args.warmup))
+        await setup.make_request.prepare_live(count, env.probe_ssl)
+    result = await run_load(
+        setup.url,
+        concurrency=args.concurrency,
+        duration=args.duration,
+        make_request=setup.make_request,
+        ssl_ctx=env.probe_ssl,
+        warmup=args.warmup,
+        on_window=on_window,
+    )
+    cpu_us = util = steal = None
+    if "start" in samples and "end" in samples and env.placement.under_test:
+        (wall0, cpu0, steal0), (wall1, cpu1, steal1) = samples["start"], samples["end"]
+        util = (cpu1 - cpu0) / (wall1 - wall0) if wall1 > wall0 else None
+        steal = (steal1 - steal0) / ((wall1 - wall0) * len(cores)) if wall1 > wall0 else None
+        answered_per_second = result.answered / args.duration
+        if util is not None and answered_per_second > 0:
+            cpu_us = util / answered_per_second * 1e6
+    return Measured(result, env.placement.pinned, cpu_us, util, steal, os.getloadavg()[0])
+
+
+async def run_bench(args: argparse.Namespace, certs: Path, work: Path) -> dict[str, Run | str]:
+    """Start the backend, then each selected set-up in turn; a run or a failure message per set-up."""
     agents = certs / "agents"
     probe_ssl = client_ssl_context(
         certs / "ca.pem", agents / f"{args.agent}.pem", agents / f"{args.agent}-key.pem"
     )
     mcp_url = f"https://127.0.0.1:{free_port()}/mcp"
-    env = BenchEnv(certs, work, f"https://127.0.0.1:{free_port()}", args.broker_config, probe_ssl, mcp_url)
+    placement = Placement(cpu.split_cpus(cpu.available_cpus()), pinned=args.pin)
+    if args.pin and placement.split is None:
+        print("--pin needs at least 2 cores: running unpinned", file=sys.stderr)
+        placement.pinned = False
+    args.pin = placement.pinned
+    modes = [placement.pinned] + ([False] if placement.pinned and args.unpinned_too else [])
+    env = BenchEnv(
+        certs,
+        work,
+        f"https://127.0.0.1:{free_port()}",
+        args.broker_config,
+        probe_ssl,
+        mcp_url,
+        placement=placement,
+    )
     setups = build_setups(env)
     if args.setups is not None:
         known = [setup.name for setup in setups]
         if unknown := [name for name in args.setups if name not in known]:
             raise SetupFailed(f"unknown set-ups {unknown}; known: {known}")
         setups = [setup for setup in setups if setup.name in args.setups]
-    outcomes: dict[str, Result | str] = {}
+    outcomes: dict[str, Run | str] = {}
     # SIGTERM stops the bench like Ctrl-C does: cancel, so every server_process block stops its server.
     main_task = asyncio.current_task()
     assert main_task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     async with start_backend(env):
         for setup in setups:
-            print(
-                f"running {setup.name} for {args.warmup:g}+{args.duration:g}s ...",
-                file=sys.stderr,
-                flush=True,
-            )
-            if isinstance(setup.make_request, IdentityRequests):
-                setup.make_request.prepare(int(PROOFS_PER_SECOND * (args.duration + args.warmup)))
             try:
                 async with setup.start():
-                    if isinstance(setup.make_request, TxnInvocations):
-                        count = int(TXN_TOKENS_PER_SECOND * (args.duration + args.warmup))
-                        await setup.make_request.prepare_live(count, probe_ssl)
-                    outcomes[setup.name] = await run_load(
-                        setup.url,
-                        concurrency=args.concurrency,
-                        duration=args.duration,
-                        make_request=setup.make_request,
-                        ssl_ctx=probe_ssl,
-                        warmup=args.warmup,
-                    )
+                    runs: list[Measured] = []
+                    for pinned in modes:
+                        print(
+                            f"running {setup.name} for {args.warmup:g}+{args.duration:g}s "
+                            f"({'pinned' if pinned else 'unpinned'}) ...",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                        placement.pinned = pinned
+                        if setup.name == "backend":  # the shared backend is the server under test here
+                            placement.under_test, placement.aux = placement.aux, placement.under_test
+                        try:
+                            placement.place()
+                            runs.append(await measure(setup, args, env))
+                        finally:
+                            if setup.name == "backend":
+                                placement.under_test, placement.aux = placement.aux, placement.under_test
+                    outcomes[setup.name] = Run(runs[0], runs[1] if len(runs) > 1 else None)
             except SetupFailed as exc:
                 print(exc, file=sys.stderr)
                 outcomes[setup.name] = str(exc)
+            placement.pinned = modes[0]
     return outcomes
 
 
-def report(outcomes: dict[str, Result | str], args: argparse.Namespace) -> dict[str, Any]:
-    """Print the table and return the JSON document (``ratios`` only when ``bare`` ran)."""
-    bare = outcomes.get("bare")
-    bare_rps = bare.rps if isinstance(bare, Result) and bare.rps > 0 else None
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def report(outcomes: dict[str, Run | str], args: argparse.Namespace) -> dict[str, Any]:
+    """Print the table and return the JSON document (``ratios`` only when ``bare`` ran).
+
+    Each row of ``setups`` holds the main run (pinned by default) with ``cpu_us_per_request``; with
+    ``--unpinned-too`` also ``unpinned``, and ``ratios_unpinned`` beside ``ratios``. ``ratios_cpu`` gives, per
+    set-up, bare's CPU µs per request over the set-up's: the throughput ratio of one core of each."""
     doc: dict[str, Any] = {"setups": {}, "ratios": {}}
-    print(f"{'setup':<10} {'rps':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>8} {'vs bare':>8}")
+    mains = {name: run.main for name, run in outcomes.items() if isinstance(run, Run)}
+    unpinned = {name: run.unpinned for name, run in outcomes.items() if isinstance(run, Run) and run.unpinned}
+
+    def ratios(rows: dict[str, Measured]) -> dict[str, float]:
+        found: dict[str, float] = {}
+        bare = rows.get("bare")
+        if bare is not None and bare.rps > 0:
+            found.update({f"{name}/bare": round(row.rps / bare.rps, 3) for name, row in rows.items()})
+            found.pop("bare/bare")
+        pairs = [("mcp-broker", "mcp-direct"), ("broker-postgres", "broker")]
+        for over, under in pairs:
+            if over in rows and under in rows and rows[under].rps > 0:
+                found[f"{over}/{under}"] = round(rows[over].rps / rows[under].rps, 3)
+        return found
+
+    print(
+        f"{'setup':<18} {'rps':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'vs bare':>8} "
+        f"{'cpu us/req':>10} {'cpu util':>8} {'steal':>6}"
+        + (f" | {'unpinned rps':>12} {'p50':>7} {'p99':>7} {'vs bare':>7} {'us/req':>7}" if unpinned else "")
+    )
+    doc["ratios"] = ratios(mains)
+    plain = ratios(unpinned)
     for name, outcome in outcomes.items():
         if isinstance(outcome, str):
             doc["setups"][name] = {"failed": outcome}
-            print(f"{name:<10} FAILED: {outcome.splitlines()[0]}")
+            print(f"{name:<18} FAILED: {outcome.splitlines()[0]}")
             continue
-        doc["setups"][name] = outcome.as_json()
-        ratio = outcome.rps / bare_rps if bare_rps else None
-        if ratio is not None and name != "bare":
-            doc["ratios"][f"{name}/bare"] = round(ratio, 3)
-        shown = f"{ratio:.2f}" if ratio is not None else "-"
-        print(
-            f"{name:<10} {outcome.rps:>10.1f} {outcome.p50_ms:>9.2f} {outcome.p99_ms:>9.2f} "
-            f"{outcome.errors:>8} {shown:>8}"
+        row, loose = outcome.main, outcome.unpinned
+        doc["setups"][name] = row.as_json()
+        line = (
+            f"{name:<18} {row.rps:>8.1f} {row.result.p50_ms:>8.2f} {row.result.p99_ms:>8.2f} "
+            f"{row.result.errors:>7} {_fmt(doc['ratios'].get(f'{name}/bare'), '.2f'):>8} "
+            f"{_fmt(row.cpu_us_per_request, '.0f'):>10} {_fmt(row.server_cpu_util, '.2f'):>8} "
+            f"{_fmt(row.server_cpu_steal, '.2f'):>6}"
         )
-    direct, gated = outcomes.get("mcp-direct"), outcomes.get("mcp-broker")
-    if isinstance(direct, Result) and isinstance(gated, Result) and direct.rps > 0:
-        doc["ratios"]["mcp-broker/mcp-direct"] = round(gated.rps / direct.rps, 3)
-        print(f"mcp-broker / mcp-direct: {gated.rps / direct.rps:.2f} (tools/call through /mcp vs direct)")
-    exchanged, invoked = outcomes.get("broker-exchange"), outcomes.get("broker-txn-invoke")
-    if (
-        isinstance(exchanged, Result)
-        and isinstance(invoked, Result)
-        and exchanged.rps > 0
-        and invoked.rps > 0
-    ):
+        if loose is not None:
+            doc["setups"][name]["unpinned"] = loose.as_json()
+            line += (
+                f" | {loose.rps:>12.1f} {loose.result.p50_ms:>7.2f} {loose.result.p99_ms:>7.2f} "
+                f"{_fmt(plain.get(f'{name}/bare'), '.2f'):>7} {_fmt(loose.cpu_us_per_request, '.0f'):>7}"
+            )
+        print(line)
+    if unpinned:
+        doc["ratios_unpinned"] = plain
+    bare_cpu = mains["bare"].cpu_us_per_request if "bare" in mains else None
+    if bare_cpu:
+        doc["ratios_cpu"] = {
+            f"{name}/bare": round(bare_cpu / row.cpu_us_per_request, 3)
+            for name, row in mains.items()
+            if name != "bare" and row.cpu_us_per_request
+        }
+    if "mcp-broker/mcp-direct" in doc["ratios"]:
+        print(
+            f"mcp-broker / mcp-direct: {doc['ratios']['mcp-broker/mcp-direct']:.2f} (tools/call via /mcp vs direct)"
+        )
+    if "broker-postgres/broker" in doc["ratios"]:
+        ratio = doc["ratios"]["broker-postgres/broker"]
+        print(f"broker-postgres / broker: {ratio:.2f} (the PostgreSQL audit store vs the file, fsync on)")
+    exchanged, invoked = mains.get("broker-exchange"), mains.get("broker-txn-invoke")
+    if exchanged is not None and invoked is not None and exchanged.rps > 0 and invoked.rps > 0:
         # one transaction = one exchange then one invocation, each at its measured rate
         flows = 1 / (1 / exchanged.rps + 1 / invoked.rps)
         doc["flows_per_second"] = {"exchange+invoke": round(flows, 1)}
         print(f"exchange + invoke round trips per second: {flows:.0f}")
+    split = cpu.split_cpus(cpu.available_cpus())
     doc["meta"] = {
         "duration": args.duration,
         "warmup": args.warmup,
@@ -584,6 +815,10 @@ def report(outcomes: dict[str, Result | str], args: argparse.Namespace) -> dict[
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "pinned": args.pin,
+        "server_cpus": sorted(split[0]) if args.pin and split else None,
+        "load_cpus": sorted(split[1]) if args.pin and split else None,
+        "loadavg": [round(value, 2) for value in os.getloadavg()],
     }
     return doc
 
@@ -608,6 +843,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--agent", default="expense-assistant", help="agent SVID to load with (default %(default)s)"
     )
     parser.add_argument("--setups", help="comma-separated names (default: all, i.e. backend,bare,broker)")
+    parser.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=len(cpu.available_cpus()) >= 2,
+        help="server under test on the first core, load generator and backends on the others "
+        "(default: on with >= 2 cores)",
+    )
+    parser.add_argument(
+        "--unpinned-too",
+        action="store_true",
+        help="with --pin: load each set-up unpinned as well, figures beside",
+    )
     parser.add_argument(
         "--broker-config", type=Path, default=default_config, help="config for the broker set-up"
     )

@@ -38,6 +38,7 @@ class Result:
     status_counts: dict[int, int]  #: HTTP status → count, within the window
     exceptions: dict[str, int] = field(default_factory=dict)  #: exception class name → count
     duration: float = 0.0
+    answered: int = 0  #: responses of any status that arrived within the window (divides server CPU)
 
     def as_json(self) -> dict[str, Any]:
         def ms(value: float) -> float | None:
@@ -79,13 +80,18 @@ async def run_load(
     warmup: float = 1.0,
     method: str = "POST",
     request_timeout: float = 10.0,
+    on_window: Callable[[str], None] | None = None,
 ) -> Result:
-    """Load ``url`` for ``warmup + duration`` s (plus at most ``request_timeout`` for the last requests)."""
+    """Load ``url`` for ``warmup + duration`` s (plus at most ``request_timeout`` for the last requests).
+
+    ``on_window`` is called with ``"start"`` when the measured window opens and ``"end"`` when it closes (the
+    bench samples the server's CPU time there)."""
     if concurrency < 1 or duration <= 0 or warmup < 0:
         raise ValueError("need concurrency >= 1, duration > 0, warmup >= 0")
     latencies: list[float] = []  # seconds, 2xx only, within the window
     statuses: Counter[int] = Counter()
     exceptions: Counter[str] = Counter()
+    answered = [0]  # responses of any status that arrived within the window, whenever sent
     measure_from = time.perf_counter() + warmup
     stop_at = measure_from + duration
 
@@ -105,6 +111,8 @@ async def run_load(
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     failure = type(exc).__name__
                 end = time.perf_counter()
+                if failure is None and measure_from <= end <= stop_at:
+                    answered[0] += 1
                 if start < measure_from or end > stop_at:
                     continue
                 if failure is not None:
@@ -114,7 +122,15 @@ async def run_load(
                 if 200 <= status < 300:
                     latencies.append(end - start)
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        async def window() -> None:
+            assert on_window is not None
+            await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
+            on_window("start")
+            await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
+            on_window("end")
+
+        tasks = [worker() for _ in range(concurrency)]
+        await asyncio.gather(*tasks, *([window()] if on_window is not None else []))
 
     latencies.sort()
     errors = sum(n for status, n in statuses.items() if not 200 <= status < 300) + sum(exceptions.values())
@@ -126,4 +142,5 @@ async def run_load(
         status_counts=dict(statuses),
         exceptions=dict(exceptions),
         duration=duration,
+        answered=answered[0],
     )
