@@ -8,6 +8,7 @@ CONFIG ?= config/examples/expense.yaml
 # `make run` listens on 8443 (broker, BROKER_LISTEN), 9090 (admin, BROKER_ADMIN_LISTEN), and these two:
 BACKEND_LISTEN ?= 127.0.0.1:9443
 MCP_LISTEN     ?= 127.0.0.1:9444
+IDP_LISTEN     ?= 127.0.0.1:9445
 
 .PHONY: install certs run demo test test-fast bench lint check wheel clean
 
@@ -28,7 +29,7 @@ $(CERTS)/ca.pem:
 ## A port taken? e.g. make run BROKER_LISTEN=127.0.0.1:18443 BROKER_PUBLIC_URL=https://localhost:18443
 run: certs
 	$(BIN)/python -m broker.dev.demo.stack --config $(CONFIG) --certs $(CERTS) \
-		--backend-listen $(BACKEND_LISTEN) --mcp-listen $(MCP_LISTEN)
+		--backend-listen $(BACKEND_LISTEN) --mcp-listen $(MCP_LISTEN) --idp-listen $(IDP_LISTEN)
 
 ## demo: an agent walks the expense scenario against a running `make run`
 demo: certs
@@ -40,10 +41,13 @@ check: install
 test: install
 	$(BIN)/pytest -q
 
-## bench: requests/s and p50/p99 for backend direct, a bare aiohttp forwarder and the broker; writes var/bench.json
+## bench: requests/s, p50/p99 and the server's CPU µs per request (pinned to one core, unpinned beside) for backend
+## direct, a bare aiohttp forwarder and the broker, per-stage costs, and
+## what `broker connect` adds to a call; writes var/bench.json
 bench: install
-	$(BIN)/python -m broker.dev.bench --out var/bench.json
+	$(BIN)/python -m broker.dev.bench --unpinned-too --out var/bench.json
 	$(BIN)/python -m broker.dev.bench.micro --out var/bench.json
+	$(BIN)/python -m broker.dev.bench.connector --out var/bench.json
 
 ## soak: 10 minutes of mixed traffic at half the measured capacity; checks every answer, the broker's RSS and
 ## the audit log; writes var/soak.json (e.g. make soak SOAK_ARGS="--duration 120 --state redis --rate 200")

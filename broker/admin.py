@@ -20,7 +20,8 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from broker.config.loader import ConfigError, ConfigProblem, load_config
+from broker.config.check import check_config
+from broker.config.loader import ConfigError, ConfigProblem
 from broker.config.models import Config
 from broker.errors import (
     AccessDenied,
@@ -50,6 +51,7 @@ RESTART_ONLY = (
     ("state",),
     ("audit",),
     ("signing",),
+    ("observability",),  # the tracer and its export thread are built at start
 )
 REVOCATION_KINDS = ("txn", "jti", "sub", "act", "grant", "policy_version")
 _POLICY_VERSION = re.compile(r"[0-9a-f]{12}")
@@ -107,7 +109,12 @@ async def reload_config(app: web.Application, *, source: str) -> tuple[bool, lis
     async with state.lock:
         current = holder.current
         try:
-            loaded = load_config(current.loaded.path)
+            # the whole of `broker check` (every file the config names, every policy, FILE:LINE each), so that a
+            # refused reload says exactly what `broker check -c FILE` says of the same file
+            checked = check_config(current.loaded.path)
+            if checked.loaded is None:
+                raise ConfigError(checked.problems)
+            loaded = checked.loaded
             changed = restart_needed(current.config, loaded.config)
             if changed:
                 raise ConfigError(
@@ -141,6 +148,7 @@ async def reload_config(app: web.Application, *, source: str) -> tuple[bool, lis
         state.previous_loaded_at, state.loaded_at = state.loaded_at, time.time()
         metrics.config_reloads.labels(result="success").inc()
         metrics.set_policy_version(runtime.policy_version)
+        metrics.bind_mcp_servers(server.name for server in runtime.config.mcp_servers)
         log.info("config reloaded", source=source, policy_version=runtime.policy_version)
         await _audit(app, config_load_record(runtime, decision="allow", reason="", source=source))
         return True, [], runtime.policy_version
@@ -157,6 +165,7 @@ async def rollback_config(app: web.Application) -> tuple[bool, str]:
         runtime = holder.current
         app[METRICS].config_reloads.labels(result="rollback").inc()
         app[METRICS].set_policy_version(runtime.policy_version)
+        app[METRICS].bind_mcp_servers(server.name for server in runtime.config.mcp_servers)
         log.info("config rolled back", policy_version=runtime.policy_version)
         await _audit(app, config_load_record(runtime, decision="allow", reason="rollback", source="admin"))
         return True, runtime.policy_version

@@ -20,7 +20,9 @@ from broker.admin import (
     admin_guard,
     config_load_record,
 )
-from broker.audit.sink import AuditLog
+from broker.audit.disk import disk_free_bytes, disk_low
+from broker.audit.noise import NoiseRecorder
+from broker.audit.store import make_sink
 from broker.config.loader import LoadedConfig
 from broker.config.models import split_hostport
 from broker.context import CTX
@@ -41,17 +43,23 @@ from broker.resources import (
     FORWARDER,
     MAIN,
     METRICS,
+    NOISE,
     RELOAD,
     RUNTIME,
     SERVICES,
     SESSION,
     SIGNER,
     STATE,
+    TRACER,
+    WEB_LOGIN,
     Drain,
     RuntimeHolder,
 )
 from broker.runtime import build_runtime, read_admin_token
 from broker.state import make_store
+from broker.tracing import NULL_TRACER
+from broker.web import approvals_page
+from broker.web.oidc_login import WebLogin
 
 
 def build_app(loaded: LoadedConfig, *, metrics: Metrics | None = None) -> web.Application:
@@ -70,22 +78,28 @@ def build_app(loaded: LoadedConfig, *, metrics: Metrics | None = None) -> web.Ap
         Signer.from_file(config.signing.key_file),
         [jwk for path in config.signing.previous_key_files for jwk in public_jwks_from_file(path)["keys"]],
     )
-    app[AUDIT] = AuditLog(
-        config.audit.file,
-        signer=app[SIGNER],
-        checkpoint_every=config.audit.checkpoint_every,
-        checkpoint_seconds=config.audit.checkpoint_seconds,
-        fsync=config.audit.fsync,
-        on_resume=lambda _: app[METRICS].audit_resume_unverified.inc(),
+    # the file (audit.file) or PostgreSQL (audit.store); everything below sees only the AuditSink protocol
+    app[AUDIT] = make_sink(
+        config.audit, signer=app[SIGNER], on_resume=lambda _: app[METRICS].audit_resume_unverified.inc()
     )
     app[DRAINING] = Drain()
     app[RELOAD] = ReloadState()
+    app[TRACER] = NULL_TRACER
+    if config.observability.tracing is not None:
+        # imported only when configured: without tracing no request imports or calls OpenTelemetry
+        from broker.otel import OtelTracer
+
+        tracer = OtelTracer(config.observability.tracing)
+        app[TRACER] = tracer
+        app.middlewares.insert(0, tracer.middleware)  # outermost: the server span covers the whole request
+        app.cleanup_ctx.append(tracer.lifetime)  # first in, last out: flushed after the last request
     app.cleanup_ctx.append(_audit_log)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_state_store)
     app.cleanup_ctx.append(_issuer_keys)
     app.cleanup_ctx.append(_approvals)
     app.cleanup_ctx.append(_services)
+    app.cleanup_ctx.append(_audit_noise)  # after the services (its writes); closes before the audit log
     app.cleanup_ctx.append(mcp.mcp_resources)
 
     app.router.add_post("/v1/tools/{name}", tools.invoke_tool)
@@ -94,6 +108,8 @@ def build_app(loaded: LoadedConfig, *, metrics: Metrics | None = None) -> web.Ap
     app.router.add_get("/v1/approvals", list_approvals)
     app.router.add_get("/v1/approvals/{id}", get_approval)
     app.router.add_post("/v1/approvals/{id}", decide_approval)
+    app[WEB_LOGIN] = WebLogin()
+    approvals_page.add_routes(app)  # CONTRACT §14: /approvals/ (humans in a browser)
     app.router.add_route("*", "/mcp/{server}", mcp.mcp_endpoint)
     app.router.add_get("/.well-known/jwks.json", jwks)
     app.router.add_get("/.well-known/oauth-protected-resource", protected_resource_metadata)
@@ -102,8 +118,8 @@ def build_app(loaded: LoadedConfig, *, metrics: Metrics | None = None) -> web.Ap
 
 async def _audit_log(app: web.Application) -> AsyncIterator[None]:
     audit = app[AUDIT]
-    audit.open()
-    audit.append(config_load_record(app[RUNTIME].current, decision="allow", reason="", source="start"))
+    await audit.start()
+    await audit.commit(config_load_record(app[RUNTIME].current, decision="allow", reason="", source="start"))
     yield
     await audit.aclose()  # final checkpoint: after every in-flight request has been answered
 
@@ -112,7 +128,10 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     session = client_session()
     app[SESSION] = session
     app[FORWARDER] = Forwarder(
-        session, app[METRICS], max_response_bytes=app[RUNTIME].current.limits.max_response_bytes
+        session,
+        app[METRICS],
+        max_response_bytes=app[RUNTIME].current.limits.max_response_bytes,
+        tracer=app[TRACER],
     )
     yield
     await close_session(session)
@@ -161,8 +180,22 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         audit=app[AUDIT],
         approvals=app[APPROVALS],
         forwarder=app[FORWARDER],
+        tracer=app[TRACER],
     )
     yield
+
+
+async def _audit_noise(app: web.Application) -> AsyncIterator[None]:
+    """Summary records of unauthenticated refusals (:mod:`broker.audit.noise`); the open windows are written at
+    shutdown, after the last request and before the audit store closes."""
+    services, metrics = app[SERVICES], app[METRICS]
+    recorder = NoiseRecorder(
+        services.audit.commit, on_written=metrics.audit_records.inc, on_error=metrics.audit_errors.inc
+    )
+    app[NOISE] = recorder
+    recorder.start()
+    yield
+    await recorder.close()
 
 
 async def protected_resource_metadata(request: web.Request) -> web.StreamResponse:
@@ -206,9 +239,17 @@ async def readyz(request: web.Request) -> web.StreamResponse:
         state_ok = True
     except StateUnavailable:
         state_ok = False
+    audit = main[RUNTIME].current.config.audit
+    disk_ok = True
+    if audit.file is not None:
+        free = disk_free_bytes(audit.file)
+        if free is not None:
+            main[METRICS].audit_disk_free.set(free)
+        disk_ok = not disk_low(free, audit.min_free_bytes)
     checks = {
         "config": True,
         "audit": main[AUDIT].healthy,
+        "audit_disk": disk_ok,  # false below audit.min_free_bytes: leave the rotation before writes fail
         "state": state_ok,
         "accepting": not main[DRAINING].draining,  # false once SIGTERM started the drain
     }
@@ -216,6 +257,7 @@ async def readyz(request: web.Request) -> web.StreamResponse:
     body = {
         "status": "ready" if ready else "not_ready",
         "checks": checks,
+        "failing": sorted(name for name, ok in checks.items() if not ok),
         "policy_version": main[RUNTIME].current.policy_version,
         "time": datetime.now(UTC).isoformat(),
     }
@@ -223,5 +265,8 @@ async def readyz(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics_endpoint(request: web.Request) -> web.StreamResponse:
+    audit = request.app[MAIN][RUNTIME].current.config.audit
+    if audit.file is not None and (free := disk_free_bytes(audit.file)) is not None:
+        request.app[MAIN][METRICS].audit_disk_free.set(free)
     output = request.app[MAIN][METRICS].exposition()
     return web.Response(body=output, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -41,6 +41,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from broker.errors import AuditUnavailable
     from broker.server import ListenError, probe_listeners, serve
     from broker.workers import WorkersRefused, check_workers, run_workers
 
@@ -73,6 +74,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)  # FILE:LINE: server.listen … is in use; set BROKER_LISTEN or …
         return 1
     except OSError as exc:
+        print(f"broker: cannot start: {exc}", file=sys.stderr)
+        return 1
+    except AuditUnavailable as exc:  # the audit file or store cannot be opened: one line naming it
         print(f"broker: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -108,6 +112,13 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"broker audit verify: cannot read key {args.key}: {exc}", file=sys.stderr)
             return 2
+    if (args.db is None) == (args.file is None):
+        print("broker audit verify: give a FILE or --db URL (one of them)", file=sys.stderr)
+        return 2
+    if args.db is not None:
+        from broker.audit.pg_cli import cmd_audit_verify_db
+
+        return cmd_audit_verify_db(args, jwks)
     report = verify_log(
         Path(args.file),
         public_jwks=jwks,
@@ -134,7 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="json",
         help="JSON lines for machines (default) or console for humans; logs go to stderr",
     )
-    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="the least severe log lines written (default info)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser(
@@ -159,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate a config; exit 1 listing FILE:LINE: message per problem",
         description="Load, validate and compile a config (schemas, TLS files) without serving.",
     )
-    check.add_argument("-c", "--config", required=True, metavar="FILE")
+    check.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config to check")
     check.set_defaults(func=cmd_check)
 
     certs = sub.add_parser(
@@ -167,8 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a development PKI (CA, broker, backend, agent SVIDs, keys)",
         description="Development PKI in the CONTRACT §10 layout. Not for production: use SPIRE.",
     )
-    certs.add_argument("--out", required=True, metavar="DIR")
-    certs.add_argument("--trust-domain", default="example.org")
+    certs.add_argument("--out", required=True, metavar="DIR", help="folder to write (created if missing)")
+    certs.add_argument(
+        "--trust-domain",
+        default="example.org",
+        help="SPIFFE trust domain of every SVID (default example.org)",
+    )
     certs.add_argument(
         "--agent",
         action="append",
@@ -186,9 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     # dev/ and sdk/ are never imported by the server path: only when the parser is built
     from broker.dev.idp import add_token_parser
     from broker.sdk.approvals_cli import add_approvals_parser
+    from broker.sdk.connect import add_connect_parser
 
     add_token_parser(sub)
     add_approvals_parser(sub)
+    add_connect_parser(sub)
 
     policy = sub.add_parser("policy", help="policy tools")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="SUBCOMMAND")
@@ -200,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
         "config/examples/expense.policy-tests.yaml.",
     )
     ptest.add_argument("file", metavar="FILE", help="the fixture file")
-    ptest.add_argument("-c", "--config", required=True, metavar="CONFIG")
+    ptest.add_argument(
+        "-c", "--config", required=True, metavar="CONFIG", help="YAML config whose policies are tested"
+    )
     ptest.set_defaults(func=cmd_policy_test)
 
     audit = sub.add_parser("audit", help="audit log tools")
@@ -208,9 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify = audit_sub.add_parser(
         "verify",
         help="check the hash chain, checkpoint signatures and head anchor",
-        description="Exit 0 if the log is intact, else 1 naming the first bad record.",
+        description="Exit 0 if the log (a FILE, or every chain in --db) is intact, else 1 naming the first bad "
+        "record (and its chain).",
     )
-    verify.add_argument("file", metavar="FILE")
+    verify.add_argument("file", metavar="FILE", nargs="?", help="the audit log (JSON lines)")
     verify.add_argument(
         "--key",
         metavar="JWKS",
@@ -232,6 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
         "first seq; after reviewing them, pass that seq to accept that range (repeatable)",
     )
     verify.set_defaults(func=cmd_audit_verify)
+    from broker.audit.pg_cli import add_init_parser, add_verify_db_options
+
+    add_verify_db_options(verify)  # --db URL [--chain ID]: the PostgreSQL store
+    add_init_parser(audit_sub)  # audit init --db URL
+
+    from broker.audit.report_cli import add_audit_question_parsers
+    from broker.policy.review_cli import add_access_review_parser
+
+    add_audit_question_parsers(audit_sub)  # audit query, audit report approvals
+    add_access_review_parser(sub)
     return parser
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from broker.audit.outcome import Outcome
 from broker.identity.spiffe import SpiffeId
 
 #: closed set of route labels (metrics) and the audit event each route's decisions are recorded as
@@ -35,6 +36,8 @@ class RequestContext:
     subject: str | None = None
     args_digest: str | None = None
     txn: str | None = None
+    #: the approval this request asked for, used, or decided (joins an approval's request, votes and execution)
+    approval_id: str | None = None
     #: fields a tool lists as auditable, copied from its arguments
     audit_args: dict[str, Any] | None = None
     decision: str | None = None
@@ -42,6 +45,12 @@ class RequestContext:
     status: int | None = None
     #: error code of a refusal ("ok" otherwise): the bounded ``code`` label of broker_requests_total
     code: str = "ok"
+    #: /mcp only: the configured server and the MCP method (JSON-RPC ``method``, or GET/DELETE), as far as
+    #: the request got; the metrics close them to bounded label sets (:meth:`Metrics.observe_mcp`)
+    mcp_server: str | None = None
+    mcp_method: str | None = None
+    #: how a human reached an approval decision when it was not the API: "web" (the approvals page, CONTRACT §14)
+    channel: str | None = None
     #: set once this request's decision record is in the audit log
     audited: bool = False
     #: the policy_version of the config this request was decided under
@@ -49,6 +58,9 @@ class RequestContext:
     #: W3C traceparent of this request's span (the caller's trace continued, or a new one): forwarded upstream,
     #: its trace id in the audit record and the access log (CONTRACT §16)
     traceparent: str = ""
+    #: a forwarded call's outcome (CONTRACT §15), set when the forward starts; its record is written by the
+    #: middleware when the agent's answer is handed over (:func:`broker.gateway.middleware.record_outcome`)
+    outcome: Outcome | None = None
 
     @property
     def trace_id(self) -> str | None:
@@ -76,9 +88,23 @@ class RequestContext:
             fields["trace_id"] = self.trace_id
         if self.client_request_id is not None:
             fields["client_request_id"] = self.client_request_id
+        if self.approval_id is not None:
+            fields["approval_id"] = self.approval_id
         if self.audit_args:
             fields["args"] = self.audit_args
+        if self.channel is not None:
+            fields["channel"] = self.channel
+        return fields
+
+    def outcome_fields(self, now: float, body: bytes | None) -> dict[str, Any]:
+        """The outcome record: the decision record's identifying fields (no arguments) and the outcome's own."""
+        assert self.outcome is not None
+        fields = self.audit_fields()
+        fields.pop("args", None)
+        fields.update(self.outcome.fields(now, body))
         return fields
 
 
 CTX = web.RequestKey("broker_ctx", RequestContext)
+#: the server span's traceparent, set by the tracing middleware (broker.otel) when tracing is configured
+TRACEPARENT = web.RequestKey("broker_traceparent", str)

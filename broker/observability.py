@@ -12,13 +12,30 @@ import os
 import random
 import re
 import sys
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Final, TypeVar
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.metrics import MetricWrapperBase
+
+from broker.mcp.jsonrpc import KNOWN_NOTIFICATIONS, KNOWN_REQUESTS, RELAYED_NOTIFICATIONS, RELAYED_REQUESTS
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+#: the closed set of ``mcp_method`` label values (CONTRACT §16): every MCP method the JSON-RPC allowlist knows
+#: (relayed or refused with -32601), the session era's ``GET`` (SSE stream) and ``DELETE`` (end of session)
+#: requests, and ``other`` for everything else (a body that did not parse, a hostile method name)
+MCP_METHOD_LABELS: Final = frozenset(KNOWN_REQUESTS | KNOWN_NOTIFICATIONS | {"GET", "DELETE", "other"})
+#: the counter children bound for each configured MCP server at load: what the broker relays; the histogram's
+#: only for the tool calls and listings (each histogram child is 19 series: a scrape stays small)
+_MCP_PREBOUND: Final = sorted(
+    set().union(*RELAYED_REQUESTS.values()) | RELAYED_NOTIFICATIONS | {"GET", "DELETE"}
+)
+_MCP_PREBOUND_DURATION: Final = ("tools/call", "tools/list")
+
+_Family = TypeVar("_Family", bound=MetricWrapperBase)
 
 
 class Metrics:
@@ -90,12 +107,44 @@ class Metrics:
             "Starts that found audit records after the last verifiable checkpoint (an audit_resume record)",
             registry=r,
         )
+        self.audit_disk_free = Gauge(
+            "broker_audit_disk_free_bytes",
+            "Free bytes on the audit file's filesystem (as of the last /readyz or /metrics)",
+            registry=r,
+            multiprocess_mode="min",
+        )
         self.state_errors = Counter(
             "broker_state_errors_total",
             "State store operations that failed (fail closed)",
             ["op"],
             registry=r,
         )
+        self.mcp_requests = Counter(
+            "broker_mcp_requests_total",
+            "MCP requests by configured server, MCP method, decision and response code",
+            ["mcp_server", "mcp_method", "decision", "code"],
+            registry=r,
+        )
+        self.mcp_request_duration = Histogram(
+            "broker_mcp_request_duration_seconds",
+            "Whole MCP request time in the broker (a streamed answer until its last byte)",
+            ["mcp_server", "mcp_method"],
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 300),
+        )
+        self._mcp_servers: frozenset[str] = frozenset()
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
+
+    def child(self, family: _Family, *values: str) -> _Family:
+        """``family.labels(*values)`` (values in the family's label order), bound once and reused: the hot path's
+        metric updates skip labels()'s validation, lock and lookup (~3 µs each). Label values come from closed
+        sets (module docstring), so the map stays as small as the family's own; not for a family whose children
+        are removed (``config_info``)."""
+        key = (family, values)
+        bound = self._children.get(key)
+        if bound is None:
+            bound = self._children[key] = family.labels(*values)
+        return bound
 
     def exposition(self) -> bytes:
         """The Prometheus text format. With ``--workers N`` every worker answers for all of them: the values
@@ -109,6 +158,30 @@ class Metrics:
     def set_policy_version(self, version: str) -> None:
         self.config_info.clear()
         self.config_info.labels(policy_version=version).set(1)
+
+    def bind_mcp_servers(self, names: Iterable[str]) -> None:
+        """At each (re)load: the configured MCP server names become the ``mcp_server`` label set, and some
+        children exist from the start (zero, so rates and quantiles have series before the first request):
+        every relayed method's count, the tool calls' and listings' durations. Children of a server dropped by
+        a reload stay until restart."""
+        self._mcp_servers = frozenset(names)
+        for server in sorted(self._mcp_servers):
+            for method in _MCP_PREBOUND:
+                self.mcp_requests.labels(mcp_server=server, mcp_method=method, decision="allow", code="ok")
+            for method in _MCP_PREBOUND_DURATION:
+                self.mcp_request_duration.labels(mcp_server=server, mcp_method=method)
+
+    def observe_mcp(
+        self, server: str | None, method: str | None, *, decision: str, code: str, seconds: float
+    ) -> None:
+        """One finished ``/mcp/{server}`` request. The labels are closed here, whatever the caller passes: a
+        server name that is not configured counts as ``-`` (as ``tool`` does on ``broker_requests_total``; no
+        configured name can be ``-``), a method outside :data:`MCP_METHOD_LABELS` as ``other`` (``decision``
+        and ``code`` come from closed sets already)."""
+        server_label = server if server in self._mcp_servers else "-"
+        method_label = method if method in MCP_METHOD_LABELS else "other"
+        self.child(self.mcp_requests, server_label, method_label, decision, code).inc()
+        self.child(self.mcp_request_duration, server_label, method_label).observe(seconds)
 
 
 # Request and trace ids must be unique, not secret (W3C Trace Context §3.2.2.3: "randomly generated"); they

@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     import aiohttp
 
     from broker.admin import ReloadState
-    from broker.audit.sink import AuditLog
+    from broker.audit.noise import NoiseRecorder
+    from broker.audit.store import AuditSink
     from broker.gateway.approvals import ApprovalService
     from broker.gateway.forward import Forwarder
     from broker.gateway.services import Services
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from broker.rotation import Watcher
     from broker.runtime import Runtime
     from broker.state.base import StateStore
+    from broker.tracing import Tracer
+    from broker.web.oidc_login import WebLogin
 
 
 @dataclass
@@ -59,7 +62,7 @@ class Drain:
 
 RUNTIME: web.AppKey[RuntimeHolder] = web.AppKey("runtime")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
-AUDIT: web.AppKey[AuditLog] = web.AppKey("audit")
+AUDIT: web.AppKey[AuditSink] = web.AppKey("audit")
 #: the broker's signing keys (current + still-published retired ones); signs like a Signer
 SIGNER: web.AppKey[KeyRing] = web.AppKey("signer")
 SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("upstream_session")
@@ -68,11 +71,17 @@ STATE: web.AppKey[StateStore] = web.AppKey("state_store")
 #: the pipeline's collaborators in one frozen record (``broker.gateway.pipeline.Services``), built at start-up
 SERVICES: web.AppKey[Services] = web.AppKey("services")
 APPROVALS: web.AppKey[ApprovalService] = web.AppKey("approvals")
+#: refusals before identity, counted into ``summary`` audit records (CONTRACT §15)
+NOISE: web.AppKey[NoiseRecorder] = web.AppKey("audit_noise")
 #: SIGTERM starts draining: /readyz turns 503 so load balancers drain us first
 DRAINING: web.AppKey[Drain] = web.AppKey("draining")
 RELOAD: web.AppKey[ReloadState] = web.AppKey("reload_state")
 WATCHER: web.AppKey[Watcher] = web.AppKey("rotation_watcher")
 MCP_STATE: web.AppKey[McpState] = web.AppKey("mcp_state")
 MCP_PINS: web.AppKey[PinBook] = web.AppKey("mcp_pins")
+#: spans (CONTRACT §16): broker.tracing.NULL_TRACER unless observability.tracing is configured
+TRACER: web.AppKey[Tracer] = web.AppKey("tracer")
+#: the approvals page's login state (CONTRACT §14): issuers' discovered endpoints
+WEB_LOGIN: web.AppKey[WebLogin] = web.AppKey("web_login")
 #: on the admin app: the main (agent-facing) app it reports on
 MAIN: web.AppKey[web.Application] = web.AppKey("main_app")

@@ -59,6 +59,8 @@ def worker_audit_file(path: Path, index: int) -> Path:
 
 def for_worker(loaded: LoadedConfig, index: int) -> LoadedConfig:
     """The same config (and policy_version) with this worker's own audit chain."""
+    if loaded.config.audit.file is None:
+        return loaded  # a PostgreSQL store: every process starts its own chain
     audit = loaded.config.audit.model_copy(
         update={"file": worker_audit_file(loaded.config.audit.file, index)}
     )

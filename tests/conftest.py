@@ -25,7 +25,7 @@ from multidict import CIMultiDict
 from broker.config.loader import load_config
 from broker.identity.dpop import ath_for
 from broker.jose import jwk_thumbprint
-from broker.resources import RUNTIME
+from broker.resources import NOISE, RUNTIME
 from broker.server import RunningBroker, start
 from tests.certfactory import Pki, client_ssl_context, make_pki
 from tests.dpopfactory import make_proof
@@ -190,6 +190,11 @@ class BrokerUnderTest:
 
     def audit_records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line.strip()]
+
+    async def flush_noise(self) -> None:
+        """Write the open ``summary`` windows of unauthenticated refusals now (as shutdown does), so that a test
+        can read them (CONTRACT §15: they are not written one record per refusal)."""
+        await self.running.app[NOISE].flush()
 
     def caller(
         self,

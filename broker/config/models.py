@@ -215,7 +215,21 @@ class Signing(Strict):
 
 
 class Audit(Strict):
-    file: ConfigPath
+    file: ConfigPath | None = Field(
+        None, description="the audit log file (one chain per process; the default store): set this or store"
+    )
+    store: str | None = Field(
+        None,
+        description="postgresql://… (libpq URL, e.g. ${BROKER_AUDIT_STORE} from a Secret): write the chain to "
+        "PostgreSQL instead of a file, one chain per broker process (deploy/operations.md)",
+    )
+    store_timeout_seconds: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="bound of a PostgreSQL connect and of each group commit; past it the waiting calls are "
+        "refused (503 audit_unavailable) and the broker reconnects",
+    )
     checkpoint_every: int = Field(100, ge=1, description="a signed checkpoint after this many records")
     checkpoint_seconds: float = Field(
         1.0,
@@ -228,6 +242,26 @@ class Audit(Strict):
         description="group commit: a decision is acknowledged only once an fsync covering its record has completed "
         "(one fsync shared by every record written meanwhile); false only for benchmarks",
     )
+    min_free_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=0,
+        description="/readyz turns not ready (audit_disk_low) when the audit file's filesystem has less free "
+        "space than this (bytes; 0 turns the check off; not used with audit.store)",
+    )
+
+    @field_validator("store")
+    @classmethod
+    def _postgresql_url(cls, value: str | None) -> str | None:
+        # the URL may carry a password: never echo it in the error
+        if value is not None and not re.match(r"^postgres(ql)?://", value):
+            raise ValueError("audit.store must be a postgresql:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _one_store(self) -> Audit:
+        if (self.file is None) == (self.store is None):
+            raise ValueError("set exactly one of audit.file (a log file) and audit.store (postgresql://…)")
+        return self
 
 
 class UpstreamTls(Strict):
@@ -375,6 +409,27 @@ class Webhook(Strict):
     url: str
     ca: ConfigPath | None = None
     timeout_seconds: float = Field(5.0, gt=0, le=60)
+    format: Literal["jws", "slack"] = Field(
+        "jws",
+        description="'jws': the announcement signed by the broker key (application/jose); 'slack': "
+        "Slack-compatible incoming-webhook JSON carrying the approval link",
+    )
+
+
+class ApprovalsUi(Strict):
+    """The approvals page (CONTRACT §14): OpenID Connect login at one of ``identity.issuers``."""
+
+    issuer: str = Field(
+        description="an issuer of identity.issuers; its discovery document names the endpoints"
+    )
+    client_id: str = Field(min_length=1, max_length=256)
+    client_secret_file: ConfigPath | None = Field(
+        None,
+        description="file holding the client secret (client_secret_basic); absent: a public client (PKCE)",
+    )
+    session_seconds: int = Field(
+        28_800, ge=300, le=28_800, description="browser session lifetime (at most 8 h)"
+    )
 
 
 class Approvals(Strict):
@@ -385,6 +440,33 @@ class Approvals(Strict):
     dual_approval: Approver = Approver(when='"managers" in approver.groups')
     security_review: Approver = Approver(when='"security" in approver.groups')
     webhooks: list[Webhook] = Field(default_factory=list)
+    ui: ApprovalsUi | None = Field(None, description="the approvals page at /approvals/ (OIDC login)")
+
+
+class Tracing(Strict):
+    """OpenTelemetry spans over OTLP/HTTP (CONTRACT §16); absent, the broker traces nothing and loads no SDK."""
+
+    otlp_endpoint: str = Field(
+        description="the collector's OTLP/HTTP URL, e.g. http://127.0.0.1:4318 (/v1/traces is added to a URL "
+        "without a path)"
+    )
+    sample_ratio: float = Field(
+        ge=0,
+        le=1,
+        description="share of new traces kept (a caller's traceparent sampled flag is honoured): 0 exports none",
+    )
+    service_name: str = Field("broker", min_length=1, max_length=128, description="the service.name resource")
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/?#@\s]+(/[^?#\s]*)?$", value):
+            raise ValueError("otlp_endpoint must be an http(s):// URL (OTLP/HTTP), without credentials")
+        return value
+
+
+class Observability(Strict):
+    tracing: Tracing | None = Field(None, description="OpenTelemetry tracing; absent: off, at no cost")
 
 
 class Config(Strict):
@@ -403,6 +485,7 @@ class Config(Strict):
     )
     counters: list[Counter] = Field(default_factory=list)
     approvals: Approvals = Approvals()
+    observability: Observability = Observability()
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
@@ -416,6 +499,13 @@ class Config(Strict):
                 if name in seen:
                     raise ValueError(f"duplicate {kind} name {name!r}")
                 seen.add(name)
+        return self
+
+    @model_validator(mode="after")
+    def _ui_issuer(self) -> Config:
+        ui = self.approvals.ui
+        if ui is not None and ui.issuer not in {i.issuer for i in self.identity.issuers}:
+            raise ValueError(f"approvals.ui.issuer {ui.issuer!r} is not one of identity.issuers")
         return self
 
     def tool(self, name: str) -> Tool | None:

@@ -15,7 +15,7 @@ from broker.context import CTX
 from broker.errors import PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 from broker.identity.peer import RequestView
 from broker.identity.principal import Principal
-from broker.resources import RUNTIME
+from broker.resources import RUNTIME, TRACER
 from broker.runtime import Runtime
 
 
@@ -25,9 +25,10 @@ def runtime_of(request: web.Request) -> Runtime:
 
 async def authenticate(request: web.Request, runtime: Runtime, *, require_actor: bool = True) -> Principal:
     """Identity (broker.identity.principal has its own order); the identities land in the request record."""
-    principal = await runtime.authenticator.authenticate(
-        RequestView.of(request), now=time.time(), require_actor=require_actor
-    )
+    with request.app[TRACER].span("identity"):
+        principal = await runtime.authenticator.authenticate(
+            RequestView.of(request), now=time.time(), require_actor=require_actor
+        )
     ctx = request[CTX]
     ctx.actor, ctx.subject = principal.actor, principal.subject
     return principal
@@ -47,6 +48,11 @@ async def read_body(request: web.Request, limits: Limits) -> bytes:
     limit = limits.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body is larger than {limit} bytes", reason="body_too_large")
+    if request.content.is_eof():  # all of it arrived with the headers (a small call): no wait, so no timer
+        body = request.content.read_nowait(limit + 1)
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes", reason="body_too_large")
+        return body
     chunks: list[bytes] = []
     size = 0
     try:

@@ -19,6 +19,7 @@ from yarl import URL
 
 from broker.errors import UpstreamError, UpstreamTimeout
 from broker.observability import Metrics
+from broker.tracing import HTTP_STATUS, NULL_TRACER, TOOL, Tracer
 
 _JSON_TYPES = ("application/json",)
 
@@ -46,12 +47,31 @@ class UpstreamAnswer:
 class Forwarder:
     """Owns nothing: the pooled ClientSession is the app's (``cleanup_ctx``); this only uses it."""
 
-    def __init__(self, session: aiohttp.ClientSession, metrics: Metrics, *, max_response_bytes: int) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        *,
+        max_response_bytes: int,
+        tracer: Tracer = NULL_TRACER,
+    ) -> None:
         self._session = session
         self._metrics = metrics
         self._max_response_bytes = max_response_bytes
+        self._tracer = tracer
 
     async def call(self, target: UpstreamTarget, body: bytes, headers: dict[str, str]) -> UpstreamAnswer:
+        """The upstream call in its own span; the backend gets that span's ``traceparent`` (CONTRACT §16)."""
+        with self._tracer.span("upstream") as span:
+            span.set_attribute(TOOL, target.tool)  # a configured name
+            traceparent = self._tracer.traceparent()
+            if traceparent is not None:
+                headers = {**headers, "traceparent": traceparent}
+            answer = await self._post(target, body, headers)
+            span.set_attribute(HTTP_STATUS, answer.status)
+            return answer
+
+    async def _post(self, target: UpstreamTarget, body: bytes, headers: dict[str, str]) -> UpstreamAnswer:
         started = time.perf_counter()
         try:
             async with self._session.post(
@@ -74,7 +94,8 @@ class Forwarder:
         except aiohttp.ClientError as exc:
             raise UpstreamError("the tool backend failed", reason="upstream_protocol_error") from exc
         finally:
-            self._metrics.upstream_duration.labels(tool=target.tool).observe(time.perf_counter() - started)
+            metrics = self._metrics
+            metrics.child(metrics.upstream_duration, target.tool).observe(time.perf_counter() - started)
         if content_type not in _JSON_TYPES and not content_type.endswith("+json"):
             raise UpstreamError("the tool backend answered with a non-JSON body", reason="upstream_not_json")
         return UpstreamAnswer(status=status, content_type=content_type, body=content)
@@ -87,6 +108,11 @@ class Forwarder:
         limit = self._max_response_bytes
         if resp.content_length is not None and resp.content_length > limit:
             raise UpstreamError("the tool backend's answer is too large", reason="upstream_too_large")
+        if resp.content.is_eof():  # all of it arrived with the headers: take it without the read loop
+            content = resp.content.read_nowait(limit + 1)
+            if len(content) > limit:
+                raise UpstreamError("the tool backend's answer is too large", reason="upstream_too_large")
+            return content
         chunks: list[bytes] = []
         size = 0
         async for chunk in resp.content.iter_chunked(65536):

@@ -7,6 +7,7 @@ record is written). Stages only raise :class:`~broker.errors.BrokerError`; they 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
@@ -14,7 +15,7 @@ import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from broker.context import CTX, RequestContext
+from broker.context import CTX, TRACEPARENT, RequestContext
 from broker.errors import (
     ApprovalRequired,
     AuditUnavailable,
@@ -32,8 +33,10 @@ from broker.errors import (
     UseDpopNonce,
 )
 from broker.gateway.services import audit_decision as pipeline_audit
+from broker.gateway.services import audit_outcome
+from broker.identity.peer import peer_actor, peer_certificate
 from broker.observability import client_request_id, new_request_id, traceparent_for
-from broker.resources import DRAINING, METRICS, RUNTIME, SERVICES
+from broker.resources import DRAINING, METRICS, NOISE, RUNTIME, SERVICES
 from broker.runtime import Challenge
 
 log = structlog.get_logger("broker.request")
@@ -78,16 +81,32 @@ async def audit_decision(app: web.Application, ctx: RequestContext) -> None:
     await pipeline_audit(app[SERVICES], ctx)
 
 
-async def record_refusal(app: web.Application, ctx: RequestContext, error: BrokerError) -> BrokerError:
+async def record_refusal(
+    app: web.Application,
+    ctx: RequestContext,
+    error: BrokerError,
+    *,
+    anonymous: bool = False,
+    client_address: str | None = None,
+) -> BrokerError:
     """Record a refusal (both transports): its decision, reason and code in the request record and, unless the
     request was already audited as refused, in the audit log. Returns the error to answer with: ``error``, or
-    AuditUnavailable when its record could not be written (nothing is acknowledged unaudited)."""
+    AuditUnavailable when its record could not be written (nothing is acknowledged unaudited).
+
+    ``anonymous``: refused before identity (:func:`_before_identity`): counted in a ``summary`` record per
+    reason and client network instead (CONTRACT §15). A forwarded call's refusal (the upstream failed, its answer
+    was refused) is its ``outcome`` record, written by :func:`record_outcome` with the bytes the agent gets."""
     ctx.code = error.code
+    if ctx.outcome is not None and not ctx.outcome.recorded:
+        ctx.outcome.fail(error.reason)
+        ctx.decision, ctx.reason = decision_for(error), error.reason
     # An outcome after an audited allow (upstream failed) is a new record: the earlier one said "forwarded".
-    if not ctx.audited or ctx.decision == "allow":
+    elif not ctx.audited or ctx.decision == "allow":
         ctx.decision = decision_for(error)
         ctx.reason = error.reason
-        if ctx.event is not None:
+        if ctx.event is not None and anonymous:
+            app[NOISE].count(error.reason, client_address)
+        elif ctx.event is not None:
             try:
                 await audit_decision(app, ctx)
             except AuditUnavailable as audit_error:
@@ -156,7 +175,8 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
         request_id=new_request_id(), client_request_id=client_request_id(request.headers.get("X-Request-Id"))
     )
     ctx.policy_version = runtime.policy_version
-    ctx.traceparent = traceparent_for(request.headers.get("traceparent"))
+    # the server span's when tracing is on (broker.otel), so audit, logs and spans share one trace id
+    ctx.traceparent = request.get(TRACEPARENT) or traceparent_for(request.headers.get("traceparent"))
     request[CTX] = ctx
     structlog.contextvars.bind_contextvars(request_id=ctx.request_id, trace_id=ctx.trace_id)
     if ctx.client_request_id is not None:
@@ -167,29 +187,40 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
             _check_header_size(request, runtime.limits.max_header_bytes)
             _check_framing(request)
             response = await handler(request)
+            if ctx.outcome is not None:
+                response = await record_outcome(request, ctx, response)
             ctx.status = response.status
             if ctx.decision is None:
                 ctx.decision = "allow"
         except BrokerError as error:
-            response = await _refuse(app, ctx, error, runtime.challenge)
+            response = await _refuse(request, ctx, error, runtime.challenge)
             if error.reason in _CLOSE_AFTER:
                 response.force_close()
         except HttpProcessingError:
             # the parser refused the body while it was read (a bad chunk, a truncated body): 400, then close
             framing = InvalidRequest("the request body is not validly framed", reason="http_body_framing")
-            response = await _refuse(app, ctx, framing, runtime.challenge)
+            response = await _refuse(request, ctx, framing, runtime.challenge)
             response.force_close()
         except web.HTTPException as exc:
             # aiohttp's own routing answers (404 for unknown paths, 405): JSON like everything else
-            response = await _refuse(app, ctx, _from_http_exception(exc), runtime.challenge)
+            response = await _refuse(request, ctx, _from_http_exception(exc), runtime.challenge)
         except Exception:
             # A bug, not a decision: still audited and rendered as JSON, never a forward (deny by default).
             log.exception("unhandled error")
             response = await _refuse(
-                app, ctx, BrokerError("internal error", reason="internal_error"), runtime.challenge
+                request, ctx, BrokerError("internal error", reason="internal_error"), runtime.challenge
             )
         response.headers.setdefault("X-Request-Id", ctx.request_id)
         return response
+    except asyncio.CancelledError:
+        # the agent went away (handler cancellation): a forwarded call's outcome is still recorded
+        if ctx.outcome is not None and not ctx.outcome.recorded:
+            ctx.outcome.fail("agent_disconnected")
+            try:
+                await audit_outcome(app[SERVICES], ctx, None)
+            except AuditUnavailable:
+                log.error("outcome record not written", reason="agent_disconnected")
+        raise
     finally:
         _observe(app, request, ctx)
         structlog.contextvars.unbind_contextvars("request_id", "trace_id", "client_request_id")
@@ -206,19 +237,73 @@ def _from_http_exception(exc: web.HTTPException) -> BrokerError:
 
 
 async def _refuse(
-    app: web.Application, ctx: RequestContext, error: BrokerError, challenge: Challenge
-) -> web.Response:
+    request: web.Request, ctx: RequestContext, error: BrokerError, challenge: Challenge
+) -> web.StreamResponse:
     ctx.status = error.status
-    error = await record_refusal(app, ctx, error)
-    return error_response(error, ctx.request_id, challenge=challenge)
+    anonymous = _before_identity(request, ctx, error)
+    error = await record_refusal(
+        request.app, ctx, error, anonymous=anonymous, client_address=request.remote if anonymous else None
+    )
+    response = error_response(error, ctx.request_id, challenge=challenge)
+    if ctx.outcome is not None:
+        return await record_outcome(request, ctx, response)
+    return response
+
+
+def _before_identity(request: web.Request, ctx: RequestContext, error: BrokerError) -> bool:
+    """A refusal before identity is established (CONTRACT §15): no client certificate, one that is not a valid
+    SVID, or a malformed request from such a peer. A peer with a verified SVID keeps a full record per refusal;
+    so does every 5xx (the broker's failure, not the peer's noise)."""
+    if ctx.actor is not None or ctx.subject is not None or ctx.outcome is not None or error.status >= 500:
+        return False
+    if isinstance(error, InvalidClient):
+        return True
+    der = peer_certificate(request)
+    if der is None:
+        return True
+    try:
+        peer_actor(der, request.app[RUNTIME].current.authenticator.trust_domain)
+    except InvalidClient:
+        return True
+    return False
+
+
+async def record_outcome(
+    request: web.Request, ctx: RequestContext, response: web.StreamResponse
+) -> web.StreamResponse:
+    """The one place a forwarded call's answer is handed to the agent (both transports): its ``outcome`` record
+    (CONTRACT §15) is made durable first. A buffered answer is digested as it will be sent, and is replaced by
+    ``503 audit_unavailable`` when its record cannot be written (fail closed). A streamed answer (already
+    prepared, its bytes hashed as relayed) is recorded before its end is sent; when that fails the connection is
+    closed without the stream's end, so the agent cannot take a cut stream for a whole one."""
+    services = request.app[SERVICES]
+    prepared = response.prepared
+    body: bytes | None = None
+    if not prepared:
+        raw = response.body if isinstance(response, web.Response) else None
+        body = bytes(raw) if isinstance(raw, bytes | bytearray) else b""
+    try:
+        await audit_outcome(services, ctx, body)
+    except AuditUnavailable as error:
+        ctx.decision, ctx.status, ctx.code = decision_for(error), error.status, error.code
+        if prepared:
+            log.error("outcome record not written; stream cut", reason=error.reason)
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        return error_response(error, ctx.request_id)
+    return response
 
 
 def _observe(app: web.Application, request: web.Request, ctx: RequestContext) -> None:
     metrics = app[METRICS]
     elapsed = time.perf_counter() - ctx.started
     tool = ctx.tool if ctx.tool is not None and ctx.tool in app[RUNTIME].current.tools else "-"
-    metrics.requests.labels(route=ctx.route, tool=tool, decision=ctx.decision or "error", code=ctx.code).inc()
-    metrics.request_duration.labels(route=ctx.route).observe(elapsed)
+    metrics.child(metrics.requests, ctx.route, tool, ctx.decision or "error", ctx.code).inc()
+    metrics.child(metrics.request_duration, ctx.route).observe(elapsed)
+    if ctx.route == "mcp":
+        decision = ctx.decision or "error"
+        metrics.observe_mcp(ctx.mcp_server, ctx.mcp_method, decision=decision, code=ctx.code, seconds=elapsed)
     # CONTRACT §16: one access-log line per request, allowed or refused (request_id and trace_id come from the
     # bound context); never a token, a proof or an argument value
     access_log.info(

@@ -5,8 +5,11 @@ Identity runs before it, once per request and for every route (:mod:`broker.iden
 order, with reasons): first, so an unauthenticated peer learns nothing. Then, for one call of one tool:
 
  1 visibility   the tool exists and policy lets this (subject, actor) see it — else ``unknown_tool``, exactly
-                like a missing tool, and before the arguments are read so a schema error cannot reveal it.
- 2 arguments    a JSON object valid against the tool's input schema(s): policy only sees well-typed values.
+                like a missing tool, and before the arguments are read so a schema error cannot reveal it; then
+                the token's own intent (RFC 9396 ``authorization_details``) lists it — else ``access_denied``
+                naming it (CONTRACT §17: the agent knows its own token, so nothing is revealed).
+ 2 arguments    a JSON object valid against the tool's input schema(s): policy only sees well-typed values;
+                then within one of the token's intent entries for the tool (``access_denied`` naming it).
  3 counters     a call that executes (invocation, MCP) reserves its place in every counter it feeds, in one
                 atomic store step, and decides on the counts *before* it — so concurrent calls each see a
                 distinct count and a limit of N admits exactly N (CONTRACT §12). Refused later: released.
@@ -143,25 +146,38 @@ async def authorize(call: ToolCall, services: Services, record: RequestContext, 
     visibility = runtime.policies.visibility(tool.name, env)
     if visibility.outcome != "allow":
         raise unknown_tool(tool.name, f"hidden: {visibility.reason}")
+    intent = principal.intent
+    if intent is not None and not intent.visible(tool.name):  # the token's own intent does not list it (§17)
+        raise AccessDenied(
+            "not in the token's authorization_details",
+            reason="intent: not in the token's authorization_details",
+        )
 
     arguments = await call.arguments()  # 2
     _schema_problem(tool, arguments)
     canonical = canonicalize(arguments)
     record.args_digest = b64url_encode(hashlib.sha256(canonical).digest())  # CONTRACT §5 args_digest
     record.audit_args = {k: arguments[k] for k in tool.audit_fields if k in arguments} or None
+    if intent is not None:  # before counters: a call outside the token's intent reserves and consumes nothing
+        outside = intent.permits(tool.name, arguments)
+        if outside is not None:
+            raise AccessDenied(
+                f"outside the token's intent: {outside}"[:300], reason=f"intent: {outside}"[:300]
+            )
 
     reserved = None
     fed = runtime.counters.feeds(tool.name) if call.step != "exchange" else frozenset()
     if fed:  # 3
-        counts, reserved = await runtime.counters.reserve(
-            services.store,
-            tool.name,
-            arguments,
-            read=fed & runtime.policies.counters_needed(tool.name),
-            subject=principal.subject,
-            actor_id=principal.actor_id,
-            now=now,
-        )
+        with services.tracer.span("state.counters"):
+            counts, reserved = await runtime.counters.reserve(
+                services.store,
+                tool.name,
+                arguments,
+                read=fed & runtime.policies.counters_needed(tool.name),
+                subject=principal.subject,
+                actor_id=principal.actor_id,
+                now=now,
+            )
         if counts:  # the rules read what this call reserved: decide on the reserved counts
             counters = {**counters, **counts}
             env.bind_counters(counters)
@@ -189,7 +205,8 @@ async def _decide_and_seal(
     principal = call.principal
     tool = call.tool
     assert tool is not None
-    decision = decide(services, runtime, env, principal, tool.name, arguments, counters, now, record)  # 4
+    with services.tracer.span("policy"):  # 4
+        decision = decide(services, runtime, env, principal, tool.name, arguments, counters, now, record)
 
     presented = None  # 5
     if call.step == "invoke":
@@ -221,14 +238,15 @@ async def _decide_and_seal(
         record.txn = presented.txn
         txn_claim = (presented.txn, txn_replay_key(presented.txn), max(1.0, presented.exp - now + TXN_LEEWAY))
     # the version the token was (or is about to be) minted under: a revoked one refuses (CONTRACT §17)
-    await final_guard(
-        services.store,
-        services.metrics,
-        principal,
-        tool=tool.name,
-        txn=txn_claim,
-        policy_version=presented.policy_version if presented is not None else runtime.policy_version,
-    )
+    with services.tracer.span("state.guard"):  # revocations, DPoP replay and txn consume: one store step
+        await final_guard(
+            services.store,
+            services.metrics,
+            principal,
+            tool=tool.name,
+            txn=txn_claim,
+            policy_version=presented.policy_version if presented is not None else runtime.policy_version,
+        )
     if approval is not None and call.step != "exchange":  # an approval is spent by the one call it executes
         await spend_approval(
             services, runtime, principal, tool.name, arguments, decision, approval, now, record
@@ -236,7 +254,7 @@ async def _decide_and_seal(
 
     metrics = services.metrics  # 9
     if presented is not None:
-        metrics.txn_tokens.labels(tool=tool.name, event="consumed").inc()
+        metrics.child(metrics.txn_tokens, tool.name, "consumed").inc()
         token, txn = call.txn_token or "", presented.txn
     else:
         minted = mint_txn_token(
@@ -256,7 +274,7 @@ async def _decide_and_seal(
             injected=injected or None,
             now=now,
         )
-        metrics.txn_tokens.labels(tool=tool.name, event="minted").inc()
+        metrics.child(metrics.txn_tokens, tool.name, "minted").inc()
         token, txn = minted.token, minted.txn
         record.txn = txn
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from broker.audit.sink import AuditLog
+from broker.audit.store import AuditSink
 from broker.context import RequestContext
 from broker.errors import (
     AuditUnavailable,
@@ -14,6 +15,7 @@ from broker.gateway.forward import Forwarder
 from broker.keys import KeyRing
 from broker.observability import Metrics
 from broker.state.base import StateStore
+from broker.tracing import NULL_TRACER, Tracer
 
 if TYPE_CHECKING:  # the approvals service (aiohttp handlers) imports this module
     from broker.gateway.approvals import ApprovalService
@@ -29,9 +31,11 @@ class Services:
     store: StateStore
     signer: KeyRing
     metrics: Metrics
-    audit: AuditLog
+    audit: AuditSink
     approvals: ApprovalService
     forwarder: Forwarder
+    #: spans (CONTRACT §16); the null tracer unless observability.tracing is configured
+    tracer: Tracer = NULL_TRACER
 
 
 async def audit_decision(services: Services, record: RequestContext) -> None:
@@ -39,9 +43,30 @@ async def audit_decision(services: Services, record: RequestContext) -> None:
     acknowledged means durable); raises AuditUnavailable if it cannot be written."""
     metrics = services.metrics
     try:
-        await services.audit.commit(record.audit_fields())
+        with services.tracer.span("audit"):
+            await services.audit.commit(record.audit_fields())
     except AuditUnavailable:
         metrics.audit_errors.inc()
         raise
     metrics.audit_records.inc()
     record.audited = True
+
+
+async def audit_outcome(services: Services, record: RequestContext, body: bytes | None) -> None:
+    """Write this forwarded call's ``outcome`` record (CONTRACT §15) before the agent gets ``body`` (None: a
+    stream, whose bytes were hashed as they were relayed). Written once, even when it fails; raises
+    AuditUnavailable — the agent must then not get the answer. It acknowledges no decision (the decision record
+    was committed before the forward), so it does not wait for its own fsync/commit: the next group commit makes
+    it durable (a second wait per call halved throughput) — only a host crash within that one commit can lose it."""
+    outcome = record.outcome
+    if outcome is None or outcome.recorded:
+        return
+    outcome.recorded = True
+    fields = record.outcome_fields(time.perf_counter(), body)
+    metrics = services.metrics
+    try:
+        services.audit.write(fields)
+    except AuditUnavailable:
+        metrics.audit_errors.inc()
+        raise
+    metrics.audit_records.inc()

@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from broker.audit.outcome import Outcome
 from broker.context import CTX
 from broker.gateway.body import authenticate, read_json_body
 from broker.gateway.discovery import discover
@@ -56,7 +57,11 @@ async def invoke_tool(request: web.Request) -> web.StreamResponse:
         traceparent=ctx.traceparent,
         extra={"Txn-Token": authorized.txn_token},
     )
+    # from here on the call has an outcome (CONTRACT §15), recorded by the middleware with the bytes sent
+    outcome = ctx.outcome = Outcome(time.perf_counter())
     answer = await services.forwarder.call(compiled.target, authorized.body, headers)
+    outcome.answered(answer.status)
+    outcome.finished(time.perf_counter())
     # 10: 5xx → 502; filtered tools' bodies filtered and sealed (CONTRACT §12); others pass unparsed
     body = compiled.filters.filter_answer(
         answer.status, answer.body, subject=principal.claims, actor_id=principal.actor_id

@@ -33,13 +33,14 @@ Wiring (``broker.app``): ``app.router.add_route("*", "/mcp/{server}", mcp_endpoi
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from aiohttp import ClientResponse, web
 
-from broker.context import CTX
+from broker.audit.outcome import Outcome
+from broker.context import CTX, RequestContext
 from broker.errors import (
     BrokerError,
     InsufficientUserAuthentication,
@@ -79,7 +80,7 @@ from broker.mcp.relay import Relay, Transform, dumps, relay
 from broker.mcp.sessions import SessionBinding, SessionStore
 from broker.mcp.sse import EVENT_IDS, event_id_context
 from broker.mcp.upstream import JSON, SSE, Catalogs, McpUpstream, ServerTable, exchange, read_answer
-from broker.resources import MCP_PINS, MCP_STATE, METRICS, SERVICES, SESSION, STATE
+from broker.resources import MCP_PINS, MCP_STATE, METRICS, RUNTIME, SERVICES, SESSION, STATE
 from broker.runtime import Runtime
 
 __all__ = ["MCP_STATE", "accept_pin_endpoint", "mcp_endpoint", "mcp_resources", "pins_endpoint"]
@@ -104,6 +105,7 @@ class McpState:
 async def mcp_resources(app: web.Application) -> AsyncIterator[None]:
     """``cleanup_ctx``: pins, session bindings, the broker's own upstream sessions (over the app's SESSION)."""
     pins = PinBook(drift_counter(app[METRICS].registry), app[STATE])
+    app[METRICS].bind_mcp_servers(server.name for server in app[RUNTIME].current.config.mcp_servers)
     app[MCP_PINS] = pins
     app[MCP_STATE] = McpState(pins=pins, sessions=SessionStore(app[STATE]))
     yield
@@ -120,6 +122,7 @@ async def mcp_endpoint(request: web.Request) -> web.StreamResponse:
     upstream = state.servers.servers(runtime).get(request.match_info["server"])  # 2
     if upstream is None:
         raise NotFound("no such MCP server", reason="unknown_mcp_server")
+    ctx.mcp_server = upstream.name
     request_id: str | int | None = None
     try:
         check_origin(request, upstream)  # 3
@@ -129,8 +132,10 @@ async def mcp_endpoint(request: web.Request) -> web.StreamResponse:
             body = await read_body(request, runtime.limits)
             message = parse_body(body, runtime.limits.max_json_depth)  # 5
             request_id = message.id
+            ctx.mcp_method = message.method
             return await _post(request, runtime, principal, state, upstream, message, era, version)
         if request.method in ("GET", "DELETE"):
+            ctx.mcp_method = request.method
             if era == "modern":
                 raise MethodNotAllowed(
                     "2026-07-28 MCP is POST only", reason="mcp_method", headers={"Allow": "POST"}
@@ -199,6 +204,7 @@ def _relay_plan(
     transform: Transform | None,
     *,
     session_id: str | None,
+    outcome: Outcome | None = None,
 ) -> Relay:
     """How an answer is relayed (:mod:`broker.mcp.relay`); a server with any response-filtered tool is masked on
     every stream of every request, the GET stream included (CONTRACT §12)."""
@@ -211,6 +217,7 @@ def _relay_plan(
         max_event_bytes=limit,
         max_stream_bytes=4 * limit if request_id is not None else 16 * limit,
         max_seconds=POST_STREAM_SECONDS if request_id is not None else GET_STREAM_SECONDS,
+        outcome=outcome,
     )
 
 
@@ -282,9 +289,7 @@ async def _post(
             return await render_jsonrpc(request, error, message.id, url_elicitation=url_elicitation)
         params = {**message.params, "arguments": authorized.forwarded}
         headers["Txn-Token"] = authorized.txn_token
-        transform = call_transform(
-            authorized.tool.filters, principal, lambda reason: _record_error(request, reason)
-        )
+        transform = call_transform(authorized.tool.filters, principal, _refused_answer(ctx))
     else:
         if message.method == "tools/list":
             visible = await visible_tools(services, principal, upstream)
@@ -313,13 +318,22 @@ async def _post(
             headers.update(param_headers(schema, authorized.forwarded))
     out_headers = {"X-Request-Id": ctx.request_id}
     started = time.perf_counter()
+    if authorized is not None:  # a forwarded call has an outcome (CONTRACT §15), recorded by the middleware
+        ctx.outcome = Outcome(started)
     async with exchange(
-        request.app[SESSION], upstream, "POST", headers=headers, body=dumps(forwarded).encode("utf-8")
+        request.app[SESSION],
+        upstream,
+        "POST",
+        headers=headers,
+        body=dumps(forwarded).encode("utf-8"),
+        tracer=services.tracer,
     ) as response:  # 10
         if authorized is not None:
-            services.metrics.upstream_duration.labels(tool=authorized.tool.name).observe(
-                time.perf_counter() - started
-            )
+            metrics = services.metrics
+            elapsed = time.perf_counter() - started
+            metrics.child(metrics.upstream_duration, authorized.tool.name).observe(elapsed)
+        if ctx.outcome is not None:
+            ctx.outcome.answered(response.status)
         if message.method == "initialize" and response.status == 200:
             return await _initialized(
                 request, runtime, state, upstream, principal, message, response, out_headers
@@ -330,6 +344,7 @@ async def _post(
             message.id,
             transform,
             session_id=headers.get("Mcp-Session-Id"),
+            outcome=ctx.outcome,
         )
         return await relay(request, response, plan, out_headers)  # 11
 
@@ -343,6 +358,18 @@ async def _dropped(request: web.Request, principal: Principal, message: rpc.Mess
     ctx.decision, ctx.reason, ctx.status = "allow", f"{message.method}: acknowledged, not forwarded", 202
     await audit_decision(services, ctx)
     return web.Response(status=202, headers={"X-Request-Id": ctx.request_id})
+
+
+def _refused_answer(ctx: RequestContext) -> Callable[[str], Awaitable[None]]:
+    """A call's answer that could not be masked: the agent gets an error instead, and the call's outcome record
+    says so (decision ``error``, the reason), written when that error is handed over."""
+
+    async def refused(reason: str) -> None:
+        ctx.decision, ctx.reason, ctx.code = "error", reason, "upstream_error"
+        if ctx.outcome is not None:
+            ctx.outcome.fail(reason)
+
+    return refused
 
 
 async def _record_error(request: web.Request, reason: str, *, code: str = "upstream_error") -> None:
@@ -421,7 +448,9 @@ async def _session_request(
         if resumed is not None and LAST_EVENT_ID.fullmatch(resumed):
             headers["Last-Event-ID"] = resumed
     out_headers = {"X-Request-Id": ctx.request_id}
-    async with exchange(request.app[SESSION], upstream, request.method, headers=headers) as response:  # 10
+    async with exchange(
+        request.app[SESSION], upstream, request.method, headers=headers, tracer=services.tracer
+    ) as response:  # 10
         if request.method == "DELETE":
             if 200 <= response.status < 300:
                 await state.sessions.close(upstream.name, session_id)

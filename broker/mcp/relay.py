@@ -32,8 +32,8 @@ closes the upstream stream.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -42,6 +42,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from broker.audit.outcome import Outcome
 from broker.errors import UpstreamError
 from broker.mcp import jsonrpc as rpc
 from broker.mcp.sse import EVENT_IDS, SseError, SseEvent, SseParser, encode_event
@@ -82,9 +83,13 @@ _STANDARD_ERRORS: Final = {
 DRAIN_SECONDS: Final = 1.0
 
 
+#: json.dumps(separators=(",", ":"), ensure_ascii=False), built once: dumps() would build an encoder per call
+_COMPACT: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def dumps(message: Mapping[str, Any]) -> str:
     """Compact JSON; never holds a raw line break (json escapes control characters), so it is SSE-safe."""
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+    return _COMPACT.encode(message)
 
 
 def rebuilt(message: Mapping[str, Any], request_id: str | int, *, masked: bool) -> dict[str, Any]:
@@ -120,6 +125,8 @@ class Relay:
     max_event_bytes: int
     max_stream_bytes: int
     max_seconds: float
+    #: a forwarded call's outcome (CONTRACT §15): when the upstream's answer ended, what was relayed, what failed
+    outcome: Outcome | None = None
 
 
 async def relay(
@@ -143,6 +150,8 @@ async def _refusal(response: aiohttp.ClientResponse, plan: Relay, headers: dict[
     if response.status >= 500:
         raise UpstreamError("the MCP server failed", reason="upstream_status_5xx")
     body = await read_bounded(response, plan.max_event_bytes)
+    if plan.outcome is not None:
+        plan.outcome.finished(time.perf_counter())
     try:
         message = parse_upstream(body) if response.content_type == JSON and body else None
     except UpstreamError:
@@ -177,7 +186,10 @@ async def _answer(message: dict[str, Any], plan: Relay) -> dict[str, Any]:
 
 
 async def _json(response: aiohttp.ClientResponse, plan: Relay, headers: dict[str, str]) -> web.Response:
-    message = parse_upstream(await read_bounded(response, plan.max_event_bytes))
+    body = await read_bounded(response, plan.max_event_bytes)
+    if plan.outcome is not None:
+        plan.outcome.finished(time.perf_counter())
+    message = parse_upstream(body)
     if not _is_answer(message, plan.request_id):
         raise UpstreamError("the MCP server did not answer this request", reason="upstream_no_answer")
     answer = await _answer(message, plan)
@@ -194,6 +206,7 @@ async def _stream(
     parser = SseParser(max_event_bytes=plan.max_event_bytes)
     state = {"answered": False, "total": 0}
     failure: str | None = None
+    outcome = plan.outcome
     try:
         async with asyncio.timeout(plan.max_seconds):
             async for chunk in response.content.iter_any():
@@ -204,6 +217,8 @@ async def _stream(
                     data = await _event(event, plan, state)
                     if data is not None:
                         await out.write(data)
+                        if outcome is not None:
+                            outcome.sent(data)  # the response digest: every byte relayed, in order
                 if state["answered"]:
                     break
     except SseError as exc:
@@ -213,20 +228,31 @@ async def _stream(
     except aiohttp.ClientError:
         failure = "upstream_stream_broken"
     except ConnectionResetError:
+        if outcome is not None:
+            outcome.fail("agent_disconnected")
+            outcome.finished(time.perf_counter())
         return out  # the agent went away: nothing left to tell it
     if state["answered"]:
         await _drain(response)
     elif plan.request_id is not None:
         failure = failure or "upstream_no_answer"
         error = rpc.error_body(plan.request_id, rpc.INTERNAL_ERROR, "the MCP server's answer was cut short")
+        data = encode_event(SseEvent(data=dumps(error), event="message"))
         try:
-            await out.write(encode_event(SseEvent(data=dumps(error), event="message")))
+            await out.write(data)
         except ConnectionResetError:
-            return out
+            failure = "agent_disconnected"
+        else:
+            if outcome is not None:
+                outcome.sent(data)
+    if outcome is not None:
+        outcome.finished(time.perf_counter())
+        if failure is not None:
+            outcome.fail(failure)
     if failure is not None:
         log.warning("mcp stream ended early", reason=failure, answered=state["answered"])
-    with contextlib.suppress(ConnectionResetError):  # the agent left after its answer: fine
-        await out.write_eof()
+    # the stream's end (write_eof) is aiohttp's, after the handler returned: a call's outcome record is durable
+    # before the agent sees its answer end (broker.gateway.middleware.record_outcome)
     return out
 
 

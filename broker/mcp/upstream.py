@@ -29,6 +29,7 @@ from broker.mcp import jsonrpc as rpc
 from broker.mcp.pins import PinBook
 from broker.mcp.sse import SseError, SseParser
 from broker.tls import upstream_ssl_context, upstream_tls_files
+from broker.tracing import HTTP_STATUS, NULL_TRACER, Tracer
 
 if TYPE_CHECKING:
     from broker.runtime import Runtime
@@ -115,31 +116,41 @@ async def exchange(
     *,
     headers: Mapping[str, str],
     body: bytes | None = None,
+    tracer: Tracer = NULL_TRACER,
 ) -> AsyncIterator[aiohttp.ClientResponse]:
     """One HTTP exchange with the upstream; connection failures are ``502``/``504`` before anything is relayed.
 
     Leaving the block releases the connection: back to the pool when the answer was read to its end, closed
-    otherwise (an agent that disconnects mid-stream closes the upstream stream with it)."""
-    try:
-        response = await session.request(
-            method,
-            upstream.url,
-            data=body,
-            headers=dict(headers),
-            ssl=upstream.ssl_context,
-            timeout=upstream.client_timeout(),
-            allow_redirects=False,
-        )
-    except TimeoutError:
-        raise UpstreamTimeout("the MCP server did not answer in time", reason="upstream_timeout") from None
-    except aiohttp.ClientConnectorError as exc:
-        raise UpstreamError("the MCP server is unreachable", reason="upstream_connect_failed") from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamError("the MCP server failed", reason="upstream_protocol_error") from exc
-    try:
-        yield response
-    finally:
-        response.release()
+    otherwise (an agent that disconnects mid-stream closes the upstream stream with it). The exchange, relay
+    included, is the ``upstream`` span, whose ``traceparent`` the upstream gets (CONTRACT §16)."""
+    with tracer.span("upstream") as span:
+        forwarded = dict(headers)
+        traceparent = tracer.traceparent()
+        if traceparent is not None:
+            forwarded["traceparent"] = traceparent
+        try:
+            response = await session.request(
+                method,
+                upstream.url,
+                data=body,
+                headers=forwarded,
+                ssl=upstream.ssl_context,
+                timeout=upstream.client_timeout(),
+                allow_redirects=False,
+            )
+        except TimeoutError:
+            raise UpstreamTimeout(
+                "the MCP server did not answer in time", reason="upstream_timeout"
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamError("the MCP server is unreachable", reason="upstream_connect_failed") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError("the MCP server failed", reason="upstream_protocol_error") from exc
+        span.set_attribute(HTTP_STATUS, response.status)
+        try:
+            yield response
+        finally:
+            response.release()
 
 
 async def read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:

@@ -51,7 +51,11 @@ def free_port() -> int:
 
 
 CONFIGS = sorted(
-    p.relative_to(ROOT) for p in (ROOT / "config").rglob("*.yaml") if "policy-tests" not in p.name
+    p.relative_to(ROOT)
+    for p in (ROOT / "config").rglob("*.yaml")
+    if not p.name.endswith(
+        (".policy-tests.yaml", ".principals.yaml")
+    )  # inputs of `policy test`, `access-review`
 )
 FIXTURES = sorted(p.relative_to(ROOT) for p in (ROOT / "config").rglob("*.policy-tests.yaml"))
 

@@ -24,7 +24,7 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 from broker.context import ROUTE_EVENTS
-from broker.observability import Metrics
+from broker.observability import MCP_METHOD_LABELS, Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -193,6 +193,8 @@ KNOWN_VALUES: dict[tuple[str, str], frozenset[str]] = {
     ("broker_txn_tokens", "event"): frozenset({"minted", "consumed", "rejected"}),  # CONTRACT §9
     ("broker_config_reloads", "result"): frozenset({"success", "failure", "rollback"}),  # broker/admin.py
     ("broker_rotations", "result"): frozenset({"success", "failure"}),  # broker/rotation.py
+    ("broker_mcp_requests", "mcp_method"): MCP_METHOD_LABELS,  # CONTRACT §16
+    ("broker_mcp_request_duration_seconds", "mcp_method"): MCP_METHOD_LABELS,
 }
 # fmt: off
 PROMQL_FUNCTIONS = frozenset({
@@ -420,9 +422,10 @@ def test_every_file_the_config_names_is_on_a_mounted_volume() -> None:
     for path in MOUNTED_FILES:
         assert path in config_text(), f"MOUNTED_FILES names {path}, which the config no longer uses"
         assert under_mount(path, container, writable=False), path
-    # the audit log needs a writable volume (the root filesystem is read-only)
-    assert under_mount(config["audit"]["file"], container, writable=True)
-    assert POD_NAME in config["audit"]["file"]  # one chain per pod
+    # the audit chain goes to PostgreSQL, its URL (with the password) from a Secret, never from the ConfigMap;
+    # every process starts a chain of its own there, so no per-pod file (nor writable volume) is needed
+    assert "file" not in config["audit"]
+    assert config["audit"]["store"] == SECRET_VALUE
 
 
 def test_referenced_configmaps_exist_and_secrets_are_created_in_the_readme() -> None:
@@ -513,7 +516,8 @@ def test_mounted_config_passes_broker_check(tmp_path: Path) -> None:
         text = text.replace(path, str(tmp_path / "pki" / pki_file))
     (tmp_path / "broker.yaml").write_text(text)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "EXPENSE_"))}
-    env |= deployment_env() | {"BROKER_AUDIT_FILE": str(tmp_path / "audit" / f"{POD_NAME}.jsonl")}
+    # the broker-audit-db Secret's url (broker check validates it, it does not connect)
+    env |= deployment_env() | {"BROKER_AUDIT_STORE": "postgresql://broker:pw@audit-db.broker.svc:5432/audit"}
     result = subprocess.run(
         [sys.executable, "-m", "broker", "check", "-c", str(tmp_path / "broker.yaml")],
         capture_output=True, text=True, timeout=60, cwd=ROOT, env=env, check=False,
@@ -586,6 +590,8 @@ def test_alert_names_are_unique_and_cover_the_failure_modes() -> None:
         "broker_state_errors_total",  # state store down
         'broker_config_reloads_total{result="failure"}',  # reload failures
         "broker_audit_errors_total",  # audit errors
+        "broker_audit_disk_free_bytes",  # audit disk low (/readyz turns 503 below audit.min_free_bytes)
+        "broker_audit_resume_unverified_total",  # an audit_resume record: someone must look
         "broker_request_duration_seconds_bucket",  # latency
         "broker_upstream_duration_seconds_bucket",  # upstream latency
     ):

@@ -112,7 +112,7 @@ def test_shipped_schema_is_current_and_validates_the_examples() -> None:
     assert SCHEMA_FILE.read_text() == render(), "run: python -m broker.config.schema"
     schema = yaml.safe_load(SCHEMA_FILE.read_text())
     for path in (ROOT / "config").rglob("*.yaml"):
-        if "policy-tests" in path.name:
+        if "policy-tests" in path.name or "principals" in path.name:  # fixtures, access-review input
             continue
         data, _ = parse_yaml(path.read_text(), file=str(path), environ={"BROKER_CERTS": "/certs"})
         jsonschema.validate(data, schema)

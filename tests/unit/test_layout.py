@@ -101,3 +101,26 @@ def test_the_server_path_imports_no_dev_tool_and_no_sdk() -> None:
 )
 def test_pure_modules_import_no_aiohttp(module: str) -> None:
     assert "aiohttp" not in _loaded_after(f"import {module}")
+
+
+def test_the_agent_side_connector_imports_no_server_module() -> None:
+    # `broker connect` runs beside an agent: it shares the SDK's signer and pure value parsers (jose, intent),
+    # never the broker's pipeline, policy engine, state, audit or config
+    loaded = _loaded_after("import broker.sdk.connect")
+    server_side = (
+        "broker.gateway",
+        "broker.mcp",
+        "broker.app",
+        "broker.server",
+        "broker.state",
+        "broker.audit",
+    )
+    server_side += (
+        "broker.policy.engine",
+        "broker.policy.cel",
+        "broker.txn",
+        "broker.config",
+        "broker.runtime",
+    )
+    server_side += ("broker.identity.principal", "broker.identity.tokens", "broker.identity.dpop")
+    assert not {m for m in loaded if m.startswith(server_side)}
