@@ -46,7 +46,30 @@ def settle(future: asyncio.Future[None], error: BaseException | None = None) -> 
         future.set_exception(error)
 
 
-class Durability:
+class SealTimer:
+    """The checkpoint timer both stores share (CONTRACT §15: sealed at least every ``checkpoint_seconds``):
+    armed by the first unsealed record, it calls the store's ``_seal_due`` once; None seconds: never."""
+
+    _checkpoint_seconds: float | None
+    _timer: asyncio.TimerHandle | None
+
+    def _seal_due(self) -> None:
+        raise NotImplementedError  # the store's own
+
+    def _arm_timer(self) -> None:
+        if self._checkpoint_seconds is None or self._timer is not None:
+            return
+        loop = running_loop()
+        if loop is not None:
+            self._timer = loop.call_later(self._checkpoint_seconds, self._seal_due)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class Durability(SealTimer):
     """Writing, group commit and sealing on a timer; the attributes are :class:`~broker.audit.sink.AuditLog`'s."""
 
     head_path: Path
@@ -66,8 +89,6 @@ class Durability:
     _anchor_due: dict[str, Any] | None
     _anchored_seq: int
     _io_lock: threading.Lock
-    _checkpoint_seconds: float | None
-    _timer: asyncio.TimerHandle | None
 
     def _append_checkpoint(self, *, sync: bool) -> None:
         raise NotImplementedError  # the log's own
@@ -207,18 +228,6 @@ class Durability:
                     raise _AnchorError(str(exc)) from exc
 
     # -- the checkpoint timer ------------------------------------------------------------------------------
-
-    def _arm_timer(self) -> None:
-        if self._checkpoint_seconds is None or self._timer is not None:
-            return
-        loop = running_loop()
-        if loop is not None:
-            self._timer = loop.call_later(self._checkpoint_seconds, self._seal_due)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
     def _seal_due(self) -> None:
         self._timer = None

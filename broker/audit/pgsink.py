@@ -37,7 +37,7 @@ import psycopg
 import structlog
 
 from broker.audit.chain import GENESIS, checkpoint_record, format_ts
-from broker.audit.durability import running_loop, settle
+from broker.audit.durability import SealTimer, settle
 from broker.audit.pg import INDEXED, SchemaTooNew, describe, ensure_schema, indexed_columns
 from broker.audit.records import decision_record, encode_line, seal_scrubbed
 from broker.errors import AuditUnavailable
@@ -131,7 +131,7 @@ def batch_params(chain_id: str, rows: Sequence[_Row]) -> tuple[str, dict[str, An
     return _INSERT_ANCHORED, params
 
 
-class PgAuditSink:
+class PgAuditSink(SealTimer):
     """An :class:`~broker.audit.store.AuditSink` on PostgreSQL (see the module docstring).
 
     ``transactions`` counts committed batches and ``records_written`` their records (checkpoints included)."""
@@ -390,18 +390,6 @@ class PgAuditSink:
             settle(self._waiters.popleft()[1], error)
 
     # -- the checkpoint timer ------------------------------------------------------------------------------
-
-    def _arm_timer(self) -> None:
-        if self._checkpoint_seconds is None or self._timer is not None:
-            return
-        loop = running_loop()
-        if loop is not None:
-            self._timer = loop.call_later(self._checkpoint_seconds, self._seal_due)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
     def _seal_due(self) -> None:
         self._timer = None
