@@ -21,6 +21,10 @@ class BrokerError(Exception):
     #: the JSON-RPC error code of this refusal on ``/mcp`` (CONTRACT §7): -32603 internal error by default
     jsonrpc_code: int = -32603
 
+    #: the subject of a genuine access token whose presentation was refused (identity sets it), so the refusal
+    #: is recorded in full under that subject rather than as unauthenticated noise (CONTRACT §15)
+    verified_subject: str | None = None
+
     def __init__(
         self,
         description: str,

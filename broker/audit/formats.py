@@ -69,7 +69,8 @@ def write_rows(rows: Iterable[Mapping[str, Any]], columns: Sequence[str], fmt: F
     count = 0
     if fmt == "json":
         for row in rows:
-            out.write(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n")
+            # ASCII: control, bidi and line-separator characters arrive escaped, never raw on a terminal
+            out.write(json.dumps(row, ensure_ascii=True, separators=(",", ":")) + "\n")
             count += 1
         return count
     if fmt == "csv":

@@ -13,7 +13,8 @@ agent its answer (:func:`broker.gateway.middleware.record_outcome`):
   ``reason`` when the upstream failed, its answer was refused (``response_shape``, …), the stream broke or the
   agent went away.
 
-A buffered answer's outcome is durable before its bytes are handed to the agent; a stream's before its end.
+A buffered answer's outcome is kept (``AuditSink.persist``: no crash of the broker process can lose it) before its
+bytes are handed to the agent; a stream's before its end.
 """
 
 from __future__ import annotations

@@ -237,11 +237,9 @@ class PgAuditSink(SealTimer):
         await future
         return sealed
 
-    def write(self, fields: Mapping[str, Any]) -> dict[str, Any]:
-        """Seal one record into the next batch without waiting for its commit (see AuditSink.write)."""
-        sealed = self._seal_record(fields)
-        self._kick()
-        return sealed
+    async def persist(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """A queued row dies with the process or a failed batch, so this is :meth:`commit` (AuditSink.persist)."""
+        return await self.commit(fields)
 
     def _seal_record(self, fields: Mapping[str, Any]) -> dict[str, Any]:
         unsealed = decision_record(fields, ts="")

@@ -271,9 +271,9 @@ class AuditLog(Durability):
         await self.flush(record["seq"])
         return record
 
-    def write(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+    async def persist(self, fields: Mapping[str, Any]) -> dict[str, Any]:
         """Append one record (as :meth:`append`: written to the file at once, in order) without waiting for
-        its fsync: the next group commit, started here, makes it durable (see AuditSink.write)."""
+        its fsync: the next group commit, started here, makes it durable (see AuditSink.persist)."""
         record = self._append(fields, sync=False)
         if self._fsync:
             self._kick()

@@ -36,11 +36,12 @@ class AuditSink(Protocol):
         record is not known to be durable (the decision must then be refused)."""
         ...
 
-    def write(self, fields: Mapping[str, Any]) -> dict[str, Any]:
-        """Seal one record that acknowledges no decision (a forwarded call's ``outcome``) and return it without
-        waiting: it is in the chain at once (the file: written, so a crashed process cannot lose it) and durable
-        with the next group commit, which this starts. Raises ValueError as ``commit``, and AuditUnavailable when
-        the store cannot take it now."""
+    async def persist(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Seal one record that acknowledges no decision (a forwarded call's ``outcome``) and return it once no
+        crash of this process can lose it — not necessarily once it is on stable storage: the file returns as soon
+        as the line is written (durable with the next group commit, which this starts; a host crash within that
+        fsync can lose it), PostgreSQL once committed (a queued row dies with the process or the connection).
+        Raises ValueError as ``commit``, and AuditUnavailable when the record cannot be kept."""
         ...
 
     async def aclose(self) -> None:

@@ -3,14 +3,16 @@ unauthenticated peer can cause"). Pure: no I/O, the clock is passed in.
 
 A refusal before identity is established (no client certificate, one that is not a valid SVID, a malformed
 request from such a peer) costs an attacker nothing and would cost the audit a full record (~400 bytes) each. So
-these refusals are counted per (reason, client network: IPv4 /24, IPv6 /64) and written as at most one
+these refusals are counted per (reason, client network: IPv4 /24, IPv6 /48 — the smallest block one site
+is commonly given, so one attacker's many /64s count once) and written as at most one
 ``summary`` record per key per window (10 s): ``count``, ``window_start``, ``window_end``, ``reason``,
 ``client_network``, ``decision: "deny"``. A key's window opens at its first refusal and closes ``window``
 seconds later; its record is due then (:meth:`NoiseSummary.due`), or at shutdown (:meth:`NoiseSummary.drain`).
 
 One client network therefore adds at most one record per reason it can provoke per window, whatever its rate.
-The number of keys is bounded (``max_keys``): past it, refusals are counted under ``client_network: "other"``,
-so memory stays bounded under a spread-out flood too.
+The number of keys open at once is bounded (``max_keys``, 256): past it, refusals are counted under
+``client_network: "other"``, so memory and the audit's growth stay bounded under a spread-out flood too — at most
+``max_keys`` + the reasons' "other" keys records per window (~300 bytes each: under 10 KB/s in all).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ __all__ = ["OTHER_NETWORK", "SUMMARY_EVENT", "UNKNOWN_NETWORK", "NoiseSummary", 
 
 SUMMARY_EVENT: Final = "summary"
 WINDOW_SECONDS: Final = 10.0
-MAX_KEYS: Final = 4096
+MAX_KEYS: Final = 256
 #: a peer address that is not an IP address (a Unix socket, none)
 UNKNOWN_NETWORK: Final = "unknown"
 #: the key of refusals from networks past ``max_keys``
@@ -33,7 +35,7 @@ OTHER_NETWORK: Final = "other"
 
 
 def client_network(address: str | None) -> str:
-    """The network a client address counts under: ``a.b.c.0/24`` for IPv4 (IPv4-mapped IPv6 too), the /64 for
+    """The network a client address counts under: ``a.b.c.0/24`` for IPv4 (IPv4-mapped IPv6 too), the /48 for
     IPv6, ``unknown`` for anything else."""
     if not address:
         return UNKNOWN_NETWORK
@@ -43,7 +45,7 @@ def client_network(address: str | None) -> str:
         return UNKNOWN_NETWORK
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    prefix = 24 if ip.version == 4 else 64
+    prefix = 24 if ip.version == 4 else 48
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 

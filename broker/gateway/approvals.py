@@ -31,15 +31,14 @@ from aiohttp import web
 from broker.config.models import Approvals
 from broker.context import CTX
 from broker.errors import AccessDenied, InsufficientUserAuthentication, InvalidRequest, NotFound
-from broker.gateway.body import read_json_body
+from broker.gateway.body import authenticate, read_json_body
 from broker.gateway.guard import final_guard
 from broker.gateway.middleware import audit_decision
-from broker.identity.peer import RequestView
 from broker.identity.principal import Principal
 from broker.jose import SigningKey
 from broker.observability import Metrics
 from broker.policy.approvers import Eligibility, has_mfa
-from broker.resources import APPROVALS, METRICS, RUNTIME, STATE, TRACER
+from broker.resources import APPROVALS, METRICS, RUNTIME, STATE
 from broker.state.base import StateStore
 from broker.txn.approval_rules import Approval, Verdict, refusal, same_person
 from broker.txn.approvals import ApprovalBook
@@ -160,11 +159,7 @@ async def _identify(request: web.Request) -> tuple[Principal, ApprovalService, f
     ctx.route = "approval"  # set first: a refused identity is audited as an approval event too
     app = request.app
     service = app[APPROVALS]
-    with app[TRACER].span("identity"):
-        principal = await app[RUNTIME].current.authenticator.authenticate(
-            RequestView.of(request), now=time.time(), require_actor=False
-        )
-    ctx.subject, ctx.actor = principal.subject, principal.actor
+    principal = await authenticate(request, app[RUNTIME].current, require_actor=False)
     await final_guard(app[STATE], app[METRICS], principal)
     return principal, service, time.time()
 

@@ -12,7 +12,7 @@ from aiohttp import web
 from broker.canonical import strict_loads
 from broker.config.models import Limits
 from broker.context import CTX
-from broker.errors import PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from broker.errors import BrokerError, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 from broker.identity.peer import RequestView
 from broker.identity.principal import Principal
 from broker.resources import RUNTIME, TRACER
@@ -25,11 +25,15 @@ def runtime_of(request: web.Request) -> Runtime:
 
 async def authenticate(request: web.Request, runtime: Runtime, *, require_actor: bool = True) -> Principal:
     """Identity (broker.identity.principal has its own order); the identities land in the request record."""
-    with request.app[TRACER].span("identity"):
-        principal = await runtime.authenticator.authenticate(
-            RequestView.of(request), now=time.time(), require_actor=require_actor
-        )
     ctx = request[CTX]
+    with request.app[TRACER].span("identity"):
+        try:
+            principal = await runtime.authenticator.authenticate(
+                RequestView.of(request), now=time.time(), require_actor=require_actor
+            )
+        except BrokerError as exc:
+            ctx.subject = exc.verified_subject  # a genuine token's refusal is recorded in full (§15)
+            raise
     ctx.actor, ctx.subject = principal.actor, principal.subject
     return principal
 

@@ -56,8 +56,9 @@ async def audit_outcome(services: Services, record: RequestContext, body: bytes 
     """Write this forwarded call's ``outcome`` record (CONTRACT §15) before the agent gets ``body`` (None: a
     stream, whose bytes were hashed as they were relayed). Written once, even when it fails; raises
     AuditUnavailable — the agent must then not get the answer. It acknowledges no decision (the decision record
-    was committed before the forward), so it does not wait for its own fsync/commit: the next group commit makes
-    it durable (a second wait per call halved throughput) — only a host crash within that one commit can lose it."""
+    was committed before the forward), so it waits only until no crash of this process can lose it
+    (AuditSink.persist): the file store does not wait for its fsync (a second wait per call halved throughput);
+    PostgreSQL waits for the commit."""
     outcome = record.outcome
     if outcome is None or outcome.recorded:
         return
@@ -65,7 +66,7 @@ async def audit_outcome(services: Services, record: RequestContext, body: bytes 
     fields = record.outcome_fields(time.perf_counter(), body)
     metrics = services.metrics
     try:
-        services.audit.write(fields)
+        await services.audit.persist(fields)
     except AuditUnavailable:
         metrics.audit_errors.inc()
         raise

@@ -33,9 +33,10 @@ from typing import Any
 import aiohttp
 
 from broker.config.models import Identity
-from broker.errors import InvalidRequest, InvalidToken
+from broker.errors import BrokerError, InvalidRequest, InvalidToken
 from broker.identity.dpop import (
     DpopPolicy,
+    VerifiedProof,
     check_binding,
     parse_authorization,
     single_dpop_header,
@@ -190,7 +191,34 @@ class Authenticator:
             )
 
         token = await self.tokens.verify(raw_token, now=now)
+        try:
+            intent = self._bind(token, proof, der, actor, require_actor=require_actor)
+        except BrokerError as exc:
+            # a genuine token (signature, issuer, lifetime verified) refused for how it is presented: its
+            # refusal is recorded in full under its subject, never folded into unauthenticated noise (§15)
+            exc.verified_subject = token.sub
+            raise
 
+        return Principal(
+            subject=token.sub,
+            claims=token.claims,
+            actor=actor,
+            token=token,
+            jkt=proof.jkt if proof else None,
+            replay=(f"dpop:{proof.replay_key}", proof.replay_ttl) if proof else None,
+            intent=intent,
+        )
+
+    def _bind(
+        self,
+        token: AccessToken,
+        proof: VerifiedProof | None,
+        der: bytes | None,
+        actor: SpiffeId | None,
+        *,
+        require_actor: bool,
+    ) -> Intent | None:
+        """The verified token bound to this request (DPoP key or certificate, the agent) and its intent."""
         if proof is not None:
             check_binding(proof, token.cnf_jkt)
         elif token.cnf_jkt is not None:
@@ -217,13 +245,4 @@ class Authenticator:
                 )
             except IntentError as exc:  # bounds that cannot be read never pass as no bounds (CONTRACT §17)
                 raise InvalidToken(f"access token {exc}", reason=exc.reason) from None
-
-        return Principal(
-            subject=token.sub,
-            claims=token.claims,
-            actor=actor,
-            token=token,
-            jkt=proof.jkt if proof else None,
-            replay=(f"dpop:{proof.replay_key}", proof.replay_ttl) if proof else None,
-            intent=intent,
-        )
+        return intent

@@ -63,12 +63,21 @@ class IntentError(ValueError):
         self.reason = reason
 
 
+_I_JSON_MAX: Final = 2**53 - 1
+
+
 def _quote(name: str) -> str:
     return repr(name if len(name) <= _MAX_NAME else name[:_MAX_NAME] + "…")
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A JSON number in the I-JSON range (|x| ≤ 2^53−1): a bigger integer is no bound anyone meant (and
+    ``math.isfinite`` would raise OverflowError on it)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if isinstance(value, int):
+        return abs(value) <= _I_JSON_MAX
+    return math.isfinite(value) and abs(value) <= _I_JSON_MAX
 
 
 def _canonical(value: Any, where: str, reason: str) -> bytes:

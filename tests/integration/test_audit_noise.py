@@ -121,3 +121,30 @@ async def test_a_verified_svid_keeps_its_full_record(
     last = next(r for r in reversed(broker.audit_records()) if r["event"] != "checkpoint")
     assert (last["event"], last["request_id"]) == ("invocation", reply.headers["X-Request-Id"])
     assert json.dumps(last).count("summary") == 0
+
+
+async def test_a_genuine_token_refused_without_a_certificate_keeps_its_full_record(
+    broker: BrokerUnderTest, upstream: RecordingUpstream
+) -> None:
+    """A human route (GET /v1/approvals) takes no client certificate: a stolen, genuine DPoP-bound token replayed
+    as a Bearer token is refused — and recorded in full under its subject, not folded into a summary."""
+    approver = broker.caller(
+        "carol", agent=None, dpop_jwk=json.loads(broker.pki.agent("travel-bot").dpop_jwk.read_text())
+    )
+    connector = aiohttp.TCPConnector(ssl=client_ssl_context(broker.pki))
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.get(
+            broker.url + "/v1/approvals", headers={"Authorization": f"Bearer {approver.token}"}
+        ) as reply,
+    ):
+        assert reply.status == 401
+        request_id = reply.headers["X-Request-Id"]
+    await broker.flush_noise()
+    (record,) = [r for r in broker.audit_records() if r["request_id"] == request_id]
+    assert (record["event"], record["subject"], record["reason"]) == (
+        "approval",
+        "carol",
+        "token_dpop_downgrade",
+    )
+    assert not [r for r in broker.audit_records() if r["event"] == "summary"]

@@ -94,3 +94,12 @@ def test_table_aligns_columns_and_escapes() -> None:
     assert first == "long value  \\x1b[2J"
     assert second.index("1") == first.index("\\")
     assert "\x1b" not in text
+
+
+def test_json_lines_are_ascii_so_no_control_or_bidi_character_reaches_a_terminal() -> None:
+    out = io.StringIO()
+    hostile = "x\u009b31m\u202egnp.exe\u2028\x1b[2J"
+    write_rows([{"args": hostile}], ["args"], "json", out)
+    text = out.getvalue()
+    assert text.isascii() and text.count("\n") == 1
+    assert json.loads(text) == {"args": hostile}

@@ -16,13 +16,13 @@ from broker.audit.summary import OTHER_NETWORK, UNKNOWN_NETWORK, NoiseSummary, c
     [
         ("203.0.113.77", "203.0.113.0/24"),
         ("::ffff:203.0.113.77", "203.0.113.0/24"),
-        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
-        ("fe80::1%eth0", "fe80::/64"),
+        ("2001:db8:1:2:3:4:5:6", "2001:db8:1::/48"),
+        ("fe80::1%eth0", "fe80::/48"),
         (None, UNKNOWN_NETWORK),
         ("", UNKNOWN_NETWORK),
         ("not-an-ip", UNKNOWN_NETWORK),
     ],
-    ids=["ipv4-/24", "ipv4-mapped", "ipv6-/64", "ipv6-scoped", "none", "empty", "unix-socket"],
+    ids=["ipv4-/24", "ipv4-mapped", "ipv6-/48", "ipv6-scoped", "none", "empty", "unix-socket"],
 )
 def test_client_network(address: str | None, network: str) -> None:
     assert client_network(address) == network
