@@ -127,17 +127,41 @@ def seal(record: Mapping[str, Any], *, seq: int, prev: str) -> dict[str, Any]:
     return sealed
 
 
-def checkpoint_claims(*, seq: int, head: str, ts: str) -> dict[str, Any]:
-    """The JWS payload of a checkpoint: its own seq and ts, and ``head`` = its ``prev``."""
-    return {"seq": seq, "head": head, "ts": ts}
+def checkpoint_claims(
+    *, seq: int, head: str, ts: str, chain: str | None = None, host: str | None = None, pid: int | None = None
+) -> dict[str, Any]:
+    """The JWS payload of a checkpoint: its own seq and ts, and ``head`` = its ``prev``.
+
+    A chain in PostgreSQL (:mod:`broker.audit.pgsink`) also signs its ``chain`` id in every checkpoint, and its
+    first checkpoint (seq 1, the signed start) the ``host`` and ``pid`` of the process; the file's checkpoints
+    are ``{seq, head, ts}`` only."""
+    claims: dict[str, Any] = {"seq": seq, "head": head, "ts": ts}
+    if chain is not None:
+        claims["chain"] = chain
+    if host is not None:
+        claims["host"] = host
+    if pid is not None:
+        claims["pid"] = pid
+    return claims
 
 
-def checkpoint_record(*, seq: int, prev: str, ts: str, signer: SigningKey) -> dict[str, Any]:
-    """A sealed checkpoint: event ``checkpoint``, decision ``allow``, other CONTRACT fields null, ``sig``."""
+def checkpoint_record(
+    *,
+    seq: int,
+    prev: str,
+    ts: str,
+    signer: SigningKey,
+    chain: str | None = None,
+    host: str | None = None,
+    pid: int | None = None,
+) -> dict[str, Any]:
+    """A sealed checkpoint: event ``checkpoint``, decision ``allow``, other CONTRACT fields null, ``sig``
+    (over :func:`checkpoint_claims`; ``chain``, ``host``, ``pid`` only in the signed payload)."""
     record: dict[str, Any] = {"ts": ts}
     record.update(dict.fromkeys(RECORD_FIELDS))
     record.update(event="checkpoint", decision="allow", reason="")
-    record["sig"] = signer.sign(checkpoint_claims(seq=seq, head=prev, ts=ts), typ=CHECKPOINT_TYP)
+    claims = checkpoint_claims(seq=seq, head=prev, ts=ts, chain=chain, host=host, pid=pid)
+    record["sig"] = signer.sign(claims, typ=CHECKPOINT_TYP)
     return seal(record, seq=seq, prev=prev)
 
 
@@ -218,7 +242,11 @@ def checkpoint_problem(sig: Any, *, claims: Mapping[str, Any], keys: Keys | None
         return "bad signature: checkpoint JWS is malformed"
     if header.get("typ") != CHECKPOINT_TYP:
         return f"bad signature: checkpoint JWS typ is {header.get('typ')!r}, not {CHECKPOINT_TYP!r}"
+    if payload.get("chain") != claims.get("chain"):
+        return f"bad signature: checkpoint signed for chain {payload.get('chain')!r}, not {claims.get('chain')!r}"
     if payload != claims:
+        if "chain" in claims:
+            return "bad signature: checkpoint JWS payload does not match the record's seq, prev, ts and chain"
         return "bad signature: checkpoint JWS payload does not match the record's seq, prev and ts"
     if keys is None:
         return None

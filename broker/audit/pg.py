@@ -6,7 +6,9 @@ checkpoint — the file store's ``<log>.head``) and its records in ``audit_recor
 ``(chain_id, seq)`` so that two writers can never fork a chain (HOSTILE A06). Each record is stored as the exact
 JSON line the file store would write (``line``: the hashed record, ASCII JSON) plus indexed copies of the fields
 auditors search by. The copies are only an index: :func:`verify_db` checks that each one matches its line, so an
-``UPDATE`` of either is named by chain and ``seq``.
+``UPDATE`` of either is named by chain and ``seq``. Every chain begins with a checkpoint that signs its
+``chain_id``, host and pid (seq 1), and every checkpoint signs the ``chain_id``: :func:`verify_db` fails a chain
+without that signed start, or with a checkpoint signed for another chain.
 
 Library: psycopg 3 (pyproject.toml says why). The writer is :mod:`broker.audit.pgsink`.
 """
@@ -196,7 +198,15 @@ class ChainReport:
     report: VerifyReport
 
     def summary(self) -> str:
-        return f"chain {self.chain_id} ({self.host} pid {self.pid}): {self.report.summary()}"
+        text = f"chain {self.chain_id} ({self.host} pid {self.pid}): {self.report.summary()}"
+        report = self.report
+        if report.ok and report.unsealed:
+            first = report.last_seq - report.unsealed + 1
+            text += (
+                f"; unverified: seq {first}..{report.last_seq} follow the last signed checkpoint (a broker that "
+                "did not stop cleanly): nothing proves they were not rewritten"
+            )
+        return text
 
 
 def verify_db(
@@ -227,7 +237,8 @@ def verify_db(
                 "WHERE chain_id = %s ORDER BY seq",
                 (chain_id,),
             ).fetchall()
-            report = _verify_rows(rows, anchor, keys, max_unsealed, accept_unverified)
+            identity = {"chain": chain_id, "host": host, "pid": int(pid)}
+            report = _verify_rows(rows, anchor, keys, max_unsealed, accept_unverified, identity)
             reports.append(ChainReport(chain_id, host, int(pid), report))
     return reports
 
@@ -238,18 +249,20 @@ def _verify_rows(
     keys: Keys | None,
     max_unsealed: int | None,
     accept_unverified: Collection[int],
+    identity: Mapping[str, Any],
 ) -> VerifyReport:
-    if anchor is not None:
-        why = anchor_problem(anchor, keys)
-        if why is not None:
-            return _bad(f"chain anchor: {why}", seq=None, intact=0, checkpoints=0, keys=keys)
+    anchor_why = anchor_problem(anchor, keys, identity) if anchor is not None else None
     report = verify_lines(
         (row[3].encode("utf-8") + b"\n" for row in rows),
-        anchor=anchor,
+        anchor=anchor if anchor_why is None else None,
         keys=keys,
         max_unsealed=max_unsealed,
         accept_unverified=accept_unverified,
+        identity=identity,
     )
+    if anchor_why is not None and report.first_bad_seq is None and report.first_bad_line is None:
+        # a bad anchor fails the chain; a bad record (e.g. no signed start) is named first, by its seq
+        return _bad(f"chain anchor: {anchor_why}", seq=None, intact=0, checkpoints=0, keys=keys)
     if report.first_bad_line is not None:
         # the verifier counts lines; a database row is named by its seq column
         line_seq = rows[report.first_bad_line - 1][0] if report.first_bad_line <= len(rows) else None

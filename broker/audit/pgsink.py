@@ -4,6 +4,12 @@ The same chain as the file store (:mod:`broker.audit.records`, :mod:`broker.audi
 signed checkpoints), one chain per process (a new ``chain_id`` at every start: a ULID, with host and pid in
 ``audit_chains``), stored as described in :mod:`broker.audit.pg`.
 
+- **A signed start.** ``start`` commits the chain's row together with its first record: a checkpoint (seq 1,
+  ``prev`` = genesis) whose signed claims carry the ``chain`` id, ``host`` and ``pid``; every later checkpoint
+  signs the ``chain`` id too. A chain made up in the database without the key, or records moved to another
+  chain, then fail ``broker audit verify --db``. ``aclose`` seals the chain with a final checkpoint; a killed
+  process leaves an unsealed tail that nothing seals later (the next process starts a new chain).
+
 - **Acknowledged means committed; group commit.** ``commit`` seals the record at once, in order, on the event
   loop, and returns once a transaction holding it has committed. One transaction is in flight at a time: it
   inserts every record sealed before it started (one ``INSERT … SELECT FROM unnest(…)`` statement — one round
@@ -186,13 +192,28 @@ class PgAuditSink(SealTimer):
         if self._started:
             raise RuntimeError("audit store already started")
         conn: psycopg.AsyncConnection[Any] | None = None
+        host, pid = socket.gethostname(), os.getpid()
+        # the signed start: a chain in the database is one only if its first record is this checkpoint
+        genesis = checkpoint_record(
+            seq=1,
+            prev=GENESIS,
+            ts=format_ts(self._clock()),
+            signer=self._signer,
+            chain=self.chain_id,
+            host=host,
+            pid=pid,
+        )
+        row = _Row(genesis, encode_line(genesis))
         try:
             conn = await self._connect()
             await ensure_schema(conn)
-            await conn.execute(
-                "INSERT INTO audit_chains (chain_id, host, pid) VALUES (%s, %s, %s)",
-                (self.chain_id, socket.gethostname(), os.getpid()),
-            )
+            query, params = batch_params(self.chain_id, [row])
+            async with conn.transaction():
+                await conn.execute(
+                    "INSERT INTO audit_chains (chain_id, host, pid) VALUES (%s, %s, %s)",
+                    (self.chain_id, host, pid),
+                )
+                await conn.execute(query, params)
         except SchemaTooNew as exc:
             await _close(conn)
             raise AuditUnavailable(f"audit.store {self.where}: {exc}", reason="audit_store_schema") from exc
@@ -203,6 +224,8 @@ class PgAuditSink(SealTimer):
                 reason="audit_store_unavailable",
             ) from exc
         self._conn, self._started = conn, True
+        self._seq, self._head = self._committed = (row.seq, row.hash)
+        self.transactions, self.records_written = 1, 1
         log.info("audit chain started", chain_id=self.chain_id, store=self.where)
 
     async def aclose(self) -> None:
@@ -248,7 +271,11 @@ class PgAuditSink(SealTimer):
         sealed = seal_scrubbed(unsealed, seq=self._seq + 1, prev=self._head)
         self._queue(sealed)
         if self._since_checkpoint >= self._checkpoint_every:
-            self._queue(checkpoint_record(seq=self._seq + 1, prev=self._head, ts=ts, signer=self._signer))
+            self._queue(
+                checkpoint_record(
+                    seq=self._seq + 1, prev=self._head, ts=ts, signer=self._signer, chain=self.chain_id
+                )
+            )
         return sealed
 
     def _check_writable(self) -> None:
@@ -273,7 +300,11 @@ class PgAuditSink(SealTimer):
 
     def _seal(self) -> None:
         ts = format_ts(self._clock())
-        self._queue(checkpoint_record(seq=self._seq + 1, prev=self._head, ts=ts, signer=self._signer))
+        self._queue(
+            checkpoint_record(
+                seq=self._seq + 1, prev=self._head, ts=ts, signer=self._signer, chain=self.chain_id
+            )
+        )
 
     def _kick(self) -> None:
         if self._flusher is None and self._conn is not None:

@@ -32,6 +32,7 @@ from broker.audit.chain import (
     GENESIS,
     RESUME_EVENT,
     Keys,
+    checkpoint_claims,
     checkpoint_problem,
     jws_payload,
     load_keys,
@@ -124,16 +125,31 @@ def _read_anchor(path: Path, keys: Keys | None) -> dict[str, Any] | None:
     return anchor
 
 
-def anchor_problem(anchor: Mapping[str, Any], keys: Keys | None) -> str | None:
+def anchor_problem(
+    anchor: Mapping[str, Any], keys: Keys | None, identity: Mapping[str, Any] | None = None
+) -> str | None:
     """Why the head anchor ``{"seq", "head", "sig"}`` does not carry a valid checkpoint signature, or None.
 
-    The anchor's sig is the anchored checkpoint's: it is checked on its own, the checkpoint may be gone."""
+    The anchor's sig is the anchored checkpoint's: it is checked on its own, the checkpoint may be gone.
+    ``identity`` (a PostgreSQL chain's ``{"chain", "host", "pid"}``) must be signed too (:func:`_claims`)."""
     if keys is None:
         return None
     payload = jws_payload(anchor["sig"])
     ts = payload.get("ts") if isinstance(payload, dict) else None
-    claims = {"seq": anchor["seq"], "head": anchor["head"], "ts": ts}
+    claims = _claims(anchor["seq"], anchor["head"], ts, identity)
     return checkpoint_problem(anchor["sig"], claims=claims, keys=keys)
+
+
+def _claims(seq: int, head: Any, ts: Any, identity: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a checkpoint at ``seq`` signs: ``{seq, head, ts}`` in a file; in a PostgreSQL chain (``identity``)
+    also its ``chain`` id, and in its first checkpoint (the signed start) the process's ``host`` and ``pid``."""
+    if identity is None:
+        return checkpoint_claims(seq=seq, head=head, ts=ts)
+    if seq == 1:
+        return checkpoint_claims(
+            seq=seq, head=head, ts=ts, chain=identity["chain"], host=identity["host"], pid=identity["pid"]
+        )
+    return checkpoint_claims(seq=seq, head=head, ts=ts, chain=identity["chain"])
 
 
 def _resume_range(record: dict[str, Any], seq: int, line_no: int) -> tuple[int, int]:
@@ -178,10 +194,13 @@ def verify_lines(
     keys: Keys | None,
     max_unsealed: int | None = None,
     accept_unverified: Collection[int] = (),
+    identity: Mapping[str, Any] | None = None,
 ) -> VerifyReport:
     """:func:`verify_log`'s checks over a chain's lines in order (each with its newline) and its head anchor
     (already read and its signature checked: :func:`anchor_problem`); line numbers count from 1. Also the
-    checks of a chain stored in PostgreSQL (:mod:`broker.audit.pg`)."""
+    checks of a chain stored in PostgreSQL (:mod:`broker.audit.pg`): with ``identity`` (``{"chain", "host",
+    "pid"}`` of its ``audit_chains`` row) every checkpoint must sign that chain id, and the first record must be
+    a valid checkpoint signing all three (the signed start), else the chain fails at seq 1."""
     accepted = frozenset(accept_unverified)
     records = checkpoints = unsealed = last_seq = accepted_records = 0
     unverified: list[tuple[int, int]] = []
@@ -194,6 +213,8 @@ def verify_lines(
             try:
                 record = _intact_record(line, line_no)
                 seq = record["seq"]
+                if identity is not None and line_no == 1 and seq != 1:
+                    raise _Bad(f"no signed start: the chain begins at seq {seq}", seq=seq, line=line_no)
                 if seq != last_seq + 1:
                     raise _Bad(
                         f"missing or reordered: seq {seq} follows seq {last_seq}", seq=seq, line=line_no
@@ -202,9 +223,13 @@ def verify_lines(
                     raise _Bad(f"chain broken: prev is not the hash of seq {last_seq}", seq=seq, line=line_no)
                 event = record.get("event")
                 sealing = event == "checkpoint"
+                if identity is not None and seq == 1 and not sealing:
+                    raise _Bad("no signed start: the first record is not a checkpoint", seq=seq, line=line_no)
                 if sealing:
-                    claims = {"seq": seq, "head": record["prev"], "ts": record.get("ts")}
+                    claims = _claims(seq, record["prev"], record.get("ts"), identity)
                     why = checkpoint_problem(record.get("sig"), claims=claims, keys=keys)
+                    if identity is not None and seq == 1 and why is not None:
+                        raise _Bad(f"no signed start: {why}", seq=seq, line=line_no)
                     if why is not None:
                         sealing = False
                         if pending is None:
@@ -241,6 +266,8 @@ def verify_lines(
                 unsealed += 1
         if pending is not None:
             raise pending
+        if identity is not None and last_seq == 0:
+            raise _Bad("no signed start: the chain has no records", seq=1, line=None)
         if anchor is not None and anchor["seq"] > last_seq:
             raise _Bad(
                 f"truncated: head anchor names seq {anchor['seq']} but log ends at {last_seq}",

@@ -12,11 +12,12 @@ from typing import Any
 import psycopg
 import pytest
 
+from broker.audit.chain import GENESIS, RECORD_FIELDS, checkpoint_record, seal
 from broker.audit.pg import MIGRATIONS, iter_records, verify_db
 from broker.audit.pgsink import PgAuditSink
 from broker.audit.records import encode_line
 from broker.errors import AuditUnavailable
-from broker.jose import Signer
+from broker.jose import Signer, b64url_decode
 from tests.certfactory import Pki
 from tests.e2e.test_cli import run_cli
 from tests.pgutil import fresh_database
@@ -81,16 +82,16 @@ async def test_records_and_checkpoints_land_as_the_file_would_write_them_and_ver
         assert line == encode_line(record)
         assert (event, decided, subject, request_id) == ("invocation", "allow", "alice", record["request_id"])
     checkpoints = [row[0] for row in rows if row[1] == "checkpoint"]
-    assert checkpoints == [6, 12, 15]  # every 5 records, and the final one at close
+    assert checkpoints == [1, 7, 13, 16]  # the signed start, every 5 records, and the final one at close
     ((anchor_seq, host, pid),) = sql(db, "SELECT anchor_seq, host, pid FROM audit_chains")
-    assert anchor_seq == 15 and host and pid > 0
+    assert anchor_seq == 16 and host and pid > 0
     assert sql(db, "SELECT max(version) FROM audit_schema_version") == [(MIGRATIONS[-1][0],)]
 
     (chain,) = verify_db(db, chain=None, public_jwks=jwks)
     assert chain.chain_id == sink.chain_id
-    assert (chain.report.ok, chain.report.records, chain.report.checkpoints) == (True, 15, 3), chain.summary()
+    assert (chain.report.ok, chain.report.records, chain.report.checkpoints) == (True, 16, 4), chain.summary()
     streamed = list(iter_records(db))
-    assert [r["seq"] for r in streamed] == list(range(1, 16))
+    assert [r["seq"] for r in streamed] == list(range(1, 17))
     assert {r["chain_id"] for r in streamed} == {sink.chain_id}
 
 
@@ -104,7 +105,7 @@ async def test_each_process_writes_its_own_chain(pki: Pki, db: str, jwks: dict[s
     reports = verify_db(db, chain=None, public_jwks=jwks)
     assert {r.chain_id for r in reports} == {first.chain_id, second.chain_id}
     assert all(r.report.ok for r in reports)
-    assert [r["chain_id"] for r in iter_records(db, second.chain_id)] == [second.chain_id] * 9
+    assert [r["chain_id"] for r in iter_records(db, second.chain_id)] == [second.chain_id] * 10
 
 
 TAMPERING = [
@@ -303,3 +304,162 @@ async def test_a_commit_with_an_unknown_outcome_leaves_no_gap_and_no_fork(
         assert after[0]["seq"] == before[-1]["seq"] + 1 + 1  # + the checkpoint sealing seq 1..3 at reconnect
     (chain,) = verify_db(db, chain=None, public_jwks=jwks)
     assert chain.report.ok, chain.summary()  # no gap, no fork, every checkpoint signed
+
+
+# -- forged chains: an attacker with write access to the database, without the signing key (issue 11) ------------
+
+
+async def kill(sink: PgAuditSink) -> None:
+    """As SIGKILL leaves a chain: no final checkpoint; the connection just goes away."""
+    sink._closed = True
+    sink._cancel_timer()
+    if sink._conn is not None:
+        await sink._conn.close()
+
+
+def forge(db: str, chain_id: str, lines: list[dict[str, Any]]) -> None:
+    """Insert records as the sink would (hashes recomputed by ``seal``), no key needed."""
+    from broker.audit.pgsink import _Row, batch_params
+
+    query, params = batch_params(chain_id, [_Row(record, encode_line(record)) for record in lines])
+    _execute(db, query, params)
+
+
+def _execute(db: str, query: str, params: dict[str, Any]) -> None:
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(query.encode(), params)
+
+
+def rechain(records: list[dict[str, Any]], start: int = 1, prev: str = GENESIS) -> list[dict[str, Any]]:
+    out = []
+    for offset, record in enumerate(records):
+        sealed = seal(record, seq=start + offset, prev=prev)
+        out.append(sealed)
+        prev = sealed["hash"]
+    return out
+
+
+def verify_cli(db: str, pki: Pki, *more: str) -> Any:
+    return run_cli("audit", "verify", "--db", db, "--key", str(pki.signing_jwk), *more)
+
+
+def line_of(output: str, chain_id: str) -> str:
+    (line,) = [line for line in output.splitlines() if line.startswith(f"chain {chain_id} ")]
+    return line
+
+
+async def test_a_clean_chain_starts_signed_and_verifies(pki: Pki, db: str) -> None:
+    sink = make_sink(pki, db)
+    await sink.start()
+    for n in range(3):
+        await sink.commit(decision(n))
+    await sink.aclose()
+    ((line,),) = sql(db, "SELECT line FROM audit_records WHERE seq = 1")
+    start = json.loads(line)
+    assert (start["event"], start["prev"]) == ("checkpoint", GENESIS)
+    claims = json.loads(b64url_decode(start["sig"].split(".")[1]))
+    assert claims["chain"] == sink.chain_id and set(claims) == {"seq", "head", "ts", "chain", "host", "pid"}
+    result = verify_cli(db, pki, "--max-unsealed", "0")
+    assert result.returncode == 0, result.stdout
+    assert "OK: 5 records, 2 checkpoints" in line_of(result.stdout, sink.chain_id)
+
+
+async def test_a_rewritten_unsealed_tail_of_a_killed_chain_is_reported_unverified(pki: Pki, db: str) -> None:
+    sink = make_sink(pki, db)  # checkpoint_every 5: 1 start, 2..6, checkpoint 7, 8..10 unsealed
+    await sink.start()
+    for n in range(8):
+        await sink.commit(decision(n))
+    await kill(sink)
+    rows = sql(
+        db, "SELECT line FROM audit_records WHERE chain_id = %s AND seq <= 7 ORDER BY seq", sink.chain_id
+    )
+    tail = [
+        json.loads(line) for (line,) in sql(db, "SELECT line FROM audit_records WHERE seq > 7 ORDER BY seq")
+    ]
+    for record in tail:
+        record["decision"] = "deny"
+    sql(db, "DELETE FROM audit_records WHERE seq > 7")
+    forge(db, sink.chain_id, rechain(tail, start=8, prev=json.loads(rows[-1][0])["hash"]))
+
+    lenient = verify_cli(db, pki)  # the file verifier's default: no limit on an unsealed tail
+    assert lenient.returncode == 0
+    assert "unverified: seq 8..10 follow the last signed checkpoint" in line_of(lenient.stdout, sink.chain_id)
+    strict = verify_cli(db, pki, "--max-unsealed", "0")
+    assert strict.returncode == 1
+    assert "FAILED at seq 8: unsealed: 3 records" in line_of(strict.stdout, sink.chain_id), strict.stdout
+
+
+def invented(n: int) -> dict[str, Any]:
+    return {"ts": "2026-01-01T00:00:00.000Z", **dict.fromkeys(RECORD_FIELDS), **decision(n)}
+
+
+@pytest.mark.parametrize("start", ["none", "bogus-signature", "another-chains-start"])
+async def test_a_made_up_chain_has_no_signed_start(pki: Pki, db: str, start: str) -> None:
+    real = make_sink(pki, db)
+    await real.start()
+    await real.commit(decision(0))
+    await real.aclose()
+    forged = "01FORGEDCHAIN0000000000000"
+    sql(db, "INSERT INTO audit_chains (chain_id, host, pid) VALUES (%s, 'web-1', 4242)", forged)
+    records = [invented(n) for n in range(3)]
+    if start == "bogus-signature":
+        fake = {**invented(9), "event": "checkpoint", "sig": "eyJhbGciOiJFUzI1NiJ9.e30.AAAA"}
+        records.insert(0, fake)
+    elif start == "another-chains-start":
+        ((line,),) = sql(db, "SELECT line FROM audit_records WHERE chain_id = %s AND seq = 1", real.chain_id)
+        copied = json.loads(line)
+        records = [copied, *rechain(records, start=2, prev=copied["hash"])]
+    forge(db, forged, records if start == "another-chains-start" else rechain(records))
+
+    result = verify_cli(db, pki)
+    assert result.returncode == 1
+    assert "FAILED at seq 1: no signed start" in line_of(result.stdout, forged), result.stdout
+    assert "OK" in line_of(result.stdout, real.chain_id)
+
+
+@pytest.mark.parametrize("how", ["records", "records-and-anchor", "host"])
+async def test_records_relabelled_to_another_chain_fail_it(pki: Pki, db: str, how: str) -> None:
+    a, b = make_sink(pki, db), make_sink(pki, db)
+    await a.start()
+    await b.start()
+    for n in range(7):
+        await a.commit(decision(n))
+        await b.commit(decision(100 + n))
+    await a.aclose()
+    await b.aclose()
+    if how == "host":  # the signed start names the process that wrote the chain
+        sql(db, "UPDATE audit_chains SET host = 'elsewhere' WHERE chain_id = %s", b.chain_id)
+    else:  # b's records replaced by a's (a itself is left without records)
+        sql(db, "DELETE FROM audit_records WHERE chain_id = %s", b.chain_id)
+        sql(db, "UPDATE audit_records SET chain_id = %s WHERE chain_id = %s", b.chain_id, a.chain_id)
+    if how == "records-and-anchor":
+        sql(
+            db,
+            "UPDATE audit_chains b SET anchor_seq = a.anchor_seq, anchor_head = a.anchor_head, "
+            "anchor_sig = a.anchor_sig FROM audit_chains a WHERE a.chain_id = %s AND b.chain_id = %s",
+            a.chain_id,
+            b.chain_id,
+        )
+    result = verify_cli(db, pki)
+    assert result.returncode == 1
+    assert "FAILED at seq 1: no signed start" in line_of(result.stdout, b.chain_id), result.stdout
+
+
+async def test_a_checkpoint_signed_for_another_chain_is_named(pki: Pki, db: str) -> None:
+    # only a key holder could sign this; it shows the verifier binds every checkpoint to its chain
+    signer = Signer.from_file(pki.signing_jwk)
+    chain_id = "01OTHERCHECKPOINT000000000"
+    assert run_cli("audit", "init", "--db", db).returncode == 0
+    sql(db, "INSERT INTO audit_chains (chain_id, host, pid) VALUES (%s, 'web-1', 4242)", chain_id)
+    ts = "2026-01-01T00:00:00.000Z"
+    start = checkpoint_record(
+        seq=1, prev=GENESIS, ts=ts, signer=signer, chain=chain_id, host="web-1", pid=4242
+    )
+    middle = rechain([invented(1), invented(2)], start=2, prev=start["hash"])
+    foreign = checkpoint_record(seq=4, prev=middle[-1]["hash"], ts=ts, signer=signer, chain="01SOMEOTHER")
+    forge(db, chain_id, [start, *middle, foreign])
+    result = verify_cli(db, pki, "--chain", chain_id)
+    assert result.returncode == 1
+    assert "FAILED at seq 4: bad signature: checkpoint signed for chain '01SOMEOTHER'" in line_of(
+        result.stdout, chain_id
+    ), result.stdout
