@@ -452,9 +452,11 @@ async def test_sentinel_failover_keeps_replicated_claims_and_the_store_follows()
         replica_args = ["--replicaof", "127.0.0.1", str(sentinel.master.port)]
         async with throwaway_redis(replica_args) as replica, store_factory(sentinel.url) as make:
             store = make()
+            # WAIT blocks up to its timeout: the client's read timeout must outlast it (redis-py's default may not)
+            master = Redis.from_url(sentinel.master.url, socket_timeout=30)
+            await _until(lambda: _replica_online(master), "the replica is in sync")
             assert await store.claim("dpop:before", 60) is True
-            master = Redis.from_url(sentinel.master.url)
-            await master.wait(1, 5000)  # S05: only a replicated claim survives a failover
+            assert await master.wait(1, 10_000) == 1  # S05: only a replicated claim survives a failover
             sentinels = Redis(host="127.0.0.1", port=sentinel.sentinel_port)
             try:
                 await _until(lambda: _failover_started(sentinels, sentinel.service), "failover accepted")
@@ -486,6 +488,15 @@ async def _failover_started(sentinels: Any, service: str) -> bool:
     except ResponseError:
         return False  # NOGOODSLAVE until the Sentinel has the replica's INFO: ask again
     return True
+
+
+async def _replica_online(master: Any) -> bool:
+    info = await master.info("replication")
+    return any(
+        isinstance(value, dict) and value.get("state") == "online"
+        for key, value in info.items()
+        if str(key).startswith("slave")
+    )
 
 
 async def _master_port_is(sentinels: Any, service: str, port: int) -> bool:
