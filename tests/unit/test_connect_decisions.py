@@ -23,6 +23,7 @@ from broker.sdk.connect import (
     replay_allowed,
     token_scheme,
     upstream_headers,
+    whole_answer,
 )
 from broker.sdk.credentials import (
     MAX_TOKEN_BYTES,
@@ -189,6 +190,29 @@ def test_downstream_headers_keep_the_session_and_drop_the_nonce() -> None:
         "Mcp-Session-Id": "abc",
         "WWW-Authenticate": 'DPoP error="invalid_token"',
     }
+
+
+@pytest.mark.parametrize(
+    ("method", "status", "length", "whole"),
+    [
+        ("POST", 200, "512", True),  # a JSON answer: headers and body in one write
+        ("GET", 403, "0", True),
+        ("POST", 200, str(64 * 1024), True),
+        ("POST", 200, str(64 * 1024 + 1), False),  # large: streamed
+        ("POST", 200, None, False),  # no length (SSE, the MCP GET stream): streamed as it arrives
+        ("POST", 200, "12abc", False),
+        ("HEAD", 200, "512", False),  # the length of a body that is not sent
+        ("GET", 204, "0", False),
+        ("GET", 304, "512", False),
+    ],
+)
+def test_only_small_answers_of_known_length_are_relayed_whole(
+    method: str, status: int, length: str | None, whole: bool
+) -> None:
+    headers = CIMultiDict({"Content-Type": "application/json"})
+    if length is not None:
+        headers["Content-Length"] = length
+    assert whole_answer(method, status, headers, 64 * 1024) is whole
 
 
 def _token(pki: Pki, **binding: str) -> str:
