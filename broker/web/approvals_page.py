@@ -80,12 +80,15 @@ def _injections(request: web.Request, approval: Approval) -> dict[str, str]:
 
 async def _views(
     request: web.Request, session: WebSession, now: float
-) -> list[tuple[Approval, ApprovalView]]:
+) -> tuple[list[tuple[Approval, ApprovalView]], int]:
+    """The oldest :data:`MAX_LISTED` approvals this person may decide, as views, and how many there are."""
     service = request.app[APPROVALS]
-    return [
+    approvals = await decidable(service, session.iss, session.sub, session.claims, now)
+    views = [
         (approval, view_of(approval, injections=_injections(request, approval), now=now))
-        for approval in (await decidable(service, session.iss, session.sub, session.claims, now))[:MAX_LISTED]
+        for approval in approvals[:MAX_LISTED]
     ]
+    return views, len(approvals)
 
 
 async def _revoked(request: web.Request, error: SessionRevoked) -> web.Response:
@@ -116,8 +119,9 @@ async def list_page(request: web.Request) -> web.StreamResponse:
     session = await _signed_in(request)
     if not isinstance(session, WebSession):
         return session
-    views = [view for _, view in await _views(request, session, time.time())]
-    return html_response(render_list(views, user=session.sub, csrf=session.csrf))
+    pairs, total = await _views(request, session, time.time())
+    views = [view for _, view in pairs]
+    return html_response(render_list(views, user=session.sub, csrf=session.csrf, total=total))
 
 
 async def approval_page(request: web.Request) -> web.StreamResponse:

@@ -171,10 +171,13 @@ def _card(view: ApprovalView, csrf: str) -> str:
     )
 
 
-def render_list(views: Sequence[ApprovalView], *, user: str, csrf: str) -> str:
+def render_list(views: Sequence[ApprovalView], *, user: str, csrf: str, total: int | None = None) -> str:
+    """``total``: how many are waiting when ``views`` shows only the oldest of them."""
+    waiting = max(total or 0, len(views))
     if views:
         body = "".join(_card(view, csrf) for view in views)
-        intro = f"<p>{len(views)} request{'s' if len(views) != 1 else ''} waiting for your decision.</p>"
+        intro = f"<p>{waiting} request{'s' if waiting != 1 else ''} waiting for your decision"
+        intro += f"; the oldest {len(views)} are shown.</p>" if waiting > len(views) else ".</p>"
     else:
         body, intro = "", '<p class="empty">Nothing is waiting for your decision.</p>'
     return _page("Approvals waiting for you", intro + body, user=user, csrf=csrf)

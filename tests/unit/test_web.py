@@ -396,3 +396,10 @@ def test_old_approval_records_without_issuers_still_load() -> None:
     assert loaded.issuer is None and loaded.approvals[0].iss is None
     stored = replace(loaded, issuer="https://a").to_record()
     assert Approval.from_record(stored).issuer == "https://a"
+
+
+def test_the_list_says_when_it_shows_only_the_oldest() -> None:
+    view = view_of(approval(invoice_id="INV-1"), injections={}, now=NOW)
+    assert "1 request waiting for your decision." in render_list([view], user="carol", csrf=TOKEN)
+    capped = render_list([view, view], user="carol", csrf=TOKEN, total=73)
+    assert "73 requests waiting for your decision; the oldest 2 are shown." in capped
