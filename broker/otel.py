@@ -5,7 +5,8 @@ One server span per request (:meth:`OtelTracer.middleware`, outside the broker m
 whole request: refusals, audit and the access line included) continuing the caller's ``traceparent``; the
 stages open child spans through the :class:`broker.tracing.Tracer` seam. The request record's ``traceparent``
 — the audit record's and the access line's ``trace_id`` — is the server span's, so an audit record finds its
-trace. Sampling is ``ParentBased(TraceIdRatioBased(sample_ratio))``: a caller's sampled flag is honoured, a
+trace. Sampling is ``ParentBased(TraceIdRatioBased(sample_ratio))`` (``parent_sampling: false``: the ratio alone,
+whatever the caller's flag): a caller's sampled flag is honoured, a
 new trace is kept with probability ``sample_ratio``; an unsampled span still has its ids (trace ids in audit
 and logs never depend on sampling). Spans leave in batches from the SDK's worker thread
 (``BatchSpanProcessor``): a slow or unreachable collector never delays a request — spans beyond its queue are
@@ -51,7 +52,11 @@ class OtelTracer:
 
     def __init__(self, settings: Tracing) -> None:
         self._provider = TracerProvider(
-            sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)),
+            sampler=(
+                ParentBased(TraceIdRatioBased(settings.sample_ratio))
+                if settings.parent_sampling
+                else TraceIdRatioBased(settings.sample_ratio)
+            ),
             resource=Resource.create({SERVICE_NAME: settings.service_name}),
             shutdown_on_exit=False,  # the app's cleanup shuts it down (flushing) before the loop closes
         )

@@ -456,6 +456,11 @@ class Tracing(Strict):
         description="share of new traces kept (a caller's traceparent sampled flag is honoured): 0 exports none",
     )
     service_name: str = Field("broker", min_length=1, max_length=128, description="the service.name resource")
+    parent_sampling: bool = Field(
+        True,
+        description="honour a caller's traceparent sampled flag (OpenTelemetry's default); false: sample_ratio "
+        "decides every trace, so callers — unauthenticated ones too — cannot make the broker export all of theirs",
+    )
 
     @field_validator("otlp_endpoint")
     @classmethod

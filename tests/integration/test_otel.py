@@ -53,12 +53,14 @@ def quick_export(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
 
 
-def traced_config(pki: Pki, tmp: Path, upstream: str, endpoint: str, ratio: float = 1.0) -> dict[str, Any]:
+def traced_config(
+    pki: Pki, tmp: Path, upstream: str, endpoint: str, ratio: float = 1.0, **tracing: Any
+) -> dict[str, Any]:
     return base_config(
         pki,
         tmp,
         upstream_url=upstream,
-        observability={"tracing": {"otlp_endpoint": endpoint, "sample_ratio": ratio}},
+        observability={"tracing": {"otlp_endpoint": endpoint, "sample_ratio": ratio, **tracing}},
         counters=[{"name": "calls", "tools": ["approveExpense"], "window_seconds": 3600}],
         policies=[
             {"id": "any-agent", "tools": ["*"], "effect": "allow", "when": 'actor.id != ""'},
@@ -227,6 +229,27 @@ async def test_sample_ratio_zero_exports_nothing_and_the_trace_id_remains(
         assert int(flags, 16) & 1 == 0 and len(span_id) == 16  # not sampled (bit 1 may say "random id")
         assert audit_record(broker, reply.headers["X-Request-Id"])["trace_id"] == trace_id
     assert second.headers["traceparent"].split("-")[1] == CALLER_TRACE
+
+
+async def test_without_parent_sampling_a_callers_sampled_flag_exports_nothing(
+    broker_factory: BrokerFactory,
+    upstream: RecordingUpstream,
+    receiver: OtlpReceiver,
+    pki: Pki,
+    tmp_path: Path,
+    quick_export: None,
+) -> None:
+    """parent_sampling: false — a caller asking for its trace to be sampled (flag 01) gets the ratio's answer."""
+    config = traced_config(pki, tmp_path, upstream.url, receiver.url, ratio=0, parent_sampling=False)
+    broker = await broker_factory(config)
+    sampled = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"
+    reply = await broker.caller().call("POST", TOOL, INVOICE, headers={"traceparent": sampled})
+    assert reply.status == 200
+    await broker.running.stop()
+    assert receiver.spans == []
+    (got,) = upstream.received
+    _, trace_id, _, flags = got.headers["traceparent"].split("-")
+    assert trace_id == CALLER_TRACE and int(flags, 16) & 1 == 0  # the trace continues, unsampled
 
 
 async def test_stopping_the_broker_flushes_the_queued_spans(
