@@ -177,7 +177,11 @@ UNREADABLE = [
     ("max-bool", [entry(constraints={"amount_max": True})], "constraints.amount_max must be a number"),
     ("max-nan", [entry(constraints={"amount_max": float("nan")})], "constraints.amount_max must be a number"),
     ("max-huge-int", [entry(constraints={"amount_max": 10**400})], "constraints.amount_max must be a number"),
-    ("max-beyond-i-json", [entry(constraints={"amount_max": 2**53})], "constraints.amount_max must be a number"),
+    (
+        "max-beyond-i-json",
+        [entry(constraints={"amount_max": 2**53})],
+        "constraints.amount_max must be a number",
+    ),
     (
         "exact-value-not-json",
         [entry(constraints={"x": float("inf")})],
