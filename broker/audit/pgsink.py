@@ -253,7 +253,13 @@ class PgAuditSink(SealTimer):
     async def commit(self, fields: Mapping[str, Any]) -> dict[str, Any]:
         """Seal one decision record and return it once committed (group commit). Raises ValueError for fields
         outside CONTRACT §9, AuditUnavailable if the store is down or the commit failed or timed out."""
-        sealed = self._seal_record(fields)
+        unsealed = decision_record(fields, ts="")
+        self._check_writable()
+        unsealed["ts"] = ts = format_ts(self._clock())
+        sealed = seal_scrubbed(unsealed, seq=self._seq + 1, prev=self._head)
+        self._queue(sealed)
+        if self._since_checkpoint >= self._checkpoint_every:
+            self._seal(ts)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((sealed["seq"], future))
         self._kick()
@@ -263,20 +269,6 @@ class PgAuditSink(SealTimer):
     async def persist(self, fields: Mapping[str, Any]) -> dict[str, Any]:
         """A queued row dies with the process or a failed batch, so this is :meth:`commit` (AuditSink.persist)."""
         return await self.commit(fields)
-
-    def _seal_record(self, fields: Mapping[str, Any]) -> dict[str, Any]:
-        unsealed = decision_record(fields, ts="")
-        self._check_writable()
-        unsealed["ts"] = ts = format_ts(self._clock())
-        sealed = seal_scrubbed(unsealed, seq=self._seq + 1, prev=self._head)
-        self._queue(sealed)
-        if self._since_checkpoint >= self._checkpoint_every:
-            self._queue(
-                checkpoint_record(
-                    seq=self._seq + 1, prev=self._head, ts=ts, signer=self._signer, chain=self.chain_id
-                )
-            )
-        return sealed
 
     def _check_writable(self) -> None:
         if self._closed or not self._started:
@@ -298,8 +290,9 @@ class PgAuditSink(SealTimer):
             self._since_checkpoint += 1
             self._arm_timer()
 
-    def _seal(self) -> None:
-        ts = format_ts(self._clock())
+    def _seal(self, ts: str | None = None) -> None:
+        """Queue a checkpoint after the last record (``ts``: its timestamp; default now)."""
+        ts = ts or format_ts(self._clock())
         self._queue(
             checkpoint_record(
                 seq=self._seq + 1, prev=self._head, ts=ts, signer=self._signer, chain=self.chain_id

@@ -201,15 +201,19 @@ async def get_approval(request: web.Request) -> web.StreamResponse:
     return await _success(request, f"read:{approval.id}", approval.to_api(now=now))
 
 
+def verdict(value: object) -> Verdict:
+    """An approver's decision as sent (a JSON member or a form field), for both channels."""
+    if value == "approve":
+        return "approve"
+    if value == "deny":
+        return "deny"
+    raise InvalidRequest('decision must be "approve" or "deny"', reason="approval_decision")
+
+
 def _verdict(body: Any) -> Verdict:
     if not isinstance(body, dict) or set(body) != {"decision"}:
         raise InvalidRequest('send {"decision": "approve"} or {"decision": "deny"}', reason="approval_body")
-    decision = body["decision"]
-    if decision == "approve":
-        return "approve"
-    if decision == "deny":
-        return "deny"
-    raise InvalidRequest('decision must be "approve" or "deny"', reason="approval_decision")
+    return verdict(body["decision"])
 
 
 async def decide_approval(request: web.Request) -> web.StreamResponse:

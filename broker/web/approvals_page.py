@@ -26,10 +26,10 @@ from aiohttp import web
 
 from broker.context import CTX
 from broker.errors import AccessDenied, BrokerError, InvalidRequest, NotFound
-from broker.gateway.approvals import decidable, decide_as, decision_reason
+from broker.gateway.approvals import decidable, decide_as, decision_reason, verdict
 from broker.gateway.middleware import audit_decision
 from broker.resources import APPROVALS, RUNTIME
-from broker.txn.approval_rules import Approval, Verdict, refusal
+from broker.txn.approval_rules import Approval, refusal
 from broker.web.http import SECURITY_HEADERS, html_response, refuse
 from broker.web.oidc_login import current_session, public_origin, ui_config
 from broker.web.session import SESSION_COOKIE, SessionRevoked, WebSession, expired_cookie_header, post_refusal
@@ -153,14 +153,6 @@ async def approval_page(request: web.Request) -> web.StreamResponse:
     )
 
 
-def _decision(value: object) -> Verdict:
-    if value == "approve":
-        return "approve"
-    if value == "deny":
-        return "deny"
-    raise InvalidRequest('decision must be "approve" or "deny"', reason="approval_decision")
-
-
 async def decide(request: web.Request) -> web.StreamResponse:
     """``POST /approvals/{id}`` (form: ``csrf``, ``decision``): the decision of ``POST /v1/approvals/{id}``."""
     ctx = request[CTX]
@@ -190,7 +182,7 @@ async def decide(request: web.Request) -> web.StreamResponse:
         )
         if reason is not None:
             raise _CrossSite("cross-site request refused", reason=reason)
-        decision = _decision(form.get("decision"))
+        decision = verdict(form.get("decision"))
         now = time.time()
         service = request.app[APPROVALS]
         approval = await service.book.get(request.match_info["id"], now)
