@@ -24,6 +24,7 @@ from broker.jose import jwk_thumbprint
 from tests.certfactory import Pki, der_of
 from tests.conftest import BrokerFactory, BrokerUnderTest, Caller, RecordingUpstream, base_config
 from tests.dpopfactory import ec_key, make_proof
+from tests.tamper import flip_char
 from tests.tokenfactory import OMIT, make_token
 
 TOOL = "/v1/tools/approveExpense"
@@ -304,7 +305,7 @@ async def test_nonce_is_demanded_then_accepted(
     assert upstream.received == []
     retry = {"Authorization": f"DPoP {caller.token}", "DPoP": proof(caller, nonce=nonce)}
     assert (await caller.call("POST", TOOL, INVOICE, auth=retry)).status == 200
-    forged = {"Authorization": f"DPoP {caller.token}", "DPoP": proof(caller, nonce=nonce[:-2] + "AA")}
+    forged = {"Authorization": f"DPoP {caller.token}", "DPoP": proof(caller, nonce=flip_char(nonce))}
     assert (await caller.call("POST", TOOL, INVOICE, auth=forged)).error == "use_dpop_nonce"
 
 

@@ -26,6 +26,7 @@ from broker.resources import MCP_PINS
 from tests.certfactory import Pki
 from tests.conftest import BrokerFactory, BrokerUnderTest, Caller, Recorded, RecordingUpstream, base_config
 from tests.integration.test_shared_state_quotas import Switchable
+from tests.tamper import flip_char
 
 BANK = "DE89370400440532013000"
 THEIRS = "FR7630006000011234567890189"
@@ -702,7 +703,7 @@ async def test_mcp_resumption_opens_the_brokers_id_back_into_the_upstreams(
     assert [r for r in upstream.received if r.method == "GET"][-1].headers[
         "Last-Event-ID"
     ] == "upstream-event-42"
-    for forged in ("upstream-event-42", broker_ids[-1][:-4] + "AAAA"):
+    for forged in ("upstream-event-42", flip_char(broker_ids[-1])):
         await get_stream(caller, session_id, forged)
         assert "Last-Event-ID" not in [r for r in upstream.received if r.method == "GET"][-1].headers
 

@@ -31,6 +31,7 @@ from broker.audit.sink import AuditLog, head_path_for
 from broker.audit.verify import VerifyReport, verify_log
 from broker.errors import AuditUnavailable
 from broker.jose import Signer, b64url_decode, generate_ec_jwk, public_key_from_jwk, verify_signature
+from tests.tamper import flip_char
 
 # ---------------------------------------------------------------------------------------------------------
 # factories
@@ -175,7 +176,7 @@ def test_checkpoint_record_signs_its_own_seq_prev_and_ts(signer: Signer) -> None
     assert verify_signature(key, "ES256", f"{header_b64}.{payload_b64}".encode(), b64url_decode(sig_b64))
     # the sig is inside the hashed record
     assert record["hash"] == record_hash(prev, record)
-    assert record["hash"] != record_hash(prev, {**record, "sig": record["sig"][:-2] + "AA"})
+    assert record["hash"] != record_hash(prev, {**record, "sig": flip_char(record["sig"])})
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from broker.web import oidc
 from broker.web.login_cookie import LoginState, cookie_name, seal, unseal
 from broker.web.session import origin_refusal, post_refusal
 from broker.web.views import render_list, view_of, visible
+from tests.tamper import flip_char
 
 NOW = 1_800_000_000
 ISSUER = "https://idp.test"
@@ -316,7 +317,7 @@ def test_a_sealed_login_opens_only_with_its_key_state_and_time() -> None:
     [
         (None, KEY, LOGIN.state, NOW, "state_missing"),
         (seal(LOGIN, bytes(32)), KEY, LOGIN.state, NOW, "login_cookie_invalid"),
-        (seal(LOGIN, KEY)[:-2] + "AA", KEY, LOGIN.state, NOW, "login_cookie_invalid"),
+        (flip_char(seal(LOGIN, KEY)), KEY, LOGIN.state, NOW, "login_cookie_invalid"),
         ("not base64!", KEY, LOGIN.state, NOW, "login_cookie_invalid"),
         ("A" * 3000, KEY, LOGIN.state, NOW, "login_cookie_invalid"),
         ("AAAA", KEY, LOGIN.state, NOW, "login_cookie_invalid"),
