@@ -7,6 +7,7 @@ never a subject, a token or anything else a caller controls.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -230,6 +231,20 @@ class BestEffortStream:
             self._stream.flush()
 
 
+def _log_fallback(value: Any) -> Any:
+    # structlog's own fallback for values JSON has no form for: their __structlog__, else their repr
+    structlog_form = getattr(value, "__structlog__", None)
+    return structlog_form() if callable(structlog_form) else repr(value)
+
+
+#: built once: structlog's default renderer calls json.dumps(default=...), which builds an encoder per line
+_LOG_ENCODER = json.JSONEncoder(default=_log_fallback)
+
+
+def _render_json(event_dict: Any, **_: Any) -> str:
+    return _LOG_ENCODER.encode(event_dict)
+
+
 def configure_logging(*, fmt: str = "json", level: str = "info") -> None:
     """structlog JSON lines on stderr (``console`` for humans); stdlib loggers (aiohttp) go the same way."""
     numeric = getattr(logging, level.upper(), logging.INFO)
@@ -241,7 +256,7 @@ def configure_logging(*, fmt: str = "json", level: str = "info") -> None:
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
         if fmt == "console"
-        else structlog.processors.JSONRenderer()
+        else structlog.processors.JSONRenderer(serializer=_render_json)
     )
     structlog.configure(
         processors=[*processors, structlog.processors.format_exc_info, renderer],

@@ -99,10 +99,19 @@ RECORD_FIELDS = (
 RESERVED_FIELDS = frozenset({"seq", "ts", "prev", "hash", "sig"})
 
 
+#: the last whole second :func:`format_ts` formatted, and its text: records come many per second (hot path)
+_last_second: tuple[int, str] = (-1, "")
+
+
 def format_ts(epoch: float) -> str:
     """RFC 3339 UTC timestamp with milliseconds (truncated), e.g. ``2026-05-01T12:00:00.123Z``."""
+    global _last_second
     seconds, millis = divmod(math.floor(epoch * 1000), 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    second, text = _last_second
+    if second != seconds:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _last_second = (seconds, text)
+    return f"{text}.{millis:03d}Z"
 
 
 def record_hash(prev: str, record_without_hash: Mapping[str, Any]) -> str:

@@ -452,6 +452,20 @@ def without_velocity_limit(env: BenchEnv) -> Path:
     return config_variant(env, "no-velocity", change)
 
 
+def without_filters(env: BenchEnv) -> Path:
+    """The broker config with listInvoices carrying no response filters and no injected arguments: the
+    ``broker-identity`` set-up, i.e. identity checks, policy, the edge txn token every forward carries (CONTRACT
+    §5: a backend always gets one), audit and the forward — what every tool pays, whatever its filters."""
+
+    def change(document: dict[str, Any]) -> None:
+        for tool in document["tools"]:
+            if tool["name"] == "listInvoices":
+                tool.pop("response", None)
+                tool.pop("inject", None)
+
+    return config_variant(env, "identity", change)
+
+
 def without_fsync(env: BenchEnv) -> Path:
     """The broker config with ``audit.fsync: false``: what group commit costs (CONTRACT §15) is the ratio of the
     ``broker`` set-up (fsync on, the default) to this one."""
@@ -527,6 +541,8 @@ def build_setups(env: BenchEnv) -> list[Setup]:
     txn_port, txn_admin = free_port(), free_port()
     nofsync_port, nofsync_admin = free_port(), free_port()
     pg_port, pg_admin = free_port(), free_port()
+    id_port, id_admin = free_port(), free_port()
+    id_url = f"https://127.0.0.1:{id_port}/v1/tools/listInvoices"
     pg_url = f"https://127.0.0.1:{pg_port}/v1/tools/listInvoices"
     mcp_url = f"https://127.0.0.1:{mcp_port}/mcp/expenses"
     two_url = f"https://127.0.0.1:{two_port}/v1/tools/listInvoices"
@@ -546,6 +562,12 @@ def build_setups(env: BenchEnv) -> list[Setup]:
             broker_url,
             IdentityRequests(env, broker_url),
             lambda: start_broker(env, broker_port, admin_port),
+        ),
+        Setup(
+            "broker-identity",
+            id_url,
+            IdentityRequests(env, id_url),
+            lambda: start_broker(env, id_port, id_admin, name="broker-identity", config=without_filters(env)),
         ),
         Setup(
             "broker-no-fsync",
