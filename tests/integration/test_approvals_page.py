@@ -280,8 +280,8 @@ async def _post_decision(stack: Stack, approval_id: str, cookie: str, csrf: str 
 
 
 async def test_requester_cannot_see_or_approve_their_own(browser: Any, stack: Stack) -> None:
-    # the same person is the same (issuer, subject): alice's access token comes from the page's issuer here
-    # (another issuer's "alice" is another person, CONTRACT §6)
+    # alice's access token comes from the page's issuer here; through another issuer she is refused as well
+    # (four eyes compare sub across issuers: tests/integration/test_approvals_cross_issuer.py)
     reply = await stack.broker.caller("alice", claims={**ALICE, "iss": stack.idp.url}).exchange(
         "approveExpense", INVOICE
     )
@@ -341,6 +341,49 @@ async def test_cross_site_form_post_changes_nothing(browser: Any, stack: Stack) 
         await stack.broker.flush_noise()
         summaries = [r for r in stack.broker.audit_records() if r.get("reason") == "web_session_missing"]
         assert [(r["event"], r["decision"], r["count"]) for r in summaries] == [("summary", "deny", 1)]
+    finally:
+        await runner.cleanup()
+
+
+async def test_another_site_cannot_sign_in_at_the_development_idp(browser: Any, stack: Stack) -> None:
+    """A login CSRF: another site's form posts a complete, valid sign-in to the IdP. chromium sends its own
+    ``Origin`` (and ``Sec-Fetch-Site: cross-site``): 403, no code issued, the broker's callback never reached."""
+    verifier = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=")
+    fields = {
+        "client_id": "broker-approvals",
+        "redirect_uri": f"{stack.page_url}callback",
+        "state": "attacker-state",
+        "nonce": "attacker-nonce",
+        "code_challenge": base64.urlsafe_b64encode(hashlib.sha256(verifier).digest()).rstrip(b"=").decode(),
+        "code_challenge_method": "S256",
+        "user": "carol",
+        "mfa": "1",
+    }
+    hidden = "".join(f'<input type="hidden" name="{k}" value="{v}">' for k, v in fields.items())
+    form = (
+        f'<html><body><form method="post" action="{stack.idp.url}/authorize">{hidden}'
+        '<button id="go">win a prize</button></form></body></html>'
+    )
+
+    async def attacker_page(request: web.Request) -> web.Response:
+        return web.Response(text=form, content_type="text/html")
+
+    evil = web.Application()
+    evil.router.add_get("/", attacker_page)
+    runner = web.AppRunner(evil)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        page = await (await browser.new_context()).new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        await page.goto(f"http://127.0.0.1:{runner.addresses[0][1]}/")
+        async with page.expect_response(f"{stack.idp.url}/authorize") as answer:
+            await page.click("#go")
+        assert (await answer.value).status == 403
+        assert "cross-site sign-in refused" in await page.inner_text("main")
+        assert stack.idp.idp.codes == {}
+        assert SESSION_COOKIE not in {c["name"] for c in await page.context.cookies()}
     finally:
         await runner.cleanup()
 

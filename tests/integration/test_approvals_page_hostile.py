@@ -94,9 +94,13 @@ class Stack:
             return dict(parse_qsl(urlsplit(response.headers["Location"]).query))
 
     async def code_for(self, client: aiohttp.ClientSession, params: dict[str, str], user: str) -> str:
-        """The IdP's form submitted for ``user`` with MFA: the callback path (with ``code`` and ``state``)."""
+        """The IdP's form submitted for ``user`` with MFA, from the IdP's own page as a browser sends it: the
+        callback path (with ``code`` and ``state``)."""
         form = {**params, "user": user, "mfa": "1"}
-        async with client.post(self.idp.url + "/authorize", data=form, allow_redirects=False) as response:
+        own_page = {"Origin": self.idp.url, "Sec-Fetch-Site": "same-origin"}
+        async with client.post(
+            self.idp.url + "/authorize", data=form, headers=own_page, allow_redirects=False
+        ) as response:
             assert response.status == 302, await response.text()
             location = urlsplit(response.headers["Location"])
             return f"{location.path}?{location.query}"

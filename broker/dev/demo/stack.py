@@ -129,7 +129,11 @@ async def _start_idp(args: argparse.Namespace) -> Any:
             args.idp_listen,
             certs=args.certs,
             clients={"broker-approvals": (f"{public_url}/approvals/callback",)},
+            allow_non_loopback=args.allow_non_loopback,
         )
+    except idp_server.NotLoopbackError as exc:
+        print(f"{exc} (--allow-non-loopback)", file=sys.stderr)
+        return None
     except OSError as exc:
         if exc.errno not in BIND_FAILURES:
             raise
@@ -187,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="127.0.0.1:9445",
         help="development OpenID Provider for the approvals page (make run IDP_LISTEN=...); its issuer is "
         "https://localhost:<port> (BROKER_OIDC_ISSUER in expense.yaml)",
+    )
+    parser.add_argument(
+        "--allow-non-loopback",
+        action="store_true",
+        help="let the development IdP listen on an --idp-listen address that is not loopback. Off by default: "
+        "the IdP has no passwords and signs in anyone who reaches it as any demo user (MFA is a checkbox)",
     )
     parser.add_argument("--db", type=Path, default=Path("var/expense.db"))
     parser.add_argument("--log-format", choices=("json", "console"), default="console")
