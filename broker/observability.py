@@ -78,6 +78,12 @@ class Metrics:
         self.approvals = Counter(
             "broker_approvals_total", "Approval requests by state", ["state"], registry=r
         )
+        self.approval_announcements = Counter(
+            "broker_approval_announcements_total",
+            "Approval webhook announcements by result (delivered, failed, dropped: the queue was full)",
+            ["result"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             "broker_config_reloads_total", "Config (re)loads by result", ["result"], registry=r
         )

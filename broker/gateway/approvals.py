@@ -84,7 +84,13 @@ class ApprovalService:
         return cls(
             book=ApprovalBook(store, ttl_seconds=config.ttl_seconds),
             eligibility=Eligibility.compile(config),
-            notifier=WebhookNotifier(session, signer, config.webhooks, public_url=public_url),
+            notifier=WebhookNotifier(
+                session,
+                signer,
+                config.webhooks,
+                public_url=public_url,
+                on_result=lambda result: metrics.approval_announcements.labels(result=result).inc(),
+            ),
             metrics=metrics,
             public_url=public_url.rstrip("/"),
         )

@@ -11,12 +11,20 @@ The decision rules are pure (:func:`refusal`, :func:`apply_decision`, :func:`cov
 1. the approval exists, is ``pending`` and not expired          else ``approval_not_pending`` / ``approval_expired``
 2. the approver is not the requesting subject (four eyes)       else ``approval_self``
 3. the approver has not decided this approval before            else ``approval_already_decided``
-
-A person is (issuer, subject): ``sub`` is unique only within its issuer (OIDC Core §2), so ``alice`` of one
-configured issuer is not ``alice`` of another (:func:`same_person`). Records written before the issuer was stored
-have none (``None``); such a requester or vote is taken to be every issuer's holder of that ``sub``: an old record
-can only refuse more (self-approval, a second vote), never count one person twice.
 4. the approver is eligible for a still-unsatisfied requirement else ``approval_not_eligible``
+
+Rules 2 and 3, and the count of distinct approvers, compare ``sub`` alone, across every trusted issuer
+(:func:`may_be_same_person`). The API's IdP and the approvals page's login IdP (``approvals.ui.issuer``) may be two
+issuers for the same people: requiring the same issuer too would let one person approve their own request, or cast
+both votes of ``dual_approval``, by voting once through each. So the page's IdP must give a person the same ``sub``
+as the API's IdP. Two different people who share a ``sub`` in two IdPs then cannot approve each other's requests and
+count as one approver: a refusal, never a bypass. :meth:`Approval.unsatisfied` counts distinct ``sub`` values and
+never the requester's own, and :func:`covers` re-checks it, so a record approved otherwise (written before this
+rule) covers nothing.
+
+Who may read an approval and whose call it covers stay bound to the person as (issuer, subject) (:func:`same_person`):
+``sub`` is unique only within its issuer (OIDC Core §2), so ``alice`` of one configured issuer neither finds nor uses
+the approval of ``alice`` of another. Records written before the issuer was stored have none (``None``).
 
 A ``deny`` by an eligible approver ends the approval (``denied``). An ``approve`` counts toward every unsatisfied
 requirement the approver is eligible for; the approval is ``approved`` once every requirement has its count.
@@ -61,9 +69,16 @@ def approval_requirements(obligations: Iterable[str]) -> tuple[str, ...]:
 
 
 def same_person(iss_a: str | None, sub_a: str, iss_b: str | None, sub_b: str) -> bool:
-    """(issuer, subject) pairs naming one person; an unknown issuer (``None``: a record from before issuers were
-    stored) matches every issuer — the side that refuses (module docstring)."""
+    """(issuer, subject) pairs naming one person, for who may READ an approval; an unknown issuer (``None``: a
+    record from before issuers were stored) matches every issuer. Not for four eyes: :func:`may_be_same_person`."""
     return sub_a == sub_b and (iss_a is None or iss_b is None or iss_a == iss_b)
+
+
+def may_be_same_person(sub_a: str, sub_b: str) -> bool:
+    """Whether two subjects may be one human, for four eyes and distinct approvers: the same ``sub`` whatever the
+    issuer (the approvals page logs in at another IdP than the API's), so the rules err on refusing (module
+    docstring)."""
+    return sub_a == sub_b
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,11 +136,20 @@ class Approval:
         return "expired" if now >= self.expires_at else self.state
 
     def unsatisfied(self) -> tuple[str, ...]:
-        """Requirements that still lack approvers, in order."""
+        """Requirements that still lack approvers, in order. Approvers are counted by distinct ``sub`` (whatever
+        the issuer) and the requester's own vote never counts (module docstring)."""
         return tuple(
             name
             for name in self.required
-            if sum(1 for v in self.approvals if v.decision == "approve" and name in v.satisfies)
+            if len(
+                {
+                    v.sub
+                    for v in self.approvals
+                    if v.decision == "approve"
+                    and name in v.satisfies
+                    and not may_be_same_person(v.sub, self.subject)
+                }
+            )
             < APPROVERS_NEEDED[name]
         )
 
@@ -239,16 +263,18 @@ def refusal(
     now: float,
     approver_iss: str | None = None,
 ) -> BrokerError | None:
-    """Why (``approver_iss``, ``approver_sub``) may not decide ``approval`` now (rules 1-4 of the module
-    docstring), or None. Without ``approver_iss`` the approver is every issuer's holder of that ``sub``."""
+    """Why ``approver_sub`` may not decide ``approval`` now (rules 1-4 of the module docstring), or None.
+
+    ``approver_iss`` does not matter here: the requester and earlier voters are compared by ``sub`` across every
+    issuer (fail closed); :func:`apply_decision` records it on the vote."""
     state = approval.state_at(now)
     if state == "expired":
         return AccessDenied("this approval has expired", reason="approval_expired")
     if state != "pending":
         return AccessDenied("this approval is no longer pending", reason="approval_not_pending")
-    if same_person(approval.issuer, approval.subject, approver_iss, approver_sub):
+    if may_be_same_person(approval.subject, approver_sub):
         return AccessDenied("a requester cannot approve their own request", reason="approval_self")
-    if any(same_person(v.iss, v.sub, approver_iss, approver_sub) for v in approval.approvals):
+    if any(may_be_same_person(v.sub, approver_sub) for v in approval.approvals):
         return AccessDenied("you have already decided this approval", reason="approval_already_decided")
     if not any(eligible(name, approver_claims) for name in approval.unsatisfied()):
         return AccessDenied("you are not an approver for this request", reason="approval_not_eligible")
@@ -300,9 +326,12 @@ def covers(
 ) -> bool:
     """True if ``approval`` lets this exact call through: approved, unexpired, not yet used by an execution, same
     binding — the same person, (issuer, subject), so ``alice`` of another issuer cannot use it — and granted for
-    at least the approvals policy requires now (a stricter policy needs a new one)."""
+    at least the approvals policy requires now (a stricter policy needs a new one). Its votes must still satisfy
+    every requirement (:meth:`Approval.unsatisfied`): a record approved by its requester or by one ``sub`` voting
+    twice through two issuers (written before the four-eyes rules compared ``sub`` across issuers) covers nothing."""
     return (
         approval.state_at(now) == "approved"
+        and not approval.unsatisfied()
         and approval.used_at is None
         and approval.issuer == issuer
         and approval.subject == subject

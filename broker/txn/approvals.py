@@ -4,8 +4,17 @@
 Store layout (keys hashed where a part is untrusted, HOSTILE S08): ``approval:<H(id)>`` the record,
 ``approval_binding:<H(binding)>`` → the id of the live approval for a binding (create-if-absent with
 ``compare_and_set_json(key, 0, …)``, so concurrent identical requests share one approval), and
-``approval_pending`` a bounded index of pending ids for ``GET /v1/approvals``. Every update of a record is a
-compare-and-set on its version, retried on conflict: concurrent decisions never lose a vote.
+``approval_pending`` a bounded index of pending ids for ``GET /v1/approvals`` and the approvals page. Every update
+of a record is a compare-and-set on its version, retried on conflict: concurrent decisions never lose a vote.
+
+Every pending approval is listed: there is no approval that approvers cannot find. The index is shared by every
+principal and holds at most ``max_pending_listed`` (default :data:`MAX_PENDING_LISTED`) live ids, so a new approval
+takes its place in the index BEFORE its record and binding are written: when the index is full the request is
+refused with ``429 rate_limited`` (``approval_pending_full``) and nothing is recorded (no record, no binding, its
+quota event handed back), and a conflict storm on the index is ``503 state_unavailable`` (``approval_conflict``),
+never an approval that is valid but not listed. A place taken for an approval that then is not created (an
+identical request won the race) is given back; if that fails, the id stays listed until its expiry, pointing at no
+pending record (skipped by :meth:`ApprovalBook.pending`; over-counting: the safe side).
 
 Per-principal quota (CONTRACT §12 "Shared state has per-principal quotas"): each distinct argument set creates
 a record, so one (subject, actor) may hold at most ``max_pending_per_principal`` (default
@@ -22,7 +31,9 @@ release fails, the event counts until the window ends (over-counting: the safe s
 
 from __future__ import annotations
 
+import asyncio
 import math
+import random
 import re
 import secrets
 from collections.abc import Iterable, Mapping
@@ -52,7 +63,12 @@ RETENTION_SECONDS: Final = 86_400
 #: arguments of one approval, as JSON; the record (arguments + votes) must fit the store's 64 KiB cap
 MAX_ARGUMENTS_BYTES: Final = 32 * 1024
 MAX_CAS_ATTEMPTS: Final = 8
-#: ids listed by the pending index; beyond it, new approvals are still valid but not listed
+#: attempts at the pending index (one record for every principal), with jittered exponential backoff between them
+#: (at most about 0.6 s in all): concurrent requests on every replica contend for it
+MAX_INDEX_ATTEMPTS: Final = 16
+RETRY_BASE_SECONDS: Final = 0.001
+RETRY_CAP_SECONDS: Final = 0.05
+#: live ids the pending index holds, all principals together; beyond it new approvals are refused (module docstring)
 MAX_PENDING_LISTED: Final = 1000
 _PENDING_KEY: Final = "approval_pending"
 #: pending approvals one (subject, actor) may hold (module docstring, "Per-principal quota")
@@ -94,14 +110,18 @@ class ApprovalBook:
         *,
         ttl_seconds: int,
         max_pending_per_principal: int = MAX_PENDING_PER_PRINCIPAL,
+        max_pending_listed: int = MAX_PENDING_LISTED,
     ) -> None:
         if not (isinstance(ttl_seconds, int) and ttl_seconds > 0):
             raise ValueError("ttl_seconds must be a positive int")
         if not (isinstance(max_pending_per_principal, int) and max_pending_per_principal > 0):
             raise ValueError("max_pending_per_principal must be a positive int")
+        if not (isinstance(max_pending_listed, int) and max_pending_listed > 0):
+            raise ValueError("max_pending_listed must be a positive int")
         self.store = store
         self.ttl_seconds = ttl_seconds
         self.max_pending_per_principal = max_pending_per_principal
+        self.max_pending_listed = max_pending_listed
 
     def _quota_scope(self, subject: str, actor: str | None) -> str:
         return f"quota:approvals:{self.ttl_seconds}:{hash_key_part(json_dumps([subject, actor]))}"
@@ -149,7 +169,8 @@ class ApprovalBook:
 
         "Live" = pending or approved and not expired; a denied or expired one is replaced. Raises
         ``ValueError`` when nothing in ``required`` is an approval, :class:`PayloadTooLarge` for arguments
-        over :data:`MAX_ARGUMENTS_BYTES`.
+        over :data:`MAX_ARGUMENTS_BYTES`, :class:`RateLimited` when the principal's quota (``approval_quota``)
+        or the pending index (``approval_pending_full``) is full — then nothing is recorded.
         """
         needed = approval_requirements(required)
         if not needed:
@@ -165,8 +186,10 @@ class ApprovalBook:
         if digest_of(dict(arguments)) != args_digest:
             raise ValueError("args_digest is not the digest of arguments")
         binding_key = _binding_key(issuer, subject, actor, tool, args_digest, needed)
-        # The pending slot is reserved when an approval is about to be created, and handed back unless one was.
+        # The pending slot is reserved when an approval is about to be created, and handed back unless one was;
+        # so is its place in the pending index (``listed``: the id listed for an approval not created yet).
         reservation: Reservation | None = None
+        listed: str | None = None
         try:
             for _ in range(MAX_CAS_ATTEMPTS):
                 index = await self.store.get_json(binding_key)
@@ -199,6 +222,9 @@ class ApprovalBook:
                     quota=(scope, member, reservation.at),
                     issuer=issuer,
                 )
+                # Listed before anything is written: a full index refuses the request with nothing recorded.
+                await self._update_pending(now, add=approval, remove=listed)
+                listed = approval.id
                 ttl = self._record_ttl(approval, now)
                 # The record first, then the binding: nobody can find a binding whose record is not written
                 # yet. A writer that loses the binding race leaves an unreferenced record nobody knows the id
@@ -209,12 +235,14 @@ class ApprovalBook:
                     continue  # a 128-bit id collision: draw another
                 expected = 0 if index is None else int(index["version"])
                 if await self.store.compare_and_set_json(binding_key, expected, {"id": approval.id}, ttl):
-                    reservation = None  # the slot now belongs to the approval (released at its decision)
-                    await self._update_pending(now, add=approval)
+                    # the slot and the listing now belong to the approval (given back at its decision)
+                    reservation, listed = None, None
                     return replace(approval, version=1), True
             raise _conflict()
         finally:
             await self._release(reservation)
+            if listed is not None:
+                await self._unlist(listed, now)
 
     #: :func:`covers`, reachable from the book the exchange already holds
     covers = staticmethod(covers)
@@ -292,18 +320,40 @@ class ApprovalBook:
     async def _update_pending(
         self, now: float, *, add: Approval | None = None, remove: str | None = None
     ) -> None:
-        # Best effort: the index only serves listings. A conflict storm leaves it stale (pruned on the next
-        # write); a store error still fails closed like every other store call.
-        for _ in range(MAX_CAS_ATTEMPTS):
+        """List ``add`` and/or unlist ``remove`` in one compare-and-set; expired ids are pruned on the way.
+
+        Listing must succeed before the approval exists (module docstring): a full index is
+        :class:`RateLimited` (``approval_pending_full``), a conflict storm :class:`StateUnavailable`. Unlisting
+        alone is best effort: a conflict storm leaves the id until its expiry (it names no pending approval then).
+        A store error fails closed like every other store call.
+        """
+        for attempt in range(MAX_INDEX_ATTEMPTS):
+            if attempt:  # another request or decision got in first: back off a little, with jitter
+                await asyncio.sleep(
+                    random.uniform(0, min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2**attempt))  # noqa: S311
+                )
             index = await self.store.get_json(_PENDING_KEY)
             version = 0 if index is None else int(index["version"])
             entries = [e for e in (index or {}).get("ids", []) if e["exp"] > now and e["id"] != remove]
             if add is not None:
-                if len(entries) >= MAX_PENDING_LISTED:
-                    log.warning("pending approvals index full; approval not listed", approval_id=add.id)
-                    return
+                if len(entries) >= self.max_pending_listed:
+                    log.warning("pending approvals index full; approval request refused", listed=len(entries))
+                    raise RateLimited(
+                        "too many approval requests are waiting for a decision; retry later",
+                        reason="approval_pending_full",
+                    )
                 entries.append({"id": add.id, "exp": add.expires_at})
             ttl = max([1.0, *(e["exp"] - now for e in entries)])
             if await self.store.compare_and_set_json(_PENDING_KEY, version, {"ids": entries}, ttl):
                 return
+        if add is not None:
+            raise _conflict()
         log.warning("pending approvals index not updated (conflicts)")
+
+    async def _unlist(self, approval_id: str, now: float) -> None:
+        """Give back the index place of an approval that was not created; a store error leaves it listed until
+        its expiry (logged): this runs while another outcome (an answer or an error) is on its way."""
+        try:
+            await self._update_pending(now, remove=approval_id)
+        except StateUnavailable:
+            log.warning("pending approvals index place not given back; it counts until it expires")

@@ -148,7 +148,9 @@ class WebhookNotifier:
             self._queue.put_nowait(approval)
         except asyncio.QueueFull:
             self.dropped += 1
-            log.warning("approval announcement dropped: queue full", approval_id=approval.id)
+            log.warning(
+                "approval announcement dropped: queue full", approval_id=approval.id, dropped=self.dropped
+            )
             self._report("dropped")
 
     def start(self) -> None:

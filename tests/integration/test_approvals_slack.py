@@ -20,7 +20,14 @@ from aiohttp import web
 from broker.resources import APPROVALS
 from tests.certfactory import Pki
 from tests.conftest import BrokerFactory, base_config
-from tests.integration.test_approvals_api import NO_UPSTREAM, WAIT, Receiver, start_receiver, verified_claims
+from tests.integration.test_approvals_api import (
+    NO_UPSTREAM,
+    WAIT,
+    Receiver,
+    metrics_text,
+    start_receiver,
+    verified_claims,
+)
 
 AGENT = "spiffe://example.org/agents/expense-assistant"
 #: agent-chosen values that would be a channel mention and a disguised link if they reached the chat
@@ -69,6 +76,10 @@ async def test_a_slack_webhook_gets_the_link_and_no_argument(
     assert (reply.status, reply.error) == (403, "approval_required"), reply.body
     approval_id = reply.body["approval_id"]
     await asyncio.wait_for(asyncio.gather(slack.succeeded.wait(), signed.succeeded.wait()), WAIT)
+    # both deliveries were started before their receivers answered: once they end, both are counted
+    notifier = broker.running.app[APPROVALS].notifier
+    await asyncio.wait_for(asyncio.gather(*notifier._deliveries, return_exceptions=True), WAIT)
+    assert 'broker_approval_announcements_total{result="delivered"} 2.0' in await metrics_text(broker)
 
     approval = await broker.running.app[APPROVALS].book.get(approval_id, 0)
     assert approval is not None

@@ -486,3 +486,62 @@ async def test_concurrent_approval_requests_never_overshoot() -> None:
             return bool(new)
 
         assert sum(await asyncio.gather(*(one(i) for i in range(12)))) == 3
+
+
+# -- pending approvals: the one index every principal shares -----------------------------------------------------
+
+
+async def redis_snapshot(stores: Any) -> dict[str, Any]:
+    """Every key of the test's prefix with its content: records (hashes), counters (sorted sets), claims."""
+    snapshot: dict[str, Any] = {}
+    for key in await stores.raw.keys(stores.prefix + "*"):
+        kind = await stores.raw.type(key)
+        if kind == b"hash":
+            snapshot[key] = await stores.raw.hgetall(key)
+        elif kind == b"zset":
+            snapshot[key] = await stores.raw.zrange(key, 0, -1, withscores=True)
+        else:
+            snapshot[key] = (kind, await stores.raw.get(key))
+    return snapshot
+
+
+async def test_a_full_pending_index_refuses_on_every_replica_and_records_nothing() -> None:
+    """Approvers list pending approvals from one shared index: when it is full a new approval is refused (429),
+    never created unlisted, and the refusal writes nothing (no record, binding, listing or quota event)."""
+    async with redis_stores() as stores:
+        a, b = (ApprovalBook(stores.store(), ttl_seconds=600, max_pending_listed=3) for _ in range(2))
+        created = [(await ask((a, b)[i % 2], f"user{i}", 6000 + i))[0] for i in range(3)]
+        before = await redis_snapshot(stores)
+        for book in (a, b):
+            with pytest.raises(RateLimited) as refused:
+                await ask(book, "user0", 7000)  # one pending of user0's 100: the index is what is full
+            assert (refused.value.status, refused.value.code, refused.value.reason) == (
+                429,
+                "rate_limited",
+                "approval_pending_full",
+            )
+        assert await redis_snapshot(stores) == before
+        assert [p.id for p in await b.pending(T0 + 1)] == [c.id for c in created]
+        await a.decide(
+            created[1].id, approver_sub="carol", approver_claims={}, decision="deny", eligible=always, now=T0
+        )
+        approval, new = await ask(b, "user0", 7000)  # a decision gives its place back
+        assert new and approval.id in [p.id for p in await a.pending(T0 + 1)]
+
+
+async def test_concurrent_requests_never_overfill_the_pending_index() -> None:
+    async with redis_stores() as stores:
+        books = [ApprovalBook(stores.store(), ttl_seconds=600, max_pending_listed=5) for _ in range(3)]
+
+        async def one(i: int) -> str | None:
+            try:
+                approval, new = await ask(books[i % 3], f"user{i}", 6000 + i)
+            except RateLimited as refused:
+                assert refused.reason == "approval_pending_full"
+                return None
+            assert new
+            return str(approval.id)
+
+        created = [i for i in await asyncio.gather(*(one(i) for i in range(16))) if i is not None]
+        assert len(created) == 5  # exact on every replica: none over the cap, and every one created is listed
+        assert sorted(p.id for p in await books[0].pending(T0 + 1)) == sorted(created)

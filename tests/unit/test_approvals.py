@@ -15,13 +15,13 @@ import pytest
 
 from broker.canonical import args_digest
 from broker.config.models import Approvals, Approver, Webhook
-from broker.errors import AccessDenied, NotFound, PayloadTooLarge
+from broker.errors import AccessDenied, NotFound, PayloadTooLarge, RateLimited
 from broker.gateway.approvals import ApprovalService
 from broker.jose import Signer, generate_ec_jwk
 from broker.observability import Metrics
 from broker.policy.approvers import Eligibility, EligibilityCompileError
 from broker.state.memory import MemoryStore
-from broker.txn.approval_rules import Approval, apply_decision, approval_requirements, covers, rfc3339
+from broker.txn.approval_rules import Approval, Vote, apply_decision, approval_requirements, covers, rfc3339
 from broker.txn.approvals import ApprovalBook
 from broker.txn.webhooks import MAX_BACKOFF_SECONDS, WebhookNotifier, announcement_claims
 
@@ -359,6 +359,56 @@ async def test_pending_lists_only_undecided_unexpired_approvals() -> None:
     assert decided.id != waiting.id != late.id
 
 
+async def test_a_full_pending_index_refuses_new_approvals_and_records_nothing() -> None:
+    """The index is shared by every principal: when it is full a new approval is refused, never hidden."""
+    store = MemoryStore()
+    book = ApprovalBook(store, ttl_seconds=TTL, max_pending_per_principal=2, max_pending_listed=3)
+    first, _ = await request(book, arguments={**ARGS, "invoice_id": "INV-1"})
+    await request(book, arguments={**ARGS, "invoice_id": "INV-2"})
+    bobs, _ = await request(book, subject="bob")  # one of bob's two slots
+    index = await store.get_json("approval_pending")
+    entries = len(store)
+    # alice holds both of her slots (her own quota refuses first); bob, with one slot free, meets the full index
+    for subject in ("alice", "bob"):
+        with pytest.raises(RateLimited) as refused:
+            await request(book, subject=subject, arguments={**ARGS, "invoice_id": "INV-3"}, now=T0 + 1)
+        expected = "approval_quota" if subject == "alice" else "approval_pending_full"
+        assert (refused.value.status, refused.value.code, refused.value.reason) == (
+            429,
+            "rate_limited",
+            expected,
+        )
+    # nothing recorded: no record, no binding, no listing, no quota event
+    assert len(store) == entries and await store.get_json("approval_pending") == index
+    assert [a.id for a in await book.pending(T0 + 2)][-1] == bobs.id
+    again, created = await request(book, subject="bob", now=T0 + 2)  # an existing approval still answers
+    assert (again.id, created) == (bobs.id, False)
+    await vote(book, first, "carol", CAROL, "deny")  # a decision gives its place back
+    retried, created = await request(
+        book, subject="bob", arguments={**ARGS, "invoice_id": "INV-3"}, now=T0 + 20
+    )
+    # created within bob's two slots: the refused request had handed its quota event back
+    assert created and retried.id in [a.id for a in await book.pending(T0 + 21)]
+
+
+def test_the_pending_index_cap_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_pending_listed"):
+        ApprovalBook(MemoryStore(), ttl_seconds=TTL, max_pending_listed=0)
+
+
+async def test_a_request_that_loses_the_race_gives_its_index_place_back() -> None:
+    store = YieldingStore()
+    book = ApprovalBook(store, ttl_seconds=TTL, max_pending_listed=9)
+    results = await asyncio.gather(*(request(book) for _ in range(8)))  # each listed itself before the race
+    assert store.conflicts > 0 and sum(created for _, created in results) == 1
+    index = await store.get_json("approval_pending")
+    assert index is not None and [e["id"] for e in index["ids"]] == [results[0][0].id]
+    for n in range(8):  # the seven losers' places are free again: eight more fit
+        assert (await request(book, subject=f"user{n}"))[1]
+    with pytest.raises(RateLimited):
+        await request(book, subject="bob")
+
+
 # --- covers -------------------------------------------------------------------------------------------------
 
 
@@ -411,6 +461,93 @@ async def test_a_person_is_issuer_and_subject_for_the_binding() -> None:
     assert covers(granted, **call, issuer="https://a.example")
     assert not covers(granted, **call, issuer="https://b.example")
     assert not covers(granted, **call)  # a token without a known issuer is not alice@A either
+
+
+# --- four eyes across issuers ---------------------------------------------------------------------------------
+
+API_ISS = "https://idp.example.org"  # the agents' and the API's access tokens
+PAGE_ISS = "https://login.example.org"  # approvals.ui.issuer: the approvals page's login IdP
+
+
+def dual_request(**changes: Any) -> Approval:
+    """alice's ``dual_approval`` request, made with an access token of :data:`API_ISS`."""
+    fields: dict[str, Any] = {
+        "id": "A" * 22,
+        "state": "pending",
+        "required": ("dual_approval",),
+        "tool": "approveExpense",
+        "arguments": ARGS,
+        "args_digest": DIGEST,
+        "subject": "alice",
+        "actor": AGENT,
+        "reason": "",
+        "created_at": T0,
+        "expires_at": T0 + TTL,
+        "policy_version": "pv1",
+        "issuer": API_ISS,
+        **changes,
+    }
+    return Approval(**fields)
+
+
+def decide_pure(approval: Approval, iss: str, sub: str) -> Approval:
+    return apply_decision(
+        approval,
+        approver_iss=iss,
+        approver_sub=sub,
+        approver_claims=CAROL,  # every one of them a manager with MFA
+        decision="approve",
+        eligible=ELIGIBILITY.for_approval(approval),
+        now=T0 + 10,
+    )
+
+
+def test_one_sub_through_two_issuers_is_one_person() -> None:
+    """The page votes as (approvals.ui.issuer, sub): the same ``sub`` there is the same person (refused)."""
+    pending = dual_request()
+    with pytest.raises(AccessDenied) as refused:
+        decide_pure(pending, PAGE_ISS, "alice")  # the requester, signed in on the page
+    assert refused.value.reason == "approval_self"
+    one = decide_pure(pending, API_ISS, "carol")
+    with pytest.raises(AccessDenied) as refused:
+        decide_pure(one, PAGE_ISS, "carol")  # carol again, through the page
+    assert refused.value.reason == "approval_already_decided"
+    assert one.state == "pending" and one.unsatisfied() == ("dual_approval",)
+    two = decide_pure(one, PAGE_ISS, "dave")  # another person, whichever issuer
+    assert two.state == "approved" and [(v.iss, v.sub) for v in two.approvals] == [
+        (API_ISS, "carol"),
+        (PAGE_ISS, "dave"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("votes", "covered"),
+    [
+        (((API_ISS, "carol"), (PAGE_ISS, "carol")), False),
+        (((API_ISS, "carol"), (PAGE_ISS, "alice")), False),
+        (((API_ISS, "carol"), (PAGE_ISS, "dave")), True),
+    ],
+    ids=["one-sub-twice", "requester-voted", "two-people"],
+)
+def test_an_approved_record_covers_only_with_distinct_approvers_besides_the_requester(
+    votes: tuple[tuple[str, str], ...], covered: bool
+) -> None:
+    """A record approved before four eyes compared ``sub`` across issuers is re-counted, not trusted."""
+    granted = dual_request(
+        state="approved",
+        approvals=tuple(Vote(sub, "approve", T0 + 10, ("dual_approval",), iss) for iss, sub in votes),
+    )
+    call: dict[str, Any] = {
+        "subject": "alice",
+        "actor": AGENT,
+        "tool": "approveExpense",
+        "args_digest": DIGEST,
+        "required": ("dual_approval",),
+        "now": T0 + 20,
+        "issuer": API_ISS,
+    }
+    assert covers(granted, **call) is covered
+    assert granted.unsatisfied() == (() if covered else ("dual_approval",))
 
 
 # --- approver rules (CEL) -----------------------------------------------------------------------------------

@@ -355,15 +355,25 @@ def _eligible(name: str, claims: Any) -> bool:
     ("requester_iss", "votes", "approver", "reason"),
     [
         ("https://a", (), ("https://a", "alice"), "approval_self"),
-        ("https://a", (), ("https://b", "alice"), None),  # another issuer's alice is another person
-        (None, (), ("https://b", "alice"), "approval_self"),  # an old record: the side that refuses
+        # the page's login IdP is another issuer for the same people: the same sub is the same person
+        ("https://a", (), ("https://b", "alice"), "approval_self"),
+        (None, (), ("https://b", "alice"), "approval_self"),  # an old record without an issuer
         ("https://a", (("https://b", "carol"),), ("https://b", "carol"), "approval_already_decided"),
-        ("https://a", (("https://b", "carol"),), ("https://c", "carol"), None),
+        ("https://a", (("https://b", "carol"),), ("https://c", "carol"), "approval_already_decided"),
         ("https://a", ((None, "carol"),), ("https://c", "carol"), "approval_already_decided"),
+        ("https://a", (("https://a", "carol"),), ("https://b", "dave"), None),
     ],
-    ids=["self", "same-sub-other-issuer", "old-requester", "double-vote", "same-sub-other-voter", "old-vote"],
+    ids=[
+        "self",
+        "self-through-another-issuer",
+        "old-requester",
+        "double-vote",
+        "double-vote-through-another-issuer",
+        "old-vote",
+        "another-person",
+    ],
 )
-def test_people_are_issuer_and_subject(
+def test_four_eyes_compare_sub_across_issuers(
     requester_iss: str | None,
     votes: tuple[tuple[str | None, str], ...],
     approver: tuple[str, str],
