@@ -11,6 +11,7 @@ from broker.errors import (
     ApprovalRequired,
     InsufficientUserAuthentication,
 )
+from broker.gateway.guard import CallGuard
 from broker.gateway.services import Services
 from broker.identity.principal import Principal
 from broker.policy.approvers import APPROVAL_OBLIGATIONS, has_mfa
@@ -58,9 +59,12 @@ async def approval_for_call(
     decision: Decision,
     approval_id: str | None,
     now: float,
+    guard: CallGuard,
 ) -> ApprovalState | None:
     """None if the decision needs no approval; else the approval bound to exactly this call — the one named by
-    ``approval_id`` if it covers the call, else the (new or pending, idempotent per binding) one of the book."""
+    ``approval_id`` if it covers the call, else the (new or pending, idempotent per binding) one of the book.
+    ``guard`` runs before the book is asked (revocations, the proof's claim): a revoked principal or a replayed
+    proof requests nothing."""
     required = approvals_needed(decision)
     if not required:
         return None
@@ -86,6 +90,7 @@ async def approval_for_call(
         named = await service.book.get(approval_id, now)
         if named is not None and covers(named):
             return ApprovalState(named, True, required, reasons)
+    await guard.before_approval()
     approval, _ = await service.request(
         subject=subject,
         actor=actor,
@@ -111,13 +116,14 @@ async def discharge_approvals(
     approval_id: str | None,
     now: float,
     record: RequestContext,
+    guard: CallGuard,
 ) -> Approval | None:
     """Approval obligations: satisfied by a granted, unused approval bound to exactly this (subject, actor,
     tool, arguments), or refused with ``approval_required`` naming the (new or pending) approval. Returns the
     approval that covers the call, if one was needed."""
     assert record.args_digest is not None
     state = await approval_for_call(
-        services, runtime, principal, tool, arguments, record.args_digest, decision, approval_id, now
+        services, runtime, principal, tool, arguments, record.args_digest, decision, approval_id, now, guard
     )
     if state is None:
         return None
@@ -137,6 +143,7 @@ async def spend_approval(
     approval: Approval,
     now: float,
     record: RequestContext,
+    guard: CallGuard,
 ) -> None:
     """An approval authorises ONE execution: the executing call records its use atomically. Two calls racing
     for one approval (two txn tokens from two exchanges, parallel MCP calls) get one winner; the other is
@@ -147,7 +154,7 @@ async def spend_approval(
     assert record.args_digest is not None
     # the binding's live approval now (the spent one is not live any more: a new one is requested)
     state = await approval_for_call(
-        services, runtime, principal, tool, arguments, record.args_digest, decision, None, now
+        services, runtime, principal, tool, arguments, record.args_digest, decision, None, now, guard
     )
     assert state is not None  # this call was decided to need an approval
     record.approval_id = state.approval.id

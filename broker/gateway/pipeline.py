@@ -19,11 +19,14 @@ order, with reasons): first, so an unauthenticated peer learns nothing. Then, fo
                 arguments — after policy, so a deny answers like a deny whatever token came with it.
  6 obligations  MFA on the caller's token, then approvals bound to exactly (subject, actor, tool, args digest):
                 named by the txn token or the exchange's ``approval_id``, or found by that binding. A call whose
-                obligations grew since its exchange (counters moved) needs them met now.
+                obligations grew since its exchange (counters moved) needs them met now. Asking the book files
+                an approval (record, quota, webhooks, approvers' list): the guard of stage 8 runs first, minus
+                the txn token's consumption — a revoked principal files nothing, and that refusal burns its proof.
  7 injection    server-side arguments from the principal override the agent's (a presented token must have
                 promised the same values, else ``txn_token_mismatch`` before anything is consumed).
  8 guard        revocations (incl. the token's policy version), DPoP replay and txn single use in ONE atomic
-                store step — last, so a refused call never burns a proof or a token (HOSTILE S07).
+                store step — last, so a refused call never burns a proof or a token (HOSTILE S07); a call that
+                ran it at stage 6 and goes through (an approval found by its binding) does not claim twice.
  9 mint         the exchange's txn token, or the edge token of a call that came without one.
 10 audit        the allow record is written before anything leaves the broker (``audit_unavailable`` else).
 
@@ -53,7 +56,7 @@ from broker.errors import (
     UnknownTool,
 )
 from broker.gateway.discovery import policy_env
-from broker.gateway.guard import final_guard
+from broker.gateway.guard import CallGuard
 from broker.gateway.obligations import discharge_approvals, require_mfa, spend_approval
 from broker.gateway.services import Services, audit_decision
 from broker.identity.principal import Principal
@@ -90,6 +93,11 @@ class ToolCall:
     client_ip: str | None = None
     #: why the transport found no tool (audit only; the caller sees unknown_tool either way)
     missing_reason: str = "unknown_tool"
+    #: a transport whose arguments are still arriving when it calls :func:`authorize` (REST reads the body at
+    #: stage 2, up to ``request_timeout_seconds`` later) passes its clock: from stage 2 on the call is decided at
+    #: the time its arguments were complete — policy ``now``, counters, txn-token and approval expiry, the
+    #: minted token — so a trickled body cannot outlive a token or back-date a counter event
+    clock: Callable[[], float] | None = None
 
 
 @dataclass(frozen=True)
@@ -135,7 +143,8 @@ def unknown_tool(name: str, reason: str) -> UnknownTool:
 
 async def authorize(call: ToolCall, services: Services, record: RequestContext, now: float) -> Authorized:
     """Stages 1–10 of the module docstring. Raises a BrokerError to refuse; fills ``record`` (the request's
-    audit record) as it goes and writes the allow record last."""
+    audit record) as it goes and writes the allow record last. ``now``: when the call started (visibility);
+    with ``call.clock`` the later stages take the time its arguments were complete."""
     runtime: Runtime = services.runtime.current
     principal = call.principal
     tool = call.tool
@@ -154,6 +163,11 @@ async def authorize(call: ToolCall, services: Services, record: RequestContext, 
         )
 
     arguments = await call.arguments()  # 2
+    if call.clock is not None:  # the arguments are complete now, not when the call started (ToolCall.clock)
+        read_at = call.clock()
+        if int(read_at) != int(now):  # policy ``now`` is whole seconds
+            env.bind_now(int(read_at))
+        now = read_at
     _schema_problem(tool, arguments)
     canonical = canonicalize(arguments)
     record.args_digest = b64url_encode(hashlib.sha256(canonical).digest())  # CONTRACT §5 args_digest
@@ -212,10 +226,23 @@ async def _decide_and_seal(
     if call.step == "invoke":
         presented = presented_txn_token(services, runtime, call, tool, arguments, now)
 
+    txn_claim = None
+    if presented is not None:
+        txn_claim = (presented.txn, txn_replay_key(presented.txn), max(1.0, presented.exp - now + TXN_LEEWAY))
+    guard = CallGuard(
+        services.store,
+        services.metrics,
+        principal,
+        tool.name,
+        txn_claim,
+        # the version the token was (or is about to be) minted under: a revoked one refuses (CONTRACT §17)
+        presented.policy_version if presented is not None else runtime.policy_version,
+    )
+
     require_mfa(decision, principal)  # 6
     approval_id = presented.approval_id if presented is not None else call.approval_id
     approval = await discharge_approvals(
-        services, runtime, principal, tool.name, arguments, decision, approval_id, now, record
+        services, runtime, principal, tool.name, arguments, decision, approval_id, now, record, guard
     )
     granted = approval.id if approval is not None else None
 
@@ -233,23 +260,13 @@ async def _decide_and_seal(
             "server-side arguments changed since the exchange; exchange again", reason="txn_injected_mismatch"
         )
 
-    txn_claim = None  # 8
-    if presented is not None:
+    if presented is not None:  # 8
         record.txn = presented.txn
-        txn_claim = (presented.txn, txn_replay_key(presented.txn), max(1.0, presented.exp - now + TXN_LEEWAY))
-    # the version the token was (or is about to be) minted under: a revoked one refuses (CONTRACT §17)
     with services.tracer.span("state.guard"):  # revocations, DPoP replay and txn consume: one store step
-        await final_guard(
-            services.store,
-            services.metrics,
-            principal,
-            tool=tool.name,
-            txn=txn_claim,
-            policy_version=presented.policy_version if presented is not None else runtime.policy_version,
-        )
+        await guard.final()
     if approval is not None and call.step != "exchange":  # an approval is spent by the one call it executes
         await spend_approval(
-            services, runtime, principal, tool.name, arguments, decision, approval, now, record
+            services, runtime, principal, tool.name, arguments, decision, approval, now, record, guard
         )
 
     metrics = services.metrics  # 9

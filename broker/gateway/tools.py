@@ -49,6 +49,7 @@ async def invoke_tool(request: web.Request) -> web.StreamResponse:
         txn_token=presented[0] if len(presented) == 1 else None,
         txn_tokens_presented=len(presented),
         client_ip=request.remote,
+        clock=time.time,  # the body is read inside authorize: decide at the time it was complete
     )
     authorized = await authorize(call, services, ctx, time.time())
     assert compiled is not None  # authorize refuses a tool it does not know

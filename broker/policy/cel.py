@@ -189,6 +189,13 @@ class Env:
             self.context.add_variable("counters", {name: dict(value) for name, value in counters.items()})
             self.cache.clear()
 
+    def bind_now(self, now: int) -> None:
+        """Replace ``now``: an invocation decides at the time its body was complete, not when its headers came
+        (``broker.gateway.pipeline`` stage 2). The cached visibility read the old one, so it is dropped."""
+        if self.context is not None:
+            self.context.add_variable("now", int(now))
+            self.cache.clear()
+
     def covers(self, needs: Needs) -> bool:
         """True if every field ``needs`` may read was converted into this Env."""
         if self.needs is None:

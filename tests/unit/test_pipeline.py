@@ -1,8 +1,9 @@
 """The one authorization pipeline (broker.gateway.pipeline), without sockets: the reference scenario's policies
 (config/examples/expense.yaml), a real MemoryStore, real signatures, a real audit file.
 
-Every refusal row also asserts what must NOT have happened: the DPoP proof is not burnt, no txn token consumed,
-no counter place kept, no allow record written. The same table runs for each step that reaches the pipeline
+Every refusal row also asserts what must NOT have happened: the DPoP proof is not burnt (except by a refusal
+that filed an approval: that one burns it), no txn token consumed, no counter place kept, no allow record
+written. The same table runs for each step that reaches the pipeline
 (the exchange and an MCP ``tools/call``), because one pipeline must give one answer.
 """
 
@@ -12,7 +13,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from broker.errors import (
     BrokerError,
     InsufficientUserAuthentication,
     InvalidRequest,
+    InvalidToken,
     InvalidTxnToken,
     TxnTokenMismatch,
     UnknownTool,
@@ -45,7 +47,7 @@ from broker.observability import Metrics
 from broker.resources import RuntimeHolder
 from broker.runtime import build_runtime
 from broker.state.memory import MemoryStore
-from broker.txn.tokens import verify_txn_token
+from broker.txn.tokens import txn_replay_key, verify_txn_token
 from tests.certfactory import Pki
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -253,7 +255,8 @@ async def test_each_refusal_consumes_nothing(
     assert outcome.reason.startswith(reason)
     rule = reason.split(":")[0]
     assert outcome.reason.count(f"{rule}:") <= 1  # the rule id appears once in the reason
-    assert await harness.proof_unburnt(principal)  # the guard never ran
+    # the guard never ran — but approval_required filed an approval, so its guard ran first and took the proof
+    assert await harness.proof_unburnt(principal) == (error is not ApprovalRequired)
     assert await harness.counted() == 0  # no counter place kept
     assert harness.allow_records() == []
     assert record.txn is None
@@ -427,3 +430,130 @@ async def test_nothing_is_minted_under_a_revoked_policy_version(harness: Harness
         assert isinstance(outcome, AccessDenied) and outcome.reason == "revoked_policy_version"
         assert await harness.proof_unburnt(principal)
     assert harness.allow_records() == [] and await harness.counted() == 0
+
+
+# --- review finding: a slow body decides at the time it was complete, not when the headers came ------------
+
+
+@dataclass
+class Clock:
+    """The transport's clock (ToolCall.clock); the arguments reader moves it, as a trickled body takes time."""
+
+    now: float
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def trickled(clock: Clock, arrives_at: float, arguments: Any) -> Any:
+    async def read() -> Any:
+        clock.now = arrives_at  # the body is complete only now
+        return arguments
+
+    return read
+
+
+def _expiry(harness: Harness, token: str) -> int:
+    keys = harness.services.signer.verification_keys(time.time())
+    return verify_txn_token(token, keys=keys, issuer=PUBLIC_URL, audience="example.org", now=time.time()).exp
+
+
+async def test_a_body_complete_after_its_txn_token_expired_is_refused(harness: Harness) -> None:
+    token = await _exchange(harness, INV)
+    started = time.time()  # headers sent while the token is valid
+    clock = Clock(started)
+    principal = harness.principal()
+    late = replace(
+        _invoke(harness, token, principal=principal, clock=clock),
+        arguments=trickled(clock, _expiry(harness, token) + 6, INV),  # past exp and the 5 s leeway
+    )
+    record = RequestContext(request_id="slow-body", route="invoke")
+    with pytest.raises(InvalidTxnToken) as refused:
+        await authorize(late, harness.services, record, started)
+    assert refused.value.reason == "txn_expired"
+    assert await harness.proof_unburnt(principal) and await harness.counted() == 0
+    _, in_time = await harness.decide(_invoke(harness, token))  # not consumed: still good before its expiry
+    assert isinstance(in_time, Authorized)
+
+
+async def test_counter_events_and_minted_tokens_carry_the_time_the_body_was_complete(
+    harness: Harness,
+) -> None:
+    started = time.time()
+    arrived = started + 30
+    clock = Clock(started)
+    token = await _exchange(harness, INV)
+    counted = replace(_invoke(harness, token, clock=clock), arguments=trickled(clock, arrived, INV))
+    assert isinstance(
+        await authorize(counted, harness.services, RequestContext(request_id="r-c", route="invoke"), started),
+        Authorized,
+    )
+    # a window ending just before the event: an event stamped at the headers' time would be out of it
+    stats = await harness.services.runtime.current.counters.fetch(
+        harness.store, {"approvals_10m"}, subject="alice", actor_id=AGENT, now=arrived + 599
+    )
+    assert stats["approvals_10m"]["count"] == 1
+
+    clock = Clock(started)
+    listing = replace(
+        call(harness, "invoke", tool="listInvoices", clock=clock), arguments=trickled(clock, arrived, {})
+    )
+    minted = await authorize(
+        listing, harness.services, RequestContext(request_id="r-l", route="invoke"), started
+    )
+    keys = harness.services.signer.verification_keys(arrived)
+    claims = verify_txn_token(
+        minted.txn_token, keys=keys, issuer=PUBLIC_URL, audience="example.org", now=arrived
+    )
+    assert claims.iat == int(arrived)
+
+
+# --- review finding: the approval path is guarded (revocations, the proof's single use) ----------------------
+
+
+async def test_a_revoked_principal_files_no_approval(harness: Harness) -> None:
+    await harness.store.revoke("sub", "alice", 60)
+    book = harness.services.approvals.book
+    for step in ("exchange", "mcp"):
+        principal = harness.principal(claims=ALICE_MFA)
+        _, outcome = await harness.decide(
+            call(harness, step, arguments={**INV, "amount": 6000}, principal=principal)
+        )
+        assert isinstance(outcome, InvalidToken) and outcome.reason == "revoked_sub"
+        assert await harness.proof_unburnt(principal)  # refused by a revocation: like the final guard
+    assert await book.pending(time.time()) == [] and await harness.counted() == 0
+
+
+async def test_an_approval_found_by_its_binding_claims_the_proof_once_and_consumes_the_token(
+    harness: Harness,
+) -> None:
+    """The one allowed path that runs the approval guard: a txn token whose own approval no longer covers the
+    call, while another approval of the same binding was granted since."""
+    big = {**INV, "amount": 6000}
+    _, first = await harness.decide(
+        call(harness, "exchange", arguments=big, principal=harness.principal(claims=ALICE_MFA))
+    )
+    assert isinstance(first, ApprovalRequired)
+    await _approve(harness, first.extra["approval_id"])
+    tokens = []
+    for _ in range(2):  # exchanges do not spend the approval
+        _, exchanged = await harness.decide(
+            call(harness, "exchange", arguments=big, principal=harness.principal(claims=ALICE_MFA))
+        )
+        assert isinstance(exchanged, Authorized), exchanged
+        tokens.append(exchanged.txn_token)
+    _, spent = await harness.decide(
+        _invoke(harness, tokens[0], big, principal=harness.principal(claims=ALICE_MFA))
+    )
+    assert isinstance(spent, Authorized)
+    _, refused = await harness.decide(
+        _invoke(harness, tokens[1], big, principal=harness.principal(claims=ALICE_MFA))
+    )
+    assert isinstance(refused, ApprovalRequired)  # its approval is spent: a new one is filed
+    await _approve(harness, refused.extra["approval_id"])
+
+    principal = harness.principal(claims=ALICE_MFA)
+    _, through = await harness.decide(_invoke(harness, tokens[1], big, principal=principal))
+    assert isinstance(through, Authorized), through  # found by its binding; the proof is not claimed twice
+    assert not await harness.proof_unburnt(principal)
+    assert not await harness.store.claim(txn_replay_key(through.txn), 60)  # the token is consumed

@@ -733,6 +733,15 @@ def test_now_is_an_int() -> None:
     assert not policies.visible("approveExpense", make_env(policies, tool="listInvoices"))
 
 
+def test_bind_now_replaces_now_and_drops_the_cached_visibility() -> None:
+    """An invocation decides at the time its body was complete (broker.gateway.pipeline stage 2)."""
+    policies = compile_set([rule("r", when=f"now == {NOW} && tool.name == 'listInvoices'")])
+    env = make_env(policies, tool="listInvoices")
+    assert policies.visible("listInvoices", env)  # cached for this Env
+    env.bind_now(NOW + 30)
+    assert not policies.visible("listInvoices", env)
+
+
 def test_obligation_order_covers_the_schema() -> None:
     from typing import get_args
 

@@ -1,0 +1,94 @@
+"""A REST invocation is decided at the time its body was complete, not when its headers came (review finding:
+``time.time()`` was taken before the body, which may take ``request_timeout_seconds`` to arrive — a trickled body
+made an expired txn token, or approval, pass and back-dated counter events).
+
+Real broker on real TLS with DPoP; the txn token is signed with the broker's own key with a 1-second lifetime,
+and the body is sent once that token is past its expiry and the verifier's leeway — a deadline computed from the
+token, not a guess. The pipeline-level checks (counters, minted tokens) are in tests/unit/test_pipeline.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from broker.canonical import canonicalize
+from broker.jose import jwk_thumbprint
+from broker.resources import RUNTIME, SIGNER
+from broker.txn.tokens import mint_txn_token
+from tests.certfactory import Pki
+from tests.conftest import BrokerFactory, BrokerUnderTest, Caller, RecordingUpstream, base_config
+
+TOOL = "/v1/tools/approveExpense"
+INVOICE = {"invoice_id": "INV-8831", "amount": 4800, "department": "42"}
+#: ``verify_txn_token``'s default leeway
+LEEWAY = 5
+
+
+def short_token(broker: BrokerUnderTest, caller: Caller) -> tuple[str, int]:
+    """A txn token for alice's INVOICE call, signed by the broker, that lives one second: (token, exp)."""
+    runtime = broker.running.app[RUNTIME].current
+    minted = mint_txn_token(
+        broker.running.app[SIGNER],
+        issuer=runtime.config.server.public_url,
+        audience=runtime.config.identity.trust_domain,
+        subject="alice",
+        scope="tool:approveExpense",
+        actor_id=broker.pki.agent_id("expense-assistant"),
+        tool="approveExpense",
+        arguments=INVOICE,
+        policy_version=runtime.policy_version,
+        cnf_jkt=jwk_thumbprint(caller.dpop_jwk),
+        req_ip="127.0.0.1",
+        authn="dpop",
+        now=time.time(),
+        lifetime=1,
+    )
+    return minted.token, minted.exp
+
+
+async def invoke(broker: BrokerUnderTest, caller: Caller, token: str, body_after: float | None) -> int:
+    """POST the invocation; its headers (fresh DPoP proof included) go now, its body at ``body_after``."""
+
+    async def body() -> AsyncIterator[bytes]:
+        payload = canonicalize(INVOICE)
+        if body_after is not None:
+            yield payload[:1]  # with the headers: the handler starts and waits for the rest of the body
+            await asyncio.sleep(max(0.0, body_after - time.time()))  # until the token's deadline
+            payload = payload[1:]
+        yield payload
+
+    headers = {
+        **caller.auth_headers("POST", TOOL),
+        "Txn-Token": token,
+        "Content-Type": "application/json",
+    }
+    async with (
+        broker.session(agent=None, cert=caller.cert, key=caller.key) as session,
+        session.post(broker.url + TOOL, data=body(), headers=headers) as resp,
+    ):
+        await resp.read()
+        return resp.status
+
+
+async def test_a_body_complete_after_the_txn_token_expired_is_refused(
+    broker_factory: BrokerFactory, upstream: RecordingUpstream, pki: Pki, tmp_path: Path
+) -> None:
+    config = base_config(pki, tmp_path, upstream_url=upstream.url)
+    config["tools"][0]["txn_token"] = "required"
+    broker = await broker_factory(config)
+    caller = broker.caller()
+
+    token, _ = short_token(broker, caller)
+    assert await invoke(broker, caller, token, body_after=None) == 200  # control: in time, it passes
+    assert len(upstream.received) == 1
+
+    token, exp = short_token(broker, caller)
+    status = await invoke(broker, caller, token, body_after=exp + LEEWAY + 1)
+    assert status == 403
+    refusal = [r for r in broker.audit_records() if r["event"] == "invocation"][-1]
+    assert (refusal["decision"], refusal["reason"]) == ("deny", "txn_expired"), json.dumps(refusal)
+    assert len(upstream.received) == 1  # nothing more was forwarded
