@@ -76,8 +76,10 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final, TypeVar
 
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.crc import key_slot
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from broker.state.base import (
     GUARD_OK,
@@ -160,6 +162,12 @@ class RedisStore(StateStore):
         # connections": the single-server pool blocks by itself; Sentinel and Cluster pools do not, so at most
         # max_connections operations run at once (each uses one connection at a time).
         self._slots = None if target.topology == "single" else asyncio.Semaphore(max_connections)
+        #: one server: scripts go straight to its pool (:meth:`_eval`)
+        self._pool = (
+            self._redis.connection_pool
+            if target.topology == "single" and isinstance(self._redis, Redis)
+            else None
+        )
         # Scripts run by EVALSHA and reload on NOSCRIPT (a restarted Redis has an empty script cache).
         self._claim_all_script = self._redis.register_script(CLAIM_ALL_SCRIPT)
         self._revoke_script = self._redis.register_script(REVOKE_SCRIPT)
@@ -183,6 +191,27 @@ class RedisStore(StateStore):
                 self._on_error(op)
             raise unavailable(op) from exc
 
+    async def _eval(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """EVALSHA of ``script`` (inside :meth:`_run`). On one server, straight on one pooled connection: redis-py's
+        per-command layers (retry wrapper, response callbacks, argument deprecation checks) cost about as much CPU
+        as the round trip itself, and a script needs none of them — the connection still reconnects, times out,
+        and disconnects on any error or cancellation mid-reply (``read_response``), so no late reply is ever read
+        by the next command. NOSCRIPT (a restarted Redis): redis-py's own path loads the script and retries."""
+        pool = self._pool
+        if pool is None:  # Sentinel, Cluster: their clients route and fail over
+            return await script(keys=keys, args=args)
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await connection.send_packed_command(
+                connection.pack_command("EVALSHA", script.sha, len(keys), *keys, *args), check_health=False
+            )
+            return await connection.read_response()
+        except NoScriptError:
+            pass  # the reply was read: the connection is in step, and goes back to the pool below
+        finally:
+            await pool.release(connection)
+        return await script(keys=keys, args=args)
+
     # -- single use and replay -------------------------------------------------------------------------------
 
     async def claim(self, key: str, ttl_seconds: float) -> bool:
@@ -203,7 +232,7 @@ class RedisStore(StateStore):
             raise ValueError("claim_all keys must share one hash tag on Redis Cluster (see hash_tag)")
 
         async def call() -> bool:
-            return int(await self._claim_all_script(keys=keys, args=args)) == 1
+            return int(await self._eval(self._claim_all_script, keys, args)) == 1
 
         return await self._run("claim_all", call)
 
@@ -220,7 +249,7 @@ class RedisStore(StateStore):
 
         async def call() -> int:
             # One script, one round trip: revocations, then every claim, all or none (single server, Sentinel).
-            return int(await self._guard_script(keys=keys, args=args))
+            return int(await self._eval(self._guard_script, keys, args))
 
         found = await self._run("guard", call)
         if found < 0:
@@ -262,7 +291,7 @@ class RedisStore(StateStore):
         px = ttl_ms(ttl_seconds)
 
         async def call() -> None:
-            await self._revoke_script(keys=[key], args=[px])
+            await self._eval(self._revoke_script, [key], [px])
 
         await self._run("revoke", call)
 
@@ -326,7 +355,7 @@ class RedisStore(StateStore):
             seen: list[tuple[int, float]] = [(0, 0.0)] * len(keys)
             for group in groups:
                 group_args = [repr(now)] + [arg for i in group for arg in args[3 * i : 3 * i + 3]]
-                found = await self._reserve_script(keys=[keys[i] for i in group], args=group_args)
+                found = await self._eval(self._reserve_script, [keys[i] for i in group], group_args)
                 if not isinstance(found, list) or len(found) != len(group):
                     raise ValueError("unexpected answer of the reservation script")
                 for i, window_members in zip(group, found, strict=True):
@@ -374,7 +403,7 @@ class RedisStore(StateStore):
         px = ttl_ms(ttl_seconds)
 
         async def call() -> None:
-            await self._put_json_script(keys=[full_key], args=[text, px])
+            await self._eval(self._put_json_script, [full_key], [text, px])
 
         await self._run("put_json", call)
 
@@ -400,7 +429,7 @@ class RedisStore(StateStore):
         px = ttl_ms(ttl_seconds)
 
         async def call() -> bool:
-            return int(await self._cas_json_script(keys=[full_key], args=[expected, text, px])) == 1
+            return int(await self._eval(self._cas_json_script, [full_key], [expected, text, px])) == 1
 
         return await self._run("compare_and_set_json", call)
 

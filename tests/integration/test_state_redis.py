@@ -309,6 +309,11 @@ async def test_hung_redis_times_out_then_recovers() -> None:
             server.resume()
             assert await store.claim("after", 60) is True
             assert await store.claim("before", 60) is False
+            # the timed-out scripts' late replies were never read by a later command (connections in step):
+            # a claim_all that loses must say so, one that wins must say so
+            assert await store.claim_all([("{h}:before", 60)]) is True
+            assert await store.claim_all([("{h}:before", 60)]) is False
+            assert await store.claim_all([("{h}:fresh", 60)]) is True
         finally:
             await store.close()
 
