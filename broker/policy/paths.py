@@ -67,11 +67,6 @@ def compile_path(steps: tuple[Step, ...]) -> CompiledPath:
     )
 
 
-def _key_matches(key: str, name: str) -> bool:
-    # Config names are ASCII, and lower() keeps an ASCII key's length: most keys are ruled out by length.
-    return key == name or ((len(key) == len(name) or not key.isascii()) and fold_key(key) == name)
-
-
 def walk(
     container: Any, key: Any, path: CompiledPath, index: int, strict: bool, out: list[tuple[Any, Any]]
 ) -> None:
@@ -96,7 +91,10 @@ def walk(
     elif type(node) is dict:
         found = False
         for member in node:
-            if _key_matches(member, name):
+            # Config names are ASCII, and lower() keeps an ASCII key's length: most keys are ruled out by length.
+            if member == name or (
+                (len(member) == len(name) or not member.isascii()) and fold_key(member) == name
+            ):
                 found = True
                 if not (optional and node[member] is None):
                     walk(node, member, path, index + 1, strict, out)

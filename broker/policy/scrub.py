@@ -47,32 +47,32 @@ def occurring(hidden: set[str], message: Any) -> set[str]:
     for value in hidden:
         folded.setdefault(fold_key(value), []).append(value)
     shortest = min(len(value) for value in folded)
-    parts: list[str] = []
-
-    def add(text: str) -> None:
-        if text.isascii():
-            if len(text) >= shortest:
-                parts.append(text.lower())
-        elif len(text := fold_key(text)) >= shortest:
-            parts.append(text)
-
+    texts: list[str] = []  # every string, key and number of the message, as it stands
     stack = [message]
     while stack:
         node = stack.pop()
         kind = type(node)
         if kind is str:
-            add(node)
+            texts.append(node)
         elif kind is dict:
-            for key in node:
-                add(key)
+            texts.extend(node)
             stack.extend(node.values())
         elif kind is list:
             stack.extend(node)
         elif kind is int or kind is float:
-            add(number_text(node))
-    if not parts:
+            texts.append(number_text(node))
+    joined = "\x00".join(texts)
+    if joined.isascii():  # the usual case: one lower() for all of it, short texts kept (a superset is fine)
+        text = joined.lower()
+    else:
+        parts = [
+            folded_text
+            for folded_text in (text.lower() if text.isascii() else fold_key(text) for text in texts)
+            if len(folded_text) >= shortest
+        ]
+        text = "\x00".join(parts)
+    if len(text) < shortest:
         return set()
-    text = "\x00".join(parts)
     candidates = list(folded)
     if len(candidates) * len(text) > _DIRECT_SEARCH:
         k = min(shortest, _KGRAM)
