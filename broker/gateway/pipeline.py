@@ -168,6 +168,8 @@ async def authorize(call: ToolCall, services: Services, record: RequestContext, 
         if int(read_at) != int(now):  # policy ``now`` is whole seconds
             env.bind_now(int(read_at))
         now = read_at
+    # the token was verified when the headers came; the call is decided now, after its arguments arrived
+    principal.token.check_time(now)
     _schema_problem(tool, arguments)
     canonical = canonicalize(arguments)
     record.args_digest = b64url_encode(hashlib.sha256(canonical).digest())  # CONTRACT §5 args_digest

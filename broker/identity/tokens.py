@@ -120,6 +120,11 @@ class AccessToken:
     token_hash: str
     leeway: int
 
+    def check_time(self, now: float) -> None:
+        """Its time window (exp, nbf, iat with the issuer's leeway) at ``now``: a call decided later than its
+        token was verified (a body still arriving) re-checks it at the decision's time; InvalidToken if not."""
+        _check_time(self.exp, self.iat, self.nbf, self.leeway, now)
+
 
 def _int_claim(claims: Mapping[str, Any], name: str, *, required: bool) -> int | None:
     if name not in claims:

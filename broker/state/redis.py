@@ -79,6 +79,7 @@ from typing import Any, Final, TypeVar
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from broker.state.base import (
@@ -196,20 +197,26 @@ class RedisStore(StateStore):
         per-command layers (retry wrapper, response callbacks, argument deprecation checks) cost about as much CPU
         as the round trip itself, and a script needs none of them — the connection still reconnects, times out,
         and disconnects on any error or cancellation mid-reply (``read_response``), so no late reply is ever read
-        by the next command. NOSCRIPT (a restarted Redis): redis-py's own path loads the script and retries."""
+        by the next command. NOSCRIPT (a restarted Redis): redis-py's own path loads the script and retries. A
+        connection error is retried once on a new connection, as redis-py retries (module docstring)."""
         pool = self._pool
         if pool is None:  # Sentinel, Cluster: their clients route and fail over
             return await script(keys=keys, args=args)
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            await connection.send_packed_command(
-                connection.pack_command("EVALSHA", script.sha, len(keys), *keys, *args), check_health=False
-            )
-            return await connection.read_response()
-        except NoScriptError:
-            pass  # the reply was read: the connection is in step, and goes back to the pool below
-        finally:
-            await pool.release(connection)
+        for attempt in (1, 2):
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            try:
+                await connection.send_packed_command(
+                    connection.pack_command("EVALSHA", script.sha, len(keys), *keys, *args),
+                    check_health=False,
+                )
+                return await connection.read_response()
+            except NoScriptError:
+                break  # the reply was read: the connection is in step, and goes back to the pool below
+            except RedisConnectionError:
+                if attempt == 2:  # redis-py disconnected it: the next get_connection opens a new one
+                    raise
+            finally:
+                await pool.release(connection)
         return await script(keys=keys, args=args)
 
     # -- single use and replay -------------------------------------------------------------------------------

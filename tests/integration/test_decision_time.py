@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlencode
 
 from broker.canonical import canonicalize
 from broker.jose import jwk_thumbprint
@@ -92,3 +93,58 @@ async def test_a_body_complete_after_the_txn_token_expired_is_refused(
     refusal = [r for r in broker.audit_records() if r["event"] == "invocation"][-1]
     assert (refusal["decision"], refusal["reason"]) == ("deny", "txn_expired"), json.dumps(refusal)
     assert len(upstream.received) == 1  # nothing more was forwarded
+
+
+#: the access-token verifier's default leeway (``identity.leeway_seconds``)
+TOKEN_LEEWAY = 30
+
+
+async def trickle(
+    broker: BrokerUnderTest, caller: Caller, path: str, payload: bytes, content_type: str, body_after: float
+) -> tuple[int, str | None]:
+    """POST ``payload`` to ``path``: the headers (a fresh DPoP proof) now, all but its first byte at ``body_after``."""
+
+    async def body() -> AsyncIterator[bytes]:
+        yield payload[:1]
+        await asyncio.sleep(max(0.0, body_after - time.time()))  # until the access token's deadline
+        yield payload[1:]
+
+    headers = {**caller.auth_headers("POST", path), "Content-Type": content_type}
+    async with (
+        broker.session(agent=None, cert=caller.cert, key=caller.key) as session,
+        session.post(broker.url + path, data=body(), headers=headers) as resp,
+    ):
+        answer = await resp.json(content_type=None)
+        return resp.status, answer.get("error") if isinstance(answer, dict) else None
+
+
+async def test_an_access_token_that_expires_while_the_body_arrives_is_refused(
+    broker_factory: BrokerFactory, upstream: RecordingUpstream, pki: Pki, tmp_path: Path
+) -> None:
+    """The token is verified when the headers come; the call is decided when its arguments are complete, so the
+    token's window is checked again then — on invocation and on the exchange alike (review finding)."""
+    broker = await broker_factory(base_config(pki, tmp_path, upstream_url=upstream.url))
+    now = int(time.time())
+    exp = now - TOKEN_LEEWAY + 2  # accepted for two more seconds (the leeway), then expired
+    invoker = broker.caller(claims={"iat": now - 200, "exp": exp})
+    exchanger = broker.caller(claims={"iat": now - 200, "exp": exp})
+    form = urlencode(
+        {
+            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+            "requested_token_type": "urn:ietf:params:oauth:token-type:txn_token",
+            "audience": pki.trust_domain,
+            "subject_token": exchanger.token,
+            "subject_token_type": "urn:ietf:params:oauth:token-type:access_token",
+            "scope": "tool:approveExpense",
+            "request_details": json.dumps({"tool": "approveExpense", "arguments": INVOICE}),
+        }
+    ).encode()
+    deadline = exp + TOKEN_LEEWAY + 1
+    invoked, exchanged = await asyncio.gather(
+        trickle(broker, invoker, TOOL, canonicalize(INVOICE), "application/json", deadline),
+        trickle(broker, exchanger, "/v1/token", form, "application/x-www-form-urlencoded", deadline),
+    )
+    assert invoked == (401, "invalid_token") and exchanged == (401, "invalid_token")
+    assert upstream.received == []
+    reasons = [r["reason"] for r in broker.audit_records() if r["event"] in ("invocation", "exchange")]
+    assert reasons.count("token_expired") == 2, reasons
