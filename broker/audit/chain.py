@@ -137,13 +137,22 @@ def seal(record: Mapping[str, Any], *, seq: int, prev: str) -> dict[str, Any]:
 
 
 def checkpoint_claims(
-    *, seq: int, head: str, ts: str, chain: str | None = None, host: str | None = None, pid: int | None = None
+    *,
+    seq: int,
+    head: str,
+    ts: str,
+    chain: str | None = None,
+    host: str | None = None,
+    pid: int | None = None,
+    final: bool = False,
+    members: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JWS payload of a checkpoint: its own seq and ts, and ``head`` = its ``prev``.
 
     A chain in PostgreSQL (:mod:`broker.audit.pgsink`) also signs its ``chain`` id in every checkpoint, and its
-    first checkpoint (seq 1, the signed start) the ``host`` and ``pid`` of the process; the file's checkpoints
-    are ``{seq, head, ts}`` only."""
+    first checkpoint (seq 1, the signed start) the ``host`` and ``pid`` of the process; the checkpoint that closes
+    such a chain signs ``final: true`` (nothing may follow it); both sign further ``members`` (``checkpoint_every``,
+    ``seen``, ``diverged``: :mod:`broker.audit.pgverify`). The file's checkpoints are ``{seq, head, ts}`` only."""
     claims: dict[str, Any] = {"seq": seq, "head": head, "ts": ts}
     if chain is not None:
         claims["chain"] = chain
@@ -151,6 +160,10 @@ def checkpoint_claims(
         claims["host"] = host
     if pid is not None:
         claims["pid"] = pid
+    if final:
+        claims["final"] = True
+    if members:
+        claims.update(members)
     return claims
 
 
@@ -163,13 +176,18 @@ def checkpoint_record(
     chain: str | None = None,
     host: str | None = None,
     pid: int | None = None,
+    final: bool = False,
+    members: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A sealed checkpoint: event ``checkpoint``, decision ``allow``, other CONTRACT fields null, ``sig``
-    (over :func:`checkpoint_claims`; ``chain``, ``host``, ``pid`` only in the signed payload)."""
+    (over :func:`checkpoint_claims`; ``chain``, ``host``, ``pid``, ``final``, ``members`` only in the signed
+    payload)."""
     record: dict[str, Any] = {"ts": ts}
     record.update(dict.fromkeys(RECORD_FIELDS))
     record.update(event="checkpoint", decision="allow", reason="")
-    claims = checkpoint_claims(seq=seq, head=prev, ts=ts, chain=chain, host=host, pid=pid)
+    claims = checkpoint_claims(
+        seq=seq, head=prev, ts=ts, chain=chain, host=host, pid=pid, final=final, members=members
+    )
     record["sig"] = signer.sign(claims, typ=CHECKPOINT_TYP)
     return seal(record, seq=seq, prev=prev)
 

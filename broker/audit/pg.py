@@ -1,14 +1,14 @@
 """The audit chain in PostgreSQL (CONTRACT §15 fleet store): schema and migrations, the row a record becomes, and
-the synchronous readers used by the command line (``broker audit init|verify|query --db``).
+the synchronous reader used by the command line (``broker audit init|query --db``; ``verify --db`` is
+:mod:`broker.audit.pgverify`).
 
 One chain per broker process: a row of ``audit_chains`` (``chain_id``, host, pid, start time, and the last signed
 checkpoint — the file store's ``<log>.head``) and its records in ``audit_records``, primary key
 ``(chain_id, seq)`` so that two writers can never fork a chain (HOSTILE A06). Each record is stored as the exact
 JSON line the file store would write (``line``: the hashed record, ASCII JSON) plus indexed copies of the fields
-auditors search by. The copies are only an index: :func:`verify_db` checks that each one matches its line, so an
-``UPDATE`` of either is named by chain and ``seq``. Every chain begins with a checkpoint that signs its
-``chain_id``, host and pid (seq 1), and every checkpoint signs the ``chain_id``: :func:`verify_db` fails a chain
-without that signed start, or with a checkpoint signed for another chain.
+auditors search by. The copies are only an index: the verifier checks that each one matches its line. What a
+chain's signed start and final checkpoint sign, and what that lets the verifier prove, is in
+:mod:`broker.audit.pgverify`.
 
 Library: psycopg 3 (pyproject.toml says why). The writer is :mod:`broker.audit.pgsink`.
 """
@@ -16,28 +16,22 @@ Library: psycopg 3 (pyproject.toml says why). The writer is :mod:`broker.audit.p
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterator, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from broker.audit.chain import Keys, load_keys
-from broker.audit.verify import VerifyReport, anchor_problem, verify_lines
-
 __all__ = [
     "INDEXED",
     "MIGRATIONS",
     "SCHEMA_VERSION",
-    "ChainReport",
     "SchemaTooNew",
     "describe",
     "ensure_schema",
     "indexed_columns",
     "init_schema",
     "iter_records",
-    "verify_db",
 ]
 
 #: record fields copied into indexed columns (beside ``chain_id``, ``seq``, ``ts`` and ``hash``)
@@ -93,8 +87,6 @@ _VERSION_TABLE = """CREATE TABLE IF NOT EXISTS audit_schema_version (
     version    integer PRIMARY KEY,
     applied_at timestamptz NOT NULL DEFAULT now()
 )"""
-#: ts as the record writes it (format_ts): compared, not parsed
-_TS_TEXT = """to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"""
 
 
 class SchemaTooNew(Exception):
@@ -186,118 +178,3 @@ def iter_records(url: str, chain: str | None = None) -> Iterator[dict[str, Any]]
                     yield record
                 else:
                     raise ValueError(f"audit chain {chain_id}: a stored line is not a JSON object")
-
-
-@dataclass(frozen=True)
-class ChainReport:
-    """One chain's :class:`~broker.audit.verify.VerifyReport` and where it came from."""
-
-    chain_id: str
-    host: str
-    pid: int
-    report: VerifyReport
-
-    def summary(self) -> str:
-        text = f"chain {self.chain_id} ({self.host} pid {self.pid}): {self.report.summary()}"
-        report = self.report
-        if report.ok and report.unsealed:
-            first = report.last_seq - report.unsealed + 1
-            text += (
-                f"; unverified: seq {first}..{report.last_seq} follow the last signed checkpoint (a broker that "
-                "did not stop cleanly): nothing proves they were not rewritten"
-            )
-        return text
-
-
-def verify_db(
-    url: str,
-    *,
-    chain: str | None,
-    public_jwks: Mapping[str, Any] | None,
-    max_unsealed: int | None = None,
-    accept_unverified: Collection[int] = (),
-) -> list[ChainReport]:
-    """``broker audit verify --db``: the file verifier's checks on every chain (or ``chain``), plus each row's
-    indexed copies against its line. Empty when the chain (or every chain) is missing. Raises psycopg.Error and
-    JoseError (unusable keys)."""
-    keys = load_keys(public_jwks) if public_jwks is not None else None
-    reports = []
-    with psycopg.connect(url) as conn:
-        chains = conn.execute(
-            "SELECT chain_id, host, pid, anchor_seq, anchor_head, anchor_sig FROM audit_chains "
-            "WHERE %(chain)s::text IS NULL OR chain_id = %(chain)s ORDER BY started_at, chain_id",
-            {"chain": chain},
-        ).fetchall()
-        for chain_id, host, pid, anchor_seq, anchor_head, anchor_sig in chains:
-            anchor = None
-            if anchor_seq is not None:
-                anchor = {"seq": int(anchor_seq), "head": anchor_head, "sig": anchor_sig}
-            rows = conn.execute(
-                f"SELECT seq, {_TS_TEXT}, hash, line, {', '.join(INDEXED)} FROM audit_records "  # noqa: S608
-                "WHERE chain_id = %s ORDER BY seq",
-                (chain_id,),
-            ).fetchall()
-            identity = {"chain": chain_id, "host": host, "pid": int(pid)}
-            report = _verify_rows(rows, anchor, keys, max_unsealed, accept_unverified, identity)
-            reports.append(ChainReport(chain_id, host, int(pid), report))
-    return reports
-
-
-def _verify_rows(
-    rows: list[tuple[Any, ...]],
-    anchor: dict[str, Any] | None,
-    keys: Keys | None,
-    max_unsealed: int | None,
-    accept_unverified: Collection[int],
-    identity: Mapping[str, Any],
-) -> VerifyReport:
-    anchor_why = anchor_problem(anchor, keys, identity) if anchor is not None else None
-    report = verify_lines(
-        (row[3].encode("utf-8") + b"\n" for row in rows),
-        anchor=anchor if anchor_why is None else None,
-        keys=keys,
-        max_unsealed=max_unsealed,
-        accept_unverified=accept_unverified,
-        identity=identity,
-    )
-    if anchor_why is not None and report.first_bad_seq is None and report.first_bad_line is None:
-        # a bad anchor fails the chain; a bad record (e.g. no signed start) is named first, by its seq
-        return _bad(f"chain anchor: {anchor_why}", seq=None, intact=0, checkpoints=0, keys=keys)
-    if report.first_bad_line is not None:
-        # the verifier counts lines; a database row is named by its seq column
-        line_seq = rows[report.first_bad_line - 1][0] if report.first_bad_line <= len(rows) else None
-        report = replace(report, first_bad_line=None, first_bad_seq=report.first_bad_seq or line_seq)
-    checkpoints = 0
-    for index, row in enumerate(rows):
-        if report.first_bad_seq is not None and row[0] >= report.first_bad_seq:
-            break
-        problem = _row_problem(row)
-        if problem is not None:
-            return _bad(problem, seq=int(row[0]), intact=index, checkpoints=checkpoints, keys=keys)
-        checkpoints += row[4] == "checkpoint"
-    return report
-
-
-def _row_problem(row: tuple[Any, ...]) -> str | None:
-    """Why the row's own columns disagree with its (intact) line, or None."""
-    seq, ts, digest, line = row[:4]
-    record = json.loads(line)
-    expected = (record.get("seq"), record.get("ts"), record.get("hash"), *indexed_columns(record))
-    names = ("seq", "ts", "hash", *INDEXED)
-    for name, column, value in zip(names, (seq, ts, digest, *row[4:]), expected, strict=True):
-        if column != value:
-            return f"altered: column {name} is {column!r} but the record says {value!r}"
-    return None
-
-
-def _bad(problem: str, *, seq: int | None, intact: int, checkpoints: int, keys: Keys | None) -> VerifyReport:
-    return VerifyReport(
-        ok=False,
-        records=intact,
-        checkpoints=checkpoints,
-        first_bad_seq=seq,
-        problem=problem,
-        unsealed=0,
-        signatures_checked=keys is not None,
-        last_seq=intact,
-    )

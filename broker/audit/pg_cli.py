@@ -1,7 +1,9 @@
 """``broker audit init --db URL`` and ``broker audit verify --db URL [--chain ID]`` (the PostgreSQL store).
 
 Exit codes as the file form: 0 intact, 1 a failed check (naming the chain and the first bad ``seq``), 2 usage
-(an unreadable key, an unreachable database, a schema this broker does not know)."""
+(an unreadable key, an unreachable database, a schema this broker does not know). ``--max-unsealed`` left out
+means, with ``--db``, each chain's own ``checkpoint_every - 1`` (:mod:`broker.audit.pgverify`); a FILE's tail has no
+default limit."""
 
 from __future__ import annotations
 
@@ -22,7 +24,20 @@ def add_init_parser(audit_sub: Any) -> None:
     init.set_defaults(func=cmd_audit_init)
 
 
+#: ``broker audit verify --help``: the exit codes and what --max-unsealed defaults to (file and --db)
+VERIFY_EPILOG = (
+    "Exit status: 0 intact; 1 a check failed (the first bad record is named by seq, and by chain with --db) or, "
+    "with --db, no chain was found; 2 the key or the database could not be read. --max-unsealed: without it a "
+    "FILE's unsigned tail is reported, not limited; with --db each chain is held to its own checkpoint_every - 1 "
+    "(signed in its start; 0 for a chain whose start does not say it) — a live broker's chain, or a killed one's, "
+    "has at most that many records after its last checkpoint. A --db chain closed by its final checkpoint (a "
+    "clean stop) has none: a record after it always fails, as does a chain deleted or cut below what a later "
+    "chain's start saw, or records after a chain diverged."
+)
+
+
 def add_verify_db_options(verify: argparse.ArgumentParser) -> None:
+    verify.epilog = VERIFY_EPILOG
     verify.add_argument(
         "--db",
         metavar="URL",
@@ -52,7 +67,8 @@ def cmd_audit_init(args: argparse.Namespace) -> int:
 def cmd_audit_verify_db(args: argparse.Namespace, jwks: dict[str, Any] | None) -> int:
     import psycopg
 
-    from broker.audit.pg import describe, verify_db
+    from broker.audit.pg import describe
+    from broker.audit.pgverify import verify_db
 
     try:
         reports = verify_db(

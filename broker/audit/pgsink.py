@@ -5,10 +5,14 @@ signed checkpoints), one chain per process (a new ``chain_id`` at every start: a
 ``audit_chains``), stored as described in :mod:`broker.audit.pg`.
 
 - **A signed start.** ``start`` commits the chain's row together with its first record: a checkpoint (seq 1,
-  ``prev`` = genesis) whose signed claims carry the ``chain`` id, ``host`` and ``pid``; every later checkpoint
-  signs the ``chain`` id too. A chain made up in the database without the key, or records moved to another
-  chain, then fail ``broker audit verify --db``. ``aclose`` seals the chain with a final checkpoint; a killed
-  process leaves an unsealed tail that nothing seals later (the next process starts a new chain).
+  ``prev`` = genesis) whose signed claims carry the ``chain`` id, ``host`` and ``pid``, ``checkpoint_every``, and
+  ``seen``: the :data:`SEEN_CHAINS` most recent chains in the database with their anchor seq
+  (:mod:`broker.audit.pgverify` says what each proves); every later checkpoint signs the ``chain`` id too. A
+  chain made up in the database without the key, records moved to another chain, or a chain deleted, then fail
+  ``broker audit verify --db``. ``aclose`` closes the chain with a checkpoint signed ``final: true`` (records
+  appended after it fail verify); a killed process leaves an unsealed tail that nothing seals later (the next
+  process starts a new chain), at most ``checkpoint_every - 1`` records: a record and the checkpoint it makes due
+  are always committed together.
 
 - **Acknowledged means committed; group commit.** ``commit`` seals the record at once, in order, on the event
   loop, and returns once a transaction holding it has committed. One transaction is in flight at a time: it
@@ -21,9 +25,12 @@ signed checkpoints), one chain per process (a new ``chain_id`` at every start: a
 - **No gap, no fork when the outcome is unknown.** A failed batch may have committed (the connection died after
   the server committed). Before writing again the sink reads the chain's last row and :func:`reconcile` decides:
   it must be the last record known committed or one of the batch's own records (same ``seq`` and ``hash``); the
-  chain continues from it, and the records sealed after it are dropped (their committers were refused). Anything
-  else (rows gone, a record this process never sealed) is a diverged chain: the sink refuses every commit until a
-  restart, which starts a new chain. A checkpoint then seals whatever landed at once.
+  chain continues from it, and the records sealed after it are dropped (their committers were refused). A
+  checkpoint then seals whatever landed at once. Anything else (rows gone, a record this process never sealed:
+  someone else wrote the chain) is a diverged chain: the sink never writes to it again, logs an error, and starts
+  a new chain whose signed start names the diverged one, the last record committed there and why (``diverged``),
+  then serves again — refusing commits (``503``, reason ``audit_chain_diverged``) only until that start is
+  committed. ``broker audit verify --db`` then fails the diverged chain at the first record after that one.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ from broker.audit.records import decision_record, encode_line, seal_scrubbed
 from broker.errors import AuditUnavailable
 from broker.jose import SigningKey
 
-__all__ = ["ChainDiverged", "PgAuditSink", "new_chain_id", "reconcile"]
+__all__ = ["SEEN_CHAINS", "ChainDiverged", "PgAuditSink", "new_chain_id", "reconcile"]
 
 log = structlog.get_logger("broker.audit")
 
@@ -59,6 +66,9 @@ MAX_BATCH = 2000
 MAX_PENDING = 50_000
 #: reconnect backoff: first wait and cap, in seconds
 BACKOFF_FIRST, BACKOFF_MAX = 0.05, 1.0
+#: chains a new chain's signed start names (``seen``), the most recent first: each chain is then named by the next
+#: ones to start, so deleting it is evident; bounded so that a start stays a few KB however many chains there are
+SEEN_CHAINS = 100
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 _COLUMNS = ("seq", "ts", "hash", "line", *INDEXED)
@@ -73,6 +83,10 @@ _INSERT_ANCHORED = (
     "anchor_head = %(anchor_head)s, anchor_sig = %(anchor_sig)s WHERE chain_id = %(chain)s"
 )
 _LAST_ROW = "SELECT seq, hash, event FROM audit_records WHERE chain_id = %s ORDER BY seq DESC LIMIT 1"
+_SEEN = (
+    "SELECT chain_id, coalesce(anchor_seq, 0) FROM audit_chains WHERE chain_id <> %s "
+    "ORDER BY started_at DESC, chain_id DESC LIMIT %s"
+)
 
 
 def new_chain_id(now: float, random: bytes) -> str:
@@ -166,7 +180,9 @@ class PgAuditSink(SealTimer):
         self._clock = clock
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._started = self._closed = False
-        self._diverged: str | None = None
+        self._closing = False  # the final checkpoint is (being) queued: nothing may follow it
+        self._diverged: str | None = None  # why the chain diverged, until a new chain is started
+        self._diverged_from: dict[str, Any] | None = None  # the signed start's ``diverged`` member
         self._seq, self._head = 0, GENESIS  # the last record sealed
         self._committed = (0, GENESIS)  # the last record known committed
         self._since_checkpoint = 0
@@ -192,28 +208,10 @@ class PgAuditSink(SealTimer):
         if self._started:
             raise RuntimeError("audit store already started")
         conn: psycopg.AsyncConnection[Any] | None = None
-        host, pid = socket.gethostname(), os.getpid()
-        # the signed start: a chain in the database is one only if its first record is this checkpoint
-        genesis = checkpoint_record(
-            seq=1,
-            prev=GENESIS,
-            ts=format_ts(self._clock()),
-            signer=self._signer,
-            chain=self.chain_id,
-            host=host,
-            pid=pid,
-        )
-        row = _Row(genesis, encode_line(genesis))
         try:
             conn = await self._connect()
             await ensure_schema(conn)
-            query, params = batch_params(self.chain_id, [row])
-            async with conn.transaction():
-                await conn.execute(
-                    "INSERT INTO audit_chains (chain_id, host, pid) VALUES (%s, %s, %s)",
-                    (self.chain_id, host, pid),
-                )
-                await conn.execute(query, params)
+            row = await self._open_chain(conn, self.chain_id)
         except SchemaTooNew as exc:
             await _close(conn)
             raise AuditUnavailable(f"audit.store {self.where}: {exc}", reason="audit_store_schema") from exc
@@ -228,15 +226,52 @@ class PgAuditSink(SealTimer):
         self.transactions, self.records_written = 1, 1
         log.info("audit chain started", chain_id=self.chain_id, store=self.where)
 
+    async def _open_chain(self, conn: psycopg.AsyncConnection[Any], chain_id: str) -> _Row:
+        """Commit chain ``chain_id``'s row and its signed start (one transaction); the start's row. Raises
+        psycopg.Error."""
+        host, pid = socket.gethostname(), os.getpid()
+        async with conn.transaction():
+            seen = await _recent_chains(conn, chain_id)
+            start: dict[str, Any] = {"checkpoint_every": self._checkpoint_every, "seen": seen}
+            if self._diverged_from is not None:
+                start["diverged"] = self._diverged_from
+            # the signed start: a chain in the database is one only if its first record is this checkpoint
+            genesis = checkpoint_record(
+                seq=1,
+                prev=GENESIS,
+                ts=format_ts(self._clock()),
+                signer=self._signer,
+                chain=chain_id,
+                host=host,
+                pid=pid,
+                members=start,
+            )
+            row = _Row(genesis, encode_line(genesis))
+            await conn.execute(
+                "INSERT INTO audit_chains (chain_id, host, pid) VALUES (%s, %s, %s)", (chain_id, host, pid)
+            )
+            await conn.execute(*batch_params(chain_id, [row]))
+        return row
+
     async def aclose(self) -> None:
-        """Seal with a final checkpoint (if connected and any record follows the last one), wait for the commit
-        in flight, close. Committers still waiting are refused."""
+        """Close the chain with a checkpoint signed ``final`` (if connected), which also names the chains then in
+        the database (``seen``), wait for the commit in flight, close. Commits are refused from the start of the
+        close (nothing may follow a final checkpoint, so it is written even right after another checkpoint);
+        committers still waiting are refused."""
         if self._closed or not self._started:
             self._closed = True
             return
+        self._closing = True
         self._cancel_timer()
-        if self.healthy and self._since_checkpoint:
-            self._seal()
+        seen = None
+        if self.healthy and self._conn is not None:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    seen = await _recent_chains(self._conn, self.chain_id)
+            except (psycopg.Error, OSError, TimeoutError) as exc:
+                log.warning("audit store: the final checkpoint names no chains", error=_why(exc))
+        if self.healthy:  # again: the commit in flight may have failed meanwhile
+            self._seal(final=True, seen=seen)
             self._kick()
         if self._flusher is not None:
             await asyncio.wait([self._flusher])
@@ -271,7 +306,7 @@ class PgAuditSink(SealTimer):
         return await self.commit(fields)
 
     def _check_writable(self) -> None:
-        if self._closed or not self._started:
+        if self._closed or self._closing or not self._started:
             raise AuditUnavailable("audit store is not open", reason="audit_closed")
         if self._diverged is not None:
             raise AuditUnavailable("audit chain diverged", reason="audit_chain_diverged")
@@ -290,12 +325,21 @@ class PgAuditSink(SealTimer):
             self._since_checkpoint += 1
             self._arm_timer()
 
-    def _seal(self, ts: str | None = None) -> None:
-        """Queue a checkpoint after the last record (``ts``: its timestamp; default now)."""
+    def _seal(
+        self, ts: str | None = None, *, final: bool = False, seen: list[dict[str, Any]] | None = None
+    ) -> None:
+        """Queue a checkpoint after the last record (``ts``: its timestamp, default now; ``final``: the chain's
+        last, naming the ``seen`` chains)."""
         ts = ts or format_ts(self._clock())
         self._queue(
             checkpoint_record(
-                seq=self._seq + 1, prev=self._head, ts=ts, signer=self._signer, chain=self.chain_id
+                seq=self._seq + 1,
+                prev=self._head,
+                ts=ts,
+                signer=self._signer,
+                chain=self.chain_id,
+                final=final,
+                members={"seen": seen} if seen is not None else None,
             )
         )
 
@@ -307,7 +351,12 @@ class PgAuditSink(SealTimer):
         """One transaction at a time, each holding every record sealed before it started; until none is left."""
         try:
             while self._pending and self._conn is not None and self._diverged is None:
-                batch = self._pending[:MAX_BATCH]
+                size = MAX_BATCH
+                if len(self._pending) > size and self._pending[size].record["event"] == "checkpoint":
+                    # a record and the checkpoint it made due commit together: a killed broker's unsealed tail
+                    # stays below checkpoint_every, which verify allows by default
+                    size += 1
+                batch = self._pending[:size]
                 del self._pending[: len(batch)]
                 error = await self._write(self._conn, batch)
                 if error is not None:
@@ -364,24 +413,22 @@ class PgAuditSink(SealTimer):
                 conn: psycopg.AsyncConnection[Any] | None = None
                 try:
                     conn = await self._connect()
+                    if self._diverged is not None:  # never written to again: a new chain, or nothing
+                        await self._start_new_chain(conn)
+                        return
                     cursor = await conn.execute(_LAST_ROW, (self.chain_id,))
                     row = await cursor.fetchone()
+                    found = (int(row[0]), str(row[1])) if row is not None else None
+                    try:
+                        seq, digest = reconcile(self._committed, written, found)
+                    except ChainDiverged as exc:
+                        self._diverge(str(exc))
+                        await self._start_new_chain(conn)
+                        return
                 except (psycopg.Error, OSError, TimeoutError) as exc:
                     await _close(conn)
                     log.debug("audit store still unavailable", store=self.where, error=_why(exc))
                     continue
-                found = (int(row[0]), str(row[1])) if row is not None else None
-                try:
-                    seq, digest = reconcile(self._committed, written, found)
-                except ChainDiverged as exc:
-                    self._diverged = str(exc)
-                    await _close(conn)
-                    log.error(
-                        "audit chain diverged; restart the broker (a new chain)",
-                        chain_id=self.chain_id,
-                        why=str(exc),
-                    )
-                    return
                 landed = seq - self._committed[0]
                 self._seq, self._head = self._committed = (seq, digest)
                 self._conn = conn
@@ -397,6 +444,42 @@ class PgAuditSink(SealTimer):
                 return
         finally:
             self._reconnector = None
+
+    def _diverge(self, why: str) -> None:
+        """The chain in the database is not the one this process wrote: stop writing to it (commits are refused
+        until :meth:`_start_new_chain` has committed a new chain's start, which names this one)."""
+        self._diverged = why
+        seq, digest = self._committed
+        self._diverged_from = {"chain": self.chain_id, "seq": seq, "head": digest, "reason": why}
+        log.error(
+            "audit chain diverged: someone else wrote to it; starting a new chain that names it",
+            chain_id=self.chain_id,
+            why=why,
+            last_committed_seq=seq,
+        )
+
+    async def _start_new_chain(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """After a divergence: commit a new chain's signed start (naming the diverged chain) on ``conn`` and
+        continue there. Raises psycopg.Error or TimeoutError (the caller closes ``conn`` and tries again)."""
+        assert self._diverged_from is not None
+        diverged = self._diverged_from["chain"]
+        chain_id = new_chain_id(self._clock(), secrets.token_bytes(10))
+        async with asyncio.timeout(self._timeout):
+            row = await self._open_chain(conn, chain_id)
+        self.chain_id = chain_id
+        self._seq, self._head = self._committed = (row.seq, row.hash)
+        self._since_checkpoint = 0
+        self._diverged = self._diverged_from = None
+        self._conn = conn
+        self.transactions += 1
+        self.records_written += 1
+        log.error(
+            "audit chain diverged; the broker goes on in a new chain (run `broker audit verify --db`)",
+            chain_id=self.chain_id,
+            diverged_chain=diverged,
+            store=self.where,
+        )
+        self._kick()
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         async with asyncio.timeout(self._timeout):
@@ -415,10 +498,17 @@ class PgAuditSink(SealTimer):
 
     def _seal_due(self) -> None:
         self._timer = None
-        if self._since_checkpoint and self.healthy:
+        if self._since_checkpoint and self.healthy and not self._closing:
             self._seal()  # an idle chain is sealed too
             self._kick()
         # unhealthy: the reconnect seals what landed
+
+
+async def _recent_chains(conn: psycopg.AsyncConnection[Any], chain_id: str) -> list[dict[str, Any]]:
+    """The :data:`SEEN_CHAINS` most recently started chains other than ``chain_id``, each with its anchor seq now
+    (0: none), as a signed start or final checkpoint names them (``seen``). Raises psycopg.Error."""
+    cursor = await conn.execute(_SEEN, (chain_id, SEEN_CHAINS))
+    return [{"chain": str(chain), "anchor_seq": int(seq)} for chain, seq in await cursor.fetchall()]
 
 
 def _why(exc: BaseException) -> str:

@@ -10,7 +10,11 @@ What each attack of HOSTILE.md §1.7 looks like to the verifier:
   longer match ``seq``/``prev``/``ts``), and the anchor no longer matches.
 
 Records after the last checkpoint are chained but not yet signed: they are counted as ``unsealed``. Nothing
-can prove that such a tail was not cut short; the report says how many records it holds.
+can prove that such a tail was not cut short; the report says how many records it holds, and ``max_unsealed``
+fails a longer one. A checkpoint whose signed claims say ``final: true`` closes its chain (a PostgreSQL chain's
+broker writes one when it stops cleanly): any record after it fails the chain, so records appended to a stopped
+broker's chain are named instead of passing as an unsealed tail. The file store does not sign ``final`` (a file
+continues after a restart), so its logs, old and new, verify as before.
 
 Records named by an ``audit_resume`` record (CONTRACT §15: they followed the last checkpoint the broker could
 verify when it started, so nothing proves a broker wrote them) are **unverified**: the log fails (exit 1) naming
@@ -24,7 +28,7 @@ be read, by line number (``first_bad_line``).
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +47,14 @@ from broker.audit.sink import head_path_for
 from broker.canonical import strict_loads
 from broker.errors import InvalidRequest
 
-__all__ = ["VerifyReport", "anchor_problem", "verify_lines", "verify_log"]
+__all__ = [
+    "VerifyReport",
+    "anchor_problem",
+    "checkpoint_record_problem",
+    "signed_members",
+    "verify_lines",
+    "verify_log",
+]
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,8 @@ class VerifyReport:
     unverified: tuple[tuple[int, int], ...] = ()
     #: records in unverified ranges that ``accept_unverified`` accepted
     accepted_unverified: int = 0
+    #: ``seq`` of the checkpoint signed ``final: true`` (its broker stopped cleanly; nothing may follow it), if any
+    final_seq: int | None = None
 
     def summary(self) -> str:
         checked = "signatures checked" if self.signatures_checked else "signatures NOT checked (no --key)"
@@ -77,6 +90,8 @@ class VerifyReport:
             text = f"OK: {self.records} records, {self.checkpoints} checkpoints, {checked}"
             if self.accepted_unverified:
                 text += f"; {self.accepted_unverified} unverified records accepted"
+            if self.final_seq is not None:
+                text += "; closed by its final checkpoint"
             if self.unsealed:
                 text += f"; {self.unsealed} records after the last checkpoint are not signed yet"
             if self.anchor_seq is None:
@@ -136,20 +151,83 @@ def anchor_problem(
         return None
     payload = jws_payload(anchor["sig"])
     ts = payload.get("ts") if isinstance(payload, dict) else None
-    claims = _claims(anchor["seq"], anchor["head"], ts, identity)
+    claims = _claims(anchor["seq"], anchor["head"], ts, identity, payload)
     return checkpoint_problem(anchor["sig"], claims=claims, keys=keys)
 
 
-def _claims(seq: int, head: Any, ts: Any, identity: Mapping[str, Any] | None) -> dict[str, Any]:
+def _claims(seq: int, head: Any, ts: Any, identity: Mapping[str, Any] | None, payload: Any) -> dict[str, Any]:
     """What a checkpoint at ``seq`` signs: ``{seq, head, ts}`` in a file; in a PostgreSQL chain (``identity``)
-    also its ``chain`` id, and in its first checkpoint (the signed start) the process's ``host`` and ``pid``."""
+    also its ``chain`` id, and in its first checkpoint (the signed start) the process's ``host`` and ``pid``.
+
+    What only the signed ``payload`` can say is taken from it when well-formed (anything else there makes it
+    differ from these claims, and the checkpoint fail): ``final: true``, and in a PostgreSQL chain the
+    :func:`signed_members` of its start (``checkpoint_every``, ``seen``, ``diverged``) and of its final checkpoint
+    (``seen``)."""
+    if not isinstance(payload, dict):
+        payload = {}
+    final = payload.get("final") is True
     if identity is None:
-        return checkpoint_claims(seq=seq, head=head, ts=ts)
+        return checkpoint_claims(seq=seq, head=head, ts=ts, final=final)
     if seq == 1:
         return checkpoint_claims(
-            seq=seq, head=head, ts=ts, chain=identity["chain"], host=identity["host"], pid=identity["pid"]
+            seq=seq,
+            head=head,
+            ts=ts,
+            chain=identity["chain"],
+            host=identity["host"],
+            pid=identity["pid"],
+            final=final,
+            members=signed_members(payload),
         )
-    return checkpoint_claims(seq=seq, head=head, ts=ts, chain=identity["chain"])
+    seen = signed_members(payload).get("seen") if final else None
+    members = {"seen": seen} if seen is not None else None
+    return checkpoint_claims(seq=seq, head=head, ts=ts, chain=identity["chain"], final=final, members=members)
+
+
+def checkpoint_record_problem(
+    record: Mapping[str, Any], *, keys: Keys | None, identity: Mapping[str, Any] | None
+) -> str | None:
+    """Why the checkpoint ``record`` (found on its own, e.g. a chain's last row) does not carry a valid signature
+    over its claims (:func:`_claims`), or None: what it signs can then be trusted wherever it was found."""
+    sig, seq = record.get("sig"), record.get("seq")
+    if record.get("event") != "checkpoint" or type(seq) is not int:
+        return "not a checkpoint"
+    claims = _claims(seq, record.get("prev"), record.get("ts"), identity, jws_payload(sig))
+    return checkpoint_problem(sig, claims=claims, keys=keys)
+
+
+def signed_members(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """The well-formed members a PostgreSQL chain's checkpoint may sign beyond ``seq``, ``head``, ``ts``,
+    ``chain``, ``host``, ``pid``, ``final`` (:mod:`broker.audit.pgverify` says what each proves):
+    ``checkpoint_every`` (int >= 1), ``seen`` (a list of ``{"chain": str, "anchor_seq": int >= 0}``) and
+    ``diverged`` (``{"chain": str, "seq": int >= 1, "head": str, "reason": str}``). A malformed one is left out,
+    so the payload no longer matches the claims built from this."""
+    members: dict[str, Any] = {}
+    every = payload.get("checkpoint_every")
+    if type(every) is int and every >= 1:
+        members["checkpoint_every"] = every
+    seen = payload.get("seen")
+    if isinstance(seen, list) and all(
+        isinstance(entry, dict)
+        and set(entry) == {"chain", "anchor_seq"}
+        and isinstance(entry["chain"], str)
+        and type(entry["anchor_seq"]) is int
+        and entry["anchor_seq"] >= 0
+        for entry in seen
+    ):
+        members["seen"] = seen
+    diverged = payload.get("diverged")
+    if (
+        isinstance(diverged, dict)
+        and set(diverged) == {"chain", "seq", "head", "reason"}
+        and isinstance(diverged["chain"], str)
+        and type(diverged["seq"]) is int
+        and diverged["seq"] >= 1
+        and isinstance(diverged["head"], str)
+        and isinstance(diverged["reason"], str)
+    ):
+        members["diverged"] = diverged
+    return members
 
 
 def _resume_range(record: dict[str, Any], seq: int, line_no: int) -> tuple[int, int]:
@@ -195,14 +273,18 @@ def verify_lines(
     max_unsealed: int | None = None,
     accept_unverified: Collection[int] = (),
     identity: Mapping[str, Any] | None = None,
+    unsealed_note: str = "",
 ) -> VerifyReport:
     """:func:`verify_log`'s checks over a chain's lines in order (each with its newline) and its head anchor
     (already read and its signature checked: :func:`anchor_problem`); line numbers count from 1. Also the
     checks of a chain stored in PostgreSQL (:mod:`broker.audit.pg`): with ``identity`` (``{"chain", "host",
     "pid"}`` of its ``audit_chains`` row) every checkpoint must sign that chain id, and the first record must be
-    a valid checkpoint signing all three (the signed start), else the chain fails at seq 1."""
+    a valid checkpoint signing all three (the signed start), else the chain fails at seq 1. A record after a
+    checkpoint signed ``final`` fails the chain. ``unsealed_note`` ends the message of a tail longer than
+    ``max_unsealed`` (where the limit came from, how to allow more)."""
     accepted = frozenset(accept_unverified)
     records = checkpoints = unsealed = last_seq = accepted_records = 0
+    final_seq: int | None = None  # the checkpoint signed ``final``: nothing may follow it
     unverified: list[tuple[int, int]] = []
     # A checkpoint whose signature fails is held back: if a later audit_resume names it as unverified it is part
     # of that range; otherwise it is the first bad record (reported whatever comes after it).
@@ -221,13 +303,21 @@ def verify_lines(
                     )
                 if record["prev"] != expected_prev:
                     raise _Bad(f"chain broken: prev is not the hash of seq {last_seq}", seq=seq, line=line_no)
+                if final_seq is not None:
+                    raise _Bad(
+                        f"after the final checkpoint: seq {final_seq} is signed as the last record of this chain "
+                        f"(its broker stopped cleanly), yet seq {seq} follows it: added later, not by that broker",
+                        seq=seq,
+                        line=line_no,
+                    )
                 event = record.get("event")
                 sealing = event == "checkpoint"
                 if identity is not None and seq == 1 and not sealing:
                     raise _Bad("no signed start: the first record is not a checkpoint", seq=seq, line=line_no)
                 if sealing:
-                    claims = _claims(seq, record["prev"], record.get("ts"), identity)
-                    why = checkpoint_problem(record.get("sig"), claims=claims, keys=keys)
+                    sig = record.get("sig")
+                    claims = _claims(seq, record["prev"], record.get("ts"), identity, jws_payload(sig))
+                    why = checkpoint_problem(sig, claims=claims, keys=keys)
                     if identity is not None and seq == 1 and why is not None:
                         raise _Bad(f"no signed start: {why}", seq=seq, line=line_no)
                     if why is not None:
@@ -237,6 +327,8 @@ def verify_lines(
                             pending = _Bad(why, seq=seq, line=line_no, counts=counts)
                     elif pending is not None:
                         raise pending  # a valid checkpoint over a failed one: that one is the first bad
+                    elif claims.get("final") is True:
+                        final_seq = seq
                 if (
                     anchor is not None
                     and seq == anchor["seq"]
@@ -276,7 +368,7 @@ def verify_lines(
             )
         if max_unsealed is not None and unsealed > max_unsealed:
             raise _Bad(
-                f"unsealed: {unsealed} records after the last checkpoint (more than {max_unsealed})",
+                f"unsealed: {unsealed} records after the last checkpoint (more than {max_unsealed}{unsealed_note})",
                 seq=last_seq - unsealed + 1,
                 line=None,
             )
@@ -292,9 +384,10 @@ def verify_lines(
             )
     except _Bad as bad:
         counts = bad.counts or _Counts(records, checkpoints, unsealed, last_seq)
-        return _failed(
+        failed = _failed(
             bad, counts, keys=keys, anchor=anchor, unverified=unverified, accepted_records=accepted_records
         )
+        return replace(failed, final_seq=final_seq)
     return VerifyReport(
         ok=True,
         records=records,
@@ -306,6 +399,7 @@ def verify_lines(
         last_seq=last_seq,
         anchor_seq=anchor["seq"] if anchor is not None else None,
         accepted_unverified=accepted_records,
+        final_seq=final_seq,
     )
 
 

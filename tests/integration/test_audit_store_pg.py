@@ -13,8 +13,9 @@ import psycopg
 import pytest
 
 from broker.audit.chain import GENESIS, RECORD_FIELDS, checkpoint_record, seal
-from broker.audit.pg import MIGRATIONS, iter_records, verify_db
+from broker.audit.pg import MIGRATIONS, iter_records
 from broker.audit.pgsink import PgAuditSink
+from broker.audit.pgverify import verify_db
 from broker.audit.records import encode_line
 from broker.errors import AuditUnavailable
 from broker.jose import Signer, b64url_decode
@@ -358,10 +359,16 @@ async def test_a_clean_chain_starts_signed_and_verifies(pki: Pki, db: str) -> No
     start = json.loads(line)
     assert (start["event"], start["prev"]) == ("checkpoint", GENESIS)
     claims = json.loads(b64url_decode(start["sig"].split(".")[1]))
-    assert claims["chain"] == sink.chain_id and set(claims) == {"seq", "head", "ts", "chain", "host", "pid"}
+    assert claims["chain"] == sink.chain_id
+    assert set(claims) == {"seq", "head", "ts", "chain", "host", "pid", "checkpoint_every", "seen"}
+    assert (claims["checkpoint_every"], claims["seen"]) == (5, [])  # the first chain in the database
+    ((line,),) = sql(db, "SELECT line FROM audit_records WHERE seq = 5")
+    closing = json.loads(b64url_decode(json.loads(line)["sig"].split(".")[1]))
+    assert (closing["final"], closing["seen"]) == (True, [])
     result = verify_cli(db, pki, "--max-unsealed", "0")
     assert result.returncode == 0, result.stdout
     assert "OK: 5 records, 2 checkpoints" in line_of(result.stdout, sink.chain_id)
+    assert "closed by its final checkpoint" in line_of(result.stdout, sink.chain_id)
 
 
 async def test_a_rewritten_unsealed_tail_of_a_killed_chain_is_reported_unverified(pki: Pki, db: str) -> None:
@@ -381,7 +388,7 @@ async def test_a_rewritten_unsealed_tail_of_a_killed_chain_is_reported_unverifie
     sql(db, "DELETE FROM audit_records WHERE seq > 7")
     forge(db, sink.chain_id, rechain(tail, start=8, prev=json.loads(rows[-1][0])["hash"]))
 
-    lenient = verify_cli(db, pki)  # the file verifier's default: no limit on an unsealed tail
+    lenient = verify_cli(db, pki)  # the default: the chain's checkpoint_every - 1 (4) from its signed start
     assert lenient.returncode == 0
     assert "unverified: seq 8..10 follow the last signed checkpoint" in line_of(lenient.stdout, sink.chain_id)
     strict = verify_cli(db, pki, "--max-unsealed", "0")

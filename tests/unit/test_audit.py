@@ -549,6 +549,55 @@ def test_cut_end_of_unsealed_tail_only_shrinks_unsealed(crashed: Path, signer: S
     assert report.ok and report.unsealed == 38
 
 
+def test_a_file_log_keeps_verifying_after_a_restart_because_the_file_store_signs_no_final(
+    tmp_path: Path, signer: Signer
+) -> None:
+    """A file continues after a restart: its closing checkpoint is not final (old and new logs verify alike)."""
+    path = tmp_path / "audit.jsonl"
+    write_log(path, signer, 3)  # closed: seq 4 is the closing checkpoint
+    write_log(path, signer, 2)  # the next run appends after it
+    closing = parse(read_lines(path)[3])
+    assert closing["event"] == "checkpoint" and "final" not in json.loads(
+        b64url_decode(closing["sig"].split(".")[1])
+    )
+    report = verify_log(path, public_jwks=jwks_of(signer), max_unsealed=0)
+    assert report.ok and report.final_seq is None, report.summary()
+
+
+@pytest.mark.parametrize("after", [0, 1, 2], ids=["ends-there", "one-record-after", "two-after"])
+def test_a_record_after_a_checkpoint_signed_final_fails_there(
+    tmp_path: Path, signer: Signer, after: int
+) -> None:
+    """The verifier honours ``final: true`` wherever it is signed (the PostgreSQL store signs it at a clean stop)."""
+    path = tmp_path / "audit.jsonl"
+    write_log(path, signer, 3)
+    last = parse(read_lines(path)[-1])
+    final = checkpoint_record(
+        seq=last["seq"] + 1, prev=last["hash"], ts=last["ts"], signer=signer, final=True
+    )
+    appended = [final]
+    for i in range(after):  # appended without the key, correctly chained
+        record = {"ts": final["ts"], **dict.fromkeys(RECORD_FIELDS), **make_fields(100 + i)}
+        appended.append(seal(record, seq=appended[-1]["seq"] + 1, prev=appended[-1]["hash"]))
+    with path.open("ab") as fh:
+        fh.write(b"".join(dump(record) for record in appended))
+    report = verify_log(path, public_jwks=jwks_of(signer))
+    if after == 0:
+        assert (
+            report.ok
+            and report.final_seq == final["seq"]
+            and "closed by its final checkpoint" in report.summary()
+        )
+        return
+    assert not report.ok and report.first_bad_seq == final["seq"] + 1
+    assert (report.problem or "").startswith(
+        f"after the final checkpoint: seq {final['seq']} is signed as the last"
+    )
+    assert (
+        verify_log(path, public_jwks=None).first_bad_seq == final["seq"] + 1
+    )  # the claim is read without a key too
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A07: agent-supplied text cannot forge lines
 

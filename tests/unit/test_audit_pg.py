@@ -1,11 +1,12 @@
 """The PostgreSQL audit store's pure decisions: where a chain continues after a commit whose outcome is unknown,
-chain ids, the indexed copies of a record, migrations, messages without passwords (no database needed)."""
+chain ids, the indexed copies of a record, migrations, messages without passwords, the shape of what a signed start
+may sign (no database needed)."""
 
 from __future__ import annotations
 
 import pytest
 
-from broker.audit.chain import GENESIS
+from broker.audit.chain import GENESIS, checkpoint_record, load_keys
 from broker.audit.pg import (
     INDEXED,
     MAX_INDEXED_CHARS,
@@ -25,6 +26,9 @@ from broker.audit.pgsink import (
     new_chain_id,
     reconcile,
 )
+from broker.audit.records import encode_line
+from broker.audit.verify import verify_lines
+from broker.jose import Signer, generate_ec_jwk
 
 A, B, C, D = ("a" * 64, "b" * 64, "c" * 64, "d" * 64)
 BATCH = {4: B, 5: C}  # the failed batch: seq 4 and 5, after seq 3 (hash A) was committed
@@ -111,3 +115,57 @@ def test_a_batch_with_a_checkpoint_moves_the_anchor_in_the_same_statement() -> N
     query, params = batch_params("chain", [_Row(record, "{}"), _Row(checkpoint, "{}")])
     assert query == _INSERT_ANCHORED
     assert (params["anchor_seq"], params["anchor_head"], params["anchor_sig"]) == (2, A, "h.p.s")
+
+
+SIGNER = Signer.from_jwk(generate_ec_jwk())
+IDENTITY = {"chain": "01CHAIN", "host": "web-1", "pid": 7}
+SEEN = [{"chain": "01OLDER", "anchor_seq": 12}]
+DIVERGED = {
+    "chain": "01OLDER",
+    "seq": 12,
+    "head": A,
+    "reason": "seq 13 in the database is not a record this broker sealed",
+}
+
+
+def signed_start(members: dict[str, object]) -> bytes:
+    """A start signed by the broker key (a key holder) with these members: only their shape is in question."""
+    start = checkpoint_record(
+        seq=1, prev=GENESIS, ts="2026-01-01T00:00:00.000Z", signer=SIGNER, chain="01CHAIN", host="web-1", pid=7,
+        members=members,
+    )  # fmt: skip
+    return encode_line(start).encode() + b"\n"
+
+
+@pytest.mark.parametrize(
+    "members",
+    [{}, {"checkpoint_every": 100, "seen": SEEN}, {"checkpoint_every": 1, "seen": [], "diverged": DIVERGED}],
+    ids=["none (an older broker)", "every-and-seen", "diverged"],
+)
+def test_a_signed_start_carries_its_members(members: dict[str, object]) -> None:
+    keys = load_keys({"keys": [SIGNER.public_jwk()]})
+    assert verify_lines([signed_start(members)], anchor=None, keys=keys, identity=IDENTITY).ok
+
+
+@pytest.mark.parametrize(
+    "members",
+    [
+        {"checkpoint_every": 0},
+        {"checkpoint_every": True},
+        {"seen": [{"chain": "01OLDER"}]},
+        {"seen": [{"chain": "01OLDER", "anchor_seq": -1}]},
+        {"seen": "01OLDER"},
+        {"diverged": {"chain": "01OLDER", "seq": 12}},
+        {"diverged": {**DIVERGED, "seq": "12"}},
+        {"unknown": 1},
+    ],
+    ids=["every-0", "every-bool", "seen-no-seq", "seen-negative", "seen-not-a-list", "diverged-short",
+         "diverged-seq-text", "unknown-member"],
+)  # fmt: skip
+def test_a_signed_start_with_a_malformed_member_is_no_signed_start(members: dict[str, object]) -> None:
+    """A member the verifier would misread fails the start (seq 1), even signed by the broker's own key."""
+    report = verify_lines([signed_start(members)], anchor=None, keys=None, identity=IDENTITY)
+    assert not report.ok and report.first_bad_seq == 1
+    assert (report.problem or "").startswith(
+        "no signed start: bad signature: checkpoint JWS payload does not match"
+    )
