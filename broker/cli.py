@@ -119,12 +119,16 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         from broker.audit.pg_cli import cmd_audit_verify_db
 
         return cmd_audit_verify_db(args, jwks)
-    report = verify_log(
-        Path(args.file),
-        public_jwks=jwks,
-        max_unsealed=args.max_unsealed,
-        accept_unverified=args.accept_unverified or (),
-    )
+    try:
+        report = verify_log(
+            Path(args.file),
+            public_jwks=jwks,
+            max_unsealed=args.max_unsealed,
+            accept_unverified=args.accept_unverified or (),
+        )
+    except OSError as exc:  # a missing or unreadable log is a usage problem (2), not a failed chain (1)
+        print(f"broker audit verify: cannot read {args.file}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     print(report.summary())
     return 0 if report.ok else 1
 

@@ -353,6 +353,13 @@ def test_audit_verify_names_the_first_bad_record(pki: Pki, tmp_path: Path) -> No
     assert "seq 5" in bad.stdout  # the fifth line: seq counts from 1
 
 
+def test_audit_verify_of_a_missing_log_is_a_usage_error(pki: Pki, tmp_path: Path) -> None:
+    """Exit 2 and one line (a missing log is not a failed chain, 1), never a traceback."""
+    missing = run_cli("audit", "verify", str(tmp_path / "nothing.jsonl"), "--key", str(pki.signing_jwk))
+    assert missing.returncode == 2
+    assert "cannot read" in missing.stderr and "Traceback" not in missing.stderr
+
+
 async def test_unwritable_audit_log_refuses_and_forwards_nothing(
     pki: Pki, tmp_path: Path, upstream: RecordingUpstream
 ) -> None:
