@@ -436,6 +436,16 @@ class Approvals(Strict):
     ttl_seconds: int = Field(
         3600, ge=60, le=7 * 86400, description="how long a pending or granted approval lives"
     )
+    # the ceiling is broker.txn.approvals.MAX_PENDING_LISTED: the shared index is one store record (64 KiB cap)
+    max_pending_listed: int = Field(
+        1000,
+        ge=1,
+        le=1000,
+        description="pending approvals listed to approvers, all principals together, across all replicas; when "
+        "the listing is full a new approval request is 429 rate_limited (approval_pending_full) until one is "
+        "decided or expires. At most 1000, so the listing fits one state-store record (64 KiB); a reload applies "
+        "it to new requests",
+    )
     manager_approval: Approver = Approver(when='"managers" in approver.groups')
     dual_approval: Approver = Approver(when='"managers" in approver.groups')
     security_review: Approver = Approver(when='"security" in approver.groups')

@@ -82,7 +82,9 @@ class ApprovalService:
     ) -> ApprovalService:
         """Raises ``EligibilityCompileError`` for approver rules that do not compile."""
         return cls(
-            book=ApprovalBook(store, ttl_seconds=config.ttl_seconds),
+            book=ApprovalBook(
+                store, ttl_seconds=config.ttl_seconds, max_pending_listed=config.max_pending_listed
+            ),
             eligibility=Eligibility.compile(config),
             notifier=WebhookNotifier(
                 session,
@@ -102,6 +104,7 @@ class ApprovalService:
         eligibility = Eligibility.compile(config)
         self.eligibility = eligibility
         self.book.ttl_seconds = config.ttl_seconds
+        self.book.max_pending_listed = config.max_pending_listed
         self.notifier.set_webhooks(config.webhooks)
 
     def start(self) -> None:

@@ -2,19 +2,33 @@
 :mod:`broker.txn.approval_rules`.
 
 Store layout (keys hashed where a part is untrusted, HOSTILE S08): ``approval:<H(id)>`` the record,
-``approval_binding:<H(binding)>`` → the id of the live approval for a binding (create-if-absent with
-``compare_and_set_json(key, 0, …)``, so concurrent identical requests share one approval), and
-``approval_pending`` a bounded index of pending ids for ``GET /v1/approvals`` and the approvals page. Every update
-of a record is a compare-and-set on its version, retried on conflict: concurrent decisions never lose a vote.
+``approval_binding:<H(binding)>`` → the id of the live approval for a binding and a copy of its record as created
+(``{"id", "record"}``; create-if-absent with ``compare_and_set_json(key, 0, …)``, so concurrent identical requests
+share one approval), and ``approval_pending`` a bounded index of pending ids for ``GET /v1/approvals`` and the
+approvals page. Every update of a record is a compare-and-set on its version, retried on conflict: concurrent
+decisions never lose a vote.
 
 Every pending approval is listed: there is no approval that approvers cannot find. The index is shared by every
-principal and holds at most ``max_pending_listed`` (default :data:`MAX_PENDING_LISTED`) live ids, so a new approval
-takes its place in the index BEFORE its record and binding are written: when the index is full the request is
-refused with ``429 rate_limited`` (``approval_pending_full``) and nothing is recorded (no record, no binding, its
-quota event handed back), and a conflict storm on the index is ``503 state_unavailable`` (``approval_conflict``),
-never an approval that is valid but not listed. A place taken for an approval that then is not created (an
-identical request won the race) is given back; if that fails, the id stays listed until its expiry, pointing at no
-pending record (skipped by :meth:`ApprovalBook.pending`; over-counting: the safe side).
+principal and holds at most ``max_pending_listed`` (``approvals.max_pending_listed``; default and ceiling
+:data:`MAX_PENDING_LISTED`, so the index always fits one store record) live ids. A new approval is written in three
+compare-and-sets, in this order:
+
+1. its place in the index, before anything else: when the index is full the request is refused with
+   ``429 rate_limited`` (``approval_pending_full``) and nothing is recorded (no record, no binding, its quota event
+   handed back); a conflict storm on the index is ``503 state_unavailable`` (``approval_conflict``);
+2. the binding: the one request that writes it has won, the others (identical requests that lost the race) write
+   no record at all, give their place back and answer with the winner's approval;
+3. the record, from the copy in the binding. A request that finds a binding whose record is missing (its writer is
+   between 2 and 3, or failed there) writes the record from that copy itself: create-if-absent, the same record
+   whoever writes it, and the request whose write created it answers "new" (it is announced once).
+
+So a pending record exists only for an approval that won its binding after taking its place: approvers never see
+a record they could decide to no effect, and there is never an approval that is valid but not listed. An id listed
+for an approval that was not created (a place not given back) points at no record: :meth:`ApprovalBook.pending`
+skips it and it counts toward the cap until its expiry (over-counting: the safe side). When the reply to a write is
+lost (a store timeout, or the request cancelled because its client went away), its outcome is unknown: a place in
+doubt is given back if the store allows it (best effort); a binding in doubt keeps its place and quota event — it
+may have been written, and then the approval exists (the next identical request completes its record).
 
 Per-principal quota (CONTRACT §12 "Shared state has per-principal quotas"): each distinct argument set creates
 a record, so one (subject, actor) may hold at most ``max_pending_per_principal`` (default
@@ -24,9 +38,12 @@ counter of the state store (``quota:approvals:<ttl>:<H(subject, actor)>``, windo
 a new approval reserves one event atomically (:meth:`~broker.state.base.StateStore.reserve_events`: concurrent
 requests on any replica see distinct counts, so the cap is exact — no overshoot), an approval that stops being
 pending (approved or denied) hands its event back, and an expired one leaves the window by itself. A request
-that ends up not creating an approval (an identical one won the race) hands its event back too; if that
-release fails, the event counts until the window ends (over-counting: the safe side). A reload that changes
-``approvals.ttl_seconds`` starts a new counter (the window is part of its name).
+that ends up not creating an approval (an identical one won the race, the index refused it) hands its event back
+too. An event is handed back only after its index place surely is free, so every listed id counts against its
+principal until it expires and no principal holds more places in the shared index than its quota: when giving the
+place back fails, the release fails, or a write's outcome is unknown, the event counts until the window ends
+(over-counting: the safe side). A reload that changes ``approvals.ttl_seconds`` starts a new counter (the window
+is part of its name).
 """
 
 from __future__ import annotations
@@ -68,7 +85,10 @@ MAX_CAS_ATTEMPTS: Final = 8
 MAX_INDEX_ATTEMPTS: Final = 16
 RETRY_BASE_SECONDS: Final = 0.001
 RETRY_CAP_SECONDS: Final = 0.05
-#: live ids the pending index holds, all principals together; beyond it new approvals are refused (module docstring)
+#: live ids the pending index holds, all principals together; beyond it new approvals are refused (module docstring).
+#: Default and ceiling of ``approvals.max_pending_listed``: the index is one JSON record under the store's
+#: MAX_RECORD_BYTES (64 KiB), an entry ``{"id":…,"exp":…}`` takes at most 57 bytes (22-character id, expiry in epoch
+#: seconds: up to 18 characters), so 1,149 would fit; 1,000 take at most ~57 KB (a unit test fills the index).
 MAX_PENDING_LISTED: Final = 1000
 _PENDING_KEY: Final = "approval_pending"
 #: pending approvals one (subject, actor) may hold (module docstring, "Per-principal quota")
@@ -116,8 +136,8 @@ class ApprovalBook:
             raise ValueError("ttl_seconds must be a positive int")
         if not (isinstance(max_pending_per_principal, int) and max_pending_per_principal > 0):
             raise ValueError("max_pending_per_principal must be a positive int")
-        if not (isinstance(max_pending_listed, int) and max_pending_listed > 0):
-            raise ValueError("max_pending_listed must be a positive int")
+        if not (isinstance(max_pending_listed, int) and 0 < max_pending_listed <= MAX_PENDING_LISTED):
+            raise ValueError("max_pending_listed must be an int in [1, MAX_PENDING_LISTED]")
         self.store = store
         self.ttl_seconds = ttl_seconds
         self.max_pending_per_principal = max_pending_per_principal
@@ -138,6 +158,12 @@ class ApprovalBook:
                 reason="approval_quota",
             )
         return reservation
+
+    async def _give_back(self, listed: str | None, reservation: Reservation | None, now: float) -> None:
+        """Give back what a request took for an approval it did not create: its index place, then its quota event —
+        the event only once the place surely is free (module docstring: a listed id counts against its principal)."""
+        if listed is None or await self._unlist(listed, now):
+            await self._release(reservation)
 
     async def _release(self, reservation: Reservation | None) -> None:
         """Hand a quota event back; a store failure leaves it counted until its window ends (the safe side)."""
@@ -165,7 +191,8 @@ class ApprovalBook:
         now: float,
         issuer: str | None = None,
     ) -> tuple[Approval, bool]:
-        """The live approval for this binding and requirement set, or a new pending one (then True).
+        """The live approval for this binding and requirement set, or a new pending one (then True: this call
+        wrote its record, so it is announced once).
 
         "Live" = pending or approved and not expired; a denied or expired one is replaced. Raises
         ``ValueError`` when nothing in ``required`` is an approval, :class:`PayloadTooLarge` for arguments
@@ -186,15 +213,17 @@ class ApprovalBook:
         if digest_of(dict(arguments)) != args_digest:
             raise ValueError("args_digest is not the digest of arguments")
         binding_key = _binding_key(issuer, subject, actor, tool, args_digest, needed)
-        # The pending slot is reserved when an approval is about to be created, and handed back unless one was;
-        # so is its place in the pending index (``listed``: the id listed for an approval not created yet).
+        # The pending slot is reserved when an approval is about to be created, and so is its place in the pending
+        # index (``listed``: the id that is, or may be, listed for an approval not created yet); both are given back
+        # unless the approval was created — or may have been (``in_doubt``: the binding write's outcome is unknown).
         reservation: Reservation | None = None
         listed: str | None = None
+        in_doubt = False
         try:
             for _ in range(MAX_CAS_ATTEMPTS):
-                index = await self.store.get_json(binding_key)
-                if index is not None:
-                    existing = await self.get(str(index.get("id", "")), now)
+                bound = await self.store.get_json(binding_key)
+                if bound is not None:
+                    existing, completed = await self._bound_approval(bound, now)
                     if (
                         existing is not None
                         and existing.state_at(now) in ("pending", "approved")
@@ -202,7 +231,7 @@ class ApprovalBook:
                         and existing.binding == (subject, actor, tool, args_digest, needed)
                         and existing.issuer == issuer
                     ):
-                        return existing, False
+                        return existing, completed
                 if reservation is None:
                     reservation = await self._reserve_pending(subject, actor, now)
                 ((scope, member),) = reservation.events
@@ -222,27 +251,58 @@ class ApprovalBook:
                     quota=(scope, member, reservation.at),
                     issuer=issuer,
                 )
-                # Listed before anything is written: a full index refuses the request with nothing recorded.
-                await self._update_pending(now, add=approval, remove=listed)
+                # 1. Listed before anything is written: a full index refuses the request with nothing recorded.
+                # From here the id may be listed (a lost reply): `finally` tries to give the place back.
                 listed = approval.id
+                try:
+                    written = await self._update_pending(now, add=approval)
+                except RateLimited:
+                    listed = None  # refused before writing
+                    raise
+                if not written:
+                    listed = None  # every attempt lost to another writer: nothing written
+                    raise _conflict()
+                # 2. The binding, carrying the record to write: whoever wins it has created the approval.
                 ttl = self._record_ttl(approval, now)
-                # The record first, then the binding: nobody can find a binding whose record is not written
-                # yet. A writer that loses the binding race leaves an unreferenced record nobody knows the id
-                # of; it expires with its TTL.
-                if not await self.store.compare_and_set_json(
-                    _record_key(approval.id), 0, approval.to_record(), ttl
-                ):
-                    continue  # a 128-bit id collision: draw another
-                expected = 0 if index is None else int(index["version"])
-                if await self.store.compare_and_set_json(binding_key, expected, {"id": approval.id}, ttl):
-                    # the slot and the listing now belong to the approval (given back at its decision)
+                record = approval.to_record()
+                expected = 0 if bound is None else int(bound["version"])
+                # until the store answers: an error or a cancellation leaves the binding's outcome unknown
+                in_doubt = True
+                won = await self.store.compare_and_set_json(
+                    binding_key, expected, {"id": approval.id, "record": record}, ttl
+                )
+                in_doubt = False
+                if not won:  # an identical request got in first: this one is not created, read the winner's
+                    await self._give_back(listed, reservation, now)
                     reservation, listed = None, None
-                    return replace(approval, version=1), True
+                    continue
+                # the slot and the listing now belong to the approval (given back at its decision)
+                reservation, listed = None, None
+                # 3. The record. False: an identical request found the binding first and wrote this same record
+                # from its copy (ids are 128 random bits: never another approval's); that request announces it.
+                created = await self.store.compare_and_set_json(_record_key(approval.id), 0, record, ttl)
+                return replace(approval, version=1), created
             raise _conflict()
         finally:
-            await self._release(reservation)
-            if listed is not None:
-                await self._unlist(listed, now)
+            if not in_doubt:  # in doubt the approval may exist, listed and counted: keep both (the safe side)
+                await self._give_back(listed, reservation, now)
+
+    async def _bound_approval(self, bound: Mapping[str, Any], now: float) -> tuple[Approval | None, bool]:
+        """The approval a binding names, and whether this call wrote its record. The record is written after the
+        binding (module docstring): when it is missing and the binding's copy is still pending, the copy is written
+        here (create-if-absent: the same record whoever writes it). A binding without a copy (written before copies
+        were kept) names its record alone."""
+        approval_id = str(bound.get("id", ""))
+        existing = await self.get(approval_id, now)
+        copy = bound.get("record")
+        if existing is not None or not isinstance(copy, dict):
+            return existing, False
+        created = Approval.from_record(copy)
+        if created.id != approval_id or created.state_at(now) != "pending":
+            return None, False  # expired before its record was written: replaced like any expired approval
+        ttl = self._record_ttl(created, now)
+        completed = await self.store.compare_and_set_json(_record_key(approval_id), 0, copy, ttl)
+        return await self.get(approval_id, now), completed
 
     #: :func:`covers`, reachable from the book the exchange already holds
     covers = staticmethod(covers)
@@ -289,9 +349,8 @@ class ApprovalBook:
             ttl = self._record_ttl(updated, now)
             key = _record_key(approval_id)
             if await self.store.compare_and_set_json(key, approval.version, updated.to_record(), ttl):
-                if updated.state != "pending":
-                    await self._release(_reservation_of(updated))  # no longer pending: frees its slot
-                    await self._update_pending(now, remove=approval_id)
+                if updated.state != "pending":  # no longer pending: frees its place, then its slot
+                    await self._give_back(approval_id, _reservation_of(updated), now)
                 return replace(updated, version=approval.version + 1)
         raise _conflict()
 
@@ -306,7 +365,7 @@ class ApprovalBook:
         )
 
     async def pending(self, now: float) -> list[Approval]:
-        """The listed pending, unexpired approvals (at most :data:`MAX_PENDING_LISTED`), oldest first."""
+        """The listed pending, unexpired approvals (at most ``max_pending_listed``), oldest first."""
         index = await self.store.get_json(_PENDING_KEY)
         found: list[Approval] = []
         for entry in (index or {}).get("ids", []):
@@ -319,13 +378,12 @@ class ApprovalBook:
 
     async def _update_pending(
         self, now: float, *, add: Approval | None = None, remove: str | None = None
-    ) -> None:
+    ) -> bool:
         """List ``add`` and/or unlist ``remove`` in one compare-and-set; expired ids are pruned on the way.
 
-        Listing must succeed before the approval exists (module docstring): a full index is
-        :class:`RateLimited` (``approval_pending_full``), a conflict storm :class:`StateUnavailable`. Unlisting
-        alone is best effort: a conflict storm leaves the id until its expiry (it names no pending approval then).
-        A store error fails closed like every other store call.
+        True once written; False after :data:`MAX_INDEX_ATTEMPTS` conflicts (nothing written). A full index is
+        :class:`RateLimited` (``approval_pending_full``, nothing written) when listing ``add``. A store error or a
+        cancellation propagates: the outcome of a write in flight is unknown then.
         """
         for attempt in range(MAX_INDEX_ATTEMPTS):
             if attempt:  # another request or decision got in first: back off a little, with jitter
@@ -345,15 +403,16 @@ class ApprovalBook:
                 entries.append({"id": add.id, "exp": add.expires_at})
             ttl = max([1.0, *(e["exp"] - now for e in entries)])
             if await self.store.compare_and_set_json(_PENDING_KEY, version, {"ids": entries}, ttl):
-                return
-        if add is not None:
-            raise _conflict()
-        log.warning("pending approvals index not updated (conflicts)")
+                return True
+        return False
 
-    async def _unlist(self, approval_id: str, now: float) -> None:
-        """Give back the index place of an approval that was not created; a store error leaves it listed until
-        its expiry (logged): this runs while another outcome (an answer or an error) is on its way."""
+    async def _unlist(self, approval_id: str, now: float) -> bool:
+        """Give an index place back: True once it surely is free. A store error or a conflict storm leaves it listed
+        until its expiry (logged, False): this runs while another outcome (an answer or an error) is on its way."""
         try:
-            await self._update_pending(now, remove=approval_id)
+            if await self._update_pending(now, remove=approval_id):
+                return True
         except StateUnavailable:
-            log.warning("pending approvals index place not given back; it counts until it expires")
+            pass
+        log.warning("pending approvals index place not given back; it counts until it expires")
+        return False

@@ -6,23 +6,25 @@ Time is explicit: every call takes ``now`` (``T0`` plus an offset), so expiry is
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
 import aiohttp
 import pytest
+from pydantic import ValidationError
 
 from broker.canonical import args_digest
 from broker.config.models import Approvals, Approver, Webhook
-from broker.errors import AccessDenied, NotFound, PayloadTooLarge, RateLimited
+from broker.errors import AccessDenied, NotFound, PayloadTooLarge, RateLimited, StateUnavailable
 from broker.gateway.approvals import ApprovalService
 from broker.jose import Signer, generate_ec_jwk
 from broker.observability import Metrics
 from broker.policy.approvers import Eligibility, EligibilityCompileError
+from broker.state.base import MAX_RECORD_BYTES, json_dumps
 from broker.state.memory import MemoryStore
 from broker.txn.approval_rules import Approval, Vote, apply_decision, approval_requirements, covers, rfc3339
-from broker.txn.approvals import ApprovalBook
+from broker.txn.approvals import MAX_PENDING_LISTED, ApprovalBook
 from broker.txn.webhooks import MAX_BACKOFF_SECONDS, WebhookNotifier, announcement_claims
 
 T0 = 1_750_000_000.0
@@ -409,6 +411,180 @@ async def test_a_request_that_loses_the_race_gives_its_index_place_back() -> Non
         await request(book, subject="bob")
 
 
+def test_the_pending_index_cap_is_at_most_what_one_store_record_holds() -> None:
+    with pytest.raises(ValueError, match="max_pending_listed"):
+        ApprovalBook(MemoryStore(), ttl_seconds=TTL, max_pending_listed=MAX_PENDING_LISTED + 1)
+    assert Approvals().max_pending_listed == MAX_PENDING_LISTED
+    for cap in (0, MAX_PENDING_LISTED + 1):
+        with pytest.raises(ValidationError, match="max_pending_listed"):
+            Approvals(max_pending_listed=cap)
+
+
+async def test_a_full_index_of_the_largest_cap_fits_one_store_record() -> None:
+    """MAX_PENDING_LISTED entries with the longest expiry JSON writes (18 characters: 17 significant digits) fit the
+    store's 64 KiB record cap: the next request is refused as full, never a store error."""
+    now = T0 + 0.1234567
+    assert len(json_dumps(now + TTL)) == 18
+    book = ApprovalBook(MemoryStore(), ttl_seconds=TTL, max_pending_per_principal=MAX_PENDING_LISTED + 1)
+    for n in range(MAX_PENDING_LISTED):
+        assert (await request(book, arguments={**ARGS, "invoice_id": f"INV-{n}"}, now=now))[1]
+    with pytest.raises(RateLimited, match="waiting") as refused:
+        await request(book, arguments={**ARGS, "invoice_id": "INV-X"}, now=now)
+    assert refused.value.reason == "approval_pending_full"
+    assert len(json_dumps(await book.store.get_json("approval_pending")).encode()) <= MAX_RECORD_BYTES
+
+
+async def test_the_configured_cap_reaches_the_book() -> None:
+    async with aiohttp.ClientSession() as session:
+        service = ApprovalService.create(
+            Approvals(max_pending_listed=7),
+            MemoryStore(),
+            Signer.from_jwk(generate_ec_jwk()),
+            session,
+            Metrics(),
+            "https://b",
+        )
+        assert service.book.max_pending_listed == 7
+        await service.close()
+
+
+# --- lost replies: a write the store carried out whose answer never came back ------------------------------
+
+
+class LostReplyStore(MemoryStore):
+    """A MemoryStore whose compare-and-sets on keys starting with ``prefix`` are carried out and their answer then
+    lost, ``times`` times: ``lost()`` is raised instead, as for a Redis timeout after the script ran, or the request
+    cancelled in flight because its client went away. With ``then_down`` the write after each lost one fails
+    before it runs (the store became unreachable). A double of the store, not of the book."""
+
+    def __init__(
+        self, prefix: str, lost: Callable[[], BaseException], *, times: int = 1_000, then_down: bool = False
+    ) -> None:
+        super().__init__()
+        self.prefix, self.lost, self.times, self.then_down = prefix, lost, times, then_down
+        self.down = False
+
+    async def compare_and_set_json(
+        self, key: str, expected_version: int, value: Mapping[str, Any], ttl_seconds: float
+    ) -> bool:
+        if self.down and key.startswith(self.prefix):
+            self.down = False
+            raise StateUnavailable("state store unreachable", reason="state_error")
+        if self.times <= 0 or not key.startswith(self.prefix):
+            return await super().compare_and_set_json(key, expected_version, value, ttl_seconds)
+        await super().compare_and_set_json(key, expected_version, value, ttl_seconds)
+        self.times -= 1
+        self.down = self.then_down
+        raise self.lost()
+
+
+LOST_REPLIES = pytest.mark.parametrize(
+    "lost",
+    [lambda: StateUnavailable("state store timed out", reason="state_error"), asyncio.CancelledError],
+    ids=["store_timeout", "client_gone"],
+)
+
+
+async def json_keys(store: MemoryStore, *keys: str) -> list[dict[str, Any] | None]:
+    return [await store.get_json(key) for key in keys]
+
+
+@LOST_REPLIES
+async def test_a_lost_index_reply_keeps_the_quota_event_of_a_place_it_cannot_give_back(
+    lost: Callable[[], BaseException],
+) -> None:
+    """Review finding: a place listed without an answer, then not given back, was counted nowhere — one principal
+    could fill the shared index past its quota. Now its quota event counts until the place surely is free."""
+    store = LostReplyStore("approval_pending", lost, times=2, then_down=True)
+    book = ApprovalBook(store, ttl_seconds=TTL, max_pending_per_principal=2, max_pending_listed=3)
+    for n in range(2):  # each listed itself, got no answer, and could not give its place back
+        with pytest.raises(type(lost())):
+            await request(book, subject="mallory", arguments={**ARGS, "invoice_id": f"INV-{n}"})
+    index = await store.get_json("approval_pending")
+    assert index is not None and len(index["ids"]) == 2 and await book.pending(T0 + 1) == []
+    with pytest.raises(RateLimited) as refused:  # both events still count: no third place for mallory
+        await request(book, subject="mallory", arguments={**ARGS, "invoice_id": "INV-2"})
+    assert refused.value.reason == "approval_quota"
+    bobs, created = await request(book, subject="bob")  # the place her quota leaves to everyone else
+    assert created and [a.id for a in await book.pending(T0 + 1)] == [bobs.id]
+    with pytest.raises(RateLimited, match="waiting"):
+        await request(book, subject="carol")
+
+
+@LOST_REPLIES
+async def test_a_lost_index_reply_gives_the_place_and_then_the_quota_event_back(
+    lost: Callable[[], BaseException],
+) -> None:
+    store = LostReplyStore("approval_pending", lost, times=1)
+    book = ApprovalBook(store, ttl_seconds=TTL, max_pending_per_principal=2, max_pending_listed=3)
+    with pytest.raises(type(lost())):
+        await request(book)
+    assert await store.get_json("approval_pending") == {"ids": [], "version": 2}  # listed, then given back
+    for n in range(2):  # both of alice's slots are free: the event was handed back with the place
+        assert (await request(book, arguments={**ARGS, "invoice_id": f"INV-{n}"}))[1]
+
+
+@LOST_REPLIES
+async def test_a_lost_binding_reply_keeps_the_approval_listed_and_counted(
+    lost: Callable[[], BaseException],
+) -> None:
+    """Review finding: the binding may have been written when its answer is lost; giving back the place and the
+    quota event left a live approval unlisted and uncounted. Now both are kept, and the next identical request
+    completes the record from the binding's copy (and announces it: its write created the record)."""
+    store = LostReplyStore("approval_binding:", lost, times=2)
+    book = ApprovalBook(store, ttl_seconds=TTL, max_pending_per_principal=2)
+    invoices = [{**ARGS, "invoice_id": f"INV-{n}"} for n in range(2)]
+    for arguments in invoices:
+        with pytest.raises(type(lost())):
+            await request(book, arguments=arguments)
+    listed = (await store.get_json("approval_pending") or {})["ids"]
+    assert len(listed) == 2 and await book.pending(T0 + 1) == []  # listed, no record yet: nothing to decide
+    with pytest.raises(RateLimited) as refused:
+        await request(book, arguments={**ARGS, "invoice_id": "INV-2"})
+    assert refused.value.reason == "approval_quota"
+    # the agent retries: each retry writes the record from the binding's copy, so it is the one announcing it
+    found = [await request(book, arguments=arguments, now=T0 + 5) for arguments in invoices]
+    assert [(a.id, a.state, created) for a, created in found] == [(e["id"], "pending", True) for e in listed]
+    assert [a.id for a in await book.pending(T0 + 6)] == [e["id"] for e in listed]
+    again = [await request(book, arguments=arguments, now=T0 + 7) for arguments in invoices]
+    assert [(a.id, created) for a, created in again] == [(a.id, False) for a, _ in found]
+    await vote(book, found[0][0], "carol", CAROL, "deny")  # a decision frees its place and its slot
+    assert (await request(book, arguments={**ARGS, "invoice_id": "INV-2"}, now=T0 + 20))[1]
+
+
+class BindingRaceStore(YieldingStore):
+    """Identical requests interleave (YieldingStore); once one has lost the binding race, index writes fail before
+    they run, so the loser cannot give its place back."""
+
+    broken = False
+
+    async def compare_and_set_json(
+        self, key: str, expected_version: int, value: Mapping[str, Any], ttl_seconds: float
+    ) -> bool:
+        if self.broken and key == "approval_pending":
+            raise StateUnavailable("state store unreachable", reason="state_error")
+        written = await super().compare_and_set_json(key, expected_version, value, ttl_seconds)
+        self.broken |= key.startswith("approval_binding:") and not written
+        return written
+
+
+async def test_the_loser_of_a_binding_race_writes_no_record_approvers_could_decide() -> None:
+    """Review finding: the loser had written a pending record before losing the binding; listed (its place not
+    given back), approvers could decide it to no effect. Now the binding comes first and the loser writes nothing
+    but its place, which names no record."""
+    store = BindingRaceStore()
+    book = make_book(store)
+    (first, one), (second, two) = await asyncio.gather(request(book), request(book))
+    assert store.broken and first.id == second.id and one + two == 1
+    index = await store.get_json("approval_pending")
+    assert index is not None
+    (loser,) = {e["id"] for e in index["ids"]} - {first.id}  # its place could not be given back
+    assert await book.get(loser, T0 + 1) is None
+    assert [a.id for a in await book.pending(T0 + 1)] == [first.id]
+    with pytest.raises(NotFound):
+        await vote(book, replace(first, id=loser), "carol", CAROL)
+
+
 # --- covers -------------------------------------------------------------------------------------------------
 
 
@@ -656,9 +832,13 @@ async def test_reconfigure_swaps_rules_only_when_they_compile() -> None:
         service = ApprovalService.create(
             Approvals(), MemoryStore(), Signer.from_jwk(generate_ec_jwk()), session, Metrics(), "https://b"
         )
-        new = Approvals(ttl_seconds=600, manager_approval=Approver(when='"finance" in approver.groups'))
+        new = Approvals(
+            ttl_seconds=600,
+            max_pending_listed=50,
+            manager_approval=Approver(when='"finance" in approver.groups'),
+        )
         service.reconfigure(new)
-        assert service.book.ttl_seconds == 600
+        assert (service.book.ttl_seconds, service.book.max_pending_listed) == (600, 50)
         assert service.eligibility.eligible("manager_approval", {"groups": ["finance"]})
         assert not service.eligibility.eligible("manager_approval", CAROL)
         with pytest.raises(EligibilityCompileError):
