@@ -30,6 +30,7 @@ from broker.errors import StateUnavailable
 from broker.gateway import exchange, tools
 from broker.gateway.approvals import ApprovalService, decide_approval, get_approval, list_approvals
 from broker.gateway.forward import Forwarder, client_session, close_session
+from broker.gateway.http1 import Http1Pool
 from broker.gateway.middleware import broker_middleware
 from broker.gateway.services import Services
 from broker.jose import Signer
@@ -125,15 +126,17 @@ async def _audit_log(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
-    session = client_session()
+    session = client_session()  # webhooks, MCP servers, issuers' keys
     app[SESSION] = session
+    pool = Http1Pool()  # /v1 forwarding (broker.gateway.http1: the hot path's own client)
     app[FORWARDER] = Forwarder(
-        session,
+        pool,
         app[METRICS],
         max_response_bytes=app[RUNTIME].current.limits.max_response_bytes,
         tracer=app[TRACER],
     )
     yield
+    await pool.close()
     await close_session(session)
 
 

@@ -13,7 +13,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-import aiohttp
 from yarl import URL
 
 from broker.config.loader import ConfigError, ConfigProblem, LoadedConfig
@@ -134,9 +133,8 @@ def build_runtime(loaded: LoadedConfig) -> Runtime:
             tool=tool.name,
             url=URL(tool.upstream.url),
             ssl_context=contexts[files],
-            timeout=aiohttp.ClientTimeout(
-                total=tool.upstream.timeout_seconds, sock_connect=tool.upstream.connect_timeout_seconds
-            ),
+            timeout_seconds=tool.upstream.timeout_seconds,
+            connect_timeout_seconds=tool.upstream.connect_timeout_seconds,
         )
         try:
             filters = compile_tool_filters(tool)

@@ -17,7 +17,8 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from broker.errors import UpstreamError, UpstreamTimeout
+from broker.errors import UpstreamError
+from broker.gateway.http1 import Http1Pool
 from broker.observability import Metrics
 from broker.tracing import HTTP_STATUS, NULL_TRACER, TOOL, Tracer
 
@@ -31,7 +32,8 @@ class UpstreamTarget:
     tool: str
     url: URL
     ssl_context: ssl.SSLContext
-    timeout: aiohttp.ClientTimeout
+    timeout_seconds: float  #: the whole call, connecting included
+    connect_timeout_seconds: float
 
 
 @dataclass(frozen=True)
@@ -45,17 +47,17 @@ class UpstreamAnswer:
 
 
 class Forwarder:
-    """Owns nothing: the pooled ClientSession is the app's (``cleanup_ctx``); this only uses it."""
+    """Owns nothing: the upstream connection pool is the app's (``cleanup_ctx``); this only uses it."""
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        pool: Http1Pool,
         metrics: Metrics,
         *,
         max_response_bytes: int,
         tracer: Tracer = NULL_TRACER,
     ) -> None:
-        self._session = session
+        self._pool = pool
         self._metrics = metrics
         self._max_response_bytes = max_response_bytes
         self._tracer = tracer
@@ -72,55 +74,28 @@ class Forwarder:
             return answer
 
     async def _post(self, target: UpstreamTarget, body: bytes, headers: dict[str, str]) -> UpstreamAnswer:
+        # HOSTILE P16: the answer is bounded (max_response_bytes, checked against Content-Length before reading);
+        # compression was not asked for (Accept-Encoding: identity) and an encoded answer is refused, not decoded.
         started = time.perf_counter()
         try:
-            async with self._session.post(
+            answer = await self._pool.post(
                 target.url,
-                data=body,
-                headers=headers,
-                ssl=target.ssl_context,
-                timeout=target.timeout,
-                allow_redirects=False,
-            ) as resp:
-                content = await self._read_bounded(resp)
-                content_type = resp.content_type
-                status = resp.status
-        except TimeoutError:
-            raise UpstreamTimeout(
-                "the tool backend did not answer in time", reason="upstream_timeout"
-            ) from None
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamError("the tool backend is unreachable", reason="upstream_connect_failed") from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamError("the tool backend failed", reason="upstream_protocol_error") from exc
+                target.ssl_context,
+                body,
+                headers,
+                total_seconds=target.timeout_seconds,
+                connect_seconds=target.connect_timeout_seconds,
+                limit=self._max_response_bytes,
+            )
         finally:
             metrics = self._metrics
             metrics.child(metrics.upstream_duration, target.tool).observe(time.perf_counter() - started)
+        if answer.content_encoding not in ("identity", ""):
+            raise UpstreamError("the tool backend answered compressed", reason="upstream_encoded")
+        content_type = answer.content_type
         if content_type not in _JSON_TYPES and not content_type.endswith("+json"):
             raise UpstreamError("the tool backend answered with a non-JSON body", reason="upstream_not_json")
-        return UpstreamAnswer(status=status, content_type=content_type, body=content)
-
-    async def _read_bounded(self, resp: aiohttp.ClientResponse) -> bytes:
-        # HOSTILE P16: a huge or endless answer must not exhaust memory; compressed answers were not asked for
-        # (Accept-Encoding: identity) and are not decoded (auto_decompress=False on the session).
-        if resp.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
-            raise UpstreamError("the tool backend answered compressed", reason="upstream_encoded")
-        limit = self._max_response_bytes
-        if resp.content_length is not None and resp.content_length > limit:
-            raise UpstreamError("the tool backend's answer is too large", reason="upstream_too_large")
-        if resp.content.is_eof():  # all of it arrived with the headers: take it without the read loop
-            content = resp.content.read_nowait(limit + 1)
-            if len(content) > limit:
-                raise UpstreamError("the tool backend's answer is too large", reason="upstream_too_large")
-            return content
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in resp.content.iter_chunked(65536):
-            size += len(chunk)
-            if size > limit:
-                raise UpstreamError("the tool backend's answer is too large", reason="upstream_too_large")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return UpstreamAnswer(status=answer.status, content_type=content_type, body=answer.body)
 
 
 def upstream_headers(

@@ -36,6 +36,7 @@ from broker.errors import (
 )
 from broker.gateway.approvals import ApprovalService
 from broker.gateway.forward import Forwarder
+from broker.gateway.http1 import Http1Pool
 from broker.gateway.pipeline import Authorized, ToolCall, authorize, given
 from broker.gateway.services import Services
 from broker.identity.principal import Principal
@@ -144,7 +145,7 @@ async def harness(pki: Pki, tmp_path: Path) -> AsyncIterator[Harness]:
             metrics=metrics,
             audit=audit,
             approvals=approvals,
-            forwarder=Forwarder(session, metrics, max_response_bytes=1 << 20),
+            forwarder=Forwarder(Http1Pool(), metrics, max_response_bytes=1 << 20),
         )
         yield Harness(services, store, tmp_path / "audit.jsonl")
     audit.close()
