@@ -79,6 +79,7 @@ class Forwarder:
         started = time.perf_counter()
         try:
             answer = await self._pool.post(
+                target.tool,
                 target.url,
                 target.ssl_context,
                 body,

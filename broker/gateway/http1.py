@@ -13,8 +13,9 @@ space before the colon; obsolete line folding, NUL/CR in values, a ``Transfer-En
 ``chunked``, ``Transfer-Encoding`` together with ``Content-Length``, and disagreeing or malformed
 ``Content-Length`` values are refused. An answer is read to its framed end, never further: bytes the backend sends
 beyond it, or while the connection is idle, make the connection unusable (it is closed, never read by the next
-call). What no HTTP/1.1 client can tell apart is a stray answer still in flight when the next request is sent on
-that connection: only the backend itself can cause it, and idle connections are reused for at most
+call). What no HTTP/1.1 client can tell apart is a stray answer still in flight when a request is sent — on a
+pooled connection, or on a new one whose backend writes before it reads: only the backend itself can cause it,
+pools are per tool (what it shifts stays within that tool's calls), and idle connections are reused for at most
 :data:`IDLE_SECONDS`. Interim 1xx answers are skipped (at most 8), ``101`` is refused. A connection goes back
 to the pool only after a complete HTTP/1.1 answer without ``Connection: close``; everything else — an error, a
 timeout, a cancelled call — closes it. POSTs are never retried: the backend may have acted, and the call's txn
@@ -41,11 +42,18 @@ MAX_HEAD_BYTES: Final = 64 * 1024
 MAX_HEADERS: Final = 128
 MAX_CHUNK_LINE: Final = 1024
 MAX_INTERIM: Final = 8
+#: a body in more chunks than this is refused: each costs a few µs of the event loop (~128 B average at 8 MiB)
+MAX_CHUNKS: Final = 65536
 #: idle pooled connections older than this are closed instead of reused (servers' keep-alive is usually longer)
 IDLE_SECONDS: Final = 15.0
 
 _TOKEN: Final = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 _HEX: Final = frozenset(b"0123456789abcdefABCDEF")
+
+
+def _has_control(field: bytes) -> bool:
+    # CR, LF, NUL: what could end a line for another parser (HTAB and obs-text are allowed, RFC 9110 §5.5)
+    return b"\r" in field or b"\n" in field or b"\x00" in field
 
 
 def protocol_error(why: str) -> UpstreamError:
@@ -84,6 +92,8 @@ def parse_head(raw: bytes) -> Head:
         or len(code) != 3
         or not code.isdigit()
         or status_line[12:13] not in (b"", b" ")
+        or int(code) < 100
+        or _has_control(status_line)
     ):
         raise protocol_error("malformed status line")
     http11 = status_line[7:8] == b"1"
@@ -99,7 +109,7 @@ def parse_head(raw: bytes) -> Head:
             # no colon, an empty name, a space before the colon, or a folded line (starts with SP/HTAB)
             raise protocol_error("malformed header field")
         value = value.strip(b" \t")
-        if b"\r" in value or b"\x00" in value or b"\n" in value:
+        if _has_control(value):
             raise protocol_error("control character in a header field")
         lowered = name.lower()
         if lowered == b"content-length":
@@ -136,7 +146,7 @@ class Chunked:
     returns True once the last chunk and the trailer section have been read. Extensions and trailers are
     skipped (bounded); ``limit`` bounds the decoded size."""
 
-    __slots__ = ("_remaining", "_state", "_trailer", "body", "limit")
+    __slots__ = ("_chunks", "_remaining", "_state", "_trailer", "body", "limit")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -144,6 +154,7 @@ class Chunked:
         self._state = "size"  # size | data | crlf | trailer
         self._remaining = 0
         self._trailer = 0
+        self._chunks = 0
 
     def step(self, buffer: bytearray) -> bool:
         while True:
@@ -153,8 +164,14 @@ class Chunked:
                     if len(buffer) > MAX_CHUNK_LINE:
                         raise protocol_error("chunk size line too long")
                     return False
-                size = bytes(buffer[:end]).split(b";", 1)[0].rstrip(b" \t")
+                line = bytes(buffer[:end])
                 del buffer[: end + 2]
+                if _has_control(line):  # a bare LF or a NUL in a size line or its extensions (HOSTILE P04)
+                    raise protocol_error("control character in a chunk size line")
+                size = line.split(b";", 1)[0].rstrip(b" \t")
+                self._chunks += 1
+                if self._chunks > MAX_CHUNKS:
+                    raise protocol_error("too many chunks")
                 if not size or len(size) > 16 or not _HEX.issuperset(size):
                     raise protocol_error("malformed chunk size")
                 self._remaining = int(size, 16)
@@ -187,6 +204,8 @@ class Chunked:
                 self._trailer += end + 2
                 if self._trailer > MAX_HEAD_BYTES:
                     raise protocol_error("trailer section too large")
+                if _has_control(bytes(buffer[:end])):
+                    raise protocol_error("control character in a trailer field")
                 del buffer[: end + 2]
                 if end == 0:
                     return True
@@ -242,9 +261,11 @@ class _Connection(asyncio.Protocol):
         return not self.eof and self.transport is not None and not self.transport.is_closing()
 
     def close(self) -> None:
+        """Drop the connection at once: no TLS close_notify exchange a backend could hold open (it would linger
+        for the loop's 30 s SSL shutdown timeout); nothing of it is ever read again."""
         self.eof = True
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,13 +280,17 @@ async def _read_answer(conn: _Connection, limit: int) -> tuple[Answer, bool]:
     """Read one answer from ``conn``; (answer, reusable)."""
     buffer = conn.buffer
     for _ in range(MAX_INTERIM + 1):
-        while (end := buffer.find(b"\r\n\r\n")) < 0:
+        scanned = 0  # where the next search starts: a trickled head is not searched again from its first byte
+        while (end := buffer.find(b"\r\n\r\n", scanned)) < 0:
             if len(buffer) > MAX_HEAD_BYTES:
                 raise protocol_error("answer head too large")
+            if buffer.find(b"\n\n", max(0, scanned - 1)) >= 0:
+                raise protocol_error("bare LF line endings")  # refused now, not after the whole timeout
             if conn.eof:
                 raise protocol_error(
                     "the connection closed before an answer" if not buffer else "truncated head"
                 )
+            scanned = max(0, len(buffer) - 3)
             await conn.more()
         if end > MAX_HEAD_BYTES:
             raise protocol_error("answer head too large")
@@ -277,11 +302,10 @@ async def _read_answer(conn: _Connection, limit: int) -> tuple[Answer, bool]:
             break
     else:
         raise protocol_error("too many interim answers")
-    if head.length is not None and head.length > limit:
-        raise too_large()
-    reusable = not head.close
-    if head.status in (204, 304):
+    if head.status in (204, 304):  # no body, whatever Content-Length says (RFC 9112 §6.3)
         body = b""
+    elif head.length is not None and head.length > limit:
+        raise too_large()
     elif head.chunked:
         decoder = Chunked(limit)
         while not decoder.step(buffer):
@@ -296,21 +320,17 @@ async def _read_answer(conn: _Connection, limit: int) -> tuple[Answer, bool]:
             await conn.more()
         body = bytes(buffer[: head.length])
         del buffer[: head.length]
-    else:  # delimited by the end of the connection
-        while not conn.eof:
-            if len(buffer) > limit:
-                raise too_large()
-            await conn.more()
-        if len(buffer) > limit:
-            raise too_large()
-        body = bytes(buffer)
-        buffer.clear()
-        reusable = False
-    if buffer:  # bytes beyond the answer's end: the next call must never read them
-        reusable = False
+    else:
+        # Delimited by the end of the connection: refused. A cut (a FIN without close_notify, a reset) cannot be
+        # told from the end of such a body through the transport API, and a truncated answer must never pass as
+        # a complete one. Backends frame their answers: aiohttp, uvicorn, Go and Java servers send a length or
+        # chunks for every JSON answer.
+        raise protocol_error("an answer without Content-Length or chunked framing")
+    # bytes beyond the answer's end: the next call must never read them
+    reusable = not head.close and not buffer and conn.usable
     content_type = head.get("content-type").split(";", 1)[0].strip().lower()
     encoding = head.get("content-encoding", "identity").strip().lower()
-    return Answer(head.status, content_type, encoding, body), reusable and conn.usable
+    return Answer(head.status, content_type, encoding, body), reusable
 
 
 def request_bytes(url: URL, body: bytes, headers: Mapping[str, str]) -> bytes:
@@ -327,16 +347,26 @@ def request_bytes(url: URL, body: bytes, headers: Mapping[str, str]) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-class Http1Pool:
-    """Keep-alive connections per (host, port, TLS context); at most ``limit`` calls at once (others wait)."""
+#: a pool key: (tool, host, port, id of the TLS context) — one tool's connections are never another's
+_Key = tuple[str, str, int, int]
 
-    def __init__(self, *, limit: int = 256) -> None:
-        self._idle: dict[tuple[str, int, int], deque[_Connection]] = {}
+
+class Http1Pool:
+    """Keep-alive connections per tool and backend; at most ``limit`` calls at once (the others wait).
+
+    Per tool, not per backend: should a backend ever answer out of turn on a pooled connection (module docstring),
+    the answer it shifts stays within one tool's calls — never an unfiltered tool reading a filtered one's."""
+
+    def __init__(self, *, limit: int = 256, idle_seconds: float = IDLE_SECONDS) -> None:
+        self.idle_seconds = idle_seconds
+        self._idle: dict[_Key, deque[_Connection]] = {}
         self._slots = asyncio.Semaphore(limit)
         self._closed = False
+        self._swept = time.monotonic()
 
     async def post(
         self,
+        tool: str,
         url: URL,
         ssl_context: ssl.SSLContext,
         body: bytes,
@@ -346,11 +376,13 @@ class Http1Pool:
         connect_seconds: float,
         limit: int,
     ) -> Answer:
-        """POST ``body`` to ``url`` and read the answer (at most ``limit`` body bytes). UpstreamTimeout past
-        ``total_seconds`` (the whole call) or ``connect_seconds``; UpstreamError for a connection that cannot be made
-        or fails, and for a malformed or too large answer."""
+        """POST ``body`` to ``url`` for ``tool`` and read the answer (at most ``limit`` body bytes).
+
+        UpstreamTimeout past ``total_seconds`` (the whole call) or ``connect_seconds``; UpstreamError for a
+        connection that cannot be made or fails, and for a malformed or too large answer."""
         data = request_bytes(url, body, headers)
-        key = (url.host or "", url.port or 443, id(ssl_context))
+        host = (url.raw_host or "").rstrip(".")  # as in the Host header (IDNA 2008); no trailing dot in SNI
+        key = (tool, host, url.port or 443, id(ssl_context))
         try:
             async with asyncio.timeout(total_seconds), self._slots:
                 conn = await self._connection(key, ssl_context, connect_seconds)
@@ -360,11 +392,13 @@ class Http1Pool:
                 "the tool backend did not answer in time", reason="upstream_timeout"
             ) from None
 
-    async def _exchange(
-        self, conn: _Connection, key: tuple[str, int, int], data: bytes, limit: int
-    ) -> Answer:
+    async def _exchange(self, conn: _Connection, key: _Key, data: bytes, limit: int) -> Answer:
         reusable = False
         try:
+            if (
+                not conn.usable or conn.buffer
+            ):  # it spoke before being asked, or closed: nothing here answers us
+                raise protocol_error("the backend spoke before the request")
             conn.busy = True
             assert conn.transport is not None
             conn.transport.write(data)
@@ -379,18 +413,20 @@ class Http1Pool:
                 conn.close()
 
     async def _connection(
-        self, key: tuple[str, int, int], ssl_context: ssl.SSLContext, connect_seconds: float
+        self, key: _Key, ssl_context: ssl.SSLContext, connect_seconds: float
     ) -> _Connection:
-        idle = self._idle.get(key)
         now = time.monotonic()
+        if now - self._swept > self.idle_seconds:
+            self._sweep(now)
+        idle = self._idle.get(key)
         while idle:
             conn = idle.pop()  # the most recently used: the least likely to have been closed by the server
-            if conn.usable and not conn.buffer and now - conn.idle_since < IDLE_SECONDS:
+            if conn.usable and not conn.buffer and now - conn.idle_since < self.idle_seconds:
                 return conn
             conn.close()
         if self._closed:
             raise UpstreamError("the broker is shutting down", reason="upstream_connect_failed")
-        host, port, _ = key
+        _, host, port, _ = key
         async with asyncio.timeout(connect_seconds):  # TimeoutError: upstream_timeout, as for the whole call
             try:
                 _, conn = await asyncio.get_running_loop().create_connection(
@@ -402,9 +438,25 @@ class Http1Pool:
                 ) from exc
         return conn
 
+    def _sweep(self, now: float) -> None:
+        """Close idle connections past ``idle_seconds`` (oldest first in each queue) and forget empty keys —
+        those of TLS contexts a reload replaced too."""
+        self._swept = now
+        for key in list(self._idle):
+            idle = self._idle[key]
+            while idle and (now - idle[0].idle_since >= self.idle_seconds or not idle[0].usable):
+                idle.popleft().close()
+            if not idle:
+                del self._idle[key]
+
+    def idle_count(self) -> int:
+        """Pooled connections (tests, and what an operator might want to see)."""
+        return sum(len(idle) for idle in self._idle.values())
+
     async def close(self) -> None:
         self._closed = True
         for idle in self._idle.values():
             while idle:
                 idle.pop().close()
-        await asyncio.sleep(0)  # let the TLS transports start closing
+        self._idle.clear()
+        await asyncio.sleep(0)  # let the transports go

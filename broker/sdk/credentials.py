@@ -239,7 +239,11 @@ class CommandToken:
                 # holding the pipes (and waiting on them); a helper that exited is left alone with its children
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
-                await process.wait()
+                # bounded: a child the kernel cannot reap yet (uninterruptible sleep) must not hold the token's
+                # lock, and every request waiting on it, for ever
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(KILL_WAIT_SECONDS):
+                        await process.wait()
         if status != 0:
             # the command line is never quoted (its arguments may carry a secret); its stderr only redacted
             first = redacted_first_line(err)
@@ -247,6 +251,10 @@ class CommandToken:
                 f"token command exited with status {status}" + (f": {first}" if first else "")
             )
         return _clean(out, "token command output")
+
+
+#: how long a killed token command is waited for before it is left to the system
+KILL_WAIT_SECONDS = 5.0
 
 
 async def _read_capped(stream: asyncio.StreamReader, cap: int, *, drain: bool) -> tuple[bytes, bool]:

@@ -94,6 +94,7 @@ def client_tls(pki: Pki) -> ssl.SSLContext:
 
 async def post(pool: Http1Pool, backend: Backend, tls: ssl.SSLContext, *, total: float = 5.0) -> bytes:
     reply = await pool.post(
+        "listInvoices",
         backend.url,
         tls,
         b'{"department":"42"}',
@@ -163,16 +164,29 @@ async def test_framings(
     await pool.close()
 
 
-async def test_a_body_delimited_by_the_end_of_the_connection(
+async def test_two_tools_on_one_backend_never_share_a_connection(
     serve: Callable[..., Backend], client_tls: ssl.SSLContext
 ) -> None:
-    raw = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + b'{"n":1}'
-    backend = await serve(lambda n: (raw, True))  # type: ignore[misc]
+    backend = await serve(lambda n: answer(f'{{"n":{n}}}'.encode()))  # type: ignore[misc]
     pool = Http1Pool()
-    assert await post(pool, backend, client_tls) == b'{"n":1}'
-    assert await post(pool, backend, client_tls) == b'{"n":1}'
-    assert backend.connections == 2
+    for tool in ("listInvoices", "approveExpense", "listInvoices", "approveExpense"):
+        await pool.post(
+            tool, backend.url, client_tls, b"{}", {}, total_seconds=5, connect_seconds=2, limit=LIMIT
+        )
+    assert backend.connections == 2 and pool.idle_count() == 2
     await pool.close()
+
+
+async def test_idle_connections_expire(serve: Callable[..., Backend], client_tls: ssl.SSLContext) -> None:
+    backend = await serve(lambda n: answer(f'{{"n":{n}}}'.encode()))  # type: ignore[misc]
+    pool = Http1Pool(idle_seconds=0.2)
+    assert await post(pool, backend, client_tls) == b'{"n":1}'
+    assert pool.idle_count() == 1
+    await asyncio.sleep(0.3)  # the expiry under test is a duration: let it pass
+    assert await post(pool, backend, client_tls) == b'{"n":2}'
+    assert backend.connections == 2  # the expired one was closed, not reused
+    await pool.close()
+    assert pool.idle_count() == 0
 
 
 async def test_bytes_beyond_an_answer_are_never_the_next_answer(
@@ -229,11 +243,25 @@ async def test_a_server_that_closed_an_idle_connection(
         (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\ntruncated", "upstream_protocol_error"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel", "upstream_protocol_error"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 999999\r\n\r\n", "upstream_too_large"),
-        (b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * (LIMIT + 1), "upstream_too_large"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + (b"1000\r\n" + b"x" * 4096 + b"\r\n") * 17,
+            "upstream_too_large",
+        ),
         (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n", "upstream_protocol_error"),
         (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n", "upstream_protocol_error"),
         (b"garbage\r\n\r\n", "upstream_protocol_error"),
         (b"", "upstream_protocol_error"),  # closed without an answer
+        # delimited by the end of the connection: a cut could not be told from its end
+        (b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{"n":1}', "upstream_protocol_error"),
+        (
+            b"HTTP/1.1 200 OK\nContent-Length: 2\n\n{}",
+            "upstream_protocol_error",
+        ),  # bare LF: refused, not a hang
+        (
+            b"HTTP/1.1 099 Early\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+            "upstream_protocol_error",
+        ),
     ],
     ids=[
         "cl-and-te",
@@ -245,6 +273,9 @@ async def test_a_server_that_closed_an_idle_connection(
         "huge-head",
         "garbage",
         "no-answer",
+        "close-delimited",
+        "bare-lf",
+        "status-099",
     ],
 )
 async def test_broken_answers_fail_closed(
@@ -271,7 +302,7 @@ async def test_a_backend_that_does_not_answer_times_out(pki: Pki, client_tls: ss
     url = URL(f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/invoices")
     pool = Http1Pool()
     with pytest.raises(UpstreamTimeout):
-        await pool.post(url, client_tls, b"{}", {}, total_seconds=0.5, connect_seconds=2.0, limit=LIMIT)
+        await pool.post("t", url, client_tls, b"{}", {}, total_seconds=0.5, connect_seconds=2.0, limit=LIMIT)
     assert accepted.is_set()
     await pool.close()
     server.close()
@@ -286,6 +317,7 @@ async def test_a_backend_that_is_not_there(client_tls: ssl.SSLContext) -> None:
     pool = Http1Pool()
     with pytest.raises(UpstreamError) as failed:
         await pool.post(
+            "t",
             URL(f"https://127.0.0.1:{port}/"),
             client_tls,
             b"{}",

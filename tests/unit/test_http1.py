@@ -7,7 +7,7 @@ import pytest
 from yarl import URL
 
 from broker.errors import UpstreamError
-from broker.gateway.http1 import MAX_HEADERS, Chunked, parse_head, request_bytes
+from broker.gateway.http1 import MAX_CHUNKS, MAX_HEADERS, Chunked, parse_head, request_bytes
 
 
 def head(*lines: str, status: str = "HTTP/1.1 200 OK") -> bytes:
@@ -76,6 +76,10 @@ def test_chunked_and_repeated_equal_lengths() -> None:
         head(status="HTTP/1.1 200OK"),
         head(status="ICY 200 OK"),
         head(status="HTTP/1.2 200 OK"),
+        head(status="HTTP/1.1 099 Early"),  # below 100: not a status
+        head(status="HTTP/1.1 000 Nothing"),
+        head(status="HTTP/1.1 200 O\nK"),  # a bare LF in the reason phrase
+        head(status="HTTP/1.1 200 O\x00K"),
         head(*[f"X-{i}: y" for i in range(MAX_HEADERS + 1)]),
     ],
     ids=lambda raw: raw.decode("latin-1").replace("\r\n", " | ")[:60],
@@ -123,6 +127,10 @@ def test_a_chunked_body_ends_where_it_ends() -> None:
         b"5\r\nhelloX\r\n",  # data not followed by CRLF
         b"11111111111111111\r\n",  # 17 hex digits
         b"5 5\r\n",
+        b"5;a\nb\r\n",  # a bare LF inside an extension (HOSTILE P04)
+        b"5;a\x00\r\n",
+        b"0\r\nX-Trailer: a\x00b\r\n\r\n",  # a NUL in a trailer field
+        b"0\r\nX-Trailer: a\nb\r\n\r\n",
     ],
 )
 def test_malformed_chunks_are_refused(data: bytes) -> None:
@@ -152,3 +160,10 @@ def test_the_request_is_exactly_what_the_broker_built() -> None:
     assert b"Host: backend.example\r\n" in request_bytes(URL("https://backend.example/a"), b"", {})
     with pytest.raises(ValueError):
         request_bytes(URL("https://b/a"), b"", {"X-Evil": "a\r\nInjected: yes"})
+
+
+def test_a_body_in_too_many_chunks_is_refused() -> None:
+    decoder = Chunked(1 << 30)
+    with pytest.raises(UpstreamError) as refused:
+        decoder.step(bytearray(b"1\r\nx\r\n" * (MAX_CHUNKS + 1)))
+    assert refused.value.reason == "upstream_protocol_error"
