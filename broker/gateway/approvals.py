@@ -184,8 +184,10 @@ async def _approval(request: web.Request, service: ApprovalService, now: float) 
 
 def _may_read(approval: Approval, principal: Principal, service: ApprovalService) -> bool:
     """CONTRACT §3: the requesting subject together with its agent, and the approvers of this approval."""
-    if principal.actor is not None:
-        return principal.subject == approval.subject and principal.actor_id == approval.actor
+    if principal.actor is not None:  # the requester through its agent: the binding's (issuer, sub) and agent
+        return principal.actor_id == approval.actor and same_person(
+            approval.issuer, approval.subject, principal.token.iss, principal.subject
+        )
     if is_agent(principal):
         return False
     eligible = service.eligibility.for_approval(approval)

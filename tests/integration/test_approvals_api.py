@@ -64,7 +64,10 @@ def human(broker: BrokerUnderTest, sub: str, claims: Mapping[str, Any]) -> Calle
 
 
 async def new_approval(
-    broker: BrokerUnderTest, required: tuple[str, ...] = ("manager_approval",), subject: str = "alice"
+    broker: BrokerUnderTest,
+    required: tuple[str, ...] = ("manager_approval",),
+    subject: str = "alice",
+    issuer: str | None = None,
 ) -> Approval:
     approval, created = await service_of(broker).request(
         subject=subject,
@@ -76,6 +79,7 @@ async def new_approval(
         reason="amount above 5000",
         policy_version="test",
         now=time.time(),
+        issuer=issuer,
     )
     assert created
     return approval
@@ -268,6 +272,15 @@ async def test_who_may_read_an_approval(broker: BrokerUnderTest, make_caller: An
         assert {k: v for k, v in reply.body.items() if k not in strip} == {
             k: v for k, v in missing.body.items() if k not in strip
         }
+
+
+async def test_the_requester_is_its_issuers_subject(broker: BrokerUnderTest) -> None:
+    """``alice`` of another issuer, through the same agent, is not the requester (its approval stays hidden)."""
+    theirs = await new_approval(broker, issuer="https://other-issuer.example")
+    ours = await new_approval(broker, issuer="https://idp.example.org")  # base_config's issuer: the caller's
+    alice = broker.caller("alice")
+    assert (await alice.call("GET", f"/v1/approvals/{theirs.id}")).status == 404
+    assert (await alice.call("GET", f"/v1/approvals/{ours.id}")).status == 200
 
 
 async def test_the_list_shows_what_the_caller_can_decide(broker: BrokerUnderTest) -> None:
