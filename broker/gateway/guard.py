@@ -105,20 +105,14 @@ class CallGuard:
     async def before_approval(self) -> None:
         if self.passed:  # this request already passed (an approval requested after the final step)
             return
-        await final_guard(
-            self.store,
-            self.metrics,
-            self.principal,
-            tool=self.tool,
-            txn=self.txn,
-            policy_version=self.policy_version,
-            claim_txn=False,
-        )
-        self.passed = True
+        await self._check(claim_proof=True, claim_txn=False)
 
     async def final(self) -> None:
         if self.passed and self.txn is None:
             return  # before_approval checked every revocation this step would, and claimed the proof
+        await self._check(claim_proof=not self.passed, claim_txn=True)
+
+    async def _check(self, *, claim_proof: bool, claim_txn: bool) -> None:
         await final_guard(
             self.store,
             self.metrics,
@@ -126,6 +120,7 @@ class CallGuard:
             tool=self.tool,
             txn=self.txn,
             policy_version=self.policy_version,
-            claim_proof=not self.passed,
+            claim_proof=claim_proof,
+            claim_txn=claim_txn,
         )
         self.passed = True

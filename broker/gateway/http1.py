@@ -450,7 +450,7 @@ class Http1Pool:
                 del self._idle[key]
 
     def idle_count(self) -> int:
-        """Pooled connections (tests, and what an operator might want to see)."""
+        """How many connections are pooled now (idle, reusable)."""
         return sum(len(idle) for idle in self._idle.values())
 
     async def close(self) -> None:
