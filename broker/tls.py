@@ -21,6 +21,7 @@ def upstream_ssl_context(*, ca: str, cert: str, key: str) -> ssl.SSLContext:
     """Client-side TLS towards a backend: verify it against ``ca``, present the broker's own certificate."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.options |= ssl.OP_NO_RENEGOTIATION  # as the listener (HOSTILE M17): a backend cannot renegotiate either
+    # as the listener (HOSTILE M17): a backend cannot renegotiate either
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     ctx.load_cert_chain(cert, key)
     return ctx

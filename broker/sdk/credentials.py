@@ -239,11 +239,18 @@ class CommandToken:
                 # holding the pipes (and waiting on them); a helper that exited is left alone with its children
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
-                # bounded: a child the kernel cannot reap yet (uninterruptible sleep) must not hold the token's
-                # lock, and every request waiting on it, for ever
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(KILL_WAIT_SECONDS):
-                        await process.wait()
+            await asyncio.wait([stderr])  # its cancellation has landed: nobody else reads the pipe now
+            # both pipes read to their end, so their transports close (a pipe left unread stays open, an fd
+            # lost per refused run); bounded: a child the kernel cannot reap yet (uninterruptible sleep), or one
+            # that left the group holding a pipe, must not hold the token's lock, and every request waiting on
+            # it, for ever
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(KILL_WAIT_SECONDS):
+                    await asyncio.gather(
+                        process.wait(),
+                        _read_capped(process.stdout, 0, drain=True),
+                        _read_capped(process.stderr, 0, drain=True),
+                    )
         if status != 0:
             # the command line is never quoted (its arguments may carry a secret); its stderr only redacted
             first = redacted_first_line(err)

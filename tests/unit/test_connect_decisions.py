@@ -399,6 +399,20 @@ async def test_a_token_command_output_is_read_with_a_cap() -> None:
     assert str(refused.value) == f"token command: more than {MAX_TOKEN_BYTES} bytes on stdout, not a token"
 
 
+async def test_a_refused_token_command_leaves_no_pipe_open() -> None:
+    # a burst larger than the stream's buffer pauses the pipe's reading at once; the helper then waits to be
+    # killed. Its unread rest must still be read to the end, or the pipe stays open: an fd lost per refused run
+    burst = (
+        f"{sys.executable} -c 'import fcntl, sys, time; fcntl.fcntl(1, fcntl.F_SETPIPE_SZ, 1 << 20);"
+        ' sys.stdout.write("x" * (1 << 20)); sys.stdout.flush(); time.sleep(60)\''
+    )
+    open_fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(TokenUnavailable, match="more than"):
+            await CommandToken(burst, timeout=20).token()
+    assert len(os.listdir("/proc/self/fd")) == open_fds
+
+
 async def test_a_token_command_flooding_stderr_is_drained_not_kept() -> None:
     flood = (
         f'{sys.executable} -c \'import sys; sys.stderr.write("first\\n" + "e" * 10_000_000); sys.exit(5)\''
