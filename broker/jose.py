@@ -11,14 +11,16 @@ Signing uses ``cryptography`` directly (PERF.md: 23 µs per ES256 signature agai
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
@@ -33,6 +35,12 @@ _CURVES: dict[str, tuple[ec.EllipticCurve, int, str, hashes.HashAlgorithm]] = {
     "P-521": (ec.SECP521R1(), 66, "ES512", hashes.SHA512()),
 }
 _CURVE_BY_NAME = {curve.name: crv for crv, (curve, _, _, _) in _CURVES.items()}
+#: crv -> the ECDSA signature algorithm of its JWS alg, built once: ECDSA objects are immutable, and a fresh one
+#: per call costs more than the rest of the glue around an ES256 signature (construction, then OpenSSL set-up)
+_ECDSA = {crv: ec.ECDSA(digest) for crv, (_, _, _, digest) in _CURVES.items()}
+_SHA256 = hashes.SHA256()
+_PKCS1V15 = padding.PKCS1v15()
+_PSS_SHA256 = padding.PSS(padding.MGF1(hashes.SHA256()), 32)
 
 # RFC 7638 §3.2: the required members of each key type, in lexicographic order.
 _THUMBPRINT_MEMBERS = {
@@ -49,8 +57,16 @@ class JoseError(ValueError):
     """A JWK or JWS that cannot be used; the message is safe to log, never shown with secrets."""
 
 
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
+def _b64url(data: bytes) -> bytes:
+    # what base64.urlsafe_b64encode does, without its two Python-level calls
+    return binascii.b2a_base64(data, newline=False).translate(_TO_URLSAFE).rstrip(b"=")
+
+
 def b64url_encode(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    return _b64url(data).decode("ascii")
 
 
 def b64url_decode(text: str) -> bytes:
@@ -228,50 +244,78 @@ def write_private_jwk(path: Path, jwk: Mapping[str, Any]) -> None:
         raise
 
 
+# What _key_kind answers: which branch of raw_signature / verify_signature a key takes.
+_EC_PRIVATE, _ED_PRIVATE, _EC_PUBLIC, _ED_PUBLIC, _OTHER = range(5)
+#: exact class -> kind, filled on first sight: isinstance against cryptography's ABCs costs about a
+#: microsecond per check, a dict lookup on the class a tenth of that. Bounded (a handful of classes exist).
+_KIND_BY_CLASS: dict[type, int] = {}
+
+
+def _key_kind(key: object) -> int:
+    cls = type(key)
+    kind = _KIND_BY_CLASS.get(cls)
+    if kind is None:
+        if isinstance(key, ec.EllipticCurvePrivateKey):
+            kind = _EC_PRIVATE
+        elif isinstance(key, ed25519.Ed25519PrivateKey):
+            kind = _ED_PRIVATE
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            kind = _EC_PUBLIC
+        elif isinstance(key, ed25519.Ed25519PublicKey):
+            kind = _ED_PUBLIC
+        else:
+            kind = _OTHER
+        # only where the class alone decides isinstance (not an object that reports another __class__)
+        if key.__class__ is cls and len(_KIND_BY_CLASS) < 64:
+            _KIND_BY_CLASS[cls] = kind
+    return kind
+
+
 def raw_signature(key: PrivateKey, alg: str, signing_input: bytes) -> bytes:
     """JWS signature bytes (RFC 7518 §3): ECDSA as fixed-size r||s, not DER."""
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        crv = _CURVE_BY_NAME[key.curve.name]
-        _, size, expected_alg, digest = _CURVES[crv]
+    kind = _key_kind(key)  # the casts below are what _key_kind established
+    if kind == _EC_PRIVATE:
+        ec_key = cast(ec.EllipticCurvePrivateKey, key)
+        crv = _CURVE_BY_NAME[ec_key.curve.name]
+        size, expected_alg = _CURVES[crv][1:3]
         if alg != expected_alg:
             raise JoseError(f"{alg} does not fit {crv}")
-        r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(digest)))
+        r, s = decode_dss_signature(ec_key.sign(signing_input, _ECDSA[crv]))
         return r.to_bytes(size, "big") + s.to_bytes(size, "big")
-    if isinstance(key, ed25519.Ed25519PrivateKey):
+    if kind == _ED_PRIVATE:
         if alg != "EdDSA":
             raise JoseError(f"{alg} does not fit Ed25519")
-        return key.sign(signing_input)
+        return cast(ed25519.Ed25519PrivateKey, key).sign(signing_input)
     if alg == "RS256":
-        return key.sign(signing_input, padding.PKCS1v15(), hashes.SHA256())
+        return cast(rsa.RSAPrivateKey, key).sign(signing_input, _PKCS1V15, _SHA256)
     if alg == "PS256":
-        return key.sign(signing_input, padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256())
+        return cast(rsa.RSAPrivateKey, key).sign(signing_input, _PSS_SHA256, _SHA256)
     raise JoseError(f"{alg} does not fit RSA")
 
 
 def verify_signature(key: PublicKey, alg: str, signing_input: bytes, signature: bytes) -> bool:
     """Check a JWS signature; False on any mismatch (wrong length, wrong alg for the key, bad signature)."""
-    from cryptography.exceptions import InvalidSignature
-
     try:
-        if isinstance(key, ec.EllipticCurvePublicKey):
-            _, size, expected_alg, digest = _CURVES[_CURVE_BY_NAME[key.curve.name]]
+        kind = _key_kind(key)  # the casts below are what _key_kind established
+        if kind == _EC_PUBLIC:
+            ec_key = cast(ec.EllipticCurvePublicKey, key)
+            crv = _CURVE_BY_NAME[ec_key.curve.name]
+            size, expected_alg = _CURVES[crv][1:3]
             if alg != expected_alg or len(signature) != 2 * size:
                 return False
             r = int.from_bytes(signature[:size], "big")
             s = int.from_bytes(signature[size:], "big")
             if r == 0 or s == 0:  # CVE-2022-21449 class: never even try
                 return False
-            key.verify(encode_dss_signature(r, s), signing_input, ec.ECDSA(digest))
-        elif isinstance(key, ed25519.Ed25519PublicKey):
+            ec_key.verify(encode_dss_signature(r, s), signing_input, _ECDSA[crv])
+        elif kind == _ED_PUBLIC:
             if alg != "EdDSA":
                 return False
-            key.verify(signature, signing_input)
+            cast(ed25519.Ed25519PublicKey, key).verify(signature, signing_input)
         elif alg == "RS256":
-            key.verify(signature, signing_input, padding.PKCS1v15(), hashes.SHA256())
+            cast(rsa.RSAPublicKey, key).verify(signature, signing_input, _PKCS1V15, _SHA256)
         elif alg == "PS256":
-            key.verify(
-                signature, signing_input, padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256()
-            )
+            cast(rsa.RSAPublicKey, key).verify(signature, signing_input, _PSS_SHA256, _SHA256)
         else:
             return False
     except InvalidSignature:
@@ -310,6 +354,14 @@ class Signer:
     key: PrivateKey
     kid: str
     alg: str
+    #: ``typ`` -> base64url protected header ``{"alg", "typ", "kid"}`` and its ".": a header names this signer's
+    #: own kid and alg, so a rotation (KeyRing swaps in another Signer) can never sign under a stale one
+    _headers: dict[str, bytes] = field(init=False, repr=False, compare=False, default_factory=dict)
+    #: ``raw_signature(key, alg, ·)`` with the per-key work done once; None: raw_signature decides (and raises)
+    _signature: Callable[[bytes], bytes] | None = field(init=False, repr=False, compare=False, default=None)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_signature", _prepared_signature(self.key, self.alg))
 
     @classmethod
     def from_jwk(cls, jwk: Mapping[str, Any]) -> Signer:
@@ -334,7 +386,42 @@ class Signer:
     def sign(
         self, claims: Mapping[str, Any], *, typ: str, extra_headers: Mapping[str, Any] | None = None
     ) -> str:
-        header = {"alg": self.alg, "typ": typ, "kid": self.kid, **(extra_headers or {})}
-        signing_input = b64url_encode(compact_json(header)) + "." + b64url_encode(compact_json(claims))
-        signature = raw_signature(self.key, self.alg, signing_input.encode("ascii"))
-        return signing_input + "." + b64url_encode(signature)
+        cacheable = not extra_headers and type(typ) is str
+        head = self._headers.get(typ) if cacheable else None
+        if head is None:
+            header = {"alg": self.alg, "typ": typ, "kid": self.kid, **(extra_headers or {})}
+            head = _b64url(compact_json(header)) + b"."
+            if cacheable and len(self._headers) < _MAX_CACHED_HEADERS:
+                self._headers[typ] = head
+        signing_input = head + _b64url(compact_json(claims))
+        if self._signature is not None:
+            signature = self._signature(signing_input)
+        else:
+            signature = raw_signature(self.key, self.alg, signing_input)
+        return (signing_input + b"." + _b64url(signature)).decode("ascii")
+
+
+#: distinct ``typ`` values one Signer keeps a header for (the broker signs under a handful)
+_MAX_CACHED_HEADERS = 16
+
+
+def _prepared_signature(key: PrivateKey, alg: str) -> Callable[[bytes], bytes] | None:
+    """What ``raw_signature(key, alg, data)`` computes, as a function of ``data`` alone with the key's kind,
+    curve, size and ECDSA object looked up once; None where raw_signature itself must run (RSA, whose private
+    operation dwarfs the dispatch, and a key that does not fit ``alg``, which it refuses on every call)."""
+    kind = _key_kind(key)
+    if kind == _EC_PRIVATE:
+        ec_key = cast(ec.EllipticCurvePrivateKey, key)
+        crv = _CURVE_BY_NAME.get(ec_key.curve.name)
+        if crv is None or _CURVES[crv][2] != alg:
+            return None
+        size, ecdsa, ec_sign = _CURVES[crv][1], _ECDSA[crv], ec_key.sign
+
+        def ec_signature(data: bytes) -> bytes:
+            r, s = decode_dss_signature(ec_sign(data, ecdsa))
+            return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+
+        return ec_signature
+    if kind == _ED_PRIVATE and alg == "EdDSA":
+        return cast(ed25519.Ed25519PrivateKey, key).sign
+    return None

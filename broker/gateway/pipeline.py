@@ -226,7 +226,7 @@ async def _decide_and_seal(
 
     presented = None  # 5
     if call.step == "invoke":
-        presented = presented_txn_token(services, runtime, call, tool, arguments, now)
+        presented = presented_txn_token(services, runtime, call, tool, arguments, now, record.args_digest)
 
     txn_claim = None
     if presented is not None:
@@ -292,6 +292,7 @@ async def _decide_and_seal(
             approval_id=granted,
             injected=injected or None,
             now=now,
+            args_digest=record.args_digest,  # stage 2's, of these arguments
         )
         metrics.child(metrics.txn_tokens, tool.name, "minted").inc()
         token, txn = minted.token, minted.txn
@@ -390,8 +391,10 @@ def presented_txn_token(
     tool: ToolSpec,
     arguments: dict[str, Any],
     now: float,
+    args_digest: str | None = None,
 ) -> TxnClaims | None:
-    """The agent's Txn-Token, verified and bound to this call; required for ``txn_token: required`` tools."""
+    """The agent's Txn-Token, verified and bound to this call; required for ``txn_token: required`` tools.
+    ``args_digest``: the digest of ``arguments`` when already computed (stage 2), else computed here."""
     metrics = services.metrics
     principal = call.principal
     if call.txn_tokens_presented > 1:
@@ -421,6 +424,7 @@ def presented_txn_token(
             subject=principal.subject,
             actor_id=principal.actor_id,
             jkt=principal.jkt,
+            args_digest=args_digest,
         )
     except BrokerError:
         metrics.txn_tokens.labels(tool=tool.name, event="rejected").inc()

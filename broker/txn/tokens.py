@@ -152,6 +152,7 @@ def mint_txn_token(
     lifetime: int = MAX_LIFETIME,
     txn: str | None = None,
     injected: Mapping[str, Any] | None = None,
+    args_digest: str | None = None,
 ) -> MintedTxn:
     """Sign a txn token for one call of ``tool`` with exactly ``arguments`` (before server-side injection).
 
@@ -161,6 +162,10 @@ def mint_txn_token(
     ``arguments`` and ``injected`` must be what :func:`broker.canonical.strict_loads` produces; anything
     :func:`broker.canonical.canonicalize` cannot represent exactly raises ``ValueError``/``TypeError``, as do a
     ``lifetime`` outside ``(0, 300]`` and an empty or over-long ``txn``: these are caller bugs, not refusals.
+    ``args_digest``: ``args_digest(arguments)`` when the caller already computed it (the pipeline did, from the
+    same arguments), so that it is not computed twice; it then also stands for the canonical-form check of
+    ``arguments``. A wrong one only makes a token that fails verification (:func:`verify_txn_token` checks the
+    digest against the token's own ``arguments``).
     """
     if isinstance(lifetime, bool) or not isinstance(lifetime, int) or not 0 < lifetime <= MAX_LIFETIME:
         raise ValueError(f"lifetime must be an int in (0, {MAX_LIFETIME}]")
@@ -171,7 +176,7 @@ def mint_txn_token(
     if not isinstance(arguments, Mapping):
         raise TypeError("arguments must be a JSON object")
     args = dict(arguments)
-    digest = compute_args_digest(args)
+    digest = compute_args_digest(args) if args_digest is None else args_digest
     if injected is not None and not isinstance(injected, Mapping):
         raise TypeError("injected must be a JSON object")
     server_side = dict(injected) if injected else {}
@@ -402,6 +407,7 @@ def check_invocation(
     subject: str,
     actor_id: str | None,
     jkt: str | None,
+    args_digest: str | None = None,
 ) -> None:
     """Bind a verified txn token to this invocation; raise on the first mismatch.
 
@@ -410,6 +416,10 @@ def check_invocation(
     ``args_digest(arguments)`` (the arguments *before* injection) must equal the token's, else
     :class:`TxnTokenMismatch` (``txn_args_mismatch``; T03, T05, T09). Identity comes first so that a stolen
     token learns nothing about its arguments. Single use is not checked here.
+
+    ``args_digest``: ``args_digest(arguments)`` when the caller already computed it from these very arguments
+    (the pipeline did, at stage 2), so that it is not computed twice. It stands for the arguments, never for the
+    token: it is still compared with the token's own digest.
     """
     if claims.tool != tool:
         raise _refuse("txn_tool")
@@ -422,7 +432,8 @@ def check_invocation(
         raise _refuse("txn_key_binding")
     # RFC 8785 bytes: key order and number spelling (4800 / 4800.0 / 4.8e3) do not change the digest (T07);
     # a type change ("4800"), an added key or another Unicode normalization form does (T05, T09, T08).
-    if not hmac.compare_digest(compute_args_digest(arguments), claims.args_digest):
+    computed = compute_args_digest(arguments) if args_digest is None else args_digest
+    if not hmac.compare_digest(computed, claims.args_digest):
         raise TxnTokenMismatch(
             "arguments differ from the ones the transaction token was issued for", reason="txn_args_mismatch"
         )

@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 
 from broker.audit.sink import AuditLog
+from broker.canonical import args_digest
 from broker.config.loader import load_config
 from broker.context import RequestContext
 from broker.errors import (
@@ -286,6 +287,8 @@ async def test_an_allowed_call_is_audited_with_its_token_and_injected_arguments(
         now=time.time(),
     )
     assert claims.injected == {"department": "42"}
+    # the token's digest is stage 2's, shared with mint: the very digest of the agent's arguments
+    assert claims.args_digest == record.args_digest == args_digest({"invoice_id": "INV-1", "amount": 10})
     assert not await harness.store.claim(principal.replay[0], 60)  # type: ignore[index]  # the proof is burnt
     assert await harness.counted() == (0 if step == "exchange" else 1)  # the exchange executes nothing
 

@@ -524,6 +524,66 @@ def test_check_invocation_refuses_the_injected_arguments_as_the_agents() -> None
         check_invocation(VERIFIED_INJECTED, **invocation(arguments=VERIFIED_INJECTED.forwarded_arguments()))
 
 
+# --- a digest the caller already computed (the pipeline's, from stage 2) ---------------------------------------
+
+OTHER_ARGS: dict[str, Any] = {**ARGS, "amount": 480000}
+
+
+def test_mint_with_the_precomputed_digest_signs_the_same_bytes() -> None:
+    computed, given = mint(txn="txn-1"), mint(txn="txn-1", args_digest=args_digest(ARGS))
+    assert given.token.split(".")[:2] == computed.token.split(".")[:2]
+    assert given.args_digest == computed.args_digest == args_digest(ARGS)
+    assert verify(given.token).args_digest == args_digest(ARGS)
+
+
+@pytest.mark.parametrize("wrong", [args_digest(OTHER_ARGS), "A" * 43, "not-a-digest"])
+def test_a_wrong_digest_given_to_mint_makes_a_token_that_never_verifies(wrong: str) -> None:
+    # The token carries ARGS with another digest: verification recomputes it from the token's own arguments.
+    minted = mint(args_digest=wrong)
+    with pytest.raises(InvalidTxnToken) as caught:
+        verify(minted.token)
+    assert caught.value.reason in {"txn_args_digest", "txn_args_digest_format"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "reason"),
+    [
+        ({"arguments": OTHER_ARGS}, TxnTokenMismatch, "txn_args_mismatch"),
+        ({"arguments": {**ARGS, "amount": "4800"}}, TxnTokenMismatch, "txn_args_mismatch"),
+        ({"arguments": {**ARGS, "note": NFD_NOTE}}, TxnTokenMismatch, "txn_args_mismatch"),
+        ({"subject": "bob", "arguments": OTHER_ARGS}, InvalidTxnToken, "txn_subject"),
+        ({"jkt": None}, InvalidTxnToken, "txn_key_binding"),
+    ],
+    ids=["other-amount", "string-vs-number", "nfd-vs-nfc", "identity-first", "key-binding-first"],
+)
+def test_check_invocation_with_the_precomputed_digest_refuses_alike(
+    overrides: dict[str, Any], error: type[Exception], reason: str
+) -> None:
+    # Only the computation is shared: the digest of the actual arguments is still compared with the token's.
+    given = invocation(**overrides)
+    for kwargs in ({}, {"args_digest": args_digest(given["arguments"])}):
+        with pytest.raises(error) as caught:
+            check_invocation(VERIFIED, **given, **kwargs)
+        assert getattr(caught.value, "reason", None) == reason
+
+
+@pytest.mark.parametrize("wrong", [args_digest(OTHER_ARGS), "A" * 43, "", "not-a-digest"])
+def test_a_wrong_digest_given_to_check_invocation_refuses_even_the_right_arguments(wrong: str) -> None:
+    # The comparison is never skipped when a digest is given: a wrong one is a mismatch, not a pass.
+    with pytest.raises(TxnTokenMismatch):
+        check_invocation(VERIFIED, **invocation(), args_digest=wrong)
+    check_invocation(VERIFIED, **invocation(), args_digest=args_digest(ARGS))
+
+
+def test_a_mismatching_token_cannot_pass_with_a_wrong_digest_from_mint() -> None:
+    # A token minted for ARGS with OTHER_ARGS's digest never verifies, so it never reaches check_invocation
+    # with OTHER_ARGS; and the genuine token for ARGS refuses OTHER_ARGS whatever digest of them is given.
+    with pytest.raises(InvalidTxnToken):
+        verify(mint(args_digest=args_digest(OTHER_ARGS)).token)
+    with pytest.raises(TxnTokenMismatch):
+        check_invocation(VERIFIED, **invocation(arguments=OTHER_ARGS), args_digest=args_digest(OTHER_ARGS))
+
+
 # --- helpers --------------------------------------------------------------------------------------------------
 
 
