@@ -1,7 +1,8 @@
 """The policy decision point (CONTRACT §6, §8): CEL rules compiled at load, one decision path for discovery
 and invocation, so that what ``/v1/tools`` shows is exactly what an invocation can reach.
 
-Variables (all present in every evaluation):
+Variables (present in every evaluation of a rule that may read them; one no rule of the set can read is left
+out of the environment, see ``broker.policy.cel.Expression.needs``):
 - ``subject``: the access token's claims (a map); ``actor``: ``{"id", "trust_domain", "path"}`` of the agent's
   SPIFFE ID (all ``""`` without one); ``tool``: ``{"name"}``; ``args``: the invocation's arguments (``{}`` at
   discovery); ``risk``: ``{"score"}`` = the ``risk_score`` claim, 0 when absent, **100 when present but not a
@@ -170,10 +171,11 @@ class PolicySet:
         needs: dict[str, frozenset[str] | None] = {}
         for rule in rules:
             for expr in (rule.when, *(e for _, e in rule.constraints)):
-                for name, fields in expr.fields.items():
+                for name, fields in expr.needs.items():
                     have = needs.get(name, frozenset())
                     needs[name] = None if have is None or fields is None else have | fields
-        #: the fields of subject/actor/args/counters any rule may read (None: all of it).
+        #: every variable any rule may read, with the fields of subject/actor/args/counters it may read (None:
+        #: all of it); a variable missing here is not converted into the environment (``build_env``).
         self.needs: Needs = needs
 
     @property

@@ -690,8 +690,9 @@ def test_expense_needs_are_trimmed() -> None:
         "subject": frozenset({"groups", "department", "approval_limit"}),
         "actor": frozenset({"id"}),
         "args": frozenset({"department", "amount"}),
+        "risk": None,
         "counters": frozenset({"approvals_10m"}),
-    }
+    }  # no rule reads tool or now: they are left out of the environment
 
 
 @pytest.mark.parametrize(("env", "expected"), [row[1:] for row in SCENARIO], ids=[row[0] for row in SCENARIO])
