@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
+import contextlib
 import io
 import json
 import os
+import queue
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -44,6 +45,45 @@ def settle(future: asyncio.Future[None], error: BaseException | None = None) -> 
         future.set_result(None)
     else:
         future.set_exception(error)
+
+
+class SyncThread:
+    """The one thread that runs a log's fsync jobs, in order, and answers each on the event loop that asked.
+
+    Not a ``ThreadPoolExecutor``: its per-job layers (a concurrent future, a work item, the idle-thread semaphore,
+    the asyncio future chained to it) cost ~50 µs of CPU per fsync on our machines on top of the ~25 µs the
+    fsync itself costs (a loop of commits, each waiting for its fsync: 102 against 54 µs per job, and 50 µs less
+    latency) — at moderate load, when few records share an fsync, a large part of a request's CPU. A C-level
+    queue, a plain thread and one ``call_soon_threadsafe`` per job is all the handoff needs."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[
+            tuple[Callable[[Any], None], Any, asyncio.AbstractEventLoop, asyncio.Future[None]] | None
+        ] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, job: Callable[[Any], None], argument: Any) -> asyncio.Future[None]:
+        """``job(argument)`` on the thread; the future (of the running loop) gets its result or exception."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._jobs.put((job, argument, loop, future))
+        return future
+
+    def stop(self) -> None:
+        """The thread ends after the jobs already queued (it is not waited for)."""
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            job, argument, loop, future = item
+            error: BaseException | None = None
+            try:
+                job(argument)
+            except BaseException as exc:  # handed to the waiting coroutine, which decides
+                error = exc
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits for this answer now
+                loop.call_soon_threadsafe(settle, future, error)
 
 
 class SealTimer:
@@ -85,7 +125,7 @@ class Durability(SealTimer):
     _durable_seq: int
     _waiters: collections.deque[tuple[int, asyncio.Future[None]]]
     _flusher: asyncio.Task[None] | None
-    _executor: concurrent.futures.ThreadPoolExecutor | None
+    _sync_thread: SyncThread | None
     _anchor_due: dict[str, Any] | None
     _anchored_seq: int
     _io_lock: threading.Lock
@@ -180,17 +220,14 @@ class Durability(SealTimer):
 
     async def _flush_loop(self) -> None:
         """One fsync at a time, each covering every record written before it started; until all are durable."""
-        loop = asyncio.get_running_loop()
         try:
             while self._file is not None and (self._durable_seq < self._seq or self._anchor_due is not None):
                 target, anchor = self._seq, self._anchor_due
                 self._anchor_due = None
-                if self._executor is None:
-                    self._executor = concurrent.futures.ThreadPoolExecutor(
-                        1, thread_name_prefix="audit-fsync"
-                    )
+                if self._sync_thread is None:
+                    self._sync_thread = SyncThread("audit-fsync")
                 try:
-                    await loop.run_in_executor(self._executor, self._sync_job, anchor)
+                    await self._sync_thread.run(self._sync_job, anchor)
                 except _Closed:
                     return
                 except OSError as exc:

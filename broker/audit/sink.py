@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import fcntl
 import hashlib
 import io
@@ -53,7 +52,7 @@ from typing import Any
 import structlog
 
 from broker.audit.chain import GENESIS, Keys, checkpoint_record, format_ts, load_keys, resume_record
-from broker.audit.durability import Durability, running_loop, settle
+from broker.audit.durability import Durability, SyncThread, running_loop, settle
 from broker.audit.records import decision_record, encode_line, seal_scrubbed
 from broker.audit.tail import ResumeReport, corrupt, scan_tail
 from broker.errors import AuditUnavailable
@@ -126,7 +125,7 @@ class AuditLog(Durability):
         self._durable_seq = 0  # every record up to this seq is covered by a completed fsync
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
         self._flusher: asyncio.Task[None] | None = None
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._sync_thread: SyncThread | None = None
         self._anchor_due: dict[str, Any] | None = None  # a checkpoint written whose anchor is not yet
         self._anchored_seq = 0  # seq of the checkpoint <log>.head names (under _io_lock)
         # held by the fsync thread while it uses the file descriptor, and to write the anchor or close the file
@@ -220,9 +219,9 @@ class AuditLog(Durability):
             while self._waiters:
                 seq, future = self._waiters.popleft()
                 settle(future, None if seq <= self._durable_seq else closed)
-            if self._executor is not None:
-                self._executor.shutdown(wait=False)
-                self._executor = None
+            if self._sync_thread is not None:
+                self._sync_thread.stop()
+                self._sync_thread = None
 
     async def start(self) -> None:
         """:meth:`open`, as :class:`broker.audit.store.AuditSink` names it for the server."""

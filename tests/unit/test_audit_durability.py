@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from broker.audit.chain import GENESIS, checkpoint_record, seal
+from broker.audit.durability import SyncThread
 from broker.audit.sink import AuditLog, head_path_for
 from broker.audit.verify import verify_log
 from broker.errors import AuditUnavailable
@@ -485,3 +486,53 @@ async def test_without_fsync_commit_returns_at_once(tmp_path: Path, signer: Sign
     await asyncio.gather(*(log.commit(make_fields(i)) for i in range(50)))
     await log.aclose()
     assert log.fsyncs == 0 and fsync.completed == []
+
+
+# -- the fsync thread ----------------------------------------------------------------------------------------
+
+
+def test_the_fsync_thread_answers_jobs_in_order_with_their_results_or_errors() -> None:
+    ran: list[int] = []
+
+    def job(n: int) -> None:
+        if n == 2:
+            raise OSError(errno.EIO, "disk gone")
+        ran.append(n)
+
+    async def main() -> list[BaseException | None]:
+        thread = SyncThread("test-fsync")
+        try:
+            futures = [thread.run(job, n) for n in range(4)]
+            return list(await asyncio.gather(*futures, return_exceptions=True))
+        finally:
+            thread.stop()
+
+    outcomes = asyncio.run(main())
+    assert ran == [0, 1, 3]
+    assert outcomes[:2] == [None, None] and outcomes[3] is None
+    assert isinstance(outcomes[2], OSError) and outcomes[2].errno == errno.EIO
+
+
+def test_a_job_finishing_after_its_loop_closed_leaves_the_thread_serving() -> None:
+    release = threading.Event()
+    started = threading.Event()
+
+    def held(_: object) -> None:
+        started.set()
+        release.wait(10)
+
+    async def first(thread: SyncThread) -> None:
+        thread.run(held, None)  # never awaited: this loop closes while the job runs
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+
+    async def second(thread: SyncThread) -> str:
+        await asyncio.wait_for(thread.run(lambda _: None, None), 10)  # a dead thread: TimeoutError
+        return "answered"
+
+    thread = SyncThread("test-fsync")
+    try:
+        asyncio.run(first(thread))
+        release.set()  # the job ends now, its loop closed: the answer has nowhere to go
+        assert asyncio.run(second(thread)) == "answered"
+    finally:
+        thread.stop()
