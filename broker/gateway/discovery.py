@@ -59,10 +59,11 @@ async def visible_names(
 
 
 async def discover(
-    services: Services, principal: Principal, names: Sequence[str], now: float
+    services: Services, runtime: Runtime, principal: Principal, names: Sequence[str], now: float
 ) -> tuple[Env, list[str]]:
-    """The names of ``names`` this (subject, actor) may see (``/v1/tools`` and MCP ``tools/list`` alike)."""
-    runtime = services.runtime.current
+    """The names of ``names`` this (subject, actor) may see (``/v1/tools`` and MCP ``tools/list`` alike), under
+    ``runtime``: the caller's, read once, so that a reload landing while it awaits never mixes two policy sets in
+    one answer (the Env is built for ``runtime.policies``; the caller's grant constraints use the same set)."""
     if not names:
         env, _ = await policy_env(services, runtime, principal, [], now)
         return env, []

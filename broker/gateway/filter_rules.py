@@ -5,7 +5,6 @@ a filter answers with."""
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -14,7 +13,7 @@ import cel
 
 from broker.canonical import I_JSON_MAX_INT
 from broker.errors import AccessDenied
-from broker.policy.cel import referenced_fields
+from broker.policy.cel import macro_bound, referenced_fields
 from broker.policy.paths import CompiledPath
 
 INJECT_VARIABLES: Final = frozenset({"subject", "actor"})
@@ -24,9 +23,6 @@ ROW_VARIABLES: Final = frozenset({"row", "subject", "actor"})
 # ---------------------------------------------------------------------------------------------------------
 # CEL
 
-# Names bound by CEL comprehension macros (``list.exists(x, …)``); program.variables() reports them too.
-_BOUND = re.compile(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_][A-Za-z0-9_]*)\s*,")
-
 
 def compile_cel(source: str, allowed: frozenset[str]) -> tuple[cel.Program | None, str | None]:
     try:
@@ -34,7 +30,7 @@ def compile_cel(source: str, allowed: frozenset[str]) -> tuple[cel.Program | Non
     except ValueError as exc:  # the binding's compile error; keep its "ERROR: <input>:L:C: …" lines
         lines = [line for line in str(exc).splitlines() if line.startswith("ERROR:")]
         return None, "CEL: " + ("; ".join(lines) if lines else str(exc).splitlines()[0])
-    undeclared = sorted(set(program.variables()) - allowed - set(_BOUND.findall(source)))
+    undeclared = sorted(set(program.variables()) - allowed - macro_bound(source))
     if undeclared:
         names = ", ".join(repr(name) for name in undeclared)
         return None, f"undeclared reference {names} (declared: {', '.join(sorted(allowed))})"

@@ -81,7 +81,7 @@ async def list_tools(request: web.Request) -> web.StreamResponse:
     policies = runtime.policies
     # grants are minted under the policy in force: a revoked version mints none (CONTRACT §17)
     await final_guard(services.store, services.metrics, principal, policy_version=runtime.policy_version)
-    env, names = await discover(services, principal, list(runtime.tools), now)
+    env, names = await discover(services, runtime, principal, list(runtime.tools), now)
     visible: list[tuple[str, dict[str, Any]]] = []
     for name in names:
         env.bind_tool(name)

@@ -34,7 +34,7 @@ async def visible_tools(services: Services, principal: Principal, upstream: McpU
     names = list(upstream.digests)
     if not names:
         return frozenset()
-    _, visible = await discover(services, principal, names, time.time())
+    _, visible = await discover(services, services.runtime.current, principal, names, time.time())
     return frozenset(visible)
 
 

@@ -41,12 +41,15 @@ _WORDS = {name: re.compile(rf"(?<![A-Za-z0-9_]){name}(?![A-Za-z0-9_])") for name
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 # Comprehension macros bind their first argument (cel-spec langdef "Macros"); two-variable forms bind two.
+# Comments count as the whitespace they are (``// …`` to the end of the line).
+_GAP = r"(?:\s|//[^\n]*)*"
 _MACRO_BINDING = re.compile(
-    rf"\.\s*(?:all|exists|exists_one|existsOne|map|filter|transformList|transformMap)\s*\(\s*({_IDENT})\s*,"
-    rf"(?:\s*({_IDENT})\s*,)?"
+    rf"\.{_GAP}(?:all|exists|exists_one|existsOne|map|filter|transformList|transformMap){_GAP}\({_GAP}"
+    rf"({_IDENT}){_GAP},(?:{_GAP}({_IDENT}){_GAP},)?"
 )
-# `.field` right after a variable, not followed by `(` (a method or macro call on the variable itself).
-_SELECT = re.compile(rf"\s*\.\s*({_IDENT})(?![A-Za-z0-9_])(?!\s*\()")
+# `.field` right after a variable, not followed by `(` (a method or macro call on the variable itself) nor by a
+# comment, after which a `(` may follow on the next line: `args.size // why\n()` calls size() on all of args.
+_SELECT = re.compile(rf"\s*\.\s*({_IDENT})(?![A-Za-z0-9_])(?!\s*(?:\(|//))")
 
 
 class ExpressionError(ValueError):
@@ -77,6 +80,12 @@ class Expression:
         return variable in self.variables
 
 
+def macro_bound(source: str) -> set[str]:
+    """The names comprehension macros bind in ``source`` (``list.exists(x, …)``): the library's
+    ``program.variables()`` reports them beside the real variables."""
+    return {name for match in _MACRO_BINDING.finditer(source) for name in match.groups() if name}
+
+
 def referenced_fields(source: str, variable: str) -> frozenset[str] | None:
     """Field names read as ``variable.NAME`` in ``source``; ``None`` if ``variable`` is used any other way.
 
@@ -102,7 +111,7 @@ def compile_expression(source: str) -> Expression:
         program = cel.compile(source)
     except ValueError as exc:
         raise ExpressionError([f"invalid CEL: {exc}"]) from exc
-    bound = {name for match in _MACRO_BINDING.finditer(source) for name in match.groups() if name}
+    bound = macro_bound(source)
     referenced = set(program.variables())
     undeclared = sorted(referenced - VARIABLES - bound)
     if undeclared:
@@ -171,19 +180,27 @@ class Env:
     Not shared across requests or threads. ``bind_tool`` re-points ``tool`` so one Env serves a whole
     discovery listing. ``cache`` belongs to the engine (visibility per policy set and tool, which does not
     depend on ``args``). ``error`` is set when the variables could not be converted: every decision fails.
+    ``args_error`` is set when the arguments could not be (too large for evaluation, or not CEL values): the
+    visibility gate, whose rules never read ``args`` (a load-time check), still decides; every decision denies.
     The ``bind_*`` methods leave out a variable ``needs`` says no rule reads, as :func:`build_env` does (each
     ``add_variable`` also makes the library rebuild its environment at the next evaluation, ~2.5 µs).
     """
 
-    __slots__ = ("cache", "context", "error", "needs", "tool")
+    __slots__ = ("args_error", "cache", "context", "error", "needs", "tool")
 
     def __init__(
-        self, context: cel.Context | None, tool: str, needs: Needs | None, error: str | None
+        self,
+        context: cel.Context | None,
+        tool: str,
+        needs: Needs | None,
+        error: str | None,
+        args_error: str | None = None,
     ) -> None:
         self.context = context
         self.tool = tool
         self.needs = needs
         self.error = error
+        self.args_error = args_error
         self.cache: dict[Any, Any] = {}
 
     def bind_tool(self, tool: str) -> None:
@@ -200,7 +217,7 @@ class Env:
             try:
                 self.context.add_variable("args", bounded_args(_only(args, self.needs, "args")))
             except ValueError as exc:
-                self.context, self.error = None, type(exc).__name__
+                self.args_error = type(exc).__name__
 
     def bind_counters(self, counters: Mapping[str, Mapping[str, Any]]) -> None:
         """Replace ``counters``: a call that reserved its place decides on the counts it reserved against
@@ -320,9 +337,13 @@ def build_env(
         variables["counters"] = _counters(counters, needs)
     if _reads(needs, "now"):
         variables["now"] = int(now)
-    try:
-        if _reads(needs, "args"):  # too large to evaluate over: every decision fails, as in bind_args
+    args_error = None
+    if _reads(needs, "args"):
+        try:
             variables["args"] = bounded_args(_only(args or {}, needs, "args"))
-        return Env(cel.Context(variables), tool, needs, None)
+        except ValueError as exc:  # too large to evaluate over: as in bind_args, every decision denies
+            args_error = type(exc).__name__
+    try:
+        return Env(cel.Context(variables), tool, needs, None, args_error)
     except ValueError as exc:
         return Env(None, tool, needs, type(exc).__name__)

@@ -320,13 +320,15 @@ class PolicySet:
         gate = self._gate(tool, env).decision
         if gate.outcome != "allow":
             return gate
-        if env.context is None:  # the arguments could not be bound (too large for evaluation, not CEL values)
+        if (
+            env.args_error is not None
+        ):  # the arguments could not be bound (too large for evaluation, not CEL values)
             return Decision(
                 "deny",
                 None,
-                f"policy environment invalid ({env.error})",
+                f"policy environment invalid ({env.args_error})",
                 "the arguments cannot be evaluated against policy",
-                error=env.error,
+                error=env.args_error,
             )
         env.bind_tool(tool)
         rules = self._rules_for(tool)

@@ -452,6 +452,16 @@ def test_output_is_compact_utf8() -> None:
             {"invoices": [invoice(1, "7")]},
             {"invoices": [invoice(1, "7")]},
         ),
+        (  # a comment between a name and its call: size() of the whole row, not of a field "size"
+            [{"path": "invoices", "keep": "row.size // small rows only\n() < 3"}],
+            {"invoices": [{"a": 1}, {"a": 1, "b": 2, "ssn": "x"}]},
+            {"invoices": [{"a": 1}]},
+        ),
+        (  # ... and a macro over the whole row's keys
+            [{"path": "invoices", "keep": "!row.exists // no secrets\n(k, k == 'ssn')"}],
+            {"invoices": [{"a": 1}, {"a": 2, "ssn": "x"}]},
+            {"invoices": [{"a": 1}]},
+        ),
     ],
     ids=[
         "other_department_dropped",
@@ -474,6 +484,8 @@ def test_output_is_compact_utf8() -> None:
         "size_of_row_full_row",
         "actor_in_predicate",
         "constant_true_keeps",
+        "comment_before_call_whole_row",
+        "comment_before_macro_whole_row",
     ],
 )
 def test_row_filters(rows: list[dict[str, str]], document: Any, expected: Any) -> None:

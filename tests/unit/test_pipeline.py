@@ -23,6 +23,7 @@ import pytest
 from broker.audit.sink import AuditLog
 from broker.canonical import args_digest
 from broker.config.loader import load_config
+from broker.config.models import Policy
 from broker.context import RequestContext
 from broker.errors import (
     AccessDenied,
@@ -36,6 +37,7 @@ from broker.errors import (
     UnknownTool,
 )
 from broker.gateway.approvals import ApprovalService
+from broker.gateway.discovery import discover
 from broker.gateway.forward import Forwarder
 from broker.gateway.http1 import Http1Pool
 from broker.gateway.pipeline import Authorized, ToolCall, authorize, given
@@ -46,6 +48,7 @@ from broker.identity.tokens import AccessToken
 from broker.jose import Signer
 from broker.keys import KeyRing
 from broker.observability import Metrics
+from broker.policy.engine import PolicySet
 from broker.resources import RuntimeHolder
 from broker.runtime import build_runtime
 from broker.state.memory import MemoryStore
@@ -561,3 +564,23 @@ async def test_an_approval_found_by_its_binding_claims_the_proof_once_and_consum
     assert isinstance(through, Authorized), through  # found by its binding; the proof is not claimed twice
     assert not await harness.proof_unburnt(principal)
     assert not await harness.store.claim(txn_replay_key(through.txn), 60)  # the token is consumed
+
+
+async def test_discovery_decides_under_the_runtime_it_is_given_not_the_current_one(harness: Harness) -> None:
+    # /v1/tools reads the runtime once and hands it down: a reload landing while it awaits (authentication, the
+    # guard) must not make discovery build its Env for the new policy set and the grants use the old one
+    current = harness.services.runtime.current
+    everything_hidden = replace(
+        current,
+        policies=PolicySet.compile(
+            [Policy(id="nobody", tools=["*"], effect="allow", when="false")],
+            tools=list(current.tools),
+            counters=[],
+        ),
+    )
+    principal = harness.principal()
+    names = list(current.tools)
+    _, under_current = await discover(harness.services, current, principal, names, time.time())
+    env, under_given = await discover(harness.services, everything_hidden, principal, names, time.time())
+    assert "approveExpense" in under_current and under_given == []
+    assert env.covers(everything_hidden.policies.needs)

@@ -677,6 +677,10 @@ FIELDS = [
     ("bare-means-whole", '"a" in subject', None),
     ("word-in-string-means-whole", '"subject" == args.x', None),
     ("other-words-ignored", "my_subject.a || subjects.b", frozenset()),
+    # a comment between a name and its call: CEL calls size()/exists() on the whole subject (review finding)
+    ("comment-then-call-means-whole", "subject.size // why\n() > 1", None),
+    ("comment-then-macro-means-whole", "subject.exists // why\n(k, k == 'x')", None),
+    ("comment-after-field-means-whole", "subject.a // just a note\n== 'x'", None),
 ]
 
 

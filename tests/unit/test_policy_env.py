@@ -89,6 +89,10 @@ ARGS = [
     "has(args.department) && args.department != subject.department",
     'args.exists(k, k == "department") && tool.name == "approveExpense"',
     "args.items.all(i, i < counters.c1.count)",
+    # a comment between a name and its call or macro: the call is on the whole variable (review finding)
+    "args.size // a note\n() > 1",
+    'args.exists // a note\n(k, k == "department")',
+    'subject.exists // a note\n(k, k == "department")',
 ]
 
 claims = st.fixed_dictionaries(
@@ -274,17 +278,36 @@ def test_an_env_missing_a_variable_is_refused() -> None:
         reads_now.visible("listInvoices", env)
 
 
-def test_arguments_too_large_for_policy_fail_every_decision() -> None:
-    """Also when given to ``build_env`` (the shadow set's path), not only to ``bind_args``."""
+def test_arguments_too_large_for_policy_deny_alike_wherever_they_are_bound() -> None:
+    """Given to ``build_env`` (the shadow set's and fixtures' path) or bound later (the pipeline's), with the
+    visibility cached or evaluated again: the tool stays visible (its gate reads no args) and the call denies."""
     policies = PolicySet.compile(
         [
             Policy(id="a", effect="allow", when="true", tools=["*"]),
             Policy(id="d", effect="deny", when="args.items.exists(i, i < 0)", tools=["*"]),
+            Policy(id="c", effect="deny", when="counters.c1.count > 1000", tools=["*"]),
         ],
         tools=TOOLS,
         counters=COUNTERS,
     )
     args = {"items": list(range(MAX_POLICY_LIST + 1))}
-    env = policies.build_env(subject={}, actor_id=None, tool="listInvoices", args=args, counters={}, now=NOW)
-    assert env.error == "ValueError"
-    assert policies.decide("listInvoices", env).outcome == "hidden"
+    c1_zero = {"c1": {"count": 0, "sum": 0.0}}
+    built = policies.build_env(
+        subject={}, actor_id=None, tool="listInvoices", args=args, counters=c1_zero, now=NOW
+    )
+    bound = policies.build_env(
+        subject={}, actor_id=None, tool="listInvoices", args=None, counters=c1_zero, now=NOW
+    )
+    assert policies.visible("listInvoices", bound)  # the pipeline: visibility cached before the arguments
+    bound.bind_args(args)
+    recounted = policies.build_env(
+        subject={}, actor_id=None, tool="listInvoices", args=None, counters=c1_zero, now=NOW
+    )
+    recounted.bind_args(args)
+    # a counter-feeding call: the cached visibility is dropped and evaluated again
+    recounted.bind_counters(c1_zero)
+    for env in (built, bound, recounted):
+        assert env.args_error == "ValueError" and env.error is None
+        assert policies.visible("listInvoices", env)
+        decision = policies.decide("listInvoices", env)
+        assert (decision.outcome, decision.reason) == ("deny", "policy environment invalid (ValueError)")
