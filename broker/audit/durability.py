@@ -12,6 +12,7 @@ import json
 import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -57,33 +58,46 @@ class SyncThread:
     queue, a plain thread and one ``call_soon_threadsafe`` per job is all the handoff needs."""
 
     def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue[
-            tuple[Callable[[Any], None], Any, asyncio.AbstractEventLoop, asyncio.Future[None]] | None
-        ] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._stopped = False
+        # the thread holds the queue only, never this object nor a finished job (the log it syncs): a log dropped
+        # without close() is collected, its file and lock released, and this thread ends with it
+        self._thread = threading.Thread(target=_serve, args=(self._jobs,), name=name, daemon=True)
         self._thread.start()
+        weakref.finalize(self, self._jobs.put, None)
 
     def run(self, job: Callable[[Any], None], argument: Any) -> asyncio.Future[None]:
         """``job(argument)`` on the thread; the future (of the running loop) gets its result or exception."""
+        if self._stopped:
+            raise RuntimeError("the fsync thread was stopped")  # a bug: nothing would ever answer the job
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._jobs.put((job, argument, loop, future))
         return future
 
     def stop(self) -> None:
-        """The thread ends after the jobs already queued (it is not waited for)."""
+        """The thread ends after the jobs already queued. It is not waited for, and it is a daemon: interpreter
+        exit does not wait for an fsync in flight (its committers were not answered, so nothing acknowledged is
+        lost; an anchor being replaced stays the older one) — a hung disk cannot hold the process."""
+        self._stopped = True
         self._jobs.put(None)
 
-    def _run(self) -> None:
-        while (item := self._jobs.get()) is not None:
-            job, argument, loop, future = item
-            error: BaseException | None = None
-            try:
-                job(argument)
-            except BaseException as exc:  # handed to the waiting coroutine, which decides
-                error = exc
-            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits for this answer now
-                loop.call_soon_threadsafe(settle, future, error)
+
+_Job = tuple[Callable[[Any], None], Any, asyncio.AbstractEventLoop, "asyncio.Future[None]"]
+
+
+def _serve(jobs: queue.SimpleQueue[_Job | None]) -> None:
+    while (item := jobs.get()) is not None:
+        job, argument, loop, future = item
+        error: BaseException | None = None
+        try:
+            job(argument)
+        except BaseException as exc:  # handed to the waiting coroutine, which decides
+            error = exc
+        with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits for this answer now
+            loop.call_soon_threadsafe(settle, future, error)
+        # nothing of the finished job stays referenced while the thread waits for the next one
+        item = job = argument = loop = future = error = None  # type: ignore[assignment]
 
 
 class SealTimer:
@@ -247,6 +261,17 @@ class Durability(SealTimer):
                     return  # the next commit starts a new batch
                 self._failed = False
                 self._durable(target)
+        except BaseException as exc:
+            # anything else (a bug in the job, the flusher cancelled at shutdown): nothing waiting may hang, and
+            # nothing is acknowledged — the waiters are refused, the log unhealthy unless it was only a cancellation
+            if not isinstance(exc, asyncio.CancelledError):
+                self._failed = True
+                log.error("audit fsync failed", reason="audit_write_failed", error=repr(exc))
+            error = AuditUnavailable("audit log unavailable", reason="audit_write_failed")
+            while self._waiters:
+                settle(self._waiters.popleft()[1], error)
+            if not isinstance(exc, Exception):
+                raise  # cancellation, exit: they go on; a bug is logged above, not left to the task's collector
         finally:
             self._flusher = None
 

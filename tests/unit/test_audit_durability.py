@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import hashlib
 import json
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -536,3 +538,46 @@ def test_a_job_finishing_after_its_loop_closed_leaves_the_thread_serving() -> No
         assert asyncio.run(second(thread)) == "answered"
     finally:
         thread.stop()
+
+
+@pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnraisableExceptionWarning"
+)  # its file, unclosed: the point
+def test_a_log_dropped_without_close_is_collected_and_its_lock_released(
+    tmp_path: Path, signer: Signer
+) -> None:
+    # review finding: the fsync thread held the last job, and with it the log: its file and flock for ever
+    path = tmp_path / "a.jsonl"
+
+    async def use_and_drop() -> weakref.ref[AuditLog]:
+        log = AuditLog(path, signer=signer, fsync=True)
+        log.open()
+        await log.commit(make_fields(1))
+        return weakref.ref(log)
+
+    dropped = asyncio.run(use_and_drop())
+    gc.collect()
+    assert dropped() is None
+    reopened = AuditLog(path, signer=signer, fsync=True)
+    reopened.open()  # audit_log_locked while the first one lived
+    reopened.close()
+
+
+def test_an_unexpected_error_in_the_fsync_job_refuses_its_committers(tmp_path: Path, signer: Signer) -> None:
+    def broken(fd: int) -> None:
+        raise RuntimeError("not an OSError")
+
+    async def main() -> BaseException | None:
+        log = AuditLog(tmp_path / "a.jsonl", signer=signer, fsync=True, fsync_fn=broken)
+        log.open()
+        try:
+            await asyncio.wait_for(log.commit(make_fields(1)), 10)  # it waited for ever
+        except AuditUnavailable as refused:
+            return refused
+        finally:
+            log._fsync_fn = os.fsync  # the final checkpoint's own fsync
+            log.close()
+        return None
+
+    refused = asyncio.run(main())
+    assert isinstance(refused, AuditUnavailable) and refused.reason == "audit_write_failed"
