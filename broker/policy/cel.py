@@ -339,13 +339,14 @@ def build_env(
         variables["counters"] = _counters(counters, needs)
     if _reads(needs, "now"):
         variables["now"] = int(now)
-    args_error = None
     if _reads(needs, "args"):
-        try:
-            variables["args"] = bounded_args(_only(args or {}, needs, "args"))
-        except ValueError as exc:  # too large to evaluate over: as in bind_args, every decision denies
-            args_error = type(exc).__name__
+        variables["args"] = {}
     try:
-        return Env(cel.Context(variables), tool, needs, None, args_error)
+        env = Env(cel.Context(variables), tool, needs, None)
     except ValueError as exc:
         return Env(None, tool, needs, type(exc).__name__)
+    if (
+        args
+    ):  # as the pipeline binds them: arguments policy cannot hold deny every decision, never hide the tool
+        env.bind_args(args)
+    return env

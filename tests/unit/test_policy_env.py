@@ -335,3 +335,19 @@ def test_comment_runs_compile_in_linear_time() -> None:
         compile_expression(source)
         macro_bound(source)
         assert time.perf_counter() - started < 1.0, source[:40]
+
+
+def test_arguments_cel_cannot_hold_deny_and_do_not_hide() -> None:
+    policies = PolicySet.compile(
+        [
+            Policy(id="a", effect="allow", when="true", tools=["*"]),
+            Policy(id="d", effect="deny", when="args.x == 1", tools=["*"]),
+        ],
+        tools=TOOLS,
+        counters=COUNTERS,
+    )
+    env = policies.build_env(
+        subject={}, actor_id=None, tool="listInvoices", args={"x": object()}, counters={}, now=NOW
+    )
+    assert env.args_error is not None and policies.visible("listInvoices", env)
+    assert policies.decide("listInvoices", env).outcome == "deny"
