@@ -94,10 +94,12 @@ def _serve(jobs: queue.SimpleQueue[_Job | None]) -> None:
             job(argument)
         except BaseException as exc:  # handed to the waiting coroutine, which decides
             error = exc
+        # the job (the log it syncs) is forgotten before it is answered: once its committer has its answer, nothing
+        # here keeps the log alive — not even for the moment until this thread waits for the next job
+        item = job = argument = None  # type: ignore[assignment]
         with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits for this answer now
             loop.call_soon_threadsafe(settle, future, error)
-        # nothing of the finished job stays referenced while the thread waits for the next one
-        item = job = argument = loop = future = error = None  # type: ignore[assignment]
+        loop = future = error = None  # type: ignore[assignment]
 
 
 class SealTimer:
