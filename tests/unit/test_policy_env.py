@@ -32,6 +32,13 @@ from broker.policy.engine import PolicyError, PolicySet
 
 TOOLS = ("approveExpense", "listInvoices", "purgeInvoices")
 COUNTERS = ("c1", "c2")
+
+
+def policy_set(*rules: Policy) -> PolicySet:
+    """The rules compiled over this file's tools and counters."""
+    return PolicySet.compile(list(rules), tools=TOOLS, counters=COUNTERS)
+
+
 NOW = 1_760_000_000
 AGENT = "spiffe://example.org/agents/a"
 
@@ -199,7 +206,7 @@ def _answers(policies: PolicySet, request: Mapping[str, Any], *, trimmed: bool) 
 def test_trimmed_environment_decides_like_the_full_one(
     policies: list[Policy], request: dict[str, Any]
 ) -> None:
-    compiled = PolicySet.compile(policies, tools=TOOLS, counters=COUNTERS)
+    compiled = policy_set(*policies)
     assert _answers(compiled, request, trimmed=True) == _answers(compiled, request, trimmed=False)
 
 
@@ -241,13 +248,9 @@ def test_one_expression_needs_only_what_it_names(source: str) -> None:
 def test_variables_no_rule_reads_are_left_out() -> None:
     """Not bound empty: absent, also after every ``bind_*`` (a rule naming them would fail, not see ``{}``). A
     name in a string counts as a use of the whole variable (the text analysis errs on the safe side)."""
-    policies = PolicySet.compile(
-        [
-            Policy(id="a", effect="allow", when='actor.id != "" && "args" != "tool"', tools=["*"]),
-            Policy(id="d", effect="deny", when="args.amount > counters.c1.count", tools=["*"]),
-        ],
-        tools=TOOLS,
-        counters=COUNTERS,
+    policies = policy_set(
+        Policy(id="a", effect="allow", when='actor.id != "" && "args" != "tool"', tools=["*"]),
+        Policy(id="d", effect="deny", when="args.amount > counters.c1.count", tools=["*"]),
     )
     env = policies.build_env(
         subject={"sub": "alice", "risk_score": 5},
@@ -272,12 +275,8 @@ def test_variables_no_rule_reads_are_left_out() -> None:
 
 
 def test_an_env_missing_a_variable_is_refused() -> None:
-    reads_now = PolicySet.compile(
-        [Policy(id="r", effect="allow", when=f"now > {NOW}", tools=["*"])], tools=TOOLS, counters=COUNTERS
-    )
-    reads_nothing = PolicySet.compile(
-        [Policy(id="r", effect="allow", when="true", tools=["*"])], tools=TOOLS, counters=COUNTERS
-    )
+    reads_now = policy_set(Policy(id="r", effect="allow", when=f"now > {NOW}", tools=["*"]))
+    reads_nothing = policy_set(Policy(id="r", effect="allow", when="true", tools=["*"]))
     env = reads_nothing.build_env(
         subject={}, actor_id=None, tool="listInvoices", args=None, counters={}, now=NOW + 1
     )
@@ -289,14 +288,10 @@ def test_an_env_missing_a_variable_is_refused() -> None:
 def test_arguments_too_large_for_policy_deny_alike_wherever_they_are_bound() -> None:
     """Given to ``build_env`` (the shadow set's and fixtures' path) or bound later (the pipeline's), with the
     visibility cached or evaluated again: the tool stays visible (its gate reads no args) and the call denies."""
-    policies = PolicySet.compile(
-        [
-            Policy(id="a", effect="allow", when="true", tools=["*"]),
-            Policy(id="d", effect="deny", when="args.items.exists(i, i < 0)", tools=["*"]),
-            Policy(id="c", effect="deny", when="counters.c1.count > 1000", tools=["*"]),
-        ],
-        tools=TOOLS,
-        counters=COUNTERS,
+    policies = policy_set(
+        Policy(id="a", effect="allow", when="true", tools=["*"]),
+        Policy(id="d", effect="deny", when="args.items.exists(i, i < 0)", tools=["*"]),
+        Policy(id="c", effect="deny", when="counters.c1.count > 1000", tools=["*"]),
     )
     args = {"items": list(range(MAX_POLICY_LIST + 1))}
     c1_zero = {"c1": {"count": 0, "sum": 0.0}}
@@ -338,13 +333,9 @@ def test_comment_runs_compile_in_linear_time() -> None:
 
 
 def test_arguments_cel_cannot_hold_deny_and_do_not_hide() -> None:
-    policies = PolicySet.compile(
-        [
-            Policy(id="a", effect="allow", when="true", tools=["*"]),
-            Policy(id="d", effect="deny", when="args.x == 1", tools=["*"]),
-        ],
-        tools=TOOLS,
-        counters=COUNTERS,
+    policies = policy_set(
+        Policy(id="a", effect="allow", when="true", tools=["*"]),
+        Policy(id="d", effect="deny", when="args.x == 1", tools=["*"]),
     )
     env = policies.build_env(
         subject={}, actor_id=None, tool="listInvoices", args={"x": object()}, counters={}, now=NOW
