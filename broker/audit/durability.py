@@ -230,6 +230,12 @@ class Durability(SealTimer):
         while self._waiters and self._waiters[0][0] <= self._durable_seq:
             settle(self._waiters.popleft()[1])
 
+    def _refuse_waiters(self, reason: str) -> None:
+        """Every committer waiting now gets AuditUnavailable: nothing is acknowledged on a failure."""
+        error = AuditUnavailable("audit log unavailable", reason=reason)
+        while self._waiters:
+            settle(self._waiters.popleft()[1], error)
+
     def _kick(self) -> None:
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
@@ -257,9 +263,7 @@ class Durability(SealTimer):
                     log.error(
                         "audit fsync failed", reason=reason, error=str(exc.__cause__ or exc), seq=target
                     )
-                    error = AuditUnavailable("audit log unavailable", reason=reason)
-                    while self._waiters:  # every committer waiting now: nothing is acknowledged on a failure
-                        settle(self._waiters.popleft()[1], error)
+                    self._refuse_waiters(reason)
                     return  # the next commit starts a new batch
                 self._failed = False
                 self._durable(target)
@@ -269,9 +273,7 @@ class Durability(SealTimer):
             if not isinstance(exc, asyncio.CancelledError):
                 self._failed = True
                 log.error("audit fsync failed", reason="audit_write_failed", error=repr(exc))
-            error = AuditUnavailable("audit log unavailable", reason="audit_write_failed")
-            while self._waiters:
-                settle(self._waiters.popleft()[1], error)
+            self._refuse_waiters("audit_write_failed")
             if not isinstance(exc, Exception):
                 raise  # cancellation, exit: they go on; a bug is logged above, not left to the task's collector
         finally:
