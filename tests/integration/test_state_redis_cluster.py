@@ -410,7 +410,9 @@ async def test_hung_master_fails_closed_then_the_same_store_recovers(
     # the same store works again at once, on every master
     assert await store.claim(on_hung[1], 300) is True
     assert await store.claim(on_hung[1], 300) is False
-    assert all(await asyncio.gather(*(store.claim(txn_replay_key(f"after{i}"), 60) for i in range(30))))
+    # one after another: thirty at once, each within the test's 0.2 s bound, raced the resumed master's backlog on
+    # a loaded CI machine (a TimeoutError once) — recovery, not throughput, is what this checks
+    assert all([await store.claim(txn_replay_key(f"after{i}"), 60) for i in range(30)])
 
 
 # -- Sentinel ------------------------------------------------------------------------------------------------
