@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import signal
 import socket
 import ssl
@@ -230,6 +231,10 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     running = await start(loaded, reuse_port=reuse_port)
+    # What start-up built (modules, config, compiled policy and schemas) lives as long as the process: frozen, a
+    # full collection walks only what requests allocate (a ~40 ms pause each time, on the event loop, before)
+    gc.collect()
+    gc.freeze()
     reloads: set[asyncio.Task[object]] = set()
 
     def on_sighup() -> None:

@@ -94,6 +94,7 @@ from broker.gateway.filter_rules import (
     ROW_VARIABLES,
     MaskRule,
     Reads,
+    RowEquality,
     RowRule,
     compile_cel,
     inject_failed,
@@ -297,7 +298,8 @@ def compile_tool_filters(tool: Tool) -> ToolFilters:
         else:
             fields = referenced_fields(rule.keep, "row")
             folded = None if fields is None else frozenset(fold_key(name) for name in fields)
-            row_filters.append(RowRule(compile_path(steps), program, fields, folded))
+            equality = RowEquality.of(rule.keep)
+            row_filters.append(RowRule(compile_path(steps), program, fields, folded, equality))
             row_sources.append((rule.keep, program))
     if problems:
         raise FilterCompileError(problems)

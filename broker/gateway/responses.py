@@ -130,7 +130,7 @@ class ResponseFilter:
             context = self._row_context()
             remaining = []
             for row in rows:
-                if context is not None and _keeps(row_filter, context, row):
+                if context is not None and self._keeps(row_filter, context, row):
                     remaining.append(row)
                     kept.add(id(row))
                 else:
@@ -203,7 +203,7 @@ class ResponseFilter:
                     if all(folded not in fields for _, folded in named):
                         continue
                     context = self._row_context()
-                    if context is None or not _keeps(row_filter, context, node):
+                    if context is None or not self._keeps(row_filter, context, node):
                         raise shape_mismatch()
                 for member, folded in named:
                     leaf = leaves.get(folded)
@@ -232,6 +232,15 @@ class ResponseFilter:
             if value is not None:
                 self._hide(value)
                 container[key] = mask_value(value, keep_last)
+
+    def _keeps(self, row_filter: RowRule, context: cel.Context, row: Any) -> bool:
+        """Whether ``row_filter`` keeps ``row``: exactly true, decided without CEL where that is certain."""
+        equality = row_filter.equality
+        if equality is not None:
+            verdict = equality.decide(row, self._subject)
+            if verdict is not None:
+                return verdict
+        return _keeps(row_filter, context, row)
 
     def _hide_named(self, values: list[Any]) -> None:
         """Hide the values of the members masks name anywhere in ``values`` (what row filters and drops
@@ -273,6 +282,7 @@ class ResponseFilter:
 
 
 def _keeps(row_filter: RowRule, context: cel.Context, row: Any) -> bool:
+    """CEL's verdict on ``row`` (the ``row`` variable of ``context`` replaced)."""
     fields = row_filter.fields
     if fields is not None and type(row) is dict:
         row = {name: row[name] for name in fields if name in row}
