@@ -45,7 +45,7 @@ test: install
 ## direct, a bare aiohttp forwarder and the broker, per-stage costs, and
 ## what `broker connect` adds to a call; writes var/bench.json
 bench: install
-	$(BIN)/python -m broker.dev.bench --unpinned-too --out var/bench.json
+	$(BIN)/python -m broker.dev.bench --unpinned-too --rounds 3 --duration 6 --out var/bench.json
 	$(BIN)/python -m broker.dev.bench.micro --out var/bench.json
 	$(BIN)/python -m broker.dev.bench.connector --out var/bench.json
 

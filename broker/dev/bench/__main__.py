@@ -35,6 +35,12 @@ every set-up a second time with no pinning (``unpinned`` in each row, ``ratios_u
 only that. Unpinned, the load generator shares the cores with the servers: only ratios within one run mean
 anything (PERF.md).
 
+Rounds (``--rounds N``; ``make bench`` uses 3): a shared virtual machine's speed drifts by 10-20 % between minutes
+(the same code measured 1,308 and 1,726 CPU µs per request ten minutes apart), more than most single changes are
+worth. With rounds every set-up runs once per round, each ratio is computed within a round (its set-ups
+measured a minute apart) and the median over the rounds is reported; a row is the set-up's median run, with
+every round's rps and CPU µs per request under ``rounds``.
+
 A new set-up is one more :class:`Setup` in :func:`build_setups`: a name, a URL, a ``make_request`` (called per
 request: the place for fresh DPoP proofs) and a ``start`` context manager that brings its server up.
 A set-up whose server does not become ready is reported as failed; the others still run. Exit status 1 then.
@@ -52,10 +58,11 @@ import platform
 import signal
 import socket
 import ssl
+import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -692,8 +699,9 @@ async def measure(setup: Setup, args: argparse.Namespace, env: BenchEnv) -> Meas
     return Measured(result, env.placement.pinned, cpu_us, util, steal, os.getloadavg()[0])
 
 
-async def run_bench(args: argparse.Namespace, certs: Path, work: Path) -> dict[str, Run | str]:
-    """Start the backend, then each selected set-up in turn; a run or a failure message per set-up."""
+async def run_bench(args: argparse.Namespace, certs: Path, work: Path) -> dict[str, list[Run] | str]:
+    """Start the backend, then each selected set-up in turn, ``--rounds`` times over; per set-up its runs (one
+    per round) or a failure message."""
     agents = certs / "agents"
     probe_ssl = client_ssl_context(
         certs / "ca.pem", agents / f"{args.agent}.pem", agents / f"{args.agent}-key.pem"
@@ -720,37 +728,44 @@ async def run_bench(args: argparse.Namespace, certs: Path, work: Path) -> dict[s
         if unknown := [name for name in args.setups if name not in known]:
             raise SetupFailed(f"unknown set-ups {unknown}; known: {known}")
         setups = [setup for setup in setups if setup.name in args.setups]
-    outcomes: dict[str, Run | str] = {}
+    outcomes: dict[str, list[Run] | str] = {}
     # SIGTERM stops the bench like Ctrl-C does: cancel, so every server_process block stops its server.
     main_task = asyncio.current_task()
     assert main_task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     async with start_backend(env):
-        for setup in setups:
-            try:
-                async with setup.start():
-                    runs: list[Measured] = []
-                    for pinned in modes:
-                        print(
-                            f"running {setup.name} for {args.warmup:g}+{args.duration:g}s "
-                            f"({'pinned' if pinned else 'unpinned'}) ...",
-                            file=sys.stderr,
-                            flush=True,
-                        )
-                        placement.pinned = pinned
-                        if setup.name == "backend":  # the shared backend is the server under test here
-                            placement.under_test, placement.aux = placement.aux, placement.under_test
-                        try:
-                            placement.place()
-                            runs.append(await measure(setup, args, env))
-                        finally:
-                            if setup.name == "backend":
+        for round_number in range(1, args.rounds + 1):
+            for setup in setups:
+                if isinstance(outcomes.get(setup.name), str):
+                    continue  # failed in an earlier round
+                try:
+                    async with setup.start():
+                        runs: list[Measured] = []
+                        for pinned in modes:
+                            print(
+                                f"running {setup.name} for {args.warmup:g}+{args.duration:g}s "
+                                f"({'pinned' if pinned else 'unpinned'}"
+                                + (f", round {round_number} of {args.rounds}" if args.rounds > 1 else "")
+                                + ") ...",
+                                file=sys.stderr,
+                                flush=True,
+                            )
+                            placement.pinned = pinned
+                            if setup.name == "backend":  # the shared backend is the server under test here
                                 placement.under_test, placement.aux = placement.aux, placement.under_test
-                    outcomes[setup.name] = Run(runs[0], runs[1] if len(runs) > 1 else None)
-            except SetupFailed as exc:
-                print(exc, file=sys.stderr)
-                outcomes[setup.name] = str(exc)
-            placement.pinned = modes[0]
+                            try:
+                                placement.place()
+                                runs.append(await measure(setup, args, env))
+                            finally:
+                                if setup.name == "backend":
+                                    placement.under_test, placement.aux = placement.aux, placement.under_test
+                        done = outcomes.setdefault(setup.name, [])
+                        assert not isinstance(done, str)
+                        done.append(Run(runs[0], runs[1] if len(runs) > 1 else None))
+                except SetupFailed as exc:
+                    print(exc, file=sys.stderr)
+                    outcomes[setup.name] = str(exc)
+                placement.pinned = modes[0]
     return outcomes
 
 
@@ -758,42 +773,103 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def report(outcomes: dict[str, Run | str], args: argparse.Namespace) -> dict[str, Any]:
+def median_run(runs: Sequence[Run]) -> Run:
+    """The run of median server CPU per request (by rps where CPU was not measured): a real run, whose figures
+    belong together, rather than a mix of medians."""
+
+    def cost(run: Run) -> float:
+        cpu_us = run.main.cpu_us_per_request
+        return cpu_us if cpu_us is not None else -run.main.rps
+
+    return sorted(runs, key=cost)[(len(runs) - 1) // 2]
+
+
+def ratios(rows: Mapping[str, Measured]) -> dict[str, float]:
+    """Each set-up's rps over bare's, and the named pairs' (``mcp-broker/mcp-direct``, ``broker-postgres/broker``)."""
+    found: dict[str, float] = {}
+    bare = rows.get("bare")
+    if bare is not None and bare.rps > 0:
+        found.update({f"{name}/bare": round(row.rps / bare.rps, 3) for name, row in rows.items()})
+        found.pop("bare/bare")
+    pairs = [("mcp-broker", "mcp-direct"), ("broker-postgres", "broker")]
+    for over, under in pairs:
+        if over in rows and under in rows and rows[under].rps > 0:
+            found[f"{over}/{under}"] = round(rows[over].rps / rows[under].rps, 3)
+    return found
+
+
+def cpu_ratios(rows: Mapping[str, Measured]) -> dict[str, float]:
+    """Bare's CPU µs per request over each set-up's: what one core of each serves."""
+    bare = rows.get("bare")
+    bare_cpu = bare.cpu_us_per_request if bare is not None else None
+    if not bare_cpu:
+        return {}
+    return {
+        f"{name}/bare": round(bare_cpu / row.cpu_us_per_request, 3)
+        for name, row in rows.items()
+        if name != "bare" and row.cpu_us_per_request
+    }
+
+
+def median_ratios(
+    rounds: Sequence[Mapping[str, Measured]], of: Callable[[Mapping[str, Measured]], dict[str, float]]
+) -> dict[str, float]:
+    """Each ratio taken within a round (its set-ups measured minutes apart, not a whole run apart), then the
+    median over the rounds: the machine's drift between rounds cancels out of it."""
+    per_round = [of(rows) for rows in rounds]
+    keys = dict.fromkeys(key for found in per_round for key in found)
+    return {key: statistics.median(found[key] for found in per_round if key in found) for key in keys}
+
+
+def report(outcomes: Mapping[str, Sequence[Run] | str], args: argparse.Namespace) -> dict[str, Any]:
     """Print the table and return the JSON document (``ratios`` only when ``bare`` ran).
 
     Each row of ``setups`` holds the main run (pinned by default) with ``cpu_us_per_request``; with
     ``--unpinned-too`` also ``unpinned``, and ``ratios_unpinned`` beside ``ratios``. ``ratios_cpu`` gives, per
-    set-up, bare's CPU µs per request over the set-up's: the throughput ratio of one core of each."""
+    set-up, bare's CPU µs per request over the set-up's: the throughput ratio of one core of each. With
+    ``--rounds N`` a row is the set-up's median run (:func:`median_run`), ``rounds`` lists every round's rps and
+    CPU µs per request, and each ratio is the median of the ratios within each round (:func:`median_ratios`)."""
     doc: dict[str, Any] = {"setups": {}, "ratios": {}}
-    mains = {name: run.main for name, run in outcomes.items() if isinstance(run, Run)}
-    unpinned = {name: run.unpinned for name, run in outcomes.items() if isinstance(run, Run) and run.unpinned}
-
-    def ratios(rows: dict[str, Measured]) -> dict[str, float]:
-        found: dict[str, float] = {}
-        bare = rows.get("bare")
-        if bare is not None and bare.rps > 0:
-            found.update({f"{name}/bare": round(row.rps / bare.rps, 3) for name, row in rows.items()})
-            found.pop("bare/bare")
-        pairs = [("mcp-broker", "mcp-direct"), ("broker-postgres", "broker")]
-        for over, under in pairs:
-            if over in rows and under in rows and rows[under].rps > 0:
-                found[f"{over}/{under}"] = round(rows[over].rps / rows[under].rps, 3)
-        return found
+    measured = {name: list(runs) for name, runs in outcomes.items() if not isinstance(runs, str)}
+    chosen = {name: median_run(runs) for name, runs in measured.items()}
+    mains = {name: run.main for name, run in chosen.items()}
+    unpinned = {name: run.unpinned for name, run in chosen.items() if run.unpinned}
+    count = max((len(runs) for runs in measured.values()), default=0)
+    rounds = [
+        {name: runs[index].main for name, runs in measured.items() if index < len(runs)}
+        for index in range(count)
+    ]
+    loose_rounds = [
+        {
+            name: loose
+            for name, runs in measured.items()
+            if index < len(runs) and (loose := runs[index].unpinned) is not None
+        }
+        for index in range(count)
+    ]
 
     print(
         f"{'setup':<18} {'rps':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'vs bare':>8} "
         f"{'cpu us/req':>10} {'cpu util':>8} {'steal':>6}"
         + (f" | {'unpinned rps':>12} {'p50':>7} {'p99':>7} {'vs bare':>7} {'us/req':>7}" if unpinned else "")
     )
-    doc["ratios"] = ratios(mains)
-    plain = ratios(unpinned)
+    doc["ratios"] = median_ratios(rounds, ratios)
+    plain = median_ratios(loose_rounds, ratios)
     for name, outcome in outcomes.items():
         if isinstance(outcome, str):
             doc["setups"][name] = {"failed": outcome}
             print(f"{name:<18} FAILED: {outcome.splitlines()[0]}")
             continue
-        row, loose = outcome.main, outcome.unpinned
+        row, loose = chosen[name].main, chosen[name].unpinned
         doc["setups"][name] = row.as_json()
+        if count > 1:
+            doc["setups"][name]["rounds"] = [
+                {
+                    "rps": round(run.main.rps, 1),
+                    "cpu_us_per_request": run.main.as_json()["cpu_us_per_request"],
+                }
+                for run in outcome
+            ]
         line = (
             f"{name:<18} {row.rps:>8.1f} {row.result.p50_ms:>8.2f} {row.result.p99_ms:>8.2f} "
             f"{row.result.errors:>7} {_fmt(doc['ratios'].get(f'{name}/bare'), '.2f'):>8} "
@@ -809,13 +885,8 @@ def report(outcomes: dict[str, Run | str], args: argparse.Namespace) -> dict[str
         print(line)
     if unpinned:
         doc["ratios_unpinned"] = plain
-    bare_cpu = mains["bare"].cpu_us_per_request if "bare" in mains else None
-    if bare_cpu:
-        doc["ratios_cpu"] = {
-            f"{name}/bare": round(bare_cpu / row.cpu_us_per_request, 3)
-            for name, row in mains.items()
-            if name != "bare" and row.cpu_us_per_request
-        }
+    if found_cpu := median_ratios(rounds, cpu_ratios):
+        doc["ratios_cpu"] = found_cpu
     if "mcp-broker/mcp-direct" in doc["ratios"]:
         print(
             f"mcp-broker / mcp-direct: {doc['ratios']['mcp-broker/mcp-direct']:.2f} (tools/call via /mcp vs direct)"
@@ -832,6 +903,7 @@ def report(outcomes: dict[str, Run | str], args: argparse.Namespace) -> dict[str
     split = cpu.split_cpus(cpu.available_cpus())
     doc["meta"] = {
         "duration": args.duration,
+        "rounds": args.rounds,
         "warmup": args.warmup,
         "concurrency": args.concurrency,
         "cpu_count": os.cpu_count(),
@@ -843,6 +915,13 @@ def report(outcomes: dict[str, Run | str], args: argparse.Namespace) -> dict[str
         "loadavg": [round(value, 2) for value in os.getloadavg()],
     }
     return doc
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -857,6 +936,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--warmup", type=float, default=1.0, help="unmeasured seconds first (default %(default)s)"
     )
     parser.add_argument("--concurrency", type=int, default=32, help="connections (default %(default)s)")
+    parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=1,
+        help="load every set-up this many times, interleaved (round 1: each set-up once, then round 2, ...); "
+        "rows are each set-up's median run, ratios the median of the ratios within each round — on a machine "
+        "whose speed drifts between minutes, the only ratios worth comparing across commits (default %(default)s)",
+    )
     parser.add_argument(
         "--out", type=Path, default=Path("var/bench.json"), help="JSON report (default %(default)s)"
     )
