@@ -48,17 +48,22 @@ def occurring(hidden: set[str], message: Any) -> set[str]:
         folded.setdefault(fold_key(value), []).append(value)
     shortest = min(len(value) for value in folded)
     texts: list[str] = []  # every string, key and number of the message, as it stands
+    seen: set[int] = set()  # containers already read: an MCP result holds its document twice (one object)
     stack = [message]
     while stack:
         node = stack.pop()
         kind = type(node)
         if kind is str:
             texts.append(node)
-        elif kind is dict:
-            texts.extend(node)
-            stack.extend(node.values())
-        elif kind is list:
-            stack.extend(node)
+        elif kind is dict or kind is list:
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if kind is dict:
+                texts.extend(node)
+                stack.extend(node.values())
+            else:
+                stack.extend(node)
         elif kind is int or kind is float:
             texts.append(number_text(node))
     joined = "\x00".join(texts)

@@ -57,3 +57,15 @@ def test_occurring_never_misses_a_hidden_value(seed: int) -> None:
     if not hidden:
         hidden = {"zz"}
     assert _brute_force(hidden, message) <= occurring(hidden, message)
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_a_value_held_twice_is_read_once_and_still_found(seed: int) -> None:
+    # an MCP result holds its document as structuredContent and as its text content: one object, twice
+    rng = random.Random(seed)
+    document = _message(rng)
+    message = {"content": [{"type": "text", "text": document}], "structuredContent": document}
+    texts = _texts(document)
+    hidden = {text for text in texts if text and rng.random() < 0.5} | {"absent-value"}
+    assert _brute_force(hidden, message) <= occurring(hidden, message)
+    assert "absent-value" not in occurring(hidden, message)
