@@ -297,6 +297,10 @@ async def _decide_and_seal(
         metrics.child(metrics.txn_tokens, tool.name, "minted").inc()
         token, txn = minted.token, minted.txn
         record.txn = txn
+        if call.step == "exchange":  # it comes back for its invocation, usually to this process
+            signed_by = services.signer.verification_keys(now).get(services.signer.kid)
+            if signed_by is not None:
+                services.minted.remember(token, signed_by)
 
     record.decision = "allow"  # 10
     await audit_decision(services, record)
@@ -416,6 +420,7 @@ def presented_txn_token(
             audience=config.identity.trust_domain,
             now=now,
             max_bytes=config.server.limits.max_token_bytes,
+            signed_here=services.minted.vouches,
         )
         check_invocation(
             claims,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from broker.audit.store import AuditSink
@@ -16,6 +16,7 @@ from broker.keys import KeyRing
 from broker.observability import Metrics
 from broker.state.base import StateStore
 from broker.tracing import NULL_TRACER, Tracer
+from broker.txn.minted import MintedHere
 
 if TYPE_CHECKING:  # the approvals service (aiohttp handlers) imports this module
     from broker.gateway.approvals import ApprovalService
@@ -36,6 +37,9 @@ class Services:
     forwarder: Forwarder
     #: spans (CONTRACT §16); the null tracer unless observability.tracing is configured
     tracer: Tracer = NULL_TRACER
+    #: the txn tokens this process signed at exchange, so that their invocation skips re-verifying its own
+    #: signature (broker.txn.minted)
+    minted: MintedHere = field(default_factory=MintedHere)
 
 
 async def audit_decision(services: Services, record: RequestContext) -> None:

@@ -41,7 +41,7 @@ from __future__ import annotations
 import hmac
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final
@@ -259,11 +259,15 @@ def verify_txn_token(
     now: float,
     leeway: int = 5,
     max_bytes: int = 8192,
+    signed_here: Callable[[str, KeyEntry], bool] | None = None,
 ) -> TxnClaims:
     """Verify a txn token against the broker's ``keys`` (``kid -> KeyEntry``: current and previous keys).
 
     Raises :class:`InvalidTxnToken` (``reason="txn_<check>"``) on the first failed check, in the order of the
     module docstring. Does not consume ``txn``: single use is the caller's atomic claim in the state store.
+    ``signed_here(token, entry)``: True when this process signed exactly ``token`` with the key ``entry`` verifies
+    (:class:`broker.txn.minted.MintedHere`); only the signature verification is then skipped, every other check
+    runs.
     """
     if not isinstance(token, str):
         raise _refuse("txn_malformed")
@@ -289,7 +293,8 @@ def verify_txn_token(
     expected_alg = entry.alg if entry.alg is not None else default_alg(entry.key)
     if header["alg"] != expected_alg:
         raise _refuse("txn_alg")
-    if not verify_signature(entry.key, expected_alg, jws.signing_input, jws.signature):
+    vouched = signed_here is not None and signed_here(token, entry)
+    if not vouched and not verify_signature(entry.key, expected_alg, jws.signing_input, jws.signature):
         raise _refuse("txn_signature")
     return _claims(jws.payload, kid=kid, issuer=issuer, audience=audience, now=now, leeway=leeway)
 

@@ -35,7 +35,7 @@ every set-up a second time with no pinning (``unpinned`` in each row, ``ratios_u
 only that. Unpinned, the load generator shares the cores with the servers: only ratios within one run mean
 anything (PERF.md).
 
-Rounds (``--rounds N``; ``make bench`` uses 3): a shared virtual machine's speed drifts by 10-20 % between minutes
+Rounds (``--rounds N``; ``make bench`` uses 3): a shared virtual machine's speed drifts by 10-40 % between minutes
 (the same code measured 1,308 and 1,726 CPU µs per request ten minutes apart), more than most single changes are
 worth. With rounds every set-up runs once per round, each ratio is computed within a round (its set-ups
 measured a minute apart) and the median over the rounds is reported; a row is the set-up's median run, with

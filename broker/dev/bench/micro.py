@@ -26,6 +26,7 @@ from broker.identity.dpop import DpopPolicy, verify_proof
 from broker.jose import Signer, generate_ec_jwk
 from broker.policy.engine import PolicySet
 from broker.sdk.agent import DpopSigner
+from broker.txn.minted import MintedHere
 from broker.txn.tokens import mint_txn_token, verification_keys, verify_txn_token
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -113,6 +114,8 @@ def cases(work: Path) -> dict[str, Callable[[], Any]]:
     )
     minted = mint(now=time.time())
     keys = verification_keys(signer.public_jwk())
+    here = MintedHere()
+    here.remember(minted.token, keys[signer.kid])
 
     return {
         "policy: build env + visibility + decide (expense rules)": decide,
@@ -125,6 +128,16 @@ def cases(work: Path) -> dict[str, Callable[[], Any]]:
         "txn token mint (ES256)": lambda: mint(now=time.time()),
         "txn token verification (ES256)": lambda: verify_txn_token(
             minted.token, keys=keys, issuer="https://localhost:8443", audience="example.org", now=time.time()
+        ),
+        "txn token verification, signed by this process (its invocation after an exchange)": lambda: (
+            verify_txn_token(
+                minted.token,
+                keys=keys,
+                issuer="https://localhost:8443",
+                audience="example.org",
+                now=time.time(),
+                signed_here=here.vouches,
+            )
         ),
         "audit record (hash chain, write)": lambda: audit.append(record),
     }
