@@ -22,6 +22,7 @@ or replica verifies in full, as every process did before.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from typing import Final
 
 from broker.identity.jwks import KeyEntry
@@ -38,7 +39,8 @@ class MintedHere:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self._capacity = capacity
-        self._entries: dict[bytes, KeyEntry] = {}
+        # an OrderedDict, not a dict: evicting a plain dict's oldest key walks the deleted slots before it
+        self._entries: OrderedDict[bytes, KeyEntry] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -49,7 +51,7 @@ class MintedHere:
         digest = hashlib.sha256(token.encode("ascii")).digest()
         entries.pop(digest, None)
         while len(entries) >= self._capacity:
-            del entries[next(iter(entries))]
+            entries.popitem(last=False)
         entries[digest] = entry
 
     def vouches(self, token: str, entry: KeyEntry) -> bool:
