@@ -33,6 +33,9 @@ CAPACITY: Final = 16_384
 
 
 class MintedHere:
+    """The txn tokens this process signed at exchanges (module docstring): :meth:`remember` at mint,
+    :meth:`vouches` at verification. Not thread-safe: one per event loop (``Services.minted``)."""
+
     __slots__ = ("_capacity", "_entries")
 
     def __init__(self, capacity: int = CAPACITY) -> None:
