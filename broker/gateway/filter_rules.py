@@ -165,6 +165,10 @@ class RowEquality:
         left_var, left, operator, right_var, right = match.groups()
         if left_var != "row" and right_var != "row":
             return None  # no row member: constant over the rows, CEL's (and rare)
+        if referenced_fields(source, "row") is None:
+            # ``row.row``: the row is converted into CEL whole (not pruned to the members compared), and CEL could
+            # fail on a member the comparison never reads — not certain, so CEL's
+            return None
         return cls(left_var == "row", left, right_var == "row", right, operator == "==")
 
     def decide(self, row: Any, subject: Mapping[str, Any]) -> bool | None:

@@ -298,10 +298,9 @@ def compile_tool_filters(tool: Tool) -> ToolFilters:
         else:
             fields = referenced_fields(rule.keep, "row")
             folded = None if fields is None else frozenset(fold_key(name) for name in fields)
-            # Only where the row is pruned to the members the rule names: converting a whole row (``row.row``
-            # reads as "row used other than row.NAME") can fail on a member the comparison never looks at.
-            equality = RowEquality.of(rule.keep) if fields is not None else None
-            row_filters.append(RowRule(compile_path(steps), program, fields, folded, equality))
+            row_filters.append(
+                RowRule(compile_path(steps), program, fields, folded, RowEquality.of(rule.keep))
+            )
             row_sources.append((rule.keep, program))
     if problems:
         raise FilterCompileError(problems)

@@ -240,7 +240,7 @@ class ResponseFilter:
             verdict = equality.decide(row, self._subject)
             if verdict is not None:
                 return verdict
-        return _keeps(row_filter, context, row)
+        return _cel_keeps(row_filter, context, row)
 
     def _hide_named(self, values: list[Any]) -> None:
         """Hide the values of the members masks name anywhere in ``values`` (what row filters and drops
@@ -281,7 +281,7 @@ class ResponseFilter:
                 self._hide(item)
 
 
-def _keeps(row_filter: RowRule, context: cel.Context, row: Any) -> bool:
+def _cel_keeps(row_filter: RowRule, context: cel.Context, row: Any) -> bool:
     """CEL's verdict on ``row`` (the ``row`` variable of ``context`` replaced)."""
     fields = row_filter.fields
     if fields is not None and type(row) is dict:

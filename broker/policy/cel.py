@@ -345,8 +345,7 @@ def build_env(
         env = Env(cel.Context(variables), tool, needs, None)
     except ValueError as exc:
         return Env(None, tool, needs, type(exc).__name__)
-    if (
-        args
-    ):  # as the pipeline binds them: arguments policy cannot hold deny every decision, never hide the tool
+    # bound as the pipeline binds them: arguments policy cannot hold deny every decision, never hide the tool
+    if args:
         env.bind_args(args)
     return env

@@ -51,7 +51,7 @@ class MintedHere:
     def remember(self, token: str, entry: KeyEntry) -> None:
         """``token`` was just signed with the key ``entry`` verifies."""
         entries = self._entries
-        digest = hashlib.sha256(token.encode("ascii")).digest()
+        digest = _digest(token)
         entries.pop(digest, None)
         while len(entries) >= self._capacity:
             entries.popitem(last=False)
@@ -61,7 +61,11 @@ class MintedHere:
         """Whether this process signed exactly ``token`` with the key that ``entry`` (the key map's entry for
         the token's ``kid``, now) verifies."""
         try:
-            digest = hashlib.sha256(token.encode("ascii")).digest()
+            digest = _digest(token)
         except UnicodeEncodeError:
             return False  # not a token this process made
         return self._entries.get(digest) is entry
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("ascii")).digest()

@@ -60,7 +60,7 @@ RECORDS = st.builds(
 
 
 def cel_keeps(source: str, row: Any, subject: dict[str, Any]) -> bool:
-    """The verdict ``broker.gateway.responses._keeps`` gives: CEL over the row and the subject pruned to what the
+    """The verdict ``broker.gateway.responses._cel_keeps`` gives: CEL over the row and the subject pruned to what the
     expression reads (``Reads.context``; a subject that cannot be converted drops every row before any verdict,
     and the filter-level property below covers that)."""
     fields = [name for name in FIELDS if f"row.{name}" in source]
@@ -112,6 +112,7 @@ def test_ascii_strings_are_decided_and_everything_else_is_left_to_cel() -> None:
         "(row.department == subject.department)",
         "row.department in [subject.department]",
         'row["department"] == subject.department',
+        "row.row == subject.department",  # the row converted whole (RowEquality.of refuses it itself)
     ],
 )
 def test_other_shapes_stay_cels(source: str) -> None:
