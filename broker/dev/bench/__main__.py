@@ -699,6 +699,35 @@ async def measure(setup: Setup, args: argparse.Namespace, env: BenchEnv) -> Meas
     return Measured(result, env.placement.pinned, cpu_us, util, steal, os.getloadavg()[0])
 
 
+async def measure_setup(
+    setup: Setup, modes: Sequence[bool], args: argparse.Namespace, env: BenchEnv, round_number: int
+) -> Run:
+    """Start ``setup``'s servers and load it once per placement mode (pinned, then unpinned with
+    ``--unpinned-too``); SetupFailed when its server does not come up."""
+    placement = env.placement
+    runs: list[Measured] = []
+    async with setup.start():
+        for pinned in modes:
+            where = "pinned" if pinned else "unpinned"
+            if args.rounds > 1:
+                where += f", round {round_number} of {args.rounds}"
+            print(
+                f"running {setup.name} for {args.warmup:g}+{args.duration:g}s ({where}) ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            placement.pinned = pinned
+            if setup.name == "backend":  # the shared backend is the server under test here
+                placement.under_test, placement.aux = placement.aux, placement.under_test
+            try:
+                placement.place()
+                runs.append(await measure(setup, args, env))
+            finally:
+                if setup.name == "backend":
+                    placement.under_test, placement.aux = placement.aux, placement.under_test
+    return Run(runs[0], runs[1] if len(runs) > 1 else None)
+
+
 async def run_bench(args: argparse.Namespace, certs: Path, work: Path) -> dict[str, list[Run] | str]:
     """Start the backend, then each selected set-up in turn, ``--rounds`` times over; per set-up its runs (one
     per round) or a failure message."""
@@ -739,32 +768,14 @@ async def run_bench(args: argparse.Namespace, certs: Path, work: Path) -> dict[s
                 if isinstance(outcomes.get(setup.name), str):
                     continue  # failed in an earlier round
                 try:
-                    async with setup.start():
-                        runs: list[Measured] = []
-                        for pinned in modes:
-                            print(
-                                f"running {setup.name} for {args.warmup:g}+{args.duration:g}s "
-                                f"({'pinned' if pinned else 'unpinned'}"
-                                + (f", round {round_number} of {args.rounds}" if args.rounds > 1 else "")
-                                + ") ...",
-                                file=sys.stderr,
-                                flush=True,
-                            )
-                            placement.pinned = pinned
-                            if setup.name == "backend":  # the shared backend is the server under test here
-                                placement.under_test, placement.aux = placement.aux, placement.under_test
-                            try:
-                                placement.place()
-                                runs.append(await measure(setup, args, env))
-                            finally:
-                                if setup.name == "backend":
-                                    placement.under_test, placement.aux = placement.aux, placement.under_test
-                        done = outcomes.setdefault(setup.name, [])
-                        assert not isinstance(done, str)
-                        done.append(Run(runs[0], runs[1] if len(runs) > 1 else None))
+                    run = await measure_setup(setup, modes, args, env, round_number)
                 except SetupFailed as exc:
                     print(exc, file=sys.stderr)
                     outcomes[setup.name] = str(exc)
+                else:
+                    done = outcomes.setdefault(setup.name, [])
+                    assert not isinstance(done, str)
+                    done.append(run)
                 placement.pinned = modes[0]
     return outcomes
 
