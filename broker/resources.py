@@ -5,6 +5,7 @@ the broker at run time and any module may import it without closing an import ci
 from __future__ import annotations
 
 import asyncio
+import gc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,9 @@ class RuntimeHolder:
 
     def swap(self, new: Runtime) -> None:
         self.previous, self.current = self.current, new
+        # the start-up heap is frozen (broker.server.serve), the first runtime with it: it is about to become
+        # garbage (once it is no longer ``previous``), and a frozen reference cycle is never collected
+        gc.unfreeze()
 
 
 @dataclass

@@ -232,7 +232,8 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     running = await start(loaded, reuse_port=reuse_port)
     # What start-up built (modules, config, compiled policy and schemas) lives as long as the process: frozen, a
-    # full collection walks only what requests allocate (a ~40 ms pause each time, on the event loop, before)
+    # full collection walks only what requests allocate (a ~40 ms pause each time, on the event loop, before).
+    # The first config reload unfreezes it (RuntimeHolder.swap): the runtime it replaces must stay collectable.
     gc.collect()
     gc.freeze()
     reloads: set[asyncio.Task[object]] = set()
