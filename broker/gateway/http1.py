@@ -21,6 +21,11 @@ to the pool only after a complete HTTP/1.1 answer without ``Connection: close``;
 timeout, a cancelled call — closes it. POSTs are never retried: the backend may have acted, and the call's txn
 token is single-use.
 
+The same pool serves MCP servers (:meth:`Http1Pool.stream`, one pool of its own: an SSE stream holds its
+connection for as long as it runs): the answer's head is read at once and its body piece by piece as it comes,
+each wait bounded, with the same framing rules; reads from the server pause while more than
+:data:`STREAM_HIGH_WATER` bytes wait unread (an agent that reads slower than its MCP server writes).
+
 Pure parts (:func:`parse_head`, :class:`Chunked`) are tested without sockets.
 """
 
@@ -29,9 +34,11 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
+import sys
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Final, cast
 
@@ -47,6 +54,8 @@ MAX_INTERIM: Final = 8
 MAX_CHUNKS: Final = 65536
 #: idle pooled connections older than this are closed instead of reused (servers' keep-alive is usually longer)
 IDLE_SECONDS: Final = 15.0
+#: a streamed answer's connection stops reading past this many unread bytes, and reads again below a quarter of it
+STREAM_HIGH_WATER: Final = 256 * 1024
 
 _HEX: Final = frozenset(b"0123456789abcdefABCDEF")
 #: a field line: a token name, a colon, the value (controls are refused before; whitespace stripped after — a
@@ -151,11 +160,13 @@ class Chunked:
     returns True once the last chunk and the trailer section have been read. Extensions and trailers are
     skipped (bounded); ``limit`` bounds the decoded size."""
 
-    __slots__ = ("_chunks", "_remaining", "_state", "_trailer", "body", "limit")
+    __slots__ = ("_chunks", "_remaining", "_state", "_trailer", "body", "limit", "total")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        #: decoded bytes not yet taken; a streaming reader empties it as it goes (``limit`` bounds ``total``)
         self.body = bytearray()
+        self.total = 0
         self._state = "size"  # size | data | crlf | trailer
         self._remaining = 0
         self._trailer = 0
@@ -180,8 +191,9 @@ class Chunked:
                 if not size or len(size) > 16 or not _HEX.issuperset(size):
                     raise protocol_error("malformed chunk size")
                 self._remaining = int(size, 16)
-                if len(self.body) + self._remaining > self.limit:
+                if self.total + self._remaining > self.limit:
                     raise too_large()
+                self.total += self._remaining
                 self._state = "data" if self._remaining else "trailer"
             elif self._state == "data":
                 if not buffer:
@@ -224,6 +236,9 @@ class _Connection(asyncio.Protocol):
         self.buffer = bytearray()
         self.eof = False
         self.busy = False
+        #: a streamed answer is being read: reading pauses past STREAM_HIGH_WATER unread bytes (see :meth:`taken`)
+        self.streaming = False
+        self.paused = False
         self.idle_since = 0.0
         self._waiter: asyncio.Future[None] | None = None
 
@@ -235,7 +250,18 @@ class _Connection(asyncio.Protocol):
         self.buffer += data
         if not self.busy:  # a backend talking out of turn: nothing it sends now may be read as an answer
             self.close()
+        elif self.streaming and not self.paused and len(self.buffer) > STREAM_HIGH_WATER:
+            self.paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
         self._wake()
+
+    def taken(self) -> None:
+        """The reader took bytes from the buffer: a paused stream reads again once most of it is gone."""
+        if self.paused and len(self.buffer) <= STREAM_HIGH_WATER // 4 and self.usable:
+            self.paused = False
+            assert self.transport is not None
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -281,8 +307,8 @@ class Answer:
     body: bytes
 
 
-async def _read_answer(conn: _Connection, limit: int) -> tuple[Answer, bool]:
-    """Read one answer from ``conn``; (answer, reusable)."""
+async def _read_head(conn: _Connection) -> Head:
+    """Read the head of the final answer (interim 1xx answers skipped) from ``conn``."""
     buffer = conn.buffer
     for _ in range(MAX_INTERIM + 1):
         scanned = 0  # where the next search starts: a trickled head is not searched again from its first byte
@@ -304,10 +330,32 @@ async def _read_answer(conn: _Connection, limit: int) -> tuple[Answer, bool]:
         if head.status == 101:
             raise protocol_error("a protocol switch")
         if head.status >= 200:
-            break
-    else:
-        raise protocol_error("too many interim answers")
-    if head.status in (204, 304):  # no body, whatever Content-Length says (RFC 9112 §6.3)
+            return head
+    raise protocol_error("too many interim answers")
+
+
+def _bodiless(head: Head) -> bool:
+    """No body, whatever Content-Length says (RFC 9112 §6.3)."""
+    return head.status in (204, 304)
+
+
+def _unframed() -> UpstreamError:
+    # Delimited by the end of the connection: refused. A cut (a FIN without close_notify, a reset) cannot be
+    # told from the end of such a body through the transport API, and a truncated answer must never pass as
+    # a complete one. Backends frame their answers: aiohttp, uvicorn, Go and Java servers send a length or
+    # chunks for every JSON answer and every event stream.
+    return protocol_error("an answer without Content-Length or chunked framing")
+
+
+def _media_type(head: Head) -> str:
+    return head.get("content-type").split(";", 1)[0].strip().lower()
+
+
+async def _read_answer(conn: _Connection, limit: int) -> tuple[Answer, bool]:
+    """Read one answer from ``conn``; (answer, reusable)."""
+    head = await _read_head(conn)
+    buffer = conn.buffer
+    if _bodiless(head):
         body = b""
     elif head.length is not None and head.length > limit:
         raise too_large()
@@ -326,34 +374,103 @@ async def _read_answer(conn: _Connection, limit: int) -> tuple[Answer, bool]:
         body = bytes(buffer[: head.length])
         del buffer[: head.length]
     else:
-        # Delimited by the end of the connection: refused. A cut (a FIN without close_notify, a reset) cannot be
-        # told from the end of such a body through the transport API, and a truncated answer must never pass as
-        # a complete one. Backends frame their answers: aiohttp, uvicorn, Go and Java servers send a length or
-        # chunks for every JSON answer.
-        raise protocol_error("an answer without Content-Length or chunked framing")
+        raise _unframed()
     # bytes beyond the answer's end: the next call must never read them
     reusable = not head.close and not buffer and conn.usable
-    content_type = head.get("content-type").split(";", 1)[0].strip().lower()
     encoding = head.get("content-encoding", "identity").strip().lower()
-    return Answer(head.status, content_type, encoding, body), reusable
+    return Answer(head.status, _media_type(head), encoding, body), reusable
 
 
-def request_bytes(url: URL, body: bytes, headers: Mapping[str, str]) -> bytes:
-    """``POST`` of ``body`` to ``url`` with exactly ``headers`` (plus Host and Content-Length)."""
-    lines = [
-        f"POST {url.raw_path_qs} HTTP/1.1",
-        f"Host: {url.host_port_subcomponent}",
-        f"Content-Length: {len(body)}",
-    ]
+class Stream:
+    """An answer whose body is read as it comes (:meth:`Http1Pool.stream`): :meth:`read` returns the next piece
+    of the body, ``b""`` at its end. Each wait for bytes is bounded by ``read_seconds`` (TimeoutError); a
+    malformed or cut body raises UpstreamError(upstream_protocol_error)."""
+
+    __slots__ = ("_chunked", "_conn", "_read_seconds", "_remaining", "_unframed", "done", "head", "status")
+
+    def __init__(self, conn: _Connection, head: Head, read_seconds: float) -> None:
+        self.head = head
+        self.status = head.status
+        self._conn = conn
+        self._read_seconds = read_seconds
+        self._chunked = Chunked(sys.maxsize) if head.chunked and not _bodiless(head) else None
+        self._remaining = 0 if _bodiless(head) else head.length or 0
+        #: the body was read to its framed end (the connection may then serve another request)
+        self.done = self._chunked is None and not self._remaining
+        # no framing: a caller that never reads the body (a 202) is served; one that does gets the refusal, and
+        # the connection is never reused either way
+        self._unframed = not _bodiless(head) and not head.chunked and head.length is None
+        if self._unframed:
+            self.done = False
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        """The first value of the field ``name`` (any case), or ``default``."""
+        name = name.lower()
+        return next((value for key, value in self.head.headers if key == name), default)
+
+    @property
+    def content_type(self) -> str:
+        """The media type, lower-cased, without parameters ("" when absent)."""
+        return _media_type(self.head)
+
+    @property
+    def content_length(self) -> int | None:
+        return self.head.length
+
+    async def read(self) -> bytes:
+        if self._unframed:
+            raise _unframed()
+        conn = self._conn
+        while not self.done:
+            buffer = conn.buffer
+            if self._chunked is not None:
+                self.done = self._chunked.step(buffer)
+                piece = bytes(self._chunked.body)
+                self._chunked.body.clear()
+            else:
+                piece = bytes(buffer[: self._remaining])
+                del buffer[: len(piece)]
+                self._remaining -= len(piece)
+                self.done = not self._remaining
+            conn.taken()
+            if piece:
+                return piece
+            if self.done:
+                break
+            if conn.eof:
+                raise protocol_error("truncated body")
+            async with asyncio.timeout(self._read_seconds):
+                await conn.more()
+        return b""
+
+
+def request_bytes(url: URL, body: bytes | None, headers: Mapping[str, str], *, method: str = "POST") -> bytes:
+    """``method`` of ``body`` to ``url`` with exactly ``headers`` (plus Host, and Content-Length with a body)."""
+    lines = [f"{method} {url.raw_path_qs} HTTP/1.1", f"Host: {url.host_port_subcomponent}"]
+    if body is not None:
+        lines.append(f"Content-Length: {len(body)}")
     for name, value in headers.items():
         if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
             raise ValueError(f"header {name!r} holds a line break")  # the broker's own headers: a bug
         lines.append(f"{name}: {value}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
 
 
 #: a pool key: (tool, host, port, id of the TLS context) — one tool's connections are never another's
 _Key = tuple[str, str, int, int]
+
+
+def _key(name: str, url: URL, ssl_context: ssl.SSLContext) -> _Key:
+    host = (url.raw_host or "").rstrip(".")  # as in the Host header (IDNA 2008); no trailing dot in SNI
+    return (name, host, url.port or 443, id(ssl_context))
+
+
+def _send(conn: _Connection, data: bytes) -> None:
+    if not conn.usable or conn.buffer:  # it spoke before being asked, or closed: nothing here answers us
+        raise protocol_error("the backend spoke before the request")
+    conn.busy = True
+    assert conn.transport is not None
+    conn.transport.write(data)
 
 
 class Http1Pool:
@@ -386,8 +503,7 @@ class Http1Pool:
         UpstreamTimeout past ``total_seconds`` (the whole call) or ``connect_seconds``; UpstreamError for a
         connection that cannot be made or fails, and for a malformed or too large answer."""
         data = request_bytes(url, body, headers)
-        host = (url.raw_host or "").rstrip(".")  # as in the Host header (IDNA 2008); no trailing dot in SNI
-        key = (tool, host, url.port or 443, id(ssl_context))
+        key = _key(tool, url, ssl_context)
         try:
             async with asyncio.timeout(total_seconds), self._slots:
                 conn = await self._connection(key, ssl_context, connect_seconds)
@@ -400,22 +516,62 @@ class Http1Pool:
     async def _exchange(self, conn: _Connection, key: _Key, data: bytes, limit: int) -> Answer:
         reusable = False
         try:
-            if (
-                not conn.usable or conn.buffer
-            ):  # it spoke before being asked, or closed: nothing here answers us
-                raise protocol_error("the backend spoke before the request")
-            conn.busy = True
-            assert conn.transport is not None
-            conn.transport.write(data)
+            _send(conn, data)
             answer, reusable = await _read_answer(conn, limit)
             return answer
         finally:
-            conn.busy = False
-            if reusable and not self._closed:
-                conn.idle_since = time.monotonic()
-                self._idle.setdefault(key, deque()).append(conn)
-            else:
-                conn.close()
+            self._release(conn, key, reusable)
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        name: str,
+        method: str,
+        url: URL,
+        ssl_context: ssl.SSLContext,
+        body: bytes | None,
+        headers: Mapping[str, str],
+        *,
+        connect_seconds: float,
+        read_seconds: float,
+    ) -> AsyncIterator[Stream]:
+        """Send one request for ``name`` (the pool key's first part) and yield its answer once its head is read;
+        the body is the caller's to read (:meth:`Stream.read`). Leaving the block puts the connection back when
+        the body was read to its end, and closes it otherwise (a caller that stops reading early, an error, a
+        cancellation). TimeoutError past ``connect_seconds`` to connect or ``read_seconds`` for the head;
+        UpstreamError as :meth:`post`. No total bound: a stream may outlive ``read_seconds`` (the caller caps
+        it); the pool's ``limit`` counts open streams."""
+        data = request_bytes(url, body, headers, method=method)
+        key = _key(name, url, ssl_context)
+        async with self._slots:
+            conn = await self._connection(key, ssl_context, connect_seconds)
+            stream: Stream | None = None
+            try:
+                _send(conn, data)
+                conn.streaming = True
+                async with asyncio.timeout(read_seconds):
+                    head = await _read_head(conn)
+                stream = Stream(conn, head, read_seconds)
+                yield stream
+            finally:
+                conn.streaming = False
+                reusable = (
+                    stream is not None
+                    and stream.done
+                    and not stream.head.close
+                    and not conn.buffer
+                    and not conn.paused
+                    and conn.usable
+                )
+                self._release(conn, key, reusable)
+
+    def _release(self, conn: _Connection, key: _Key, reusable: bool) -> None:
+        conn.busy = False
+        if reusable and not self._closed:
+            conn.idle_since = time.monotonic()
+            self._idle.setdefault(key, deque()).append(conn)
+        else:
+            conn.close()
 
     async def _connection(
         self, key: _Key, ssl_context: ssl.SSLContext, connect_seconds: float

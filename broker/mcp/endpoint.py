@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from aiohttp import ClientResponse, web
+from aiohttp import web
 
 from broker.audit.outcome import Outcome
 from broker.context import CTX, RequestContext
@@ -50,6 +50,7 @@ from broker.errors import (
 )
 from broker.gateway.body import authenticate, read_body, runtime_of
 from broker.gateway.guard import final_guard
+from broker.gateway.http1 import Http1Pool, Stream
 from broker.gateway.middleware import record_refusal
 from broker.gateway.pipeline import Authorized, authorize
 from broker.gateway.services import audit_decision
@@ -80,7 +81,7 @@ from broker.mcp.relay import Relay, Transform, dumps, relay
 from broker.mcp.sessions import SessionBinding, SessionStore
 from broker.mcp.sse import EVENT_IDS, event_id_context
 from broker.mcp.upstream import JSON, SSE, Catalogs, McpUpstream, ServerTable, exchange, read_answer
-from broker.resources import MCP_PINS, MCP_STATE, METRICS, RUNTIME, SERVICES, SESSION, STATE
+from broker.resources import MCP_PINS, MCP_STATE, METRICS, RUNTIME, SERVICES, STATE
 from broker.runtime import Runtime
 
 __all__ = ["MCP_STATE", "accept_pin_endpoint", "mcp_endpoint", "mcp_resources", "pins_endpoint"]
@@ -98,18 +99,21 @@ class McpState:
 
     pins: PinBook
     sessions: SessionStore
+    #: every exchange with the MCP servers: agents' requests and the broker's catalog sessions
+    pool: Http1Pool
     servers: ServerTable = field(default_factory=ServerTable)
     catalogs: Catalogs = field(default_factory=Catalogs)
 
 
 async def mcp_resources(app: web.Application) -> AsyncIterator[None]:
-    """``cleanup_ctx``: pins, session bindings, the broker's own upstream sessions (over the app's SESSION)."""
+    """``cleanup_ctx``: pins, session bindings, the upstream connections, the broker's own upstream sessions."""
     pins = PinBook(drift_counter(app[METRICS].registry), app[STATE])
     app[METRICS].bind_mcp_servers(server.name for server in app[RUNTIME].current.config.mcp_servers)
     app[MCP_PINS] = pins
-    app[MCP_STATE] = McpState(pins=pins, sessions=SessionStore(app[STATE]))
+    state = app[MCP_STATE] = McpState(pins=pins, sessions=SessionStore(app[STATE]), pool=Http1Pool())
     yield
-    await app[MCP_STATE].catalogs.close(app[SESSION])
+    await state.catalogs.close(state.pool)
+    await state.pool.close()
 
 
 async def mcp_endpoint(request: web.Request) -> web.StreamResponse:
@@ -272,7 +276,7 @@ async def _post(
             message,
             pins=state.pins,
             refresh=lambda: state.catalogs.refresh(
-                request.app[SESSION], upstream, state.pins, max_bytes=runtime.limits.max_response_bytes
+                state.pool, upstream, state.pins, max_bytes=runtime.limits.max_response_bytes
             ),
             max_catalog_age=MAX_CATALOG_AGE,
             param_headers=raw if era == "modern" else None,
@@ -321,7 +325,7 @@ async def _post(
     if authorized is not None:  # a forwarded call has an outcome (CONTRACT §15), recorded by the middleware
         ctx.outcome = Outcome(started)
     async with exchange(
-        request.app[SESSION],
+        state.pool,
         upstream,
         "POST",
         headers=headers,
@@ -387,7 +391,7 @@ async def _initialized(
     upstream: McpUpstream,
     principal: Principal,
     message: rpc.Message,
-    response: ClientResponse,
+    response: Stream,
     headers: dict[str, str],
 ) -> web.Response:
     """The initialize answer, read whole (it is one message) so the session is bound before the agent can use it,
@@ -398,7 +402,7 @@ async def _initialized(
         message.id,
         masked=responses_filtered(runtime, upstream),
     )
-    session_id = response.headers.get("Mcp-Session-Id")
+    session_id = response.header("Mcp-Session-Id")
     result = answer.get("result")
     if session_id is not None and isinstance(result, dict):
         if not SESSION_ID.fullmatch(session_id):
@@ -449,7 +453,7 @@ async def _session_request(
             headers["Last-Event-ID"] = resumed
     out_headers = {"X-Request-Id": ctx.request_id}
     async with exchange(
-        request.app[SESSION], upstream, request.method, headers=headers, tracer=services.tracer
+        state.pool, upstream, request.method, headers=headers, tracer=services.tracer
     ) as response:  # 10
         if request.method == "DELETE":
             if 200 <= response.status < 300:

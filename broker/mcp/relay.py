@@ -38,12 +38,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-import aiohttp
 import structlog
 from aiohttp import web
 
 from broker.audit.outcome import Outcome
 from broker.errors import UpstreamError
+from broker.gateway.http1 import Stream
 from broker.mcp import jsonrpc as rpc
 from broker.mcp.sse import EVENT_IDS, SseError, SseEvent, SseParser, encode_event
 from broker.mcp.upstream import JSON, SSE, parse_upstream, read_bounded
@@ -130,7 +130,7 @@ class Relay:
 
 
 async def relay(
-    request: web.Request, response: aiohttp.ClientResponse, plan: Relay, headers: Mapping[str, str]
+    request: web.Request, response: Stream, plan: Relay, headers: Mapping[str, str]
 ) -> web.StreamResponse:
     """Relay ``response`` (the upstream's answer) to the agent; ``headers`` are the only ones it gets."""
     out_headers = {**headers, **STREAM_HEADERS}
@@ -145,7 +145,7 @@ async def relay(
     raise UpstreamError("the MCP server answered with neither JSON nor SSE", reason="upstream_not_mcp")
 
 
-async def _refusal(response: aiohttp.ClientResponse, plan: Relay, headers: dict[str, str]) -> web.Response:
+async def _refusal(response: Stream, plan: Relay, headers: dict[str, str]) -> web.Response:
     """Upstream 4xx (an unknown session 404, a 405 for GET, its own 400s) pass on with a JSON-RPC body only."""
     if response.status >= 500:
         raise UpstreamError("the MCP server failed", reason="upstream_status_5xx")
@@ -185,7 +185,7 @@ async def _answer(message: dict[str, Any], plan: Relay) -> dict[str, Any]:
         return error.jsonrpc_body(plan.request_id)
 
 
-async def _json(response: aiohttp.ClientResponse, plan: Relay, headers: dict[str, str]) -> web.Response:
+async def _json(response: Stream, plan: Relay, headers: dict[str, str]) -> web.Response:
     body = await read_bounded(response, plan.max_event_bytes)
     if plan.outcome is not None:
         plan.outcome.finished(time.perf_counter())
@@ -197,9 +197,9 @@ async def _json(response: aiohttp.ClientResponse, plan: Relay, headers: dict[str
 
 
 async def _stream(
-    request: web.Request, response: aiohttp.ClientResponse, plan: Relay, headers: dict[str, str]
+    request: web.Request, response: Stream, plan: Relay, headers: dict[str, str]
 ) -> web.StreamResponse:
-    if response.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
+    if (response.header("Content-Encoding") or "identity").lower() not in ("identity", ""):
         raise UpstreamError("the MCP server answered compressed", reason="upstream_encoded")
     out = web.StreamResponse(status=200, headers={**headers, "Content-Type": SSE})
     await out.prepare(request)
@@ -209,7 +209,7 @@ async def _stream(
     outcome = plan.outcome
     try:
         async with asyncio.timeout(plan.max_seconds):
-            async for chunk in response.content.iter_any():
+            while chunk := await _piece(response):
                 state["total"] += len(chunk)
                 if state["total"] > plan.max_stream_bytes:
                     raise SseError("sse_stream_too_large")
@@ -225,7 +225,7 @@ async def _stream(
         failure = exc.reason
     except TimeoutError:
         failure = "upstream_timeout"
-    except aiohttp.ClientError:
+    except _Broken:
         failure = "upstream_stream_broken"
     except ConnectionResetError:
         if outcome is not None:
@@ -299,15 +299,25 @@ def _notification(message: dict[str, Any], method: str, plan: Relay) -> dict[str
     return None
 
 
-async def _drain(response: aiohttp.ClientResponse) -> None:
+class _Broken(Exception):
+    """The upstream's stream broke off or was malformed (a cut connection, bad chunk framing)."""
+
+
+async def _piece(response: Stream) -> bytes:
+    """The next piece of the stream (``b""`` at its end); a broken stream is :class:`_Broken`, so that it is
+    told apart from the relay's own refusals."""
+    try:
+        return await response.read()
+    except UpstreamError as exc:
+        raise _Broken(exc.reason) from exc
+
+
+async def _drain(response: Stream) -> None:
     """Read what little follows the answer, so that the connection can go back to the pool."""
     try:
         async with asyncio.timeout(DRAIN_SECONDS):
             total = 0
-            while total < 65536 and not response.content.at_eof():
-                chunk = await response.content.readany()
-                if not chunk:
-                    break
+            while total < 65536 and (chunk := await response.read()):
                 total += len(chunk)
-    except (TimeoutError, aiohttp.ClientError):
+    except (TimeoutError, UpstreamError):
         return

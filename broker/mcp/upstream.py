@@ -1,10 +1,12 @@
 """The upstream side of ``/mcp/{server}``: compiled MCP servers, the forwarding exchange, and the broker's own
 protocol session with each upstream (its tool catalog, for pinning and argument validation).
 
-Everything goes over the app's one pooled ``ClientSession`` with the broker's own certificate (CONTRACT §8), TLS
-contexts built once per config version (never per call), and upstream connections kept alive: PERF.md's MCP peer
-spent its time on a new upstream session and TLS context per call. The broker's catalog session is opened once
-and reused: stateless (2026-07-28) when the upstream speaks it, else one ``initialize``d session kept open.
+Everything goes over the MCP gateway's one connection pool (:class:`broker.gateway.http1.Http1Pool`, the broker's
+own HTTP/1.1 client, as for ``/v1``: aiohttp's client layers cost ~3x its CPU per call) with the broker's own
+certificate (CONTRACT §8), TLS contexts built once per config version (never per call), and upstream connections
+kept alive: PERF.md's MCP peer spent its time on a new upstream session and TLS context per call. The broker's
+catalog session is opened once and reused: stateless (2026-07-28) when the upstream speaks it, else one
+``initialize``d session kept open.
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-import aiohttp
 import structlog
 from yarl import URL
 
 from broker.canonical import canonicalize, strict_loads
 from broker.config.models import Config
 from broker.errors import InvalidRequest, UpstreamError, UpstreamTimeout
+from broker.gateway.http1 import Http1Pool, Stream
 from broker.mcp import jsonrpc as rpc
 from broker.mcp.pins import PinBook
 from broker.mcp.sse import SseError, SseParser
@@ -60,10 +62,6 @@ class McpUpstream:
     allowed_origins: frozenset[str]
     #: sessions one (subject, actor) may hold on this server; the oldest beyond it is evicted
     max_sessions_per_principal: int = 64
-
-    def client_timeout(self) -> aiohttp.ClientTimeout:
-        # No total: an SSE answer may legitimately outlive one read timeout; the relay caps total duration.
-        return aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=self.timeout)
 
 
 def compile_servers(config: Config) -> dict[str, McpUpstream]:
@@ -110,67 +108,80 @@ class ServerTable:
 
 @asynccontextmanager
 async def exchange(
-    session: aiohttp.ClientSession,
+    pool: Http1Pool,
     upstream: McpUpstream,
     method: str,
     *,
     headers: Mapping[str, str],
     body: bytes | None = None,
     tracer: Tracer = NULL_TRACER,
-) -> AsyncIterator[aiohttp.ClientResponse]:
+) -> AsyncIterator[Stream]:
     """One HTTP exchange with the upstream; connection failures are ``502``/``504`` before anything is relayed.
 
-    Leaving the block releases the connection: back to the pool when the answer was read to its end, closed
-    otherwise (an agent that disconnects mid-stream closes the upstream stream with it). The exchange, relay
-    included, is the ``upstream`` span, whose ``traceparent`` the upstream gets (CONTRACT §16)."""
+    The answer's head is read within the server's ``timeout_seconds``, and so is each piece of its body (no
+    total: an SSE answer may outlive one read timeout; the relay caps a stream's duration). Leaving the block
+    releases the connection: back to the pool when the answer was read to its end, closed otherwise (an agent
+    that disconnects mid-stream closes the upstream stream with it). The exchange, relay included, is the
+    ``upstream`` span, whose ``traceparent`` the upstream gets (CONTRACT §16)."""
     with tracer.span("upstream") as span:
         forwarded = dict(headers)
         traceparent = tracer.traceparent()
         if traceparent is not None:
             forwarded["traceparent"] = traceparent
+        opened = (
+            False  # past this point, errors are the relay's (the body's reads are worded by their readers)
+        )
         try:
-            response = await session.request(
+            async with pool.stream(
+                upstream.name,
                 method,
                 upstream.url,
-                data=body,
-                headers=forwarded,
-                ssl=upstream.ssl_context,
-                timeout=upstream.client_timeout(),
-                allow_redirects=False,
-            )
+                upstream.ssl_context,
+                body,
+                forwarded,
+                connect_seconds=upstream.connect_timeout,
+                read_seconds=upstream.timeout,
+            ) as response:
+                opened = True
+                span.set_attribute(HTTP_STATUS, response.status)
+                yield response
         except TimeoutError:
+            if opened:
+                raise
             raise UpstreamTimeout(
                 "the MCP server did not answer in time", reason="upstream_timeout"
             ) from None
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamError("the MCP server is unreachable", reason="upstream_connect_failed") from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamError("the MCP server failed", reason="upstream_protocol_error") from exc
-        span.set_attribute(HTTP_STATUS, response.status)
-        try:
-            yield response
-        finally:
-            response.release()
+        except UpstreamError as exc:
+            if opened:
+                raise
+            raise mcp_worded(exc) from exc
 
 
-async def read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
+def mcp_worded(exc: UpstreamError) -> UpstreamError:
+    """The pool's error (:mod:`broker.gateway.http1` speaks of a tool backend), worded for an MCP server."""
+    return UpstreamError(exc.description.replace("the tool backend", "the MCP server"), reason=exc.reason)
+
+
+async def read_bounded(response: Stream, limit: int) -> bytes:
     """The whole body, refused past ``limit`` bytes (HOSTILE P16); compressed bodies were not asked for."""
-    if response.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
+    if (response.header("Content-Encoding") or "identity").lower() not in ("identity", ""):
         raise UpstreamError("the MCP server answered compressed", reason="upstream_encoded")
     if response.content_length is not None and response.content_length > limit:
         raise UpstreamError("the MCP server's answer is too large", reason="upstream_too_large")
     chunks: list[bytes] = []
     size = 0
     try:
-        async for chunk in response.content.iter_any():
+        while chunk := await response.read():
             size += len(chunk)
             if size > limit:
                 raise UpstreamError("the MCP server's answer is too large", reason="upstream_too_large")
             chunks.append(chunk)
     except TimeoutError:
         raise UpstreamTimeout("the MCP server did not answer in time", reason="upstream_timeout") from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamError("the MCP server failed", reason="upstream_protocol_error") from exc
+    except UpstreamError as exc:
+        if exc.reason == "upstream_too_large":
+            raise
+        raise mcp_worded(exc) from exc
     return b"".join(chunks)
 
 
@@ -183,7 +194,7 @@ def parse_upstream(data: bytes | str) -> Any:
         raise UpstreamError("the MCP server sent malformed JSON", reason="upstream_bad_json") from exc
 
 
-async def read_answer(response: aiohttp.ClientResponse, request_id: str | int, limit: int) -> dict[str, Any]:
+async def read_answer(response: Stream, request_id: str | int, limit: int) -> dict[str, Any]:
     """The JSON-RPC response to ``request_id`` from a JSON or SSE answer, read whole (bounded)."""
     body = await read_bounded(response, limit)
     if response.content_type == JSON:
@@ -218,15 +229,15 @@ class Catalog:
     version: str = rpc.HANDSHAKE_VERSIONS[-1]
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
-    async def list_tools(self, session: aiohttp.ClientSession) -> list[dict[str, Any]]:
+    async def list_tools(self, pool: Http1Pool) -> list[dict[str, Any]]:
         """Every tool entry the upstream lists (all pages); raises UpstreamError/UpstreamTimeout."""
         for attempt in range(2):
             try:
                 if self.era is None:
-                    self.era = "modern" if await self._probe_modern(session) else "handshake"
+                    self.era = "modern" if await self._probe_modern(pool) else "handshake"
                     if self.era == "handshake":
-                        await self._initialize(session)
-                return await self._pages(session)
+                        await self._initialize(pool)
+                return await self._pages(pool)
             except UpstreamError:
                 if attempt:
                     raise
@@ -249,11 +260,9 @@ class Catalog:
                 headers["Mcp-Session-Id"] = self.session_id
         return headers
 
-    async def _call(
-        self, session: aiohttp.ClientSession, message: dict[str, Any]
-    ) -> tuple[dict[str, Any], str | None]:
+    async def _call(self, pool: Http1Pool, message: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
         async with exchange(
-            session,
+            pool,
             self.upstream,
             "POST",
             headers=self._headers(message["method"]),
@@ -262,31 +271,31 @@ class Catalog:
             if response.status != 200:
                 raise UpstreamError("the MCP server refused the catalog request", reason="catalog_refused")
             answer = await read_answer(response, message["id"], self.max_bytes)
-            return answer, response.headers.get("Mcp-Session-Id")
+            return answer, response.header("Mcp-Session-Id")
 
-    async def _probe_modern(self, session: aiohttp.ClientSession) -> bool:
+    async def _probe_modern(self, pool: Http1Pool) -> bool:
         self.era = "modern"
         envelope = {rpc.PROTOCOL_VERSION_META: rpc.MODERN_VERSIONS[-1], rpc.CLIENT_CAPABILITIES_META: {}}
         try:
-            answer, _ = await self._call(session, self._message("tools/list", {"_meta": envelope}))
+            answer, _ = await self._call(pool, self._message("tools/list", {"_meta": envelope}))
         except UpstreamError:
             return False
         return isinstance(answer.get("result"), dict)
 
-    async def _initialize(self, session: aiohttp.ClientSession) -> None:
+    async def _initialize(self, pool: Http1Pool) -> None:
         params = {
             "protocolVersion": rpc.HANDSHAKE_VERSIONS[-1],
             "capabilities": {},
             "clientInfo": CLIENT_INFO,
         }
-        answer, session_id = await self._call(session, self._message("initialize", params))
+        answer, session_id = await self._call(pool, self._message("initialize", params))
         result = answer.get("result")
         if not isinstance(result, dict) or result.get("protocolVersion") not in rpc.HANDSHAKE_VERSIONS:
             raise UpstreamError("the MCP server refused to initialize", reason="catalog_initialize_failed")
         self.version, self.session_id = str(result["protocolVersion"]), session_id
         notification = self._message("notifications/initialized", {}, notification=True)
         async with exchange(
-            session,
+            pool,
             self.upstream,
             "POST",
             headers=self._headers(notification["method"]),
@@ -294,7 +303,7 @@ class Catalog:
         ) as response:
             await read_bounded(response, self.max_bytes)
 
-    async def _pages(self, session: aiohttp.ClientSession) -> list[dict[str, Any]]:
+    async def _pages(self, pool: Http1Pool) -> list[dict[str, Any]]:
         tools: list[dict[str, Any]] = []
         cursor: str | None = None
         for _ in range(MAX_CATALOG_PAGES):
@@ -304,7 +313,7 @@ class Catalog:
                     rpc.PROTOCOL_VERSION_META: rpc.MODERN_VERSIONS[-1],
                     rpc.CLIENT_CAPABILITIES_META: {},
                 }
-            answer, _ = await self._call(session, self._message("tools/list", params))
+            answer, _ = await self._call(pool, self._message("tools/list", params))
             result = answer.get("result")
             if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
                 raise UpstreamError("the MCP server's tool list is malformed", reason="catalog_malformed")
@@ -315,12 +324,12 @@ class Catalog:
             cursor = next_cursor
         return tools
 
-    async def close(self, session: aiohttp.ClientSession) -> None:
+    async def close(self, pool: Http1Pool) -> None:
         """End the broker's own upstream session (best effort, at shutdown)."""
         if self.era != "handshake" or self.session_id is None:
             return
         try:
-            async with exchange(session, self.upstream, "DELETE", headers=self._headers("DELETE")):
+            async with exchange(pool, self.upstream, "DELETE", headers=self._headers("DELETE")):
                 pass
         except (UpstreamError, UpstreamTimeout) as exc:
             log.info("could not end the catalog session", server=self.upstream.name, reason=exc.reason)
@@ -334,9 +343,7 @@ class Catalogs:
         self._locks: dict[str, asyncio.Lock] = {}
         self._listed_at: dict[str, float] = {}
 
-    async def refresh(
-        self, session: aiohttp.ClientSession, upstream: McpUpstream, pins: PinBook, *, max_bytes: int
-    ) -> None:
+    async def refresh(self, pool: Http1Pool, upstream: McpUpstream, pins: PinBook, *, max_bytes: int) -> None:
         """List ``upstream``'s tools and show every configured one to ``pins`` (first sight, or drift)."""
         asked = time.monotonic()
         async with self._locks.setdefault(upstream.name, asyncio.Lock()):
@@ -347,7 +354,7 @@ class Catalogs:
             if catalog is None:
                 catalog = self._catalogs[key] = Catalog(upstream, max_bytes=max_bytes)
             catalog.upstream = upstream  # same URL, possibly a reloaded config (TLS context, timeouts)
-            entries = await catalog.list_tools(session)
+            entries = await catalog.list_tools(pool)
             now = time.time()
             for entry in entries:
                 name = entry.get("name")
@@ -355,6 +362,6 @@ class Catalogs:
                     await pins.observe(upstream.name, name, upstream.digests[name], entry, now)
             self._listed_at[upstream.name] = time.monotonic()
 
-    async def close(self, session: aiohttp.ClientSession) -> None:
+    async def close(self, pool: Http1Pool) -> None:
         for catalog in list(self._catalogs.values()):
-            await catalog.close(session)
+            await catalog.close(pool)

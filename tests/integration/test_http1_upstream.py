@@ -233,51 +233,51 @@ async def test_a_server_that_closed_an_idle_connection(
     await pool.close()
 
 
-@pytest.mark.parametrize(
-    ("raw", "reason"),
-    [
-        (
-            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-            "upstream_protocol_error",
-        ),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\ntruncated", "upstream_protocol_error"),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel", "upstream_protocol_error"),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 999999\r\n\r\n", "upstream_too_large"),
-        (
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-            + (b"1000\r\n" + b"x" * 4096 + b"\r\n") * 17,
-            "upstream_too_large",
-        ),
-        (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n", "upstream_protocol_error"),
-        (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n", "upstream_protocol_error"),
-        (b"garbage\r\n\r\n", "upstream_protocol_error"),
-        (b"", "upstream_protocol_error"),  # closed without an answer
-        # delimited by the end of the connection: a cut could not be told from its end
-        (b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{"n":1}', "upstream_protocol_error"),
-        (
-            b"HTTP/1.1 200 OK\nContent-Length: 2\n\n{}",
-            "upstream_protocol_error",
-        ),  # bare LF: refused, not a hang
-        (
-            b"HTTP/1.1 099 Early\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
-            "upstream_protocol_error",
-        ),
-    ],
-    ids=[
-        "cl-and-te",
-        "truncated",
-        "truncated-chunk",
-        "too-large-length",
-        "too-large-stream",
-        "switch",
-        "huge-head",
-        "garbage",
-        "no-answer",
-        "close-delimited",
-        "bare-lf",
-        "status-099",
-    ],
-)
+#: answers no client may take: (raw bytes, reason), and their ids (the streamed reads take them too)
+BROKEN_ANSWERS: list[tuple[bytes, str]] = [
+    (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "upstream_protocol_error",
+    ),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\ntruncated", "upstream_protocol_error"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel", "upstream_protocol_error"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 999999\r\n\r\n", "upstream_too_large"),
+    (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + (b"1000\r\n" + b"x" * 4096 + b"\r\n") * 17,
+        "upstream_too_large",
+    ),
+    (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n", "upstream_protocol_error"),
+    (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n", "upstream_protocol_error"),
+    (b"garbage\r\n\r\n", "upstream_protocol_error"),
+    (b"", "upstream_protocol_error"),  # closed without an answer
+    # delimited by the end of the connection: a cut could not be told from its end
+    (b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{"n":1}', "upstream_protocol_error"),
+    (
+        b"HTTP/1.1 200 OK\nContent-Length: 2\n\n{}",
+        "upstream_protocol_error",
+    ),  # bare LF: refused, not a hang
+    (
+        b"HTTP/1.1 099 Early\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+        "upstream_protocol_error",
+    ),
+]
+BROKEN_IDS = [
+    "cl-and-te",
+    "truncated",
+    "truncated-chunk",
+    "too-large-length",
+    "too-large-stream",
+    "switch",
+    "huge-head",
+    "garbage",
+    "no-answer",
+    "close-delimited",
+    "bare-lf",
+    "status-099",
+]
+
+
+@pytest.mark.parametrize(("raw", "reason"), BROKEN_ANSWERS, ids=BROKEN_IDS)
 async def test_broken_answers_fail_closed(
     serve: Callable[..., Backend], client_tls: ssl.SSLContext, raw: bytes, reason: str
 ) -> None:

@@ -1,24 +1,28 @@
 """broker.mcp.relay: what of an upstream MCP answer reaches the agent (HOSTILE P16, P24).
 
-A scripted upstream (real sockets, loopback) sends exactly the bytes of each row; a front handler relays them
+A scripted upstream (real mTLS sockets, loopback) sends exactly the bytes of each row; a front handler asks it
+through the broker's own client (the MCP gateway's :class:`~broker.gateway.http1.Http1Pool`) and relays the answer
 with :func:`relay`; the test reads what the agent would get.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
+from broker.dev.demo.expense import server_ssl_context
 from broker.errors import UpstreamError
+from broker.gateway.http1 import Http1Pool
 from broker.mcp import jsonrpc as rpc
 from broker.mcp.relay import Relay, Transform, relay
 from broker.mcp.sse import EVENT_IDS, SseParser, event_id_context
+from broker.tls import upstream_ssl_context
+from tests.certfactory import Pki
 
 REQUEST_ID = 7
 Script = tuple[int, str, list[bytes]]
@@ -65,7 +69,11 @@ AGENT_BYTES: list[bytes] = []
 
 
 @pytest.fixture
-async def relayed(aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]]) -> Relayed:
+async def relayed(
+    aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]],
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    pki: Pki,
+) -> AsyncIterator[Relayed]:
     """Run one scripted upstream answer through :func:`relay`: (status, content type, messages the agent got)."""
     script: dict[str, Any] = {}
 
@@ -80,10 +88,16 @@ async def relayed(aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]]
 
     upstream_app = web.Application()
     upstream_app.router.add_get("/", upstream)
-    upstream_client = await aiohttp_client(upstream_app)
+    tls = server_ssl_context(pki.backend, pki.backend_key, ca=pki.ca)
+    upstream_server = await aiohttp_server(upstream_app, ssl=tls)
+    client_tls = upstream_ssl_context(ca=str(pki.ca), cert=str(pki.broker), key=str(pki.broker_key))
+    pool = Http1Pool()
 
     async def front(request: web.Request) -> web.StreamResponse:
-        async with aiohttp.ClientSession() as session, session.get(upstream_client.make_url("/")) as answer:
+        url = upstream_server.make_url("/").with_scheme("https")
+        async with pool.stream(
+            "expenses", "GET", url, client_tls, None, {}, connect_seconds=5.0, read_seconds=5.0
+        ) as answer:
             try:
                 return await relay(request, answer, script["plan"], {"X-Request-Id": "r1"})
             except UpstreamError as exc:
@@ -105,7 +119,8 @@ async def relayed(aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]]
                 return response.status, response.content_type, [json.loads(e.data) for e in events if e.data]
             return response.status, response.content_type, [json.loads(body)] if body else []
 
-    return run
+    yield run
+    await pool.close()
 
 
 @pytest.mark.parametrize(
