@@ -56,6 +56,7 @@ MAX_CHUNKS: Final = 65536
 IDLE_SECONDS: Final = 15.0
 #: a streamed answer's connection stops reading past this many unread bytes, and reads again below a quarter of it
 STREAM_HIGH_WATER: Final = 256 * 1024
+SSE_TYPE: Final = "text/event-stream"
 
 _HEX: Final = frozenset(b"0123456789abcdefABCDEF")
 #: a field line: a token name, a colon, the value (controls are refused before; whitespace stripped after — a
@@ -158,12 +159,14 @@ def parse_head(raw: bytes) -> Head:
 class Chunked:
     """Decodes a chunked body from a buffer as it fills (RFC 9112 §7.1): :meth:`step` consumes what it can and
     returns True once the last chunk and the trailer section have been read. Extensions and trailers are
-    skipped (bounded); ``limit`` bounds the decoded size."""
+    skipped (bounded); ``limit`` bounds the decoded size, ``max_chunks`` the number of chunks (a buffered answer's;
+    a stream is bounded by its reader's byte and time caps instead, and an SSE server writes a chunk per event)."""
 
-    __slots__ = ("_chunks", "_remaining", "_state", "_trailer", "body", "limit", "total")
+    __slots__ = ("_chunks", "_remaining", "_state", "_trailer", "body", "limit", "max_chunks", "total")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, max_chunks: int = MAX_CHUNKS) -> None:
         self.limit = limit
+        self.max_chunks = max_chunks
         #: decoded bytes not yet taken; a streaming reader empties it as it goes (``limit`` bounds ``total``)
         self.body = bytearray()
         self.total = 0
@@ -186,7 +189,7 @@ class Chunked:
                     raise protocol_error("control character in a chunk size line")
                 size = line.split(b";", 1)[0].rstrip(b" \t")
                 self._chunks += 1
-                if self._chunks > MAX_CHUNKS:
+                if self._chunks > self.max_chunks:
                     raise protocol_error("too many chunks")
                 if not size or len(size) > 16 or not _HEX.issuperset(size):
                     raise protocol_error("malformed chunk size")
@@ -386,22 +389,50 @@ class Stream:
     of the body, ``b""`` at its end. Each wait for bytes is bounded by ``read_seconds`` (TimeoutError); a
     malformed or cut body raises UpstreamError(upstream_protocol_error)."""
 
-    __slots__ = ("_chunked", "_conn", "_read_seconds", "_remaining", "_unframed", "done", "head", "status")
+    __slots__ = (
+        "_chunked",
+        "_conn",
+        "_read_seconds",
+        "_remaining",
+        "_unframed",
+        "_until_close",
+        "done",
+        "head",
+        "status",
+    )
 
     def __init__(self, conn: _Connection, head: Head, read_seconds: float) -> None:
         self.head = head
         self.status = head.status
         self._conn = conn
         self._read_seconds = read_seconds
-        self._chunked = Chunked(sys.maxsize) if head.chunked and not _bodiless(head) else None
+        self._chunked = Chunked(sys.maxsize, sys.maxsize) if head.chunked and not _bodiless(head) else None
         self._remaining = 0 if _bodiless(head) else head.length or 0
-        #: the body was read to its framed end (the connection may then serve another request)
+        #: the body was read to its end (framed: the connection may then serve another request)
         self.done = self._chunked is None and not self._remaining
-        # no framing: a caller that never reads the body (a 202) is served; one that does gets the refusal, and
-        # the connection is never reused either way
-        self._unframed = not _bodiless(head) and not head.chunked and head.length is None
-        if self._unframed:
+        unframed = not _bodiless(head) and not head.chunked and head.length is None
+        # Without framing the body ends with the connection, so a cut cannot be told from its end. That is
+        # harmless where nothing is taken from a cut body that a whole one would not give: an event stream (an
+        # event counts only once its blank line came; an answer that never came is "cut short") and a refusal
+        # (4xx: only its JSON-RPC error code is read, and a cut body reads as none). Anything else is refused
+        # when read (a 202 nobody reads is served). The connection is never reused either way.
+        self._until_close = unframed and (_media_type(head) == SSE_TYPE or 400 <= head.status < 500)
+        self._unframed = unframed and not self._until_close
+        if unframed:
             self.done = False
+
+    @property
+    def reusable(self) -> bool:
+        """Read to its framed end on a connection that stays open: it may serve the next request."""
+        conn = self._conn
+        return (
+            self.done
+            and not self._until_close
+            and not self.head.close
+            and not conn.buffer
+            and not conn.paused
+            and conn.usable
+        )
 
     def header(self, name: str, default: str | None = None) -> str | None:
         """The first value of the field ``name`` (any case), or ``default``."""
@@ -427,6 +458,10 @@ class Stream:
                 self.done = self._chunked.step(buffer)
                 piece = bytes(self._chunked.body)
                 self._chunked.body.clear()
+            elif self._until_close:
+                piece = bytes(buffer)
+                buffer.clear()
+                self.done = not piece and conn.eof
             else:
                 piece = bytes(buffer[: self._remaining])
                 del buffer[: len(piece)]
@@ -538,12 +573,16 @@ class Http1Pool:
         """Send one request for ``name`` (the pool key's first part) and yield its answer once its head is read;
         the body is the caller's to read (:meth:`Stream.read`). Leaving the block puts the connection back when
         the body was read to its end, and closes it otherwise (a caller that stops reading early, an error, a
-        cancellation). TimeoutError past ``connect_seconds`` to connect or ``read_seconds`` for the head;
-        UpstreamError as :meth:`post`. No total bound: a stream may outlive ``read_seconds`` (the caller caps
-        it); the pool's ``limit`` counts open streams."""
+        cancellation). TimeoutError past ``connect_seconds`` for a free slot (the pool's ``limit`` counts open
+        streams) and again to connect, or ``read_seconds`` for the head; UpstreamError as :meth:`post`. No total
+        bound: a stream may outlive ``read_seconds`` (the caller caps it)."""
         data = request_bytes(url, body, headers, method=method)
         key = _key(name, url, ssl_context)
-        async with self._slots:
+        async with asyncio.timeout(
+            connect_seconds
+        ):  # a full pool (open streams) is waited for, within bounds
+            await self._slots.acquire()
+        try:
             conn = await self._connection(key, ssl_context, connect_seconds)
             stream: Stream | None = None
             try:
@@ -555,15 +594,9 @@ class Http1Pool:
                 yield stream
             finally:
                 conn.streaming = False
-                reusable = (
-                    stream is not None
-                    and stream.done
-                    and not stream.head.close
-                    and not conn.buffer
-                    and not conn.paused
-                    and conn.usable
-                )
-                self._release(conn, key, reusable)
+                self._release(conn, key, stream is not None and stream.reusable)
+        finally:
+            self._slots.release()
 
     def _release(self, conn: _Connection, key: _Key, reusable: bool) -> None:
         conn.busy = False

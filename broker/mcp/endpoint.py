@@ -398,7 +398,7 @@ async def _initialized(
     and rebuilt (:func:`broker.mcp.answers.initialize_answer`)."""
     assert message.id is not None
     answer = initialize_answer(
-        await read_answer(response, message.id, runtime.limits.max_response_bytes),
+        await read_answer(response, message.id, runtime.limits.max_response_bytes, upstream.timeout),
         message.id,
         masked=responses_filtered(runtime, upstream),
     )

@@ -149,7 +149,7 @@ async def _refusal(response: Stream, plan: Relay, headers: dict[str, str]) -> we
     """Upstream 4xx (an unknown session 404, a 405 for GET, its own 400s) pass on with a JSON-RPC body only."""
     if response.status >= 500:
         raise UpstreamError("the MCP server failed", reason="upstream_status_5xx")
-    body = await read_bounded(response, plan.max_event_bytes)
+    body = await read_bounded(response, plan.max_event_bytes, plan.max_seconds)
     if plan.outcome is not None:
         plan.outcome.finished(time.perf_counter())
     try:
@@ -186,7 +186,7 @@ async def _answer(message: dict[str, Any], plan: Relay) -> dict[str, Any]:
 
 
 async def _json(response: Stream, plan: Relay, headers: dict[str, str]) -> web.Response:
-    body = await read_bounded(response, plan.max_event_bytes)
+    body = await read_bounded(response, plan.max_event_bytes, plan.max_seconds)
     if plan.outcome is not None:
         plan.outcome.finished(time.perf_counter())
     message = parse_upstream(body)

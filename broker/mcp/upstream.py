@@ -162,8 +162,10 @@ def mcp_worded(exc: UpstreamError) -> UpstreamError:
     return UpstreamError(exc.description.replace("the tool backend", "the MCP server"), reason=exc.reason)
 
 
-async def read_bounded(response: Stream, limit: int) -> bytes:
-    """The whole body, refused past ``limit`` bytes (HOSTILE P16); compressed bodies were not asked for."""
+async def read_bounded(response: Stream, limit: int, total_seconds: float) -> bytes:
+    """The whole body, refused past ``limit`` bytes or ``total_seconds`` (HOSTILE P16: each read is bounded by the
+    server's timeout, the whole body by this — a server trickling bytes cannot hold a call open); compressed bodies
+    were not asked for."""
     if (response.header("Content-Encoding") or "identity").lower() not in ("identity", ""):
         raise UpstreamError("the MCP server answered compressed", reason="upstream_encoded")
     if response.content_length is not None and response.content_length > limit:
@@ -171,16 +173,15 @@ async def read_bounded(response: Stream, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     try:
-        while chunk := await response.read():
-            size += len(chunk)
-            if size > limit:
-                raise UpstreamError("the MCP server's answer is too large", reason="upstream_too_large")
-            chunks.append(chunk)
+        async with asyncio.timeout(total_seconds):
+            while chunk := await response.read():
+                size += len(chunk)
+                if size > limit:
+                    raise UpstreamError("the MCP server's answer is too large", reason="upstream_too_large")
+                chunks.append(chunk)
     except TimeoutError:
         raise UpstreamTimeout("the MCP server did not answer in time", reason="upstream_timeout") from None
     except UpstreamError as exc:
-        if exc.reason == "upstream_too_large":
-            raise
         raise mcp_worded(exc) from exc
     return b"".join(chunks)
 
@@ -194,9 +195,11 @@ def parse_upstream(data: bytes | str) -> Any:
         raise UpstreamError("the MCP server sent malformed JSON", reason="upstream_bad_json") from exc
 
 
-async def read_answer(response: Stream, request_id: str | int, limit: int) -> dict[str, Any]:
+async def read_answer(
+    response: Stream, request_id: str | int, limit: int, total_seconds: float
+) -> dict[str, Any]:
     """The JSON-RPC response to ``request_id`` from a JSON or SSE answer, read whole (bounded)."""
-    body = await read_bounded(response, limit)
+    body = await read_bounded(response, limit, total_seconds)
     if response.content_type == JSON:
         message = parse_upstream(body)
         if isinstance(message, dict) and message.get("id") == request_id:
@@ -270,7 +273,7 @@ class Catalog:
         ) as response:
             if response.status != 200:
                 raise UpstreamError("the MCP server refused the catalog request", reason="catalog_refused")
-            answer = await read_answer(response, message["id"], self.max_bytes)
+            answer = await read_answer(response, message["id"], self.max_bytes, self.upstream.timeout)
             return answer, response.header("Mcp-Session-Id")
 
     async def _probe_modern(self, pool: Http1Pool) -> bool:
@@ -301,7 +304,7 @@ class Catalog:
             headers=self._headers(notification["method"]),
             body=canonicalize(notification),
         ) as response:
-            await read_bounded(response, self.max_bytes)
+            await read_bounded(response, self.max_bytes, self.upstream.timeout)
 
     async def _pages(self, pool: Http1Pool) -> list[dict[str, Any]]:
         tools: list[dict[str, Any]] = []

@@ -17,8 +17,8 @@ import uvloop
 from yarl import URL
 
 from broker.dev.demo.expense import server_ssl_context
-from broker.errors import UpstreamError
-from broker.gateway.http1 import STREAM_HIGH_WATER, Http1Pool, Stream, _Connection
+from broker.errors import UpstreamError, UpstreamTimeout
+from broker.gateway.http1 import MAX_CHUNKS, STREAM_HIGH_WATER, Http1Pool, Stream, _Connection
 from broker.mcp.upstream import read_bounded
 from broker.tls import upstream_ssl_context
 from tests.certfactory import Pki
@@ -222,7 +222,7 @@ async def test_broken_answers_fail_closed_streamed_too(
     pool = Http1Pool()
     with pytest.raises(UpstreamError) as failed:
         async with stream(pool, server, client_tls) as answer:
-            await read_bounded(answer, LIMIT)
+            await read_bounded(answer, LIMIT, 5.0)
     assert failed.value.reason == reason
     assert pool.idle_count() == 0
     await pool.close()
@@ -259,5 +259,101 @@ async def test_a_stalled_stream_times_out_per_read(
         assert await answer.read() == b"data: 1\n\n"
         with pytest.raises(TimeoutError):
             await answer.read()
+    assert pool.idle_count() == 0
+    await pool.close()
+
+
+async def test_a_long_event_stream_is_not_cut_at_the_buffered_chunk_cap(
+    serve: Callable[[Handler], Awaitable[Server]], client_tls: ssl.SSLContext
+) -> None:
+    events = [f"data: {n}\n\n".encode() for n in range(MAX_CHUNKS + 10)]  # one chunk per event, as SDKs write
+
+    async def chatty(head: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD + b"".join(chunk(event) for event in events) + b"0\r\n\r\n")
+        await writer.drain()
+
+    server = await serve(chatty)
+    pool = Http1Pool()
+    async with stream(pool, server, client_tls) as answer:
+        assert await read_all(answer) == b"".join(events)
+    await pool.close()
+
+
+@pytest.mark.parametrize(
+    ("head", "readable"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n", True),
+        (b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n\r\n", True),
+        (b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n", True),
+        (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n", False),
+        (b"HTTP/1.1 500 Oops\r\nContent-Type: text/plain\r\n\r\n", False),
+    ],
+    ids=["sse", "sse-http-1.0", "refusal-4xx", "json-200", "5xx"],
+)
+async def test_answers_that_end_with_the_connection(
+    serve: Callable[[Handler], Awaitable[Server]], client_tls: ssl.SSLContext, head: bytes, readable: bool
+) -> None:
+    """Readable to the connection's end only where a cut body gives nothing a whole one would not (an event
+    stream, a 4xx refusal); never pooled."""
+    body = b'data: {"n":1}\n\n'
+
+    async def closing(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(head + body)
+        await writer.drain()
+        writer.close()
+
+    server = await serve(closing)
+    pool = Http1Pool()
+    async with stream(pool, server, client_tls) as answer:
+        if readable:
+            assert await read_all(answer) == body
+            assert answer.done and not answer.reusable
+        else:
+            with pytest.raises(UpstreamError, match="without Content-Length or chunked framing"):
+                await answer.read()
+    assert pool.idle_count() == 0
+    await pool.close()
+
+
+async def test_waiting_for_a_slot_in_a_full_pool_is_bounded(
+    serve: Callable[[Handler], Awaitable[Server]], client_tls: ssl.SSLContext
+) -> None:
+    async def endless(head: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD + chunk(b"data: 1\n\n"))
+        await writer.drain()
+
+    server = await serve(endless)
+    pool = Http1Pool(limit=1)
+    async with stream(pool, server, client_tls) as held:  # one stream holds the only slot
+        assert await held.read() == b"data: 1\n\n"
+        with pytest.raises(TimeoutError):
+            async with pool.stream(
+                "other", "GET", server.url, client_tls, None, {}, connect_seconds=0.3, read_seconds=5.0
+            ):
+                raise AssertionError("no slot was free")
+    async with stream(pool, server, client_tls) as answer:  # the slot came back with the held stream
+        assert await answer.read() == b"data: 1\n\n"
+    await pool.close()
+
+
+async def test_a_trickled_answer_is_bounded_as_a_whole(
+    serve: Callable[[Handler], Awaitable[Server]], client_tls: ssl.SSLContext
+) -> None:
+    """Each byte comes well within the read timeout; the whole body's bound ends it (HOSTILE P16)."""
+    stop = asyncio.Event()
+
+    async def trickle(head: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
+        while not stop.is_set():
+            writer.write(b" ")
+            await writer.drain()
+            await asyncio.sleep(0.05)  # the server's pace is the behaviour under test
+
+    server = await serve(trickle)
+    pool = Http1Pool()
+    async with stream(pool, server, client_tls, method="POST", read=1.0) as answer:
+        with pytest.raises(UpstreamTimeout):
+            await read_bounded(answer, LIMIT, 0.4)
+    stop.set()
     assert pool.idle_count() == 0
     await pool.close()
