@@ -40,12 +40,13 @@ from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import Final, TypeVar, cast
 
 from yarl import URL
 
 from broker.errors import UpstreamError, UpstreamTimeout
 
+_D = TypeVar("_D", str, None)
 MAX_HEAD_BYTES: Final = 64 * 1024
 MAX_HEADERS: Final = 128
 MAX_CHUNK_LINE: Final = 1024
@@ -89,7 +90,7 @@ class Head:
     chunked: bool
     close: bool  #: ``Connection: close`` (or HTTP/1.0): the connection ends with this answer
 
-    def get(self, name: str, default: str = "") -> str:
+    def get(self, name: str, default: _D = "") -> str | _D:  # type: ignore[assignment]
         return next((value for key, value in self.headers if key == name), default)
 
 
@@ -408,9 +409,9 @@ class Stream:
         self._read_seconds = read_seconds
         self._chunked = Chunked(sys.maxsize, sys.maxsize) if head.chunked and not _bodiless(head) else None
         self._remaining = 0 if _bodiless(head) else head.length or 0
-        #: the body was read to its end (framed: the connection may then serve another request)
-        self.done = self._chunked is None and not self._remaining
         unframed = not _bodiless(head) and not head.chunked and head.length is None
+        #: the body was read to its end (framed: the connection may then serve another request)
+        self.done = self._chunked is None and not self._remaining and not unframed
         # Without framing the body ends with the connection, so a cut cannot be told from its end. That is
         # harmless where nothing is taken from a cut body that a whole one would not give: an event stream (an
         # event counts only once its blank line came; an answer that never came is "cut short") and a refusal
@@ -418,8 +419,6 @@ class Stream:
         # when read (a 202 nobody reads is served). The connection is never reused either way.
         self._until_close = unframed and (_media_type(head) == SSE_TYPE or 400 <= head.status < 500)
         self._unframed = unframed and not self._until_close
-        if unframed:
-            self.done = False
 
     @property
     def reusable(self) -> bool:
@@ -434,10 +433,9 @@ class Stream:
             and conn.usable
         )
 
-    def header(self, name: str, default: str | None = None) -> str | None:
-        """The first value of the field ``name`` (any case), or ``default``."""
-        name = name.lower()
-        return next((value for key, value in self.head.headers if key == name), default)
+    def header(self, name: str) -> str | None:
+        """The first value of the field ``name`` (any case), or None."""
+        return self.head.get(name.lower(), None)
 
     @property
     def content_type(self) -> str:
@@ -578,9 +576,8 @@ class Http1Pool:
         bound: a stream may outlive ``read_seconds`` (the caller caps it)."""
         data = request_bytes(url, body, headers, method=method)
         key = _key(name, url, ssl_context)
-        async with asyncio.timeout(
-            connect_seconds
-        ):  # a full pool (open streams) is waited for, within bounds
+        # a full pool (open streams) is waited for, within bounds
+        async with asyncio.timeout(connect_seconds):
             await self._slots.acquire()
         try:
             conn = await self._connection(key, ssl_context, connect_seconds)

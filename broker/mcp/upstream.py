@@ -128,9 +128,8 @@ async def exchange(
         traceparent = tracer.traceparent()
         if traceparent is not None:
             forwarded["traceparent"] = traceparent
-        opened = (
-            False  # past this point, errors are the relay's (the body's reads are worded by their readers)
-        )
+        # once open, errors are the relay's (the body's reads are worded by their readers)
+        opened = False
         try:
             async with pool.stream(
                 upstream.name,

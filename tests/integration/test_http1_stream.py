@@ -32,6 +32,12 @@ def chunk(data: bytes) -> bytes:
     return f"{len(data):x}\r\n".encode() + data + b"\r\n"
 
 
+async def one_event_then_silence(head: bytes, writer: asyncio.StreamWriter) -> None:
+    """A stream that stays open: one event, then nothing (the connection holds until the client leaves)."""
+    writer.write(SSE_HEAD + chunk(b"data: 1\n\n"))
+    await writer.drain()
+
+
 @pytest.fixture(params=["asyncio", "uvloop"])
 def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
     return uvloop.EventLoopPolicy() if request.param == "uvloop" else asyncio.DefaultEventLoopPolicy()
@@ -148,11 +154,7 @@ async def test_pieces_reach_the_reader_before_the_server_finishes(
 async def test_a_stream_left_before_its_end_is_closed_not_pooled(
     serve: Callable[[Handler], Awaitable[Server]], client_tls: ssl.SSLContext, close: str
 ) -> None:
-    async def endless(head: bytes, writer: asyncio.StreamWriter) -> None:
-        writer.write(SSE_HEAD + chunk(b"data: 1\n\n"))
-        await writer.drain()
-
-    server = await serve(endless)
+    server = await serve(one_event_then_silence)
     pool = Http1Pool()
     with pytest.raises(RuntimeError) if close == "error-in-block" else contextlib.nullcontext():
         async with stream(pool, server, client_tls) as answer:
@@ -249,11 +251,7 @@ async def test_an_unframed_answer_serves_a_caller_that_never_reads_it(
 async def test_a_stalled_stream_times_out_per_read(
     serve: Callable[[Handler], Awaitable[Server]], client_tls: ssl.SSLContext
 ) -> None:
-    async def stall(head: bytes, writer: asyncio.StreamWriter) -> None:
-        writer.write(SSE_HEAD + chunk(b"data: 1\n\n"))
-        await writer.drain()
-
-    server = await serve(stall)
+    server = await serve(one_event_then_silence)
     pool = Http1Pool()
     async with stream(pool, server, client_tls, read=0.3) as answer:
         assert await answer.read() == b"data: 1\n\n"
@@ -318,11 +316,7 @@ async def test_answers_that_end_with_the_connection(
 async def test_waiting_for_a_slot_in_a_full_pool_is_bounded(
     serve: Callable[[Handler], Awaitable[Server]], client_tls: ssl.SSLContext
 ) -> None:
-    async def endless(head: bytes, writer: asyncio.StreamWriter) -> None:
-        writer.write(SSE_HEAD + chunk(b"data: 1\n\n"))
-        await writer.drain()
-
-    server = await serve(endless)
+    server = await serve(one_event_then_silence)
     pool = Http1Pool(limit=1)
     async with stream(pool, server, client_tls) as held:  # one stream holds the only slot
         assert await held.read() == b"data: 1\n\n"
