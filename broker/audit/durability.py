@@ -242,6 +242,8 @@ class Durability(SealTimer):
 
     async def _flush_loop(self) -> None:
         """One fsync at a time, each covering every record written before it started; until all are durable."""
+        # the anchor taken from _anchor_due and not yet written: put back if the loop fails
+        anchor: dict[str, Any] | None = None
         try:
             while self._file is not None and (self._durable_seq < self._seq or self._anchor_due is not None):
                 target, anchor = self._seq, self._anchor_due
@@ -265,9 +267,12 @@ class Durability(SealTimer):
                     )
                     self._refuse_waiters(reason)
                     return  # the next commit starts a new batch
+                anchor = None
                 self._failed = False
                 self._durable(target)
         except BaseException as exc:
+            if anchor is not None and self._anchor_due is None:
+                self._anchor_due = anchor  # written with the next batch, as after an OSError
             # anything else (a bug in the job, the flusher cancelled at shutdown): nothing waiting may hang, and
             # nothing is acknowledged — the waiters are refused, the log unhealthy unless it was only a cancellation
             if not isinstance(exc, asyncio.CancelledError):

@@ -214,7 +214,7 @@ def open_client(target: RedisTarget, *, timeout_seconds: float, max_connections:
         "username": target.options.get("sentinel_username"),
         "password": target.options.get("sentinel_password"),
     }
-    sentinels = Sentinel(  # type: ignore[no-untyped-call]
+    sentinels = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         list(target.nodes), sentinel_kwargs={**timeouts, **tls, **sentinel_auth}, **timeouts, **tls
     )
     assert target.service_name is not None  # parse_redis_url guarantees it for Sentinel URLs

@@ -581,3 +581,27 @@ def test_an_unexpected_error_in_the_fsync_job_refuses_its_committers(tmp_path: P
 
     refused = asyncio.run(main())
     assert isinstance(refused, AuditUnavailable) and refused.reason == "audit_write_failed"
+
+
+async def test_an_unexpected_error_keeps_the_checkpoint_anchor_due(tmp_path: Path, signer: Signer) -> None:
+    """The batch that carried a checkpoint failed with something other than an OSError: its anchor is still
+    written with the next batch, as after an I/O error — not left stale until the next checkpoint."""
+    failures: list[BaseException] = []
+
+    def flaky(fd: int) -> None:
+        if failures:
+            raise failures.pop()
+        os.fsync(fd)
+
+    path = tmp_path / "a.jsonl"
+    log = AuditLog(path, signer=signer, fsync=True, fsync_fn=flaky, checkpoint_every=2)
+    log.open()
+    await log.commit(make_fields(1))
+    failures.append(RuntimeError("not an OSError"))
+    with pytest.raises(AuditUnavailable):
+        await log.commit(make_fields(2))  # record 2 and checkpoint 3, one batch: its fsync fails
+    assert not head_path_for(path).exists()
+    await log.commit(make_fields(3))  # record 4 alone: no checkpoint of its own
+    assert log.healthy and json.loads(head_path_for(path).read_bytes())["seq"] == 3
+    await log.aclose()
+    assert verify_log(path, public_jwks=jwks_of(signer), max_unsealed=0).ok
