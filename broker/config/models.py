@@ -351,6 +351,14 @@ class McpServer(Strict):
         description="MCP sessions (2025 era) one (subject, actor) may hold on this server, across all replicas; "
         "opening one more evicts that principal's oldest (its later requests get 404 Session not found)",
     )
+    max_streams_per_principal: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="GET streams (2025 era) one (subject, actor) may hold open on this server through one broker "
+        "process; one more is refused with 429 rate_limited until one ends (the upstream connection pool, 256 "
+        "per process, is shared by every agent)",
+    )
 
 
 Obligation = Literal["mfa", "manager_approval", "dual_approval", "security_review"]

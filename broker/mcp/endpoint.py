@@ -78,7 +78,7 @@ from broker.mcp.checks import (
 from broker.mcp.params import param_headers
 from broker.mcp.pins import PinBook, accept_pin_endpoint, drift_counter, pins_endpoint
 from broker.mcp.relay import Relay, Transform, dumps, relay
-from broker.mcp.sessions import SessionBinding, SessionStore
+from broker.mcp.sessions import SessionBinding, SessionStore, StreamBudget
 from broker.mcp.sse import EVENT_IDS, event_id_context
 from broker.mcp.upstream import JSON, SSE, Catalogs, McpUpstream, ServerTable, exchange, read_answer
 from broker.resources import MCP_PINS, MCP_STATE, METRICS, RUNTIME, SERVICES, STATE
@@ -101,6 +101,8 @@ class McpState:
     sessions: SessionStore
     #: every exchange with the MCP servers: agents' requests and the broker's catalog sessions
     pool: Http1Pool
+    #: GET streams open per principal and server: one principal cannot hold the whole pool
+    streams: StreamBudget = field(default_factory=StreamBudget)
     servers: ServerTable = field(default_factory=ServerTable)
     catalogs: Catalogs = field(default_factory=Catalogs)
 
@@ -437,6 +439,21 @@ async def _session_request(
     await _binding(state, upstream, principal, session_id)  # 6
     if request.method == "GET":
         require_accept(request, SSE)
+        # held until the stream ends; refused before the guard, so a refusal burns no proof
+        with state.streams.hold(upstream.name, principal, upstream.max_streams_per_principal):
+            return await _session_exchange(request, principal, state, upstream, version, session_id)
+    return await _session_exchange(request, principal, state, upstream, version, session_id)
+
+
+async def _session_exchange(
+    request: web.Request,
+    principal: Principal,
+    state: McpState,
+    upstream: McpUpstream,
+    version: str,
+    session_id: str,
+) -> web.StreamResponse:
+    """Guard, audit, then the exchange: a GET's stream relayed until it ends, a DELETE's answer."""
     services = request.app[SERVICES]
     await final_guard(services.store, services.metrics, principal)  # 8
     ctx = request[CTX]

@@ -41,7 +41,7 @@ import contextlib
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
@@ -248,3 +248,38 @@ class SessionStore:
         self._cache.move_to_end(key)
         while len(self._cache) > self._cache_entries:
             self._cache.popitem(last=False)
+
+
+class StreamBudget:
+    """GET streams open per (server, subject, actor) in this process.
+
+    A GET stream holds one of the process's upstream connections for up to an hour, and the pool is shared by
+    every agent: without a budget one principal could hold all of it (its sessions alone allow 64 streams per
+    server) and every other agent's call would wait for a slot and fail. Counted here, per process, because the
+    connections it protects are this process's."""
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[str, str, str | None], int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, server: str, principal: Principal, limit: int) -> Iterator[None]:
+        """One stream for the ``with`` block; RateLimited (429) when the principal holds ``limit`` already."""
+        key = (server, principal.subject, principal.actor_id)
+        held = self._open.get(key, 0)
+        if held >= limit:
+            raise RateLimited(
+                "too many open MCP streams for this agent and user on this server; close one first",
+                reason="mcp_streams_exhausted",
+            )
+        self._open[key] = held + 1
+        try:
+            yield
+        finally:
+            left = self._open[key] - 1
+            if left:
+                self._open[key] = left
+            else:
+                del self._open[key]
+
+    def held(self, server: str, principal: Principal) -> int:
+        return self._open.get((server, principal.subject, principal.actor_id), 0)

@@ -62,6 +62,8 @@ class McpUpstream:
     allowed_origins: frozenset[str]
     #: sessions one (subject, actor) may hold on this server; the oldest beyond it is evicted
     max_sessions_per_principal: int = 64
+    #: GET streams one (subject, actor) may hold open on this server through this process
+    max_streams_per_principal: int = 8
 
 
 def compile_servers(config: Config) -> dict[str, McpUpstream]:
@@ -80,6 +82,7 @@ def compile_servers(config: Config) -> dict[str, McpUpstream]:
             digests={t.name: t.digest for t in server.tools},
             allowed_origins=frozenset(server.allowed_origins),
             max_sessions_per_principal=server.max_sessions_per_principal,
+            max_streams_per_principal=server.max_streams_per_principal,
         )
     return servers
 
