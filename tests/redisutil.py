@@ -199,7 +199,7 @@ async def throwaway_redis(
 # -- throwaway Redis Cluster and Sentinel ------------------------------------------------------------------
 
 
-async def _wait_until(probe: Callable[[], Awaitable[str | None]], what: str) -> None:
+async def wait_until(probe: Callable[[], Awaitable[str | None]], what: str) -> None:
     """Poll the async ``probe`` (None: ready, else why not) every 50 ms for at most READY_WITHIN_SECONDS."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + READY_WITHIN_SECONDS
@@ -300,7 +300,7 @@ async def throwaway_cluster(masters: int = 3) -> AsyncIterator[ThrowawayCluster]
                     return problem
             return None
 
-        await _wait_until(all_ok, "throwaway Redis Cluster")
+        await wait_until(all_ok, "throwaway Redis Cluster")
         yield ThrowawayCluster(nodes)
     finally:
         for node in nodes:
@@ -357,7 +357,7 @@ async def throwaway_sentinel(service: str = "brokermaster") -> AsyncIterator[Thr
                     await client.aclose()
                 return None if found else f"sentinel on {port} does not know {service} yet"
 
-            await _wait_until(names_master, "throwaway Sentinel")
+            await wait_until(names_master, "throwaway Sentinel")
             yield ThrowawaySentinel(master, port, service)
     finally:
         if sentinel is not None and sentinel.returncode is None:

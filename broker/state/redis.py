@@ -19,7 +19,9 @@ first use; each command is therefore retried ONCE, immediately, on a connection 
 retries once after a timeout or CLUSTERDOWN, refreshing its slot map; ``asyncio.timeout`` bounds the whole
 operation either way). A retried claim whose first attempt reached Redis answers False: a spurious refusal,
 never a second use. Sentinel: a connection error makes redis-py ask the Sentinels for the master again, and a
-``READONLY`` answer (a demoted master) counts as one, so a failover is followed without a restart.
+``READONLY`` answer (a demoted master) counts as one, so a failover is followed without a restart. On one server
+the scripts (the per-request guard and counter reservations) share one pipelined connection
+(:mod:`broker.state.redis_mux`; the same connection settings, the same retry) and the other commands use the pool.
 
 Redis Cluster. A multi-key command or script must name keys of ONE slot, chosen by the first ``{...}`` hash tag
 of each key. Every operation but ``guard`` and the counter reservations is single-slot by design: ``claim``,
@@ -104,6 +106,7 @@ from broker.state.base import (
     unavailable,
 )
 from broker.state.redis_cluster import open_client, parse_redis_url
+from broker.state.redis_mux import Multiplexed
 from broker.state.redis_scripts import (
     CAS_JSON_SCRIPT,
     CLAIM_ALL_SCRIPT,
@@ -163,9 +166,9 @@ class RedisStore(StateStore):
         # connections": the single-server pool blocks by itself; Sentinel and Cluster pools do not, so at most
         # max_connections operations run at once (each uses one connection at a time).
         self._slots = None if target.topology == "single" else asyncio.Semaphore(max_connections)
-        #: one server: scripts go straight to its pool (:meth:`_eval`)
-        self._pool = (
-            self._redis.connection_pool
+        #: one server: scripts share one pipelined connection (:meth:`_eval`)
+        self._mux = (
+            Multiplexed(self._redis.connection_pool)
             if target.topology == "single" and isinstance(self._redis, Redis)
             else None
         )
@@ -193,30 +196,22 @@ class RedisStore(StateStore):
             raise unavailable(op) from exc
 
     async def _eval(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        """EVALSHA of ``script`` (inside :meth:`_run`). On one server, straight on one pooled connection: redis-py's
-        per-command layers (retry wrapper, response callbacks, argument deprecation checks) cost about as much CPU
-        as the round trip itself, and a script needs none of them — the connection still reconnects, times out,
-        and disconnects on any error or cancellation mid-reply (``read_response``), so no late reply is ever read
-        by the next command. NOSCRIPT (a restarted Redis): redis-py's own path loads the script and retries. A
-        connection error is retried once on a new connection, as redis-py retries (module docstring)."""
-        pool = self._pool
-        if pool is None:  # Sentinel, Cluster: their clients route and fail over
+        """EVALSHA of ``script`` (inside :meth:`_run`). On one server, on the connection every script call of the
+        process shares (:mod:`broker.state.redis_mux`): one write and one read serve the calls of a moment, where
+        a pool spends a connection, a write, a read and redis-py's per-command layers on each. NOSCRIPT (a
+        restarted Redis): redis-py's own path loads the script and retries. A connection error is retried once on
+        a new connection, as redis-py retries (module docstring)."""
+        mux = self._mux
+        if mux is None:  # Sentinel, Cluster: their clients route and fail over
             return await script(keys=keys, args=args)
         for attempt in (1, 2):
-            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
             try:
-                await connection.send_packed_command(
-                    connection.pack_command("EVALSHA", script.sha, len(keys), *keys, *args),
-                    check_health=False,
-                )
-                return await connection.read_response()
+                return await mux.call("EVALSHA", script.sha, len(keys), *keys, *args)
             except NoScriptError:
-                break  # the reply was read: the connection is in step, and goes back to the pool below
+                break
             except RedisConnectionError:
-                if attempt == 2:  # redis-py disconnected it: the next get_connection opens a new one
+                if attempt == 2:
                     raise
-            finally:
-                await pool.release(connection)
         return await script(keys=keys, args=args)
 
     # -- single use and replay -------------------------------------------------------------------------------
@@ -457,4 +452,6 @@ class RedisStore(StateStore):
         await self._run("ping", call)
 
     async def close(self) -> None:
+        if self._mux is not None:
+            await self._mux.aclose()
         await self._close()
