@@ -168,7 +168,7 @@ class RedisStore(StateStore):
         self._slots = None if target.topology == "single" else asyncio.Semaphore(max_connections)
         #: one server: scripts share one pipelined connection (:meth:`_eval`)
         self._mux = (
-            Multiplexed(self._redis.connection_pool)
+            Multiplexed(self._redis.connection_pool, max_in_flight=max_connections)
             if target.topology == "single" and isinstance(self._redis, Redis)
             else None
         )
@@ -452,6 +452,8 @@ class RedisStore(StateStore):
         await self._run("ping", call)
 
     async def close(self) -> None:
-        if self._mux is not None:
-            await self._mux.aclose()
-        await self._close()
+        try:
+            if self._mux is not None:
+                await self._mux.aclose()
+        finally:
+            await self._close()

@@ -37,7 +37,8 @@ class _Line:
         self.connection = connection
         self.opened: asyncio.Task[None] = asyncio.get_running_loop().create_task(connection.connect())  # type: ignore[no-untyped-call]
         self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
-        self.outgoing: list[bytes] = []
+        #: calls not written yet, with their command: one whose caller gave up before its turn is never sent
+        self.outgoing: list[tuple[asyncio.Future[Any], bytes]] = []
         self.writer: asyncio.Task[None] | None = None
         self.reader: asyncio.Task[None] | None = None
         self.broken: BaseException | None = None
@@ -47,26 +48,35 @@ class Multiplexed:
     """Script calls on one connection (module docstring). ``pool``: the store's single-server pool, whose
     connection settings (URL options) the connection takes."""
 
-    def __init__(self, pool: ConnectionPool) -> None:
+    def __init__(self, pool: ConnectionPool, *, max_in_flight: int) -> None:
         self._pool = pool
+        self._max_in_flight = max_in_flight
         self._line: _Line | None = None
+        self._closed = False
 
     async def call(self, *args: Any) -> Any:
-        """Send one command and return its reply; an error reply is raised as redis-py raises it."""
+        """Send one command and return its reply; an error reply is raised as redis-py raises it.
+
+        At most ``max_in_flight`` calls wait at once (sent or not): one more fails at once with ConnectionError
+        rather than queueing behind a Redis that cannot keep up (the store answers 503)."""
+        if self._closed:
+            raise RedisConnectionError("the Redis store is closed")
         line = self._line or self._open()
         if not line.opened.done():
             # shared by every caller that arrives while it connects: one caller's timeout must not cancel it
             await asyncio.shield(line.opened)
         if line.broken is not None:
             raise line.broken
+        if len(line.waiting) + len(line.outgoing) >= self._max_in_flight:
+            raise RedisConnectionError("too many Redis calls in flight")
+        packed = b"".join(
+            line.connection.pack_command(*args)
+        )  # first: a command that cannot be packed queues nothing
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        line.waiting.append(future)
-        line.outgoing.extend(line.connection.pack_command(*args))
+        line.outgoing.append((future, packed))
         if line.writer is None:  # runs next iteration: every call made in this one goes out in one write
             line.writer = loop.create_task(self._write(line))
-        if line.reader is None:
-            line.reader = loop.create_task(self._read(line))
         return await future
 
     def _open(self) -> _Line:
@@ -84,9 +94,15 @@ class Multiplexed:
     async def _write(self, line: _Line) -> None:
         try:
             while line.outgoing and line.broken is None:
-                data = b"".join(line.outgoing)
+                batch = [(future, packed) for future, packed in line.outgoing if not future.done()]
                 line.outgoing.clear()
-                await line.connection.send_packed_command(data, check_health=False)
+                if not batch:
+                    continue
+                # waiting before the write: a reply can only come for a command that is in it, in this order
+                line.waiting.extend(future for future, _ in batch)
+                if line.reader is None:
+                    line.reader = asyncio.get_running_loop().create_task(self._read(line))
+                await line.connection.send_packed_command(b"".join(p for _, p in batch), check_health=False)
         except BaseException as exc:  # every waiting call must learn of it, of a cancellation too
             self._retire(line, exc)
         finally:
@@ -121,6 +137,7 @@ class Multiplexed:
             exc = RedisConnectionError("the Redis connection was closed")
         line.broken = exc
         waiting, line.waiting = line.waiting, collections.deque()
+        waiting.extend(future for future, _ in line.outgoing)
         line.outgoing.clear()
         for future in waiting:
             if not future.done():
@@ -129,6 +146,9 @@ class Multiplexed:
             self._line = None
 
     async def aclose(self) -> None:
+        self._closed = (
+            True  # no later call opens a connection again (the store retries a ConnectionError once)
+        )
         line, self._line = self._line, None
         if line is None:
             return

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import BlockingConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import DataError, NoScriptError
 
 from broker.state.redis_mux import Multiplexed
 from tests.redisutil import REDIS_URL, RedisStores, redis_stores, throwaway_redis, wait_until
@@ -33,7 +33,7 @@ async def connection_id(mux: Multiplexed) -> int:
 @pytest.mark.slow
 async def test_replies_reach_their_own_calls_past_abandoned_calls_and_error_replies() -> None:
     async with throwaway_redis() as server:
-        mux = Multiplexed(BlockingConnectionPool.from_url(server.url, socket_timeout=10))
+        mux = Multiplexed(BlockingConnectionPool.from_url(server.url, socket_timeout=10), max_in_flight=64)
         try:
             before = await connection_id(mux)
             server.pause()  # SIGSTOP: everything below is written and waits for its reply
@@ -73,7 +73,7 @@ async def blocked_in_blpop(redis: RedisStores, client_id: int) -> None:
 async def test_a_lost_connection_fails_every_waiting_call_and_the_next_call_reconnects(
     redis: RedisStores,
 ) -> None:
-    mux = Multiplexed(BlockingConnectionPool.from_url(REDIS_URL))
+    mux = Multiplexed(BlockingConnectionPool.from_url(REDIS_URL), max_in_flight=64)
     try:
         first = await connection_id(mux)
         blocked = asyncio.ensure_future(mux.call("BLPOP", f"{redis.prefix}never", 30))
@@ -90,7 +90,7 @@ async def test_a_lost_connection_fails_every_waiting_call_and_the_next_call_reco
 
 
 async def test_close_fails_the_waiting_calls_and_leaves_no_task(redis: RedisStores) -> None:
-    mux = Multiplexed(BlockingConnectionPool.from_url(REDIS_URL))
+    mux = Multiplexed(BlockingConnectionPool.from_url(REDIS_URL), max_in_flight=64)
     cid = await connection_id(mux)
     idle = asyncio.all_tasks()
     waiting = [
@@ -103,3 +103,32 @@ async def test_close_fails_the_waiting_calls_and_leaves_no_task(redis: RedisStor
         failed = await asyncio.gather(*waiting, return_exceptions=True)
     assert all(isinstance(error, RedisConnectionError) for error in failed), failed
     assert asyncio.all_tasks() <= idle  # no writer, reader or connect task left behind
+
+
+async def test_a_command_that_cannot_be_packed_queues_nothing(redis: RedisStores) -> None:
+    mux = Multiplexed(BlockingConnectionPool.from_url(REDIS_URL), max_in_flight=64)
+    try:
+        with pytest.raises(DataError):
+            await mux.call("ECHO", None)
+        assert await asyncio.gather(mux.call("ECHO", "a"), mux.call("ECHO", "b")) == [b"a", b"b"]
+    finally:
+        await mux.aclose()
+
+
+async def test_calls_past_the_in_flight_bound_fail_at_once_and_closed_stays_closed(
+    redis: RedisStores,
+) -> None:
+    mux = Multiplexed(BlockingConnectionPool.from_url(REDIS_URL), max_in_flight=3)
+    cid = await connection_id(mux)
+    waiting = [asyncio.ensure_future(mux.call("BLPOP", f"{redis.prefix}never", 30))]
+    waiting += [asyncio.ensure_future(mux.call("ECHO", str(i))) for i in range(2)]
+    await blocked_in_blpop(redis, cid)
+    with pytest.raises(RedisConnectionError, match="in flight"):
+        await mux.call("ECHO", "one too many")
+    await mux.aclose()
+    assert all(
+        isinstance(e, RedisConnectionError) for e in await asyncio.gather(*waiting, return_exceptions=True)
+    )
+    with pytest.raises(RedisConnectionError, match="closed"):
+        await mux.call("PING")  # no new connection after close
+    assert mux._line is None
