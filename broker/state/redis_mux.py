@@ -50,28 +50,33 @@ class Multiplexed:
 
     def __init__(self, pool: ConnectionPool, *, max_in_flight: int) -> None:
         self._pool = pool
-        self._max_in_flight = max_in_flight
+        #: one unit per call queued or sent and not yet answered, given back when its reply is read (not when its
+        #: caller gives up: the command still runs), when it is dropped unsent, or when its connection is retired
+        self._room = asyncio.BoundedSemaphore(max_in_flight)  # a release too many raises
         self._line: _Line | None = None
         self._closed = False
 
     async def call(self, *args: Any) -> Any:
         """Send one command and return its reply; an error reply is raised as redis-py raises it.
 
-        At most ``max_in_flight`` calls wait at once (sent or not): one more fails at once with ConnectionError
-        rather than queueing behind a Redis that cannot keep up (the store answers 503)."""
+        At most ``max_in_flight`` calls are queued or sent at once: one more waits for room (within its
+        operation's timeout, as a call waited for a pooled connection) rather than piling commands onto a Redis
+        that cannot keep up."""
         if self._closed:
             raise RedisConnectionError("the Redis store is closed")
-        line = self._line or self._open()
-        if not line.opened.done():
-            # shared by every caller that arrives while it connects: one caller's timeout must not cancel it
-            await asyncio.shield(line.opened)
-        if line.broken is not None:
-            raise line.broken
-        if len(line.waiting) + len(line.outgoing) >= self._max_in_flight:
-            raise RedisConnectionError("too many Redis calls in flight")
-        packed = b"".join(
-            line.connection.pack_command(*args)
-        )  # first: a command that cannot be packed queues nothing
+        await self._room.acquire()
+        try:
+            line = self._line or self._open()
+            if not line.opened.done():
+                # shared by every caller that arrives while it connects: one caller's timeout must not cancel it
+                await asyncio.shield(line.opened)
+            if line.broken is not None:
+                raise line.broken
+            # before queueing: a command that cannot be packed queues nothing
+            packed = b"".join(line.connection.pack_command(*args))
+        except BaseException:
+            self._room.release()
+            raise
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         line.outgoing.append((future, packed))
@@ -95,6 +100,8 @@ class Multiplexed:
         try:
             while line.outgoing and line.broken is None:
                 batch = [(future, packed) for future, packed in line.outgoing if not future.done()]
+                for _ in range(len(line.outgoing) - len(batch)):
+                    self._room.release()  # dropped unsent: its caller gave up before its turn
                 line.outgoing.clear()
                 if not batch:
                     continue
@@ -118,6 +125,7 @@ class Multiplexed:
                 if line.broken is not None:  # retired meanwhile (the writer failed): the calls are failed
                     return
                 future = line.waiting.popleft()
+                self._room.release()
                 if future.done():  # its caller gave up (timeout, cancellation): the reply is dropped
                     continue
                 if isinstance(reply, ResponseError):
@@ -140,15 +148,15 @@ class Multiplexed:
         waiting.extend(future for future, _ in line.outgoing)
         line.outgoing.clear()
         for future in waiting:
+            self._room.release()
             if not future.done():
                 future.set_exception(exc)
         if self._line is line:
             self._line = None
 
     async def aclose(self) -> None:
-        self._closed = (
-            True  # no later call opens a connection again (the store retries a ConnectionError once)
-        )
+        # no later call opens a connection again (the store retries a ConnectionError once)
+        self._closed = True
         line, self._line = self._line, None
         if line is None:
             return
