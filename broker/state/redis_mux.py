@@ -14,7 +14,8 @@ Built on redis-py's public connection API (``ConnectionPool.make_connection``, `
 
 Failure: an error reply fails only its own call (the connection is still in step). Anything else — a connection
 error, no reply within the socket timeout while a call waits, EOF — fails every call waiting on that connection
-with that error and retires it; the next call opens a new one (the store retries a connection error once, as on
+with that error and retires it (so one reply later than the socket timeout fails every call then in flight, where
+a pool failed only the slow one; the store's scripts are short); the next call opens a new one (the store retries a connection error once, as on
 the pool). A call cancelled while it waits (its operation's timeout) leaves its reply to be read and dropped, so
 no reply is ever taken for another call's.
 """
@@ -66,10 +67,13 @@ class Multiplexed:
             raise RedisConnectionError("the Redis store is closed")
         await self._room.acquire()
         try:
+            if self._closed:  # closed while this call waited for room: no connection is opened again
+                raise RedisConnectionError("the Redis store is closed")
             line = self._line or self._open()
             if not line.opened.done():
-                # shared by every caller that arrives while it connects: one caller's timeout must not cancel it
-                await asyncio.shield(line.opened)
+                # shared by every caller that arrives while it connects: waited on, never cancelled by one
+                # caller's timeout; its outcome (an error, a cancellation at close) is line.broken, checked below
+                await asyncio.wait({line.opened})
             if line.broken is not None:
                 raise line.broken
             # before queueing: a command that cannot be packed queues nothing

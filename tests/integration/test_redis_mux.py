@@ -133,3 +133,16 @@ async def test_calls_past_the_in_flight_bound_wait_unsent_and_closed_stays_close
     with pytest.raises(RedisConnectionError, match="closed"):
         await mux.call("PING")  # no new connection after close
     assert mux._line is None
+
+
+async def test_a_call_waiting_for_room_at_close_opens_no_connection(redis: RedisStores) -> None:
+    mux = Multiplexed(BlockingConnectionPool.from_url(REDIS_URL), max_in_flight=1)
+    cid = await connection_id(mux)
+    busy = asyncio.ensure_future(mux.call("BLPOP", f"{redis.prefix}never", 30))
+    await blocked_in_blpop(redis, cid)
+    queued = asyncio.ensure_future(mux.call("PING"))  # waits for room behind the BLPOP
+    await asyncio.sleep(0)  # a turn of the loop: it is waiting on the semaphore
+    await mux.aclose()
+    failed = await asyncio.gather(busy, queued, return_exceptions=True)
+    assert all(isinstance(error, RedisConnectionError) for error in failed), failed
+    assert mux._line is None
